@@ -1,0 +1,140 @@
+"""What a WebSocket handshake is, read from a request's headers alone.
+
+Pure functions, no I/O and no mitmproxy state: `classify` is called for every
+request, so it answers `None` for ordinary traffic as cheaply as it can.
+
+mitmproxy sets `flow.websocket` only just before the `response` hook, and only
+for a strictly valid handshake, so the addon cannot use it (nor the
+`~websocket` filter) while the handshake is still waiting: it classifies here.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class Transport(str, enum.Enum):
+    """The HTTP version a handshake travels on, as the report names it."""
+
+    H1 = "h1"
+    H2 = "h2"
+    H3 = "h3"
+
+
+# mitmproxy's spelling of the HTTP version on requests and responses.
+_TRANSPORTS = {"HTTP/2.0": Transport.H2, "HTTP/3": Transport.H3}
+
+
+def transport_of(http_version: str) -> Transport:
+    return _TRANSPORTS.get(http_version, Transport.H1)
+
+
+class Headers(Protocol):
+    def get(self, key: str, default: str | None = None) -> str | None: ...
+
+    def get_all(self, key: str) -> list[str]: ...
+
+
+class Request(Protocol):
+    """The part of `mitmproxy.http.Request` classification needs."""
+
+    method: str
+    http_version: str
+    headers: Headers
+
+
+def tokens(values: Iterable[str]) -> list[str]:
+    """Comma-separated header values as lowercase tokens, empty items dropped.
+
+    `Connection` and `Upgrade` may repeat and carry lists such as
+    `",,\\t,  , ,Upgrade  ,,"` (RFC 9110 section 5.6.1).
+    """
+    return [t.strip().lower() for v in values for t in v.split(",") if t.strip()]
+
+
+def _upgrade_protocols(headers: Headers) -> list[str]:
+    # `websocket/13` style versions are allowed by RFC 9110; compare the name only.
+    return [t.split("/", 1)[0] for t in tokens(headers.get_all("upgrade"))]
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """A request recognised as a WebSocket handshake.
+
+    `problems` lists what is wrong with it (each a short sentence naming the
+    header, never its value): a malformed handshake is still a handshake,
+    reported rather than ignored, because that is what the server will see.
+    """
+
+    transport: Transport
+    problems: tuple[str, ...] = ()
+
+    @property
+    def malformed(self) -> bool:
+        return bool(self.problems)
+
+    def is_success(self, status: int) -> bool:
+        """Whether `status` (as the upstream sent it) completes this handshake.
+
+        HTTP/1.1 switches protocols with 101; RFC 8441 and RFC 9220 answer
+        the extended CONNECT with any 2xx.
+        """
+        if self.transport is Transport.H1:
+            return status == 101
+        return 200 <= status < 300 or status == 101
+
+
+def _key_problem(headers: Headers) -> str | None:
+    keys = headers.get_all("sec-websocket-key")
+    if not keys:
+        return "Sec-WebSocket-Key is missing"
+    if len(keys) > 1:
+        return "Sec-WebSocket-Key is repeated"
+    try:
+        raw = base64.b64decode(keys[0].strip(), validate=True)
+    except binascii.Error:
+        return "Sec-WebSocket-Key is not base64"
+    if len(raw) != 16:
+        return f"Sec-WebSocket-Key decodes to {len(raw)} bytes, not 16"
+    return None
+
+
+def _version_problem(headers: Headers) -> str | None:
+    version = headers.get("sec-websocket-version")
+    if version is None:
+        return "Sec-WebSocket-Version is missing"
+    if version.strip() != "13":
+        return "Sec-WebSocket-Version is not 13"
+    return None
+
+
+def _h1_problems(request: Request) -> Iterable[str]:
+    if request.method.upper() != "GET":
+        yield f"the method is {request.method[:16]}, not GET"
+    if "upgrade" not in tokens(request.headers.get_all("connection")):
+        yield "Connection does not list upgrade"
+    protocols = _upgrade_protocols(request.headers)
+    if len(protocols) > 1:
+        yield "Upgrade offers other protocols besides websocket"
+    for problem in (_key_problem(request.headers), _version_problem(request.headers)):
+        if problem:
+            yield problem
+
+
+def classify(request: Request) -> Handshake | None:
+    """The handshake `request` opens, or None if it opens none.
+
+    HTTP/1.1: `Upgrade` lists websocket. HTTP/2 and HTTP/3: an extended
+    CONNECT with `:protocol: websocket`, which mitmproxy (with ws_encode's
+    HTTP/2 bridge) presents as a GET carrying the same upgrade headers, so
+    one rule covers both; the transport comes from the request's version.
+    """
+    if "websocket" not in _upgrade_protocols(request.headers):
+        return None
+    transport = transport_of(request.http_version)
+    return Handshake(transport, tuple(_h1_problems(request)))

@@ -1,0 +1,127 @@
+"""The life of one handshake, as a state machine with every transition in one table.
+
+    FORWARDED --stall timer--> STALLED
+    FORWARDED | STALLED --success status--> UPGRADED
+    FORWARDED | STALLED --other status-->   REJECTED
+    FORWARDED | STALLED --flow ended-->     NO_STATUS
+
+UPGRADED, REJECTED and NO_STATUS are final: each handshake gets exactly one
+`handshake` record, and at most one `stall` record. Times are passed in by
+the caller (seconds from any monotonic clock), so this is testable without
+sockets or sleeps.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .handshake import Handshake
+
+
+class Phase(enum.Enum):
+    FORWARDED = "forwarded"
+    STALLED = "stalled"
+    UPGRADED = "upgraded"
+    REJECTED = "rejected"
+    NO_STATUS = "no-status"
+
+    @property
+    def final(self) -> bool:
+        return self in (Phase.UPGRADED, Phase.REJECTED, Phase.NO_STATUS)
+
+
+class Event(enum.Enum):
+    STALL_TIMER = "stall timer"
+    SUCCESS_STATUS = "success status"
+    OTHER_STATUS = "other status"
+    ENDED = "ended"
+
+
+TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
+    (Phase.FORWARDED, Event.STALL_TIMER): Phase.STALLED,
+    (Phase.FORWARDED, Event.SUCCESS_STATUS): Phase.UPGRADED,
+    (Phase.FORWARDED, Event.OTHER_STATUS): Phase.REJECTED,
+    (Phase.FORWARDED, Event.ENDED): Phase.NO_STATUS,
+    (Phase.STALLED, Event.SUCCESS_STATUS): Phase.UPGRADED,
+    (Phase.STALLED, Event.OTHER_STATUS): Phase.REJECTED,
+    (Phase.STALLED, Event.ENDED): Phase.NO_STATUS,
+}
+
+
+class HandshakeEnded(Exception):
+    """An event arrived for a handshake that already has its outcome."""
+
+
+class EndCause(enum.Enum):
+    """Why a handshake ended without a status, as far as the proxy can tell."""
+
+    CLIENT_GONE = "client-gone"
+    UPSTREAM_CLOSED = "upstream-closed"
+    UPSTREAM_UNREACHABLE = "upstream-unreachable"
+    KILLED = "killed"
+    PROXY_STOPPED = "proxy-stopped"
+
+
+@dataclass
+class Progress:
+    """What is known about one handshake so far; plain data.
+
+    `forwarded_at`, `status_at` and `ended_at` are monotonic seconds.
+    """
+
+    handshake: Handshake
+    forwarded_at: float
+    phase: Phase = Phase.FORWARDED
+    stalled: bool = False
+    status: int | None = None
+    status_at: float | None = None
+    content_encoding: str | None = None
+    status_with_data: bool = False
+    end_cause: EndCause | None = None
+    ended_at: float | None = None
+    client_bytes_before_status: int = 0
+    history: list[Phase] = field(default_factory=list)
+
+    def _advance(self, event: Event) -> Phase:
+        try:
+            nxt = TRANSITIONS[(self.phase, event)]
+        except KeyError:
+            raise HandshakeEnded(f"{event.value} after {self.phase.value}") from None
+        self.history.append(self.phase)
+        self.phase = nxt
+        return nxt
+
+    @property
+    def waiting(self) -> bool:
+        return not self.phase.final
+
+    def stall(self) -> None:
+        self._advance(Event.STALL_TIMER)
+        self.stalled = True
+
+    def status_arrived(
+        self,
+        status: int,
+        now: float,
+        content_encoding: str | None = None,
+        with_data: bool = False,
+    ) -> Phase:
+        success = self.handshake.is_success(status)
+        phase = self._advance(Event.SUCCESS_STATUS if success else Event.OTHER_STATUS)
+        self.status = status
+        self.status_at = now
+        self.content_encoding = content_encoding
+        self.status_with_data = with_data
+        return phase
+
+    def end(self, cause: EndCause, now: float) -> Phase:
+        phase = self._advance(Event.ENDED)
+        self.end_cause = cause
+        self.ended_at = now
+        return phase
+
+    def waited(self, now: float) -> float:
+        """Seconds from forwarding to the status, to the end, or to `now`."""
+        until = self.status_at if self.status_at is not None else self.ended_at
+        return max(0.0, (until if until is not None else now) - self.forwarded_at)

@@ -1,0 +1,47 @@
+"""One timer per waiting handshake, on the event loop mitmproxy runs on.
+
+No polling loop and no thread: `arm` schedules a single callback with the
+loop's `call_later`, which `disarm` cancels when the status arrives or the
+flow ends. The scheduler is injected so tests can drive time by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
+
+
+Scheduler = Callable[[float, Callable[[], None]], Timer]
+
+
+class StallWatch:
+    def __init__(self, schedule: Scheduler):
+        self._schedule = schedule
+        self._timers: dict[str, Timer] = {}
+
+    def arm(self, key: str, after: float, on_stall: Callable[[], None]) -> None:
+        self.disarm(key)
+
+        def fire() -> None:
+            # Forget the timer before reporting, so a report that ends the
+            # handshake does not try to cancel the timer that is firing.
+            del self._timers[key]
+            on_stall()
+
+        self._timers[key] = self._schedule(after, fire)
+
+    def disarm(self, key: str) -> None:
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+
+    def disarm_all(self) -> None:
+        for key in list(self._timers):
+            self.disarm(key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._timers
