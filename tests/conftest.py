@@ -15,6 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "addon" / "ws_encode.py"
 sys.path[:0] = [str(ROOT / "addon"), str(ROOT / "scripts")]
+# Imported first: the script resets the `wsencode` package when it is
+# (re)imported, so tests and addon then share the same module objects.
+import ws_encode  # noqa: E402,F401
 
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 LISTENING = re.compile(r"listening at (?:\[?[\d.:a-f]+\]?):(\d+)")

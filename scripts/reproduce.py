@@ -1,0 +1,128 @@
+"""Reproduce an encoder-induced WebSocket handshake stall locally, diagnose it, and show the fix.
+
+    python scripts/reproduce.py [--stall 1] [--report reproduce.jsonl]
+
+1. starts a WebSocket server that withholds its status while the handshake
+   offers `accept-encoding` (what a buffering gzip/zstd/br layer does),
+2. runs mitmdump with the addon in front of it under `observe`: a client that
+   waits for the status before speaking hangs, and the addon reports the
+   stall live, with a diagnosis,
+3. runs it again under `strip`: the same client opens and echoes,
+4. prints the report records, which are the clean record to attach to a bug
+   report (query values and credentials are never in them).
+
+Every process it starts listens on 127.0.0.1 only and is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+from pathlib import Path
+
+from fault_server import Faults, FaultServer
+
+ROOT = Path(__file__).resolve().parent.parent
+ADDON = ROOT / "addon" / "ws_encode.py"
+MITMDUMP = Path(sys.executable).with_name("mitmdump")
+LISTENING = re.compile(rb"listening at [^\s]*:(\d+)")
+
+
+async def start_mitmdump(upstream: str, policy: str, stall: float, report: Path):
+    proc = await asyncio.create_subprocess_exec(
+        str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", "0", "-s", str(ADDON),
+        "--mode", f"reverse:{upstream}",
+        "--set", f"ws_encode_policy={policy}", "--set", f"ws_encode_stall={stall}",
+        "--set", f"ws_encode_report={report}", "--set", "flow_detail=0",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    async for line in proc.stdout:
+        if m := LISTENING.search(line):
+            return proc, int(m.group(1))
+    raise SystemExit("mitmdump did not start:\n" + (await proc.stdout.read()).decode())
+
+
+async def echo_pump(proc, prefix: str) -> None:
+    """Show the addon's own log lines (stall warnings, outcomes) as they happen."""
+    async for raw in proc.stdout:
+        line = raw.decode(errors="replace").rstrip()
+        if "WebSocket handshake" in line:
+            print(f"{prefix}{line}")
+
+
+async def client_waits_for_status(port: int, path: str, timeout: float) -> str:
+    """An HTTP/1.1 WebSocket client that must see the 101 before it speaks."""
+    from wsproto import WSConnection
+    from wsproto.connection import ConnectionType
+    from wsproto.events import AcceptConnection, Message, Request, TextMessage
+
+    ws = WSConnection(ConnectionType.CLIENT)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(ws.send(Request(host=f"127.0.0.1:{port}", target=path,
+                                 extra_headers=[(b"accept-encoding", b"gzip, deflate, br, zstd")])))
+    try:
+        async def until(kind):
+            while True:
+                for event in ws.events():
+                    if isinstance(event, kind):
+                        return event
+                data = await reader.read(65536)
+                if not data:
+                    raise ConnectionError("closed")
+                ws.receive_data(data)
+
+        await asyncio.wait_for(until(AcceptConnection), timeout)
+        writer.write(ws.send(TextMessage("hello")))
+        reply: Message = await asyncio.wait_for(until(Message), timeout)
+        return f"opened and echoed {reply.data!r}"
+    except asyncio.TimeoutError:
+        return f"no status after {timeout:.0f} s: the client is still waiting, gives up"
+    finally:
+        writer.close()
+
+
+async def run_once(server: FaultServer, policy: str, stall: float, report: Path, wait: float) -> str:
+    proc, port = await start_mitmdump(f"http://127.0.0.1:{server.port}", policy, stall, report)
+    pump = asyncio.create_task(echo_pump(proc, "    mitmdump | "))
+    try:
+        return await client_waits_for_status(port, "/chat?token=secret-value", wait)
+    finally:
+        proc.terminate()
+        await proc.wait()
+        await pump
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stall", type=float, default=1.0, help="ws_encode_stall, seconds (default 1)")
+    parser.add_argument("--report", type=Path, default=Path("reproduce.jsonl"), help="report file (default reproduce.jsonl)")
+    args = parser.parse_args()
+    args.report.unlink(missing_ok=True)
+
+    server = FaultServer(Faults(withhold_when_encoded=True))
+    await server.start()
+    print(f"upstream: a WebSocket server on 127.0.0.1:{server.port} that holds its 101 while accept-encoding is offered\n")
+    results = {}
+    for policy in ("observe", "strip"):
+        print(f"ws_encode_policy={policy}: client sends accept-encoding and waits for the status")
+        results[policy] = await run_once(server, policy, args.stall, args.report, wait=args.stall * 3)
+        print(f"  client: {results[policy]}\n")
+    await server.stop()
+
+    records = [json.loads(line) for line in args.report.read_text().splitlines()]
+    print(f"report ({args.report}):")
+    for record in records:
+        print("  " + json.dumps(record))
+    stalled = any(r["event"] == "stall" and r["policy"] == "observe" for r in records)
+    fixed = any(r.get("outcome") == "upgraded" and r["policy"] == "strip" and not r["stalled"] for r in records)
+    print()
+    print(f"observe: stall diagnosed live: {'yes' if stalled else 'NO'}")
+    print(f"strip:   handshake completes without encoding: {'yes' if fixed else 'NO'}")
+    return 0 if stalled and fixed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

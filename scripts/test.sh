@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up and run the whole test suite, once per supported mitmproxy line:
+# mitmproxy 12 on the newest Python >= 3.12 found, mitmproxy 11 on Python 3.11/3.10.
+#
+#   scripts/test.sh            # both lines (a line with no Python here is skipped, loudly)
+#   scripts/test.sh 11         # one line
+#   scripts/test.sh 12 -k h2   # extra arguments go to pytest
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+lines=(12 11)
+if [[ "${1:-}" =~ ^1[12]$ ]]; then lines=("$1"); shift; fi
+
+ran=0 failed=0
+for line in "${lines[@]}"; do
+  venv=$("$root/scripts/venv.sh" "$line")
+  status=$?
+  if [ "$status" = 3 ]; then echo "== mitmproxy $line: SKIPPED, no suitable Python on this machine"; continue; fi
+  [ "$status" = 0 ] || { echo "== mitmproxy $line: setup failed"; failed=1; continue; }
+  echo "== mitmproxy $("$venv/bin/python" -c 'import mitmproxy.version as v; print(v.VERSION)') on $("$venv/bin/python" --version)"
+  (cd "$root" && "$venv/bin/python" -m pytest -p no:cacheprovider "$@") || failed=1
+  ran=$((ran + 1))
+done
+[ "$ran" -gt 0 ] || { echo "no mitmproxy line could be tested"; exit 1; }
+exit "$failed"

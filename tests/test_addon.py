@@ -1,0 +1,223 @@
+"""The addon class against mitmproxy's own test context, with time driven by hand."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+import ws_encode
+from mitmproxy import exceptions, flow
+from mitmproxy import io as mitmio
+from mitmproxy.test import taddons, tflow, tutils
+from test_core import request
+
+from wsencode.stallwatch import StallWatch
+
+
+class ManualClock:
+    """A scheduler for StallWatch whose timers fire when the test says so."""
+
+    def __init__(self):
+        self.pending: list[tuple[float, object]] = []
+
+    def schedule(self, delay, callback):
+        entry = [delay, callback, False]
+        self.pending.append(entry)
+
+        class Handle:
+            def cancel(self_inner):
+                entry[2] = True
+
+        return Handle()
+
+    def fire_all(self) -> int:
+        fired = 0
+        for entry in list(self.pending):
+            if not entry[2]:
+                entry[2] = True
+                entry[1]()
+                fired += 1
+        return fired
+
+
+@pytest.fixture
+def addon():
+    return ws_encode.WsEncode()
+
+
+@pytest.fixture
+def clock(addon):
+    clock = ManualClock()
+    addon.watch = StallWatch(clock.schedule)
+    return clock
+
+
+def handshake_flow(**headers) -> flow.Flow:
+    return tflow.tflow(req=request(**headers), live=True)
+
+
+def test_options_have_the_spec_defaults(addon):
+    with taddons.context(addon) as tctx:
+        opts = tctx.options
+        assert opts.ws_encode_policy == "observe"
+        assert opts.ws_encode_codings == "zstd, br, gzip"
+        assert opts.ws_encode_stall == "2"
+        assert opts.ws_encode_report == ""
+        assert opts.ws_encode_filter == ""
+        assert opts.ws_encode_h2 is True
+
+
+@pytest.mark.parametrize(
+    "option,bad,good",
+    [
+        ("ws_encode_stall", "-1", "1.5"),
+        ("ws_encode_stall", "nan", "0.25"),
+        ("ws_encode_filter", "~d", "~d example.test"),
+        ("ws_encode_codings", "  ", "gzip"),
+    ],
+)
+def test_bad_live_value_is_refused_and_the_previous_one_stays(addon, option, bad, good):
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, **{option: good})
+        probe = tflow.tflow()
+        probe.request.host = "example.test"
+
+        def state():
+            return addon.stall_after, addon.codings, addon.filter is None or addon.filter(probe)
+
+        before = state()
+        with pytest.raises(exceptions.OptionsError, match=option):
+            tctx.configure(addon, **{option: bad})
+        assert getattr(tctx.options, option) == good
+        assert state() == before
+
+
+def test_unwritable_report_path_is_refused(addon, tmp_path):
+    with taddons.context(addon) as tctx:
+        good = tmp_path / "r.jsonl"
+        tctx.configure(addon, ws_encode_report=str(good))
+        with pytest.raises(exceptions.OptionsError, match="ws_encode_report"):
+            tctx.configure(addon, ws_encode_report=str(tmp_path / "missing" / "r.jsonl"))
+        assert addon.report.path == good
+
+
+def test_stall_marks_comments_logs_and_reports(addon, clock, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, ws_encode_report=str(tmp_path / "r.jsonl"))
+        f = handshake_flow(accept_encoding="gzip")
+        f.comment = "user note"
+        addon.request(f)
+        assert clock.fire_all() == 1
+        assert f.marked == ws_encode.STALL_MARK
+        assert f.comment.startswith("user note\nStall: no status")
+        [stall_log] = [r for r in caplog.records if "stall" in r.getMessage()]
+        assert stall_log.levelno == logging.WARNING
+        assert addon.stalled_handshakes()[0].startswith(f.id)
+        assert addon.waiting_handshakes()[0].startswith(f"{f.id} ")
+
+        f.response = tutils.tresp(status_code=101)
+        addon.responseheaders(f)
+        assert addon.waiting_handshakes() == []
+        records = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+        assert [r["event"] for r in records] == ["stall", "handshake"]
+        assert records[1]["outcome"] == "upgraded" and records[1]["stalled"] is True
+        assert "late" in addon.stalled_handshakes()[0]
+
+
+def test_a_mark_the_user_set_is_kept(addon, clock):
+    with taddons.context(addon):
+        f = handshake_flow()
+        f.marked = ":star:"
+        addon.request(f)
+        clock.fire_all()
+        assert f.marked == ":star:"
+        assert "Stall" in f.comment
+
+
+def test_status_in_time_cancels_the_timer(addon, clock):
+    with taddons.context(addon):
+        f = handshake_flow()
+        addon.request(f)
+        f.response = tutils.tresp(status_code=101)
+        addon.responseheaders(f)
+        assert clock.fire_all() == 0
+        assert not f.marked
+        assert f.metadata["ws_encode"]["outcome"] == "upgraded"
+
+
+def test_error_ends_the_handshake_once(addon, clock, tmp_path):
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, ws_encode_report=str(tmp_path / "r.jsonl"))
+        f = handshake_flow()
+        addon.request(f)
+        f.error = flow.Error("Client disconnected.")
+        addon.error(f)
+        addon.client_disconnected(f.client_conn)
+        records = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+        assert len(records) == 1 and records[0]["outcome"] == "no-status"
+        assert "client gave up" in records[0]["diagnosis"]
+        assert clock.fire_all() == 0
+
+
+def test_stalled_flow_survives_a_flow_file_round_trip(addon, clock):
+    with taddons.context(addon):
+        f = handshake_flow(accept_encoding="br")
+        addon.request(f)
+        clock.fire_all()
+        buf = io.BytesIO()
+        mitmio.FlowWriter(buf).add(f)
+        buf.seek(0)
+        [loaded] = list(mitmio.FlowReader(buf).stream())
+        assert loaded.comment == f.comment and loaded.marked == f.marked
+        assert loaded.metadata["ws_encode"]["event"] == "stall"
+
+
+def test_non_handshakes_and_filtered_flows_are_untouched(addon, clock):
+    with taddons.context(addon) as tctx:
+        plain = tflow.tflow(live=True)
+        plain.request.headers["accept-encoding"] = "gzip"
+        tctx.configure(addon, ws_encode_policy="strip")
+        addon.request(plain)
+        assert plain.request.headers["accept-encoding"] == "gzip"
+
+        tctx.configure(addon, ws_encode_filter="~d other.test")
+        f = handshake_flow(accept_encoding="gzip")
+        addon.request(f)
+        assert f.request.headers["accept-encoding"] == "gzip"
+        assert addon.tracked == {} and clock.fire_all() == 0
+
+
+def test_done_ends_waiting_handshakes(addon, clock, tmp_path):
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, ws_encode_report=str(tmp_path / "r.jsonl"))
+        addon.request(handshake_flow())
+        addon.done()
+        [record] = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+        assert record["outcome"] == "no-status" and "proxy stopped" in record["diagnosis"]
+
+
+@pytest.mark.parametrize(
+    "message,connected,cause",
+    [
+        ("Client disconnected.", True, ws_encode.EndCause.CLIENT_GONE),
+        ("stream reset by client (CANCEL)", True, ws_encode.EndCause.CLIENT_GONE),
+        ("Connection killed.", True, ws_encode.EndCause.KILLED),
+        ("server closed connection", True, ws_encode.EndCause.UPSTREAM_CLOSED),
+        ("Connect call failed", False, ws_encode.EndCause.UPSTREAM_UNREACHABLE),
+    ],
+)
+def test_end_cause(message, connected, cause):
+    assert ws_encode.end_cause(message, connected) is cause
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "inf", "nan", "", "2s"])
+def test_parse_stall_seconds_refuses(value):
+    with pytest.raises(ValueError):
+        ws_encode.parse_stall_seconds(value)
+
+
+def test_parse_stall_seconds():
+    assert ws_encode.parse_stall_seconds("1.5") == 1.5

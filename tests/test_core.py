@@ -1,0 +1,261 @@
+"""The pure core: classification, lifecycle, diagnosis, redaction, policy."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from mitmproxy.test import tutils
+
+from wsencode import diagnosis
+from wsencode.handshake import Transport, classify, tokens
+from wsencode.lifecycle import TRANSITIONS, EndCause, HandshakeEnded, Phase, Progress
+from wsencode.policy import EncodingPolicy
+from wsencode.report import REDACTED, redact_url
+
+GOOD_KEY = base64.b64encode(b"0123456789abcdef").decode()
+
+
+def request(method="GET", version="HTTP/1.1", **headers):
+    base = {
+        "upgrade": "websocket",
+        "connection": "Upgrade",
+        "sec-websocket-key": GOOD_KEY,
+        "sec-websocket-version": "13",
+    }
+    base.update({k.replace("_", "-"): v for k, v in headers.items()})
+    req = tutils.treq(method=method.encode(), http_version=version.encode())
+    req.headers.clear()
+    for k, v in base.items():
+        if v is not None:
+            req.headers[k] = v
+    return req
+
+
+# -- classification -------------------------------------------------------
+
+
+def test_plain_request_is_not_a_handshake():
+    assert classify(tutils.treq()) is None
+    assert classify(request(upgrade="h2c")) is None
+    assert classify(request(upgrade=None)) is None
+
+
+@pytest.mark.parametrize(
+    "upgrade,connection",
+    [
+        ("websocket", "Upgrade"),
+        ("WebSocket", "upgrade"),
+        ("websocket", ",,\t,  , ,Upgrade  ,,"),
+        ("websocket", "keep-alive, Upgrade"),
+        ("  websocket  ", "UPGRADE"),
+        ("websocket/13", "upgrade"),
+    ],
+)
+def test_well_formed_handshakes(upgrade, connection):
+    hs = classify(request(upgrade=upgrade, connection=connection))
+    assert hs is not None and hs.transport is Transport.H1
+    assert hs.problems == ()
+
+
+@pytest.mark.parametrize(
+    "headers,problem",
+    [
+        (dict(sec_websocket_key=None), "Sec-WebSocket-Key is missing"),
+        (dict(sec_websocket_key="c2hvcnQ="), "Sec-WebSocket-Key decodes to 5 bytes, not 16"),
+        (dict(sec_websocket_key="!!not base64!!"), "Sec-WebSocket-Key is not base64"),
+        (dict(sec_websocket_version="8"), "Sec-WebSocket-Version is not 13"),
+        (dict(sec_websocket_version=None), "Sec-WebSocket-Version is missing"),
+        (dict(upgrade="h2c, websocket"), "Upgrade offers other protocols besides websocket"),
+        (dict(upgrade="http/3.0, websocket"), "Upgrade offers other protocols besides websocket"),
+        (dict(connection="keep-alive"), "Connection does not list upgrade"),
+    ],
+)
+def test_malformed_handshakes_are_still_handshakes(headers, problem):
+    hs = classify(request(**headers))
+    assert hs is not None and hs.malformed
+    assert problem in hs.problems
+
+
+def test_method_other_than_get_is_a_problem():
+    hs = classify(request(method="POST"))
+    assert hs is not None and "the method is POST, not GET" in hs.problems
+
+
+def test_http2_translated_handshake():
+    hs = classify(request(version="HTTP/2.0"))
+    assert hs.transport is Transport.H2
+    assert hs.is_success(200) and hs.is_success(101) and not hs.is_success(403)
+
+
+def test_http1_success_is_101_only():
+    hs = classify(request())
+    assert hs.is_success(101) and not hs.is_success(200)
+
+
+@given(st.lists(st.text(alphabet=" ,\tUpgradewbsockt", max_size=20), max_size=4))
+def test_tokens_never_contain_separators_or_blanks(values):
+    for token in tokens(values):
+        assert token and token == token.strip().lower() and "," not in token
+
+
+@given(st.dictionaries(st.sampled_from(["upgrade", "connection", "sec-websocket-key",
+                                        "sec-websocket-version", "accept-encoding"]),
+                       st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=30)))
+def test_classify_never_raises(headers):
+    req = tutils.treq()
+    req.headers.clear()
+    for k, v in headers.items():
+        req.headers[k] = v
+    hs = classify(req)
+    if hs is not None:
+        assert all(isinstance(p, str) for p in hs.problems)
+
+
+# -- lifecycle ------------------------------------------------------------
+
+
+def progress(**headers) -> Progress:
+    return Progress(classify(request(**headers)), forwarded_at=100.0)
+
+
+def test_every_transition_leaves_a_waiting_phase():
+    for (phase, _event), nxt in TRANSITIONS.items():
+        assert not phase.final
+        assert nxt is not phase
+
+
+def test_stall_then_status():
+    p = progress()
+    p.stall()
+    assert p.phase is Phase.STALLED and p.waiting
+    assert p.status_arrived(101, now=103.5) is Phase.UPGRADED
+    assert p.stalled and p.waited(now=999) == 3.5
+    assert p.history == [Phase.FORWARDED, Phase.STALLED]
+
+
+def test_final_phases_take_no_more_events():
+    p = progress()
+    p.status_arrived(403, now=101)
+    assert p.phase is Phase.REJECTED
+    with pytest.raises(HandshakeEnded):
+        p.end(EndCause.CLIENT_GONE, now=102)
+    with pytest.raises(HandshakeEnded):
+        p.stall()
+
+
+def test_stall_is_reported_once():
+    p = progress()
+    p.stall()
+    with pytest.raises(HandshakeEnded):
+        p.stall()
+
+
+def test_waited_counts_to_now_while_waiting():
+    p = progress()
+    assert p.waited(now=102.25) == 2.25
+    p.end(EndCause.UPSTREAM_CLOSED, now=104)
+    assert p.waited(now=500) == 4
+
+
+# -- diagnosis ------------------------------------------------------------
+
+
+def test_stall_sentences_depend_on_the_offered_encoding():
+    p = progress()
+    with_enc = diagnosis.stall(p, 2.0, "gzip, zstd")
+    without = diagnosis.stall(p, 2.0, None)
+    assert "accept-encoding: gzip, zstd" in with_enc and "ws_encode_policy=strip" in with_enc
+    assert "encoder is not the cause" in without
+
+
+def test_outcome_sentences_are_distinct():
+    sentences = set()
+
+    def say(p: Progress, ae="gzip") -> str:
+        text = diagnosis.outcome(p, now=110, accept_encoding=ae)
+        sentences.add(text)
+        return text
+
+    clean = progress()
+    clean.status_arrived(101, now=100.01)
+    assert "nothing withheld" in say(clean)
+
+    late = progress()
+    late.stall()
+    late.status_arrived(101, now=105)
+    assert "late" in say(late) and "5.0 s" in say(late)
+
+    coded = progress()
+    coded.status_arrived(101, now=101, content_encoding="br")
+    assert "content-encoding: br" in say(coded)
+
+    with_data = progress(version="HTTP/2.0")
+    with_data.status_arrived(200, now=101, with_data=True)
+    assert "together with the first response data" in say(with_data)
+
+    rejected = progress()
+    rejected.status_arrived(403, now=101)
+    assert "status 403" in say(rejected)
+
+    for cause, words in [
+        (EndCause.CLIENT_GONE, "client gave up"),
+        (EndCause.UPSTREAM_CLOSED, "upstream closed or reset"),
+        (EndCause.UPSTREAM_UNREACHABLE, "could not connect"),
+        (EndCause.KILLED, "killed"),
+        (EndCause.PROXY_STOPPED, "proxy stopped"),
+    ]:
+        p = progress()
+        p.end(cause, now=103)
+        assert words in say(p)
+
+    malformed = progress(sec_websocket_key=None)
+    malformed.status_arrived(400, now=101)
+    assert say(malformed).startswith("Malformed handshake (Sec-WebSocket-Key is missing)")
+    assert len(sentences) == 11
+
+
+# -- redaction ------------------------------------------------------------
+
+
+def test_redact_url_keeps_names_and_drops_values():
+    url = "https://user:pw@example.test:8443/chat?token=abc&room=lobby&flag#frag"
+    assert redact_url(url) == f"https://{REDACTED}@example.test:8443/chat?token={REDACTED}&room={REDACTED}&{REDACTED}"
+
+
+@given(
+    st.lists(
+        st.tuples(st.from_regex(r"[a-z]{1,8}", fullmatch=True), st.from_regex(r"[A-Za-z0-9%._~-]{4,12}", fullmatch=True)),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_no_query_value_survives(pairs):
+    url = "http://example.test/p?" + "&".join(f"{k}=SECRET{v}" for k, v in pairs)
+    assert "SECRET" not in redact_url(url)
+
+
+# -- policy ---------------------------------------------------------------
+
+
+def test_policies_on_request_headers():
+    for policy, before, after in [
+        (EncodingPolicy.OBSERVE, "gzip", "gzip"),
+        (EncodingPolicy.STRIP, "gzip", None),
+        (EncodingPolicy.STRIP, None, None),
+        (EncodingPolicy.INJECT, None, "zstd, br"),
+        (EncodingPolicy.INJECT, "gzip", "zstd, br"),
+    ]:
+        req = request(accept_encoding=before)
+        policy.apply_to_request(req.headers, "zstd, br")
+        assert req.headers.get("accept-encoding") == after, policy
+
+
+def test_only_strip_touches_a_success_response():
+    for policy in EncodingPolicy:
+        resp = tutils.tresp()
+        resp.headers["content-encoding"] = "gzip"
+        policy.apply_to_success(resp.headers)
+        assert ("content-encoding" in resp.headers) == (policy is not EncodingPolicy.STRIP)
