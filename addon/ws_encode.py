@@ -28,6 +28,7 @@ for _name in [n for n in sys.modules if n == "wsencode" or n.startswith("wsencod
     del sys.modules[_name]
 
 from mitmproxy import command, connection, ctx, exceptions, flowfilter, hooks, http  # noqa: E402
+from mitmproxy.proxy import server_hooks  # noqa: E402
 
 from wsencode import diagnosis, h2bridge  # noqa: E402
 from wsencode.handshake import Transport, classify  # noqa: E402
@@ -264,8 +265,9 @@ class WsEncode:
             return
         facts = self.bridge.facts(flow.request)
         tracked.progress.client_bytes_before_status = facts.client_bytes_before_status
+        tracked.progress.upstream_status = facts.upstream_status
         phase = tracked.progress.status_arrived(
-            facts.upstream_status or flow.response.status_code,
+            flow.response.status_code,
             time.monotonic(),
             content_encoding=flow.response.headers.get("content-encoding"),
             with_data=facts.status_with_data,
@@ -280,6 +282,10 @@ class WsEncode:
             return
         cause = end_cause(flow.error.msg, flow.server_conn.timestamp_tcp_setup is not None)
         self._finish_without_status(tracked, cause, time.monotonic())
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if self.bridge.installed:
+            h2bridge.offer_http1_only(data.server, data.client)
 
     def client_disconnected(self, client: connection.Client) -> None:
         # Backstop: mitmproxy normally reports a client leaving mid-handshake
@@ -362,7 +368,7 @@ class WsEncode:
             "accept_encoding_upstream": tracked.accept_encoding_upstream,
             "waited_s": round(waited, 3),
             "status": tracked.client_status,
-            "upstream_status": tracked.progress.status,
+            "upstream_status": tracked.progress.upstream_status,
             "client_bytes_before_status": tracked.progress.client_bytes_before_status,
             "diagnosis": text,
             **extra,

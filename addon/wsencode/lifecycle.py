@@ -74,7 +74,8 @@ class Progress:
     forwarded_at: float
     phase: Phase = Phase.FORWARDED
     stalled: bool = False
-    status: int | None = None
+    status: int | None = None  # as mitmproxy forwards it (a translated success is 101)
+    upstream_status: int | None = None  # as the upstream sent it (200 from an HTTP/2 upstream)
     status_at: float | None = None
     content_encoding: str | None = None
     status_with_data: bool = False
@@ -110,6 +111,7 @@ class Progress:
         success = self.handshake.is_success(status)
         phase = self._advance(Event.SUCCESS_STATUS if success else Event.OTHER_STATUS)
         self.status = status
+        self.upstream_status = status if self.upstream_status is None else self.upstream_status
         self.status_at = now
         self.content_encoding = content_encoding
         self.status_with_data = with_data
