@@ -79,6 +79,10 @@ class FaultServer:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
         self.received.append(Received(method, target, headers))
+        if "websocket" not in headers.get("upgrade", "").lower():
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+            await writer.drain()
+            return
 
         if self.faults.reset:
             writer.transport.abort()

@@ -200,6 +200,9 @@ class WsHttp2Server(_http2.Http2Server):
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         ws = self.websockets.get(event.stream_id) if isinstance(event, http_layers.HttpEvent) else None
         if ws is None:
+            if isinstance(event, http_layers.ResponseHeaders) and event.response.status_code == 101:
+                # HTTP/2 has no 101; stock mitmproxy crashes trying to send one.
+                event = response_error(event.stream_id, "upstream switched protocols on a request that did not ask for a WebSocket")
             yield from super()._handle_event(event)
         elif ws.phase is WsPhase.WAITING and isinstance(event, http_layers.ResponseHeaders):
             if event.response.status_code == 101:
@@ -238,7 +241,9 @@ class WsHttp2Server(_http2.Http2Server):
 
     def close_connection(self, msg: str) -> layer.CommandGenerator[None]:
         yield from _close_open_websockets(self, http_layers.RequestEndOfMessage)
-        yield from super().close_connection(msg)
+        # Say whose connection it was: the flows' errors otherwise read the
+        # same as an upstream's ("peer closed connection").
+        yield from super().close_connection(f"client connection closed: {msg}")
 
 
 def _close_open_websockets(codec, end_of_message) -> layer.CommandGenerator[None]:
