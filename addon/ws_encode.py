@@ -31,7 +31,7 @@ from mitmproxy import command, connection, ctx, exceptions, flowfilter, hooks, h
 from mitmproxy.proxy import server_hooks  # noqa: E402
 
 from wsencode import diagnosis, h2bridge  # noqa: E402
-from wsencode.handshake import Transport, classify  # noqa: E402
+from wsencode.handshake import Transport, accept_for, classify  # noqa: E402
 from wsencode.lifecycle import EndCause, HandshakeEnded, Phase, Progress  # noqa: E402
 from wsencode.policy import EncodingPolicy  # noqa: E402
 from wsencode.report import ReportWriter, redact_url, utc_now_iso  # noqa: E402
@@ -64,6 +64,14 @@ def end_cause(error_message: str, upstream_connected: bool) -> EndCause:
     if not upstream_connected:
         return EndCause.UPSTREAM_UNREACHABLE
     return EndCause.UPSTREAM_CLOSED
+
+
+def accept_matches(flow: http.HTTPFlow) -> bool:
+    """False only for a 101 whose accept hash does not answer the request's key."""
+    if flow.response is None or flow.response.status_code != 101:
+        return True
+    key = flow.request.headers.get("sec-websocket-key", "")
+    return flow.response.headers.get("sec-websocket-accept", "").strip() == accept_for(key)
 
 
 def upstream_transport(server: connection.Server) -> str | None:
@@ -264,9 +272,17 @@ class WsEncode:
         if tracked is None or flow.response is None:
             return
         facts = self.bridge.facts(flow.request)
-        tracked.progress.client_bytes_before_status = facts.client_bytes_before_status
-        tracked.progress.upstream_status = facts.upstream_status
-        phase = tracked.progress.status_arrived(
+        progress = tracked.progress
+        progress.client_bytes_before_status = facts.client_bytes_before_status
+        progress.upstream_status = facts.upstream_status or flow.response.status_code
+        if progress.handshake.transport is not Transport.H1 and not accept_matches(flow):
+            # The proxy made this key (the client's extended CONNECT has none),
+            # so the proxy checks the answer.
+            progress.bad_accept = True
+            flow.response = http.Response.make(
+                502, "ws-encode: the upstream answered the WebSocket handshake with a wrong Sec-WebSocket-Accept\n"
+            )
+        phase = progress.status_arrived(
             flow.response.status_code,
             time.monotonic(),
             content_encoding=flow.response.headers.get("content-encoding"),

@@ -74,6 +74,13 @@ def _upgraded(progress: Progress, waited: float, accept_encoding: str | None) ->
 
 
 def _rejected(progress: Progress) -> str:
+    if progress.bad_accept:
+        return (
+            f"The upstream switched protocols with a Sec-WebSocket-Accept that does not "
+            f"match the key the proxy sent, so the proxy failed the handshake (the client "
+            f"got {progress.status}): the upstream, or something in front of it, mangles "
+            "WebSocket handshakes."
+        )
     if progress.handshake.malformed:
         return (
             f"The upstream refused the handshake with status {progress.status}, "

@@ -46,6 +46,7 @@ from mitmproxy import version as mitmproxy_version
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http2
+from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
 from wsproto.utilities import generate_accept_token
 
 logger = logging.getLogger("ws_encode")
@@ -110,7 +111,14 @@ class WebSocketStream:
     phase: WsPhase = WsPhase.WAITING
     early: bytearray = field(default_factory=bytearray)  # client DATA before the status
     ended_early: bool = False  # client END_STREAM before the status
-    status_batch: int = -1  # which read from the upstream brought the status
+    # Where early client DATA goes once an HTTP/2 upstream has the CONNECT:
+    # (upstream connection, stream id), see WsHttp2Client._send_connect.
+    relay: tuple[connection.Connection, int] | None = None
+
+
+# The client side of each translated WebSocket, by its flow's request, so that
+# the upstream codec can find the client's early DATA.
+_client_streams: weakref.WeakKeyDictionary[http.Request, WebSocketStream] = weakref.WeakKeyDictionary()
 
 
 def _protocol(headers: list[tuple[bytes, bytes]]) -> bytes | None:
@@ -142,10 +150,17 @@ class WsHttp2Server(_http2.Http2Server):
         sid = event.stream_id
         if ws.phase is WsPhase.WAITING:
             if isinstance(event, h2.events.DataReceived):
-                # Kept until the status is out; the stream cannot take data yet.
-                ws.early += event.data
                 facts_for(ws.request).client_bytes_before_status += len(event.data)
                 self.h2_conn.acknowledge_received_data(event.flow_controlled_length, sid)
+                if ws.relay:
+                    # An HTTP/2 upstream has the CONNECT: pass the bytes on as
+                    # they are, or a server that waits for them would never answer.
+                    upstream, upstream_sid = ws.relay
+                    yield http_layers.SendHttp(http_layers.RequestData(upstream_sid, event.data), upstream)
+                else:
+                    # Kept until the status is out; mitmproxy's stream cannot
+                    # take data before the upgrade.
+                    ws.early += event.data
                 return False
             if isinstance(event, h2.events.StreamEnded):
                 ws.ended_early = True
@@ -186,7 +201,7 @@ class WsHttp2Server(_http2.Http2Server):
             trailers=None, timestamp_start=time.time(), timestamp_end=None,
         )
         _facts[request] = StreamFacts()
-        self.websockets[sid] = WebSocketStream(request)
+        self.websockets[sid] = _client_streams[request] = WebSocketStream(request)
         self.streams[sid] = _http2.StreamState.HEADERS_RECEIVED
         # A CONNECT stream never ends its request; the upgrade request does at its headers.
         yield http_layers.ReceiveHttp(http_layers.RequestHeaders(sid, request, end_stream=True))
@@ -269,21 +284,33 @@ def extended_connect_headers(request: http.Request) -> list[tuple[bytes, bytes]]
     ]
 
 
+class BatchRecordingH2Connection(BufferedH2Connection):
+    """Remembers the events of the last read, so a status can be seen to
+    arrive together with data (mitmproxy runs the flow's hooks before the
+    rest of a read is processed)."""
+
+    last_batch: list[h2.events.Event] = []
+
+    def receive_data(self, data: bytes) -> list[h2.events.Event]:
+        self.last_batch = super().receive_data(data)
+        return self.last_batch
+
+
 class WsHttp2Client(_http2.Http2Client):
     """mitmproxy's upstream HTTP/2 codec, plus RFC 8441 WebSockets."""
 
     def __init__(self, context):
         super().__init__(context)
+        # The same connection state the stock client made, in a class that
+        # records each read's events.
+        self.h2_conn.__class__ = BatchRecordingH2Connection
         self.settings_received = False
         self.held: list[http_layers.HttpEvent] = []  # WebSocket events before the first SETTINGS
         self.closed = False
-        self.reads = 0
         self.websockets: dict[int, WebSocketStream] = {}  # by our stream id
         self.refused: set[int] = set()  # their stream ids sent back for HTTP/1.1
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, events.DataReceived):
-            self.reads += 1
         if isinstance(event, http_layers.HttpEvent) and self._must_hold(event):
             # Stream ids are only taken when headers are really sent, so a held
             # CONNECT does not make later requests' ids go backwards.
@@ -324,11 +351,7 @@ class WsHttp2Client(_http2.Http2Client):
 
     def _handle_event2(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, http_layers.RequestHeaders) and is_websocket_upgrade(event.request):
-            self.last_activity = time.time()
-            self.h2_conn.send_headers(event.stream_id, extended_connect_headers(event.request), end_stream=False)
-            self.streams[event.stream_id] = _http2.StreamState.EXPECTING_HEADERS
-            self.websockets[event.stream_id] = WebSocketStream(event.request)
-            yield commands.SendData(self.conn, self.h2_conn.data_to_send())
+            yield from self._send_connect(event)
             return
         ws = self.websockets.get(event.stream_id) if isinstance(event, http_layers.HttpEvent) else None
         if ws is not None and isinstance(event, http_layers.RequestEndOfMessage):
@@ -339,6 +362,22 @@ class WsHttp2Client(_http2.Http2Client):
                 yield commands.SendData(self.conn, self.h2_conn.data_to_send())
             return
         yield from super()._handle_event2(event)
+
+    def _send_connect(self, event: http_layers.RequestHeaders) -> layer.CommandGenerator[None]:
+        sid = event.stream_id
+        self.last_activity = time.time()
+        self.h2_conn.send_headers(sid, extended_connect_headers(event.request), end_stream=False)
+        self.streams[sid] = _http2.StreamState.EXPECTING_HEADERS
+        self.websockets[sid] = WebSocketStream(event.request)
+        client_side = _client_streams.get(event.request)
+        if client_side is not None and client_side.phase is WsPhase.WAITING:
+            # What an HTTP/2 client sent before the status goes upstream now,
+            # and whatever follows goes straight here (see WsHttp2Server).
+            if client_side.early:
+                self.h2_conn.send_data(sid, bytes(client_side.early))
+                client_side.early.clear()
+            client_side.relay = (self.conn, self.their_stream_id[sid])
+        yield commands.SendData(self.conn, self.h2_conn.data_to_send())
 
     def handle_h2_event(self, event: h2.events.Event) -> layer.CommandGenerator[bool]:
         if isinstance(event, h2.events.RemoteSettingsChanged):
@@ -357,7 +396,12 @@ class WsHttp2Client(_http2.Http2Client):
                 del self.websockets[sid]  # a refusal: an ordinary response
                 return (yield from super().handle_h2_event(event))
             ws.phase = WsPhase.OPEN
-            ws.status_batch = self.reads
+            # The status came in the same read as the first response data:
+            # the fingerprint of an encoder that buffers the status.
+            facts_for(ws.request).status_with_data = any(
+                isinstance(e, h2.events.DataReceived) and e.stream_id == sid and e.data
+                for e in self.h2_conn.last_batch
+            )
             key = ws.request.headers.get("sec-websocket-key", "")
             fields["upgrade"] = "websocket"
             fields["connection"] = "Upgrade"
@@ -372,10 +416,6 @@ class WsHttp2Client(_http2.Http2Client):
             yield http_layers.ReceiveHttp(http_layers.ResponseHeaders(sid, response, end_stream=False))
             yield http_layers.ReceiveHttp(http_layers.ResponseEndOfMessage(sid))
             return False
-        if isinstance(event, h2.events.DataReceived) and ws.status_batch == self.reads:
-            # The status came in the same read as the first response data:
-            # the fingerprint of an encoder that buffers the status.
-            facts_for(ws.request).status_with_data = True
         if isinstance(event, h2.events.StreamReset):
             del self.websockets[sid]
             self.streams.pop(sid, None)

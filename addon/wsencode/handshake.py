@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -87,6 +88,15 @@ class Handshake:
         if self.transport is Transport.H1:
             return status == 101
         return 200 <= status < 300 or status == 101
+
+
+# RFC 6455 section 1.3: the GUID the accept hash is computed with.
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def accept_for(key: str) -> str:
+    """The Sec-WebSocket-Accept a server must answer `key` with."""
+    return base64.b64encode(hashlib.sha1(key.strip().encode() + WEBSOCKET_GUID).digest()).decode()
 
 
 def _key_problem(headers: Headers) -> str | None:

@@ -79,6 +79,7 @@ class Progress:
     status_at: float | None = None
     content_encoding: str | None = None
     status_with_data: bool = False
+    bad_accept: bool = False  # a 101 whose Sec-WebSocket-Accept does not match the key
     end_cause: EndCause | None = None
     ended_at: float | None = None
     client_bytes_before_status: int = 0
