@@ -1,0 +1,1156 @@
+"""WebSocket-over-HTTP/2 (RFC 8441) test peers.
+
+A server and a client that speak WebSockets over HTTP/2 extended CONNECT
+(``:method CONNECT`` + ``:protocol websocket``), built only on the standard
+library plus h2, wsproto and cryptography (all mitmproxy dependencies), so the
+ws-encode tests can run them wherever mitmproxy runs.
+
+The server can reproduce the fault ws-encode diagnoses: a response-encoding
+layer that buffers the ``:status`` of an extended CONNECT until the first body
+bytes exist.  The WebSocket app only speaks after the client's first message,
+and a well-behaved client waits for the ``:status`` before speaking, so the
+handshake stalls.
+
+Library use::
+
+    certfile, keyfile = make_self_signed_cert(tmpdir)
+    async with H2WebSocketServer(certfile, keyfile) as server:
+        async with H2WebSocketClient("127.0.0.1", server.port) as client:
+            ws = await client.open_websocket("/", "localhost")
+            assert await ws.wait_status(5) == 200
+            await ws.send_text("hello")
+            assert await ws.receive(5) == "hello"
+            await ws.close()
+
+Command line::
+
+    python scripts/h2ws.py server --port 8443 --withhold
+    python scripts/h2ws.py client --url https://127.0.0.1:8443/ --accept-encoding gzip
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import ipaddress
+import os
+import ssl
+import sys
+import tempfile
+import urllib.parse
+from typing import Optional, Union
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from h2.errors import ErrorCodes
+from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
+
+__all__ = [
+    "ClientWebSocket",
+    "H2WebSocketClient",
+    "H2WebSocketServer",
+    "StreamResetError",
+    "WebSocketClosed",
+    "make_self_signed_cert",
+    "main",
+]
+
+LISTEN_HOST = "127.0.0.1"
+DEFAULT_TIMEOUT = 5.0
+READ_CHUNK = 65536
+# asyncio waits up to 30 s for the peer's TLS close_notify by default; an
+# unresponsive peer would make stop()/close() crawl.
+TLS_SHUTDOWN_TIMEOUT = 2.0
+REJECTION_BODY = b"rejected\n"
+GET_BODY = b"ok"
+
+Headers = list[tuple[str, str]]
+Message = Union[str, bytes]
+
+
+class WebSocketClosed(Exception):
+    """The WebSocket stream is over (Close, END_STREAM or connection loss)."""
+
+
+class StreamResetError(WebSocketClosed):
+    """The HTTP/2 stream was reset with RST_STREAM."""
+
+    def __init__(self, stream_id: int, code: int, *, by_peer: bool = True) -> None:
+        who = "peer" if by_peer else "us"
+        super().__init__(f"stream {stream_id} reset by {who} with error code {code}")
+        self.stream_id = stream_id
+        self.code = code
+        self.by_peer = by_peer
+
+
+# --------------------------------------------------------------------------
+# Certificates
+# --------------------------------------------------------------------------
+
+
+def make_self_signed_cert(dirpath: Union[str, os.PathLike]) -> tuple[str, str]:
+    """Write a self-signed certificate for "localhost" and return (certfile, keyfile).
+
+    The SAN covers DNS:localhost and IP:127.0.0.1.  An EC P-256 key keeps
+    generation fast enough to do per test module.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    san = x509.SubjectAlternativeName(
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))  # tolerate clock skew
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(san, critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    certfile = os.path.join(os.fspath(dirpath), "localhost-cert.pem")
+    keyfile = os.path.join(os.fspath(dirpath), "localhost-key.pem")
+    with open(certfile, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    # The key is only a test key, but there is no reason to make it world-readable.
+    fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    return certfile, keyfile
+
+
+# --------------------------------------------------------------------------
+# Shared HTTP/2 plumbing
+# --------------------------------------------------------------------------
+
+
+def _encode_headers(headers: Headers) -> list[tuple[bytes, bytes]]:
+    # Explicit UTF-8 bytes, so h2 4.1 and 4.4 get identical input.
+    return [(name.encode(), value.encode()) for name, value in headers]
+
+
+def _decode_headers(headers) -> Headers:
+    # h2 hands out bytes (we configure no header_encoding); lowercase the names
+    # so tests can compare without caring about the peer's spelling.
+    return [
+        (
+            (name.decode() if isinstance(name, bytes) else name).lower(),
+            value.decode("utf-8", "replace") if isinstance(value, bytes) else value,
+        )
+        for name, value in headers
+    ]
+
+
+def _split_pseudo(headers: Headers) -> tuple[dict[str, str], Headers]:
+    pseudo = {name: value for name, value in headers if name.startswith(":")}
+    regular = [(name, value) for name, value in headers if not name.startswith(":")]
+    return pseudo, regular
+
+
+class _Outbox:
+    """Bytes of one stream waiting for HTTP/2 flow-control window."""
+
+    def __init__(self) -> None:
+        self.pending = bytearray()
+        self.end_stream = False  # send END_STREAM once `pending` is empty
+        self.drained = asyncio.Event()
+
+
+class _H2Endpoint:
+    """An h2 state machine driven over an asyncio TLS stream.
+
+    Events are handled synchronously by the read loop.  Outgoing body bytes go
+    into per-stream outboxes which `_pump()` writes as far as the peer's
+    windows allow; the read loop calls it after every batch, so a WINDOW_UPDATE
+    resumes sending without the read loop ever blocking on the window (it is
+    the one that has to read the WINDOW_UPDATE).
+    """
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        self.conn = h2.connection.H2Connection(config=config)
+        self._reader: Optional[asyncio.StreamReader] = None
+        self._writer: Optional[asyncio.StreamWriter] = None
+        self._outboxes: dict[int, _Outbox] = {}
+        self.connection_lost = asyncio.Event()
+        self.goaway: Optional[h2.events.ConnectionTerminated] = None
+        self.protocol_error: Optional[h2.exceptions.ProtocolError] = None
+        self.transport_error: Optional[BaseException] = None
+
+    def _attach(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    # -- output -------------------------------------------------------------
+
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self._writer is not None and not self._writer.is_closing():
+            self._writer.write(data)
+
+    def _send_soon(self, stream_id: int, data: bytes = b"", end_stream: bool = False) -> _Outbox:
+        """Queue body bytes (and optionally END_STREAM) behind earlier ones."""
+        box = self._outboxes.get(stream_id)
+        if box is None:
+            box = self._outboxes[stream_id] = _Outbox()
+        box.pending += data
+        box.end_stream = box.end_stream or end_stream
+        box.drained.clear()
+        return box
+
+    def _drop_outbox(self, stream_id: int) -> None:
+        box = self._outboxes.pop(stream_id, None)
+        if box is not None:
+            box.drained.set()  # wake senders; they check the stream's fate themselves
+
+    def _pump(self) -> None:
+        for stream_id, box in list(self._outboxes.items()):
+            try:
+                self._pump_stream(stream_id, box)
+            except h2.exceptions.StreamClosedError:
+                # The peer reset the stream; the remaining bytes have nowhere to go.
+                self._drop_outbox(stream_id)
+
+    def _pump_stream(self, stream_id: int, box: _Outbox) -> None:
+        ended = False
+        while box.pending:
+            room = min(
+                self.conn.local_flow_control_window(stream_id),
+                self.conn.max_outbound_frame_size,
+            )
+            if room <= 0:
+                return  # resumed by the read loop after the next WINDOW_UPDATE
+            chunk = bytes(box.pending[:room])
+            del box.pending[:room]
+            ended = box.end_stream and not box.pending
+            self.conn.send_data(stream_id, chunk, end_stream=ended)
+        if box.end_stream and not ended:
+            self.conn.end_stream(stream_id)
+        del self._outboxes[stream_id]
+        box.drained.set()
+
+    # -- input --------------------------------------------------------------
+
+    async def _run(self) -> None:
+        """Read, dispatch and answer until the connection ends."""
+        assert self._reader is not None and self._writer is not None
+        try:
+            while self.goaway is None:
+                data = await self._reader.read(READ_CHUNK)
+                if not data:
+                    break
+                try:
+                    events = self.conn.receive_data(data)
+                except h2.exceptions.ProtocolError as exc:
+                    self.protocol_error = exc
+                    self._flush()  # h2 has queued a GOAWAY explaining why
+                    break
+                for event in events:
+                    self._dispatch(event)
+                self._pump()
+                self._flush()
+                await self._writer.drain()
+        except (ConnectionError, ssl.SSLError) as exc:
+            self.transport_error = exc
+        finally:
+            self._writer.close()
+            self.connection_lost.set()
+            self._on_connection_lost()
+
+    def _dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.ConnectionTerminated):
+            self.goaway = event
+            return
+        try:
+            self._handle_event(event)
+        except h2.exceptions.StreamClosedError as exc:
+            # h2 had already processed the peer's RST_STREAM (from the same
+            # read) by the time we answered an earlier event of that stream.
+            self._forget_stream(exc.stream_id)
+
+    def _handle_event(self, event: h2.events.Event) -> None:
+        raise NotImplementedError
+
+    def _forget_stream(self, stream_id: int) -> None:
+        self._drop_outbox(stream_id)
+
+    def _on_connection_lost(self) -> None:
+        for box in self._outboxes.values():
+            box.drained.set()
+        self._outboxes.clear()
+
+
+# --------------------------------------------------------------------------
+# Server
+# --------------------------------------------------------------------------
+
+
+class _ServerWebSocket:
+    """Server-side state of one accepted extended CONNECT stream."""
+
+    def __init__(self, stream_id: int, withheld_status: Optional[Headers]) -> None:
+        self.stream_id = stream_id
+        self.frames = FrameProtocol(client=False, extensions=[])
+        # The response headers a buffering encoder is sitting on, if any.
+        self.withheld_status = withheld_status
+        self.message_parts: list[Message] = []
+        self.close_received = False
+
+
+class _ServerConnection(_H2Endpoint):
+    def __init__(self, server: "H2WebSocketServer", index: int) -> None:
+        super().__init__(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        self._server = server
+        self.index = index
+        self._websockets: dict[int, _ServerWebSocket] = {}
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._attach(reader, writer)
+        if self._server.enable_connect_protocol:
+            # Assigning local_settings.enable_connect_protocol would only queue
+            # the value until the peer ACKs it, and the initial SETTINGS would
+            # still say 0; it has to be an initial value.
+            self.conn.local_settings = h2.settings.Settings(
+                client=False,
+                initial_values={
+                    **dict(self.conn.local_settings),  # keep h2's defaults
+                    h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,
+                },
+            )
+        else:
+            # h2 would otherwise announce ENABLE_CONNECT_PROTOCOL=0 explicitly;
+            # leaving it out looks like a server that has never heard of RFC 8441.
+            del self.conn.local_settings[h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL]
+        self.conn.initiate_connection()
+        self._flush()
+        await self._run()
+
+    def shutdown(self) -> None:
+        """Say GOAWAY and close; the read loop then ends on its own."""
+        if self._writer is None or self.connection_lost.is_set():
+            return
+        self.conn.close_connection()
+        self._flush()
+        self._writer.close()
+
+    # -- events -------------------------------------------------------------
+
+    def _handle_event(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self._on_request(event.stream_id, _decode_headers(event.headers))
+        elif isinstance(event, h2.events.DataReceived):
+            if event.flow_controlled_length:
+                # Echo output is buffered without limit, so the data counts as
+                # consumed right away.  Streams we already forgot get acked too,
+                # or their bytes would leak out of the connection window.
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            ws = self._websockets.get(event.stream_id)
+            if ws is not None:
+                self._on_websocket_data(ws, event.data)
+        elif isinstance(event, h2.events.StreamEnded):
+            ws = self._websockets.get(event.stream_id)
+            if ws is not None:
+                self._end_websocket(ws)
+        elif isinstance(event, h2.events.StreamReset):
+            self._forget_stream(event.stream_id)
+
+    def _forget_stream(self, stream_id: int) -> None:
+        self._websockets.pop(stream_id, None)
+        super()._forget_stream(stream_id)
+
+    def _on_request(self, stream_id: int, headers: Headers) -> None:
+        pseudo, regular = _split_pseudo(headers)
+        self._server.requests.append(
+            {"connection": self.index, "stream_id": stream_id, "pseudo": pseudo, "headers": regular}
+        )
+        method = pseudo.get(":method")
+        if method == "CONNECT" and ":protocol" in pseudo:
+            self._on_extended_connect(stream_id, pseudo, regular)
+        elif method == "CONNECT":
+            self._respond(stream_id, 405, b"plain CONNECT is not supported\n")
+        else:
+            self._respond(stream_id, 200, GET_BODY)
+
+    def _respond(self, stream_id: int, status: int, body: bytes, extra: Headers = ()) -> None:
+        headers = [
+            (":status", str(status)),
+            ("content-type", "text/plain"),
+            ("content-length", str(len(body))),
+            *extra,
+        ]
+        self.conn.send_headers(stream_id, _encode_headers(headers))
+        self._send_soon(stream_id, body, end_stream=True)
+
+    def _on_extended_connect(self, stream_id: int, pseudo: dict[str, str], regular: Headers) -> None:
+        server = self._server
+        if not server.enable_connect_protocol:
+            # RFC 8441 section 3: :protocol without the setting is malformed,
+            # which RFC 9113 section 8.1.1 makes a PROTOCOL_ERROR stream error.
+            self.conn.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            return
+        if server.reset_after_connect:
+            self.conn.reset_stream(stream_id, ErrorCodes.CANCEL)
+            return
+        if pseudo.get(":protocol") != "websocket":
+            self._respond(stream_id, 501, b"only :protocol websocket is supported\n")
+            return
+        if not 200 <= server.status < 300:
+            self._respond(stream_id, server.status, REJECTION_BODY, server.response_headers)
+            return
+
+        status_headers = [(":status", str(server.status)), *server.response_headers]
+        wants_encoding = any(name == "accept-encoding" for name, _ in regular)
+        if server.withhold_status_when_encoding and wants_encoding:
+            # The fault: an encoder that emits headers only with the first body bytes.
+            self._websockets[stream_id] = _ServerWebSocket(stream_id, status_headers)
+        else:
+            self._websockets[stream_id] = _ServerWebSocket(stream_id, None)
+            self.conn.send_headers(stream_id, _encode_headers(status_headers))
+
+    # -- WebSocket echo ------------------------------------------------------
+
+    def _on_websocket_data(self, ws: _ServerWebSocket, data: bytes) -> None:
+        if ws.close_received:
+            return  # RFC 6455: nothing after a Close frame means anything
+        ws.frames.receive_bytes(data)
+        try:
+            for frame in ws.frames.received_frames():
+                self._on_frame(ws, frame)
+                if ws.close_received:
+                    return
+        except ParseFailed as exc:
+            ws.close_received = True
+            self._send_websocket(ws, ws.frames.close(exc.code, str(exc)), end_stream=True)
+
+    def _on_frame(self, ws: _ServerWebSocket, frame) -> None:
+        # wsproto's message decoder reports continuation frames with the
+        # message's opcode and decodes TEXT payloads to str.
+        if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
+            ws.message_parts.append(frame.payload)
+            if frame.message_finished:
+                joiner = "" if frame.opcode is Opcode.TEXT else b""
+                message = joiner.join(ws.message_parts)
+                ws.message_parts.clear()
+                self._send_websocket(ws, ws.frames.send_data(message))
+        elif frame.opcode is Opcode.PING:
+            self._send_websocket(ws, ws.frames.pong(frame.payload))
+        elif frame.opcode is Opcode.CLOSE:
+            ws.close_received = True
+            code, _reason = frame.payload
+            self._send_websocket(ws, ws.frames.close(code), end_stream=True)
+
+    def _send_websocket(self, ws: _ServerWebSocket, data: bytes, end_stream: bool = False) -> None:
+        self._release_status(ws)
+        self._send_soon(ws.stream_id, bytes(data), end_stream)
+        if end_stream:
+            # Our side is done; anything the client still sends is acked and ignored.
+            self._websockets.pop(ws.stream_id, None)
+
+    def _end_websocket(self, ws: _ServerWebSocket) -> None:
+        # A buffering encoder flushes its headers when the body ends, too.
+        self._release_status(ws)
+        self._send_soon(ws.stream_id, end_stream=True)
+        self._websockets.pop(ws.stream_id, None)
+
+    def _release_status(self, ws: _ServerWebSocket) -> None:
+        # Called right before body bytes are queued; the read loop writes
+        # HEADERS and the first DATA frame with a single transport write.
+        if ws.withheld_status is not None:
+            self.conn.send_headers(ws.stream_id, _encode_headers(ws.withheld_status))
+            ws.withheld_status = None
+
+
+class H2WebSocketServer:
+    """RFC 8441 echo server on 127.0.0.1 (TLS, ALPN "h2" only).
+
+    Answers extended CONNECT with `status` and then echoes every WebSocket
+    message; any other request gets 200 "ok".  Every request is recorded in
+    `requests` as {"connection", "stream_id", "pseudo": {name: value},
+    "headers": [(name, value), ...]} with lowercased names.
+    """
+
+    def __init__(
+        self,
+        certfile: str,
+        keyfile: str,
+        *,
+        port: int = 0,
+        enable_connect_protocol: bool = True,
+        withhold_status_when_encoding: bool = False,
+        reset_after_connect: bool = False,
+        status: int = 200,
+        response_headers: Optional[Headers] = None,
+    ) -> None:
+        self.certfile = certfile
+        self.keyfile = keyfile
+        self.enable_connect_protocol = enable_connect_protocol
+        self.withhold_status_when_encoding = withhold_status_when_encoding
+        self.reset_after_connect = reset_after_connect
+        self.status = status
+        self.response_headers: Headers = [(n.lower(), v) for n, v in (response_headers or [])]
+        self.requests: list[dict] = []
+        # HTTP/2 protocol violations by clients; each one ended its connection.
+        self.protocol_errors: list[h2.exceptions.ProtocolError] = []
+        self.connections_accepted = 0
+        self._requested_port = port
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._live: dict[_ServerConnection, asyncio.Task] = {}
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("server not started")
+        return self._server.sockets[0].getsockname()[1]
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.certfile, self.keyfile)
+        context.set_alpn_protocols(["h2"])
+        return context
+
+    async def start(self) -> "H2WebSocketServer":
+        self._server = await asyncio.start_server(
+            self._handle_client,
+            LISTEN_HOST,
+            self._requested_port,
+            ssl=self._ssl_context(),
+            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
+        )
+        return self
+
+    async def stop(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Stop listening, send GOAWAY on every connection and close them."""
+        if self._server is None:
+            return
+        self._server.close()
+        for connection in list(self._live):
+            connection.shutdown()
+        tasks = list(self._live.values())
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=timeout)
+        await asyncio.wait_for(self._server.wait_closed(), timeout)
+        self._server = None
+
+    async def __aenter__(self) -> "H2WebSocketServer":
+        return await self.start()
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop()
+
+    async def _handle_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ssl_object = writer.get_extra_info("ssl_object")
+        if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
+            writer.close()  # this server speaks nothing but h2
+            return
+        connection = _ServerConnection(self, self.connections_accepted)
+        self.connections_accepted += 1
+        self._live[connection] = asyncio.current_task()
+        try:
+            await connection.serve(reader, writer)
+        finally:
+            del self._live[connection]
+            if connection.protocol_error is not None:
+                self.protocol_errors.append(connection.protocol_error)
+
+
+# --------------------------------------------------------------------------
+# Client
+# --------------------------------------------------------------------------
+
+_STREAM_DONE = object()  # sentinel in the message queue: no more messages
+
+
+class ClientWebSocket:
+    """One WebSocket on an H2WebSocketClient connection.
+
+    `events` is a readable timeline ("status:200", "message", "close:1000",
+    "end_stream", "reset:8", ...).  `ended_with` records how the stream ended
+    first: "end_stream" (peer's END_STREAM), "reset:<code>" (peer's
+    RST_STREAM), "local_reset:<code>" (our reset()) or "connection_lost".
+    """
+
+    def __init__(self, client: "H2WebSocketClient", stream_id: int) -> None:
+        self._client = client
+        self.stream_id = stream_id
+        self.status: Optional[int] = None
+        self.response_headers: Headers = []
+        self.response_body = bytearray()  # body of a non-2xx answer
+        self.events: list[str] = []
+        self.ended_with: Optional[str] = None
+        self.close_code: Optional[int] = None  # from the peer's Close frame
+        self._frames = FrameProtocol(client=True, extensions=[])
+        self._message_parts: list[Message] = []
+        self._messages: asyncio.Queue = asyncio.Queue()
+        self._pongs: asyncio.Queue = asyncio.Queue()
+        self._status_known = asyncio.Event()
+        self._close_received = asyncio.Event()
+        self._ended = asyncio.Event()
+        self._close_sent = False
+        self._end_sent = False
+        # Set once nothing can be sent any more (a reset or connection loss);
+        # the peer's END_STREAM alone still lets us send.
+        self._dead_reason: Optional[str] = None
+
+    # -- public API ---------------------------------------------------------
+
+    async def wait_status(self, timeout: float = DEFAULT_TIMEOUT) -> int:
+        """Return the response :status; raise asyncio.TimeoutError if none came."""
+        await asyncio.wait_for(self._status_known.wait(), timeout)
+        if self.status is None:
+            raise self._ended_error("before a response status arrived")
+        return self.status
+
+    async def wait_ended(self, timeout: float = DEFAULT_TIMEOUT) -> str:
+        """Wait until the peer ended or reset the stream; return `ended_with`."""
+        await asyncio.wait_for(self._ended.wait(), timeout)
+        assert self.ended_with is not None
+        return self.ended_with
+
+    async def send_text(self, text: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        await self._send_frames([self._frames.send_data(text)], timeout)
+
+    async def send_bytes(self, data: bytes, timeout: float = DEFAULT_TIMEOUT) -> None:
+        await self._send_frames([self._frames.send_data(bytes(data))], timeout)
+
+    async def send_fragmented(self, parts: list[Message], timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Send one message as len(parts) frames (all str or all bytes)."""
+        if not parts:
+            raise ValueError("a fragmented message needs at least one part")
+        last = len(parts) - 1
+        frames = [self._frames.send_data(part, fin=i == last) for i, part in enumerate(parts)]
+        await self._send_frames(frames, timeout)
+
+    async def ping(self, payload: bytes = b"", timeout: float = DEFAULT_TIMEOUT) -> bytes:
+        """Send a Ping and return the payload of the next Pong."""
+        await self._send_frames([self._frames.ping(payload)], timeout)
+        return await asyncio.wait_for(self._pongs.get(), timeout)
+
+    async def receive(self, timeout: float = DEFAULT_TIMEOUT) -> Message:
+        """Return the next whole message (str for text, bytes for binary)."""
+        item = await asyncio.wait_for(self._messages.get(), timeout)
+        if item is _STREAM_DONE:
+            self._messages.put_nowait(_STREAM_DONE)  # later calls fail fast too
+            raise self._ended_error("while waiting for a message")
+        return item
+
+    async def close(self, code: int = 1000, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Close handshake: send Close, await the peer's Close, then END_STREAM both ways.
+
+        Our END_STREAM goes out after the peer's Close (not after its
+        END_STREAM) so that peers waiting for ours before sending theirs work too.
+        """
+        if self._dead_reason:
+            return  # reset or connection gone: nothing left to close
+        if not self._close_sent:
+            self._close_sent = True
+            await self._send_frames([self._frames.close(code)], timeout)
+        await _wait_first(self._close_received, self._ended, timeout=timeout)
+        self._end_our_side()
+        await asyncio.wait_for(self._ended.wait(), timeout)
+
+    async def reset(self, code: int = ErrorCodes.CANCEL) -> None:
+        """Abort the stream with RST_STREAM."""
+        if self._dead_reason:
+            return
+        try:
+            self._client.conn.reset_stream(self.stream_id, code)
+        except h2.exceptions.StreamClosedError:
+            return  # h2 already considers the stream closed; nothing to reset
+        self._client._forget_stream(self.stream_id)
+        self._client._flush()
+        self._on_ended(f"local_reset:{int(code)}")
+
+    # -- sending helpers ----------------------------------------------------
+
+    async def _send_frames(self, frames: list, timeout: float) -> None:
+        if self._dead_reason:
+            raise self._ended_error("before sending")
+        if self._end_sent:
+            raise WebSocketClosed(f"stream {self.stream_id}: END_STREAM already sent")
+        box = None
+        for frame in frames:
+            box = self._client._send_soon(self.stream_id, bytes(frame))
+        self._client._pump()
+        self._client._flush()
+        await asyncio.wait_for(box.drained.wait(), timeout)
+        if self._dead_reason:
+            raise self._ended_error("while sending")
+
+    def _send_now(self, frame: bytes, end_stream: bool = False) -> None:
+        """Queue from inside the read loop, which pumps and flushes afterwards."""
+        self._client._send_soon(self.stream_id, bytes(frame), end_stream)
+        self._end_sent = self._end_sent or end_stream
+
+    def _end_our_side(self) -> None:
+        if self._end_sent or self._dead_reason:
+            return
+        self._send_now(b"", end_stream=True)
+        self._client._pump()
+        self._client._flush()
+
+    def _ended_error(self, what: str) -> WebSocketClosed:
+        kind, _, code = (self._dead_reason or self.ended_with or "").partition(":")
+        if kind in ("reset", "local_reset"):
+            return StreamResetError(self.stream_id, int(code), by_peer=kind == "reset")
+        return WebSocketClosed(f"stream {self.stream_id} ended ({self.ended_with}) {what}")
+
+    # -- called by the client's read loop -----------------------------------
+
+    def _on_response(self, headers: Headers) -> None:
+        pseudo, regular = _split_pseudo(headers)
+        self.status = int(pseudo[":status"])
+        self.response_headers = regular
+        self.events.append(f"status:{self.status}")
+        self._status_known.set()
+
+    def _on_data(self, data: bytes) -> None:
+        if self.status is None or not 200 <= self.status < 300:
+            self.response_body += data  # a rejection body, not WebSocket frames
+            return
+        self._frames.receive_bytes(data)
+        try:
+            for frame in self._frames.received_frames():
+                self._on_frame(frame)
+        except ParseFailed as exc:
+            self.events.append(f"parse_failed:{exc}")
+            self._close_received.set()
+            self._messages.put_nowait(_STREAM_DONE)
+            if not self._close_sent:
+                self._close_sent = True
+                self._send_now(self._frames.close(exc.code, str(exc)), end_stream=True)
+
+    def _on_frame(self, frame) -> None:
+        if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
+            self._message_parts.append(frame.payload)
+            if frame.message_finished:
+                joiner = "" if frame.opcode is Opcode.TEXT else b""
+                self._messages.put_nowait(joiner.join(self._message_parts))
+                self._message_parts.clear()
+                self.events.append("message")
+        elif frame.opcode is Opcode.PING:
+            if not self._end_sent:  # after our END_STREAM the pong has no way out
+                self._send_now(self._frames.pong(frame.payload))
+        elif frame.opcode is Opcode.PONG:
+            self._pongs.put_nowait(bytes(frame.payload))
+        elif frame.opcode is Opcode.CLOSE:
+            self.close_code = int(frame.payload[0])
+            self.events.append(f"close:{self.close_code}")
+            self._close_received.set()
+            self._messages.put_nowait(_STREAM_DONE)
+            if not self._close_sent:
+                # The peer started the closing handshake: answer and finish.
+                self._close_sent = True
+                self._send_now(self._frames.close(self.close_code), end_stream=True)
+
+    def _on_end(self) -> None:
+        self._on_ended("end_stream")
+
+    def _on_reset(self, code: int) -> None:
+        self._on_ended(f"reset:{int(code)}")
+
+    def _on_connection_lost(self) -> None:
+        self._on_ended("connection_lost")
+
+    def _on_ended(self, how: str) -> None:
+        if self.ended_with is None:
+            self.ended_with = how
+        if how != "end_stream" and self._dead_reason is None:
+            self._dead_reason = how
+        self.events.append(how)
+        self._status_known.set()
+        self._messages.put_nowait(_STREAM_DONE)
+        self._ended.set()
+
+
+class _GetExchange:
+    """An ordinary request/response on the client connection."""
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+        self.status: Optional[int] = None
+        self.body = bytearray()
+        self.error: Optional[Exception] = None
+        self.done = asyncio.Event()
+
+    def _on_response(self, headers: Headers) -> None:
+        self.status = int(dict(headers)[":status"])
+
+    def _on_data(self, data: bytes) -> None:
+        self.body += data
+
+    def _on_end(self) -> None:
+        self.done.set()
+
+    def _on_reset(self, code: int) -> None:
+        self.error = StreamResetError(self.stream_id, int(code))
+        self.done.set()
+
+    def _on_connection_lost(self) -> None:
+        if not self.done.is_set():
+            self.error = ConnectionError(f"connection lost before stream {self.stream_id} finished")
+            self.done.set()
+
+
+async def _wait_first(*events: asyncio.Event, timeout: float) -> None:
+    """Return once any of `events` is set; raise asyncio.TimeoutError otherwise."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        done, _pending = await asyncio.wait(
+            waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    if not done:
+        raise asyncio.TimeoutError()
+
+
+class H2WebSocketClient(_H2Endpoint):
+    """HTTP/2 client that opens RFC 8441 WebSockets and plain GETs on one connection.
+
+    Certificate verification is off: it is meant to talk to test servers and
+    to proxies that mint certificates with their own CA.  `events` records
+    every raw h2 event received, in order.
+    """
+
+    def __init__(self, host: str, port: int, *, server_hostname: Optional[str] = None) -> None:
+        super().__init__(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.host = host
+        self.port = port
+        self.server_hostname = server_hostname or host
+        self.events: list[h2.events.Event] = []
+        self._streams: dict[int, Union[ClientWebSocket, _GetExchange]] = {}
+        self._settings_received = asyncio.Event()
+        self._read_task: Optional[asyncio.Task] = None
+
+    @property
+    def server_enables_connect_protocol(self) -> bool:
+        return self.conn.remote_settings.get(h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL) == 1
+
+    async def connect(self, timeout: float = DEFAULT_TIMEOUT) -> "H2WebSocketClient":
+        """Connect, negotiate h2 and wait for the server's SETTINGS."""
+        if self._writer is not None:
+            raise RuntimeError("already connected")
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.set_alpn_protocols(["h2"])
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                self.host,
+                self.port,
+                ssl=context,
+                server_hostname=self.server_hostname,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
+            ),
+            timeout,
+        )
+        alpn = writer.get_extra_info("ssl_object").selected_alpn_protocol()
+        if alpn != "h2":
+            writer.close()
+            raise ConnectionError(f"server did not negotiate h2 (ALPN: {alpn!r})")
+        self._attach(reader, writer)
+        self.conn.initiate_connection()
+        self._flush()
+        self._read_task = asyncio.create_task(self._run())
+        await _wait_first(self._settings_received, self.connection_lost, timeout=timeout)
+        if not self._settings_received.is_set():
+            raise ConnectionError("connection closed before the server's SETTINGS arrived")
+        return self
+
+    async def open_websocket(
+        self,
+        path: str,
+        authority: str,
+        headers: Optional[Headers] = None,
+        scheme: str = "https",
+        data_before_status: Optional[bytes] = None,
+        protocol: str = "websocket",
+    ) -> ClientWebSocket:
+        """Send an extended CONNECT (without END_STREAM) and return the WebSocket.
+
+        The request is sent even if the server did not advertise
+        SETTINGS_ENABLE_CONNECT_PROTOCOL, so misbehaviour can be provoked.
+        `data_before_status` (UTF-8) goes out as a masked text frame right
+        behind the HEADERS, without waiting for the response.  `protocol`
+        other than "websocket" is for provoking refusals.
+        """
+        self._require_open()
+        stream_id = self.conn.get_next_available_stream_id()
+        request = [
+            (":method", "CONNECT"),
+            (":protocol", protocol),
+            (":scheme", scheme),
+            (":path", path),
+            (":authority", authority),
+            ("sec-websocket-version", "13"),
+            *(headers or []),
+        ]
+        ws = ClientWebSocket(self, stream_id)
+        self._streams[stream_id] = ws
+        self.conn.send_headers(stream_id, _encode_headers(request))
+        if data_before_status is not None:
+            ws._send_now(ws._frames.send_data(data_before_status.decode("utf-8")))
+            self._pump()
+        self._flush()
+        return ws
+
+    async def get(
+        self,
+        path: str,
+        authority: str,
+        headers: Optional[Headers] = None,
+        scheme: str = "https",
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> tuple[int, bytes]:
+        """An ordinary GET on the same connection; returns (status, body)."""
+        self._require_open()
+        stream_id = self.conn.get_next_available_stream_id()
+        request = [
+            (":method", "GET"),
+            (":scheme", scheme),
+            (":path", path),
+            (":authority", authority),
+            *(headers or []),
+        ]
+        exchange = _GetExchange(stream_id)
+        self._streams[stream_id] = exchange
+        self.conn.send_headers(stream_id, _encode_headers(request), end_stream=True)
+        self._flush()
+        await asyncio.wait_for(exchange.done.wait(), timeout)
+        if exchange.error is not None:
+            raise exchange.error
+        assert exchange.status is not None
+        return exchange.status, bytes(exchange.body)
+
+    async def close(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Send GOAWAY, close the TLS connection and wait for the read loop."""
+        if self._writer is None:
+            return
+        if not self.connection_lost.is_set():
+            self.conn.close_connection()
+            self._flush()
+            self._writer.close()
+        if self._read_task is not None:
+            _done, pending = await asyncio.wait([self._read_task], timeout=timeout)
+            if pending:
+                self._read_task.cancel()
+                await asyncio.wait(pending, timeout=timeout)
+        try:
+            await asyncio.wait_for(self._writer.wait_closed(), timeout)
+        except (ConnectionError, ssl.SSLError):
+            pass  # the peer dropped the TLS session uncleanly; we are closed either way
+
+    async def __aenter__(self) -> "H2WebSocketClient":
+        # Also usable as `async with await client.connect():`.
+        return self if self._writer is not None else await self.connect()
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    def _require_open(self) -> None:
+        if self._writer is None:
+            raise RuntimeError("not connected; call connect() first")
+        if self.connection_lost.is_set() or self.goaway is not None:
+            raise ConnectionError("the HTTP/2 connection is closed")
+
+    # -- events -------------------------------------------------------------
+
+    def _handle_event(self, event: h2.events.Event) -> None:
+        self.events.append(event)
+        if isinstance(event, h2.events.RemoteSettingsChanged):
+            self._settings_received.set()
+            return
+        stream_id = getattr(event, "stream_id", None)
+        if isinstance(event, h2.events.DataReceived) and event.flow_controlled_length:
+            self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        if isinstance(event, h2.events.ResponseReceived):
+            stream._on_response(_decode_headers(event.headers))
+        elif isinstance(event, h2.events.DataReceived):
+            stream._on_data(event.data)
+        elif isinstance(event, h2.events.StreamEnded):
+            stream._on_end()
+        elif isinstance(event, h2.events.StreamReset):
+            self._forget_stream(stream_id)
+            stream._on_reset(event.error_code)
+
+    def _forget_stream(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+        super()._forget_stream(stream_id)
+
+    def _on_connection_lost(self) -> None:
+        super()._on_connection_lost()
+        for stream in self._streams.values():
+            stream._on_connection_lost()
+        self._streams.clear()
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+def _parse_header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME:VALUE, got {text!r}")
+    return name.strip().lower(), value.strip()
+
+
+async def _serve_forever(args: argparse.Namespace) -> None:
+    if args.cert and args.key:
+        certfile, keyfile = args.cert, args.key
+    else:
+        certfile, keyfile = make_self_signed_cert(tempfile.mkdtemp(prefix="h2ws-"))
+    server = H2WebSocketServer(
+        certfile,
+        keyfile,
+        port=args.port,
+        enable_connect_protocol=not args.no_connect_protocol,
+        withhold_status_when_encoding=args.withhold,
+        reset_after_connect=args.reset_after_connect,
+        status=args.status,
+        response_headers=args.header,
+    )
+    await server.start()
+    print(f"listening on {LISTEN_HOST}:{server.port}", flush=True)
+    try:
+        await asyncio.Event().wait()  # until Ctrl-C cancels us
+    finally:
+        await server.stop()
+
+
+async def _run_client(args: argparse.Namespace) -> int:
+    url = urllib.parse.urlsplit(args.url)
+    if url.scheme != "https" or not url.hostname:
+        print(f"expected an https:// URL, got {args.url!r}", file=sys.stderr)
+        return 2
+    path = url.path or "/"
+    if url.query:
+        path += "?" + url.query
+    headers = [("accept-encoding", args.accept_encoding)] if args.accept_encoding else []
+
+    client = H2WebSocketClient(url.hostname, url.port or 443)
+    try:
+        try:
+            await client.connect(args.timeout)
+        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            print(f"could not connect to {url.netloc}: {exc!r}", file=sys.stderr)
+            return 2
+        if not client.server_enables_connect_protocol:
+            print("warning: server does not advertise SETTINGS_ENABLE_CONNECT_PROTOCOL", file=sys.stderr)
+        ws = await client.open_websocket(path, url.netloc, headers=headers)
+        try:
+            status = await ws.wait_status(args.timeout)
+        except asyncio.TimeoutError:
+            print(f"no :status for the extended CONNECT within {args.timeout} s (handshake stalled)")
+            await ws.reset()
+            return 1
+        except WebSocketClosed as exc:
+            print(f"stream ended before a status: {exc}")
+            return 2
+        print(f"status {status}")
+        if not 200 <= status < 300:
+            await ws.wait_ended(args.timeout)
+            print(f"rejected: {bytes(ws.response_body)!r}")
+            return 2
+        await ws.send_text(args.message, args.timeout)
+        print(f"echo: {await ws.receive(args.timeout)}")
+        await ws.close(timeout=args.timeout)
+        return 0
+    except (asyncio.TimeoutError, WebSocketClosed, ConnectionError) as exc:
+        print(f"failed after the handshake: {exc!r}")
+        return 2
+    finally:
+        await client.close(args.timeout)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="RFC 8441 (WebSockets over HTTP/2) test peers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    server = commands.add_parser(
+        "server", help="run an RFC 8441 echo server on 127.0.0.1 until Ctrl-C"
+    )
+    server.add_argument("--port", type=int, default=0, help="port to listen on (0: pick one)")
+    server.add_argument("--cert", help="PEM certificate (default: fresh self-signed for localhost)")
+    server.add_argument("--key", help="PEM private key belonging to --cert")
+    server.add_argument(
+        "--withhold",
+        action="store_true",
+        help="hold the :status of extended CONNECTs that carry accept-encoding "
+        "until the first body bytes exist (reproduces the stall)",
+    )
+    server.add_argument(
+        "--no-connect-protocol",
+        action="store_true",
+        help="do not advertise SETTINGS_ENABLE_CONNECT_PROTOCOL",
+    )
+    server.add_argument(
+        "--reset-after-connect",
+        action="store_true",
+        help="answer extended CONNECT with RST_STREAM(CANCEL)",
+    )
+    server.add_argument("--status", type=int, default=200, help="status for extended CONNECT")
+    server.add_argument(
+        "--header",
+        type=_parse_header,
+        action="append",
+        default=[],
+        metavar="NAME:VALUE",
+        help="extra response header for extended CONNECT (repeatable)",
+    )
+
+    client = commands.add_parser(
+        "client",
+        help="open one WebSocket, send a message and print the echo",
+        description="Exit status: 0 echo received, 1 no :status arrived "
+        "(stalled handshake), 2 any other failure.",
+    )
+    client.add_argument("--url", required=True, help="e.g. https://127.0.0.1:8443/chat")
+    client.add_argument("--accept-encoding", metavar="VALUE", help="send accept-encoding: VALUE")
+    client.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per step")
+    client.add_argument("--message", default="hello", help="text message to send")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _build_parser().parse_args(argv)
+    if args.command == "server":
+        if bool(args.cert) != bool(args.key):
+            print("--cert and --key go together", file=sys.stderr)
+            return 2
+        try:
+            asyncio.run(_serve_forever(args))
+        except KeyboardInterrupt:
+            print("stopped", file=sys.stderr)
+        return 0
+    return asyncio.run(_run_client(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

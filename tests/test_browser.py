@@ -1,0 +1,131 @@
+"""The original report, end to end: headless Chromium opens a wss:// WebSocket
+to an HTTP/2 server through the proxy.
+
+Chromium takes RFC 8441 as soon as the proxy advertises it, over the HTTP/2
+connection it already has to the origin, and sends `accept-encoding: gzip,
+deflate, br, zstd` on the handshake. Against a server that withholds the 200
+while `accept-encoding` is present the page hangs, the stall is reported while
+it waits, and `strip` makes it open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import urllib.parse
+
+import pytest
+from conftest import Mitmdump, assert_clean_log
+from test_peers import h2ws
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package chromium)"),
+]
+
+STALL = 1.0
+
+PAGE = """<!doctype html><script>
+const base = "https://127.0.0.1:{port}";
+// A request first, so Chromium has an HTTP/2 connection to the origin: it only
+// uses RFC 8441 on an existing one.
+fetch(base + "/warmup", {{mode: "no-cors", credentials: "include"}}).then(() => {{
+  const ws = new WebSocket("wss://127.0.0.1:{port}/ws?token=browser-secret");
+  ws.onopen = () => ws.send("hi");
+  ws.onmessage = (e) => fetch(base + "/result?echo=" + e.data, {{mode: "no-cors", credentials: "include"}});
+  ws.onerror = () => fetch(base + "/result?error=1", {{mode: "no-cors", credentials: "include"}});
+}});
+</script>"""
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory):
+    return h2ws.make_self_signed_cert(tmp_path_factory.mktemp("cert"))
+
+
+async def chromium(proxy_port: int, page: str, home) -> asyncio.subprocess.Process:
+    env = dict(os.environ, HOME=str(home), TMPDIR=str(home))
+    return await asyncio.create_subprocess_exec(
+        CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--ignore-certificate-errors",
+        f"--proxy-server=http://127.0.0.1:{proxy_port}", "--proxy-bypass-list=<-loopback>",
+        f"--user-data-dir={home / 'profile'}",
+        "data:text/html," + urllib.parse.quote(page),
+        env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+async def stop(proc: asyncio.subprocess.Process) -> None:
+    # Chromium's renderers and helpers are in its own process group, which
+    # this test started; its crash handlers leave the group and exit by themselves.
+    if proc.returncode is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), 10)
+    except asyncio.TimeoutError:
+        os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
+def browse(cert, home, report, policy: str, withhold: bool):
+    async def scenario():
+        async with h2ws.H2WebSocketServer(*cert, withhold_status_when_encoding=withhold) as upstream:
+            async with Mitmdump(
+                "--ssl-insecure", "--set", f"ws_encode_policy={policy}", "--set", f"ws_encode_stall={STALL}",
+                report=report,
+            ) as md:
+                browser = await chromium(md.port, PAGE.format(port=upstream.port), home)
+                try:
+                    if withhold and policy == "observe":
+                        stall = await md.wait_for_record(event="stall", timeout=60)
+                        result = None
+                    else:
+                        stall = None
+                        result = await md.wait_for(r"/result\?", timeout=60)
+                    handshake = None if stall else await md.wait_for_record(event="handshake", policy=policy)
+                finally:
+                    await stop(browser)
+            return stall, result, handshake, upstream.requests, md
+
+    return asyncio.run(scenario())
+
+
+@pytest.fixture
+def home(tmp_path_factory):
+    """A short folder for Chromium's HOME and TMPDIR: its singleton socket
+    lives there, and a Unix socket path must stay under 108 bytes."""
+    return tmp_path_factory.mktemp("c")
+
+
+def test_chromium_takes_rfc8441_through_the_proxy(cert, home, report):
+    stall, result, record, requests, md = browse(cert, home, report, "observe", withhold=False)
+    assert "/result?echo=hi" in result
+    assert record["transport"] == "h2" and record["upstream_transport"] == "h2"
+    assert record["outcome"] == "upgraded" and record["status"] == 200
+    assert "gzip" in record["accept_encoding_client"]
+    assert any(r["pseudo"].get(":protocol") == "websocket" for r in requests)
+    assert "browser-secret" not in report.read_text()
+    assert_clean_log(md)
+
+
+def test_chromium_stalls_on_a_withholding_server_and_strip_opens_it(cert, home, tmp_path_factory, report):
+    stall, _, _, _, md = browse(cert, home, report, "observe", withhold=True)
+    assert_clean_log(md)
+    assert stall["transport"] == "h2" and stall["status"] is None
+    assert stall["accept_encoding_client"] == "gzip, deflate, br, zstd"
+    assert "encoding layer" in stall["diagnosis"]
+
+    _, result, record, requests, _ = browse(cert, tmp_path_factory.mktemp("c"), report, "strip", withhold=True)
+    assert "/result?echo=hi" in result
+    assert record["outcome"] == "upgraded" and record["transport"] == "h2"
+    assert record["accept_encoding_upstream"] is None
+    connect = next(r for r in requests if r["pseudo"].get(":protocol") == "websocket")
+    assert "accept-encoding" not in dict(connect["headers"])

@@ -1,0 +1,408 @@
+"""HTTP/2 WebSockets (RFC 8441) through a real mitmdump running the addon.
+
+Clients and the fault server are built from h2 + wsproto (scripts/h2ws.py);
+upstreams include mitmproxy-independent servers (Node's http2, hypercorn) and
+an HTTP/1.1 server for the translation path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, Mitmdump, assert_clean_log
+from fault_server import Faults, FaultServer
+from test_peers import h2ws
+
+pytestmark = pytest.mark.timeout(90)
+
+STALL = 0.5
+AUTHORITY = "localhost"
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory):
+    return h2ws.make_self_signed_cert(tmp_path_factory.mktemp("cert"))
+
+
+def reverse_to(url: str, *options: str, report=None) -> Mitmdump:
+    return Mitmdump(
+        "--mode", f"reverse:{url}", "--ssl-insecure", "--set", f"ws_encode_stall={STALL}", *options,
+        report=report,
+    )
+
+
+async def h2_client(md: Mitmdump) -> h2ws.H2WebSocketClient:
+    client = h2ws.H2WebSocketClient("127.0.0.1", md.port, server_hostname=AUTHORITY)
+    await client.connect()
+    return client
+
+
+class DualAlpnServer(h2ws.H2WebSocketServer):
+    """HTTP/2 without RFC 8441 and HTTP/1.1 WebSockets on one port, chosen by
+    ALPN: what a browser falls back from and to."""
+
+    def __init__(self, cert, h1: FaultServer):
+        super().__init__(*cert, enable_connect_protocol=False)
+        self.h1 = h1
+
+    def _ssl_context(self):
+        context = super()._ssl_context()
+        context.set_alpn_protocols(["h2", "http/1.1"])
+        return context
+
+    async def _handle_client(self, reader, writer):
+        if writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1":
+            await self.h1._serve(reader, writer)
+        else:
+            await super()._handle_client(reader, writer)
+
+
+def test_h2_upstream_echo_close_and_other_requests(cert, report):
+    async def scenario():
+        async with h2ws.H2WebSocketServer(*cert) as upstream:
+            async with reverse_to(f"https://127.0.0.1:{upstream.port}", report=report) as md:
+                client = await h2_client(md)
+                assert client.server_enables_connect_protocol
+                ws = await client.open_websocket("/chat?token=t0k", AUTHORITY, headers=[("accept-encoding", "gzip")])
+                status = await ws.wait_status(5)
+                await ws.send_text("hello")
+                echo = await ws.receive(5)
+                get = await client.get("/plain", AUTHORITY)
+                await ws.close()
+                await client.close()
+                record = await md.wait_for_record(event="handshake")
+            return status, echo, get, ws.ended_with, record, upstream.requests, md
+
+    status, echo, get, ended, record, requests, md = run(scenario())
+    assert status == 200 and echo == "hello" and get == (200, b"ok")
+    assert ended == "end_stream"  # an orderly close, not RST_STREAM
+    connect = requests[0]
+    assert connect["pseudo"][":method"] == "CONNECT" and connect["pseudo"][":protocol"] == "websocket"
+    assert not {"upgrade", "connection", "sec-websocket-key"} & {k for k, _ in connect["headers"]}
+    assert record["transport"] == "h2" and record["upstream_transport"] == "h2"
+    assert record["status"] == 200 and record["upstream_status"] == 200
+    assert record["outcome"] == "upgraded" and record["url"].endswith("?token=REDACTED")
+    assert_clean_log(md)
+
+
+def test_h2_stall_is_reported_live_and_strip_opens_it(cert, report):
+    async def scenario(policy):
+        async with h2ws.H2WebSocketServer(*cert, withhold_status_when_encoding=True) as upstream:
+            async with reverse_to(
+                f"https://127.0.0.1:{upstream.port}", "--set", f"ws_encode_policy={policy}", report=report
+            ) as md:
+                client = await h2_client(md)
+                sent = time.monotonic()
+                ws = await client.open_websocket("/chat", AUTHORITY, headers=[("accept-encoding", "gzip, deflate, br, zstd")])
+                if policy == "observe":
+                    stall = await md.wait_for_record(event="stall", policy=policy)
+                    seen = time.monotonic() - sent
+                    still_waiting = ws.status is None
+                    await ws.reset()
+                    end = await md.wait_for_record(event="handshake", policy=policy)
+                    outcome = (stall, seen, still_waiting, end)
+                else:
+                    status = await ws.wait_status(5)
+                    await ws.send_text("hi")
+                    outcome = (status, await ws.receive(5), await md.wait_for_record(event="handshake", policy=policy))
+                await client.close()
+            return outcome, upstream.requests
+
+    (stall, seen, still_waiting, end), _ = run(scenario("observe"))
+    assert still_waiting and seen <= STALL + 0.25 + 0.2
+    assert STALL <= stall["waited_s"] <= STALL + 0.25
+    assert stall["transport"] == "h2" and stall["upstream_transport"] == "h2"
+    assert "encoding layer" in stall["diagnosis"]
+    assert end["outcome"] == "no-status" and end["stalled"] and "client gave up" in end["diagnosis"]
+
+    (status, echo, record), requests = run(scenario("strip"))
+    assert status == 200 and echo == "hi"
+    assert "accept-encoding" not in dict(requests[0]["headers"])
+    assert record["accept_encoding_client"] == "gzip, deflate, br, zstd"
+    assert record["accept_encoding_upstream"] is None and not record["stalled"]
+
+
+def test_status_arriving_with_the_first_data_is_diagnosed(cert, report):
+    async def scenario():
+        async with h2ws.H2WebSocketServer(*cert, withhold_status_when_encoding=True) as upstream:
+            async with reverse_to(f"https://127.0.0.1:{upstream.port}", report=report) as md:
+                client = await h2_client(md)
+                ws = await client.open_websocket(
+                    "/chat", AUTHORITY, headers=[("accept-encoding", "gzip")], data_before_status=b"first"
+                )
+                status = await ws.wait_status(5)
+                echo = await ws.receive(5)
+                await client.close()
+                return status, echo, await md.wait_for_record(event="handshake")
+
+    status, echo, record = run(scenario())
+    assert status == 200 and echo == "first"
+    assert record["client_bytes_before_status"] == len(b"first") + 6  # a masked 5-byte text frame
+    assert "together with the first response data" in record["diagnosis"]
+
+
+def test_translation_to_an_http1_upstream(cert, report):
+    async def scenario():
+        upstream = FaultServer(Faults())
+        await upstream.start()
+        async with reverse_to(f"http://127.0.0.1:{upstream.port}", report=report) as md:
+            client = await h2_client(md)
+            ws = await client.open_websocket("/chat", AUTHORITY, headers=[("accept-encoding", "br")], data_before_status=b"early")
+            status = await ws.wait_status(5)
+            early = await ws.receive(5)
+            await ws.send_bytes(b"\x00" * 1_000_000)
+            big = await ws.receive(10)
+            await ws.close()
+            await client.close()
+            record = await md.wait_for_record(event="handshake")
+        await upstream.stop()
+        return status, early, big, ws.ended_with, record, upstream.received
+
+    status, early, big, ended, record, received = run(scenario())
+    assert status == 200 and early == "early" and big == b"\x00" * 1_000_000
+    assert ended == "end_stream"
+    head = received[0]
+    assert head.method == "GET" and head.headers["upgrade"].lower() == "websocket"
+    assert len(head.headers["sec-websocket-key"]) == 24 and head.headers["accept-encoding"] == "br"
+    assert record["transport"] == "h2" and record["upstream_transport"] == "h1"
+    assert record["status"] == 200 and record["upstream_status"] == 101
+    assert record["client_bytes_before_status"] == 11
+
+
+def test_wrong_accept_from_http1_upstream_fails_the_handshake(cert, report):
+    async def scenario():
+        upstream = FaultServer(Faults(wrong_accept=True))
+        await upstream.start()
+        async with reverse_to(f"http://127.0.0.1:{upstream.port}", report=report) as md:
+            client = await h2_client(md)
+            ws = await client.open_websocket("/chat", AUTHORITY)
+            status = await ws.wait_status(5)
+            await client.close()
+            record = await md.wait_for_record(event="handshake")
+        await upstream.stop()
+        return status, record, md
+
+    status, record, md = run(scenario())
+    assert status == 502
+    assert record["outcome"] == "rejected" and record["status"] == 502 and record["upstream_status"] == 101
+    assert "Sec-WebSocket-Accept" in record["diagnosis"]
+    assert_clean_log(md)
+
+
+def test_h2_upstream_without_rfc8441_falls_back_to_http1(cert, report):
+    async def scenario():
+        h1 = FaultServer(Faults())
+        async with DualAlpnServer(cert, h1) as upstream:
+            async with reverse_to(f"https://127.0.0.1:{upstream.port}", report=report) as md:
+                client = await h2_client(md)
+                get_before = await client.get("/before", AUTHORITY)  # the HTTP/2 connection exists
+                ws = await client.open_websocket("/chat", AUTHORITY)
+                status = await ws.wait_status(5)
+                await ws.send_text("via http/1.1")
+                echo = await ws.receive(5)
+                get_after = await client.get("/after", AUTHORITY)
+                await ws.close()
+                await client.close()
+                record = await md.wait_for_record(event="handshake")
+            return status, echo, get_before, get_after, record, h1.received, upstream.requests, md
+
+    status, echo, before, after, record, h1_received, h2_requests, md = run(scenario())
+    assert status == 200 and echo == "via http/1.1"
+    assert before == after == (200, b"ok")
+    assert [r.method for r in h1_received] == ["GET"] and h1_received[0].headers["upgrade"] == "websocket"
+    assert all(r["pseudo"][":method"] == "GET" for r in h2_requests)  # no CONNECT went over h2
+    assert record["upstream_transport"] == "h1" and record["outcome"] == "upgraded"
+    assert_clean_log(md)
+
+
+def test_many_websockets_and_a_reset_on_one_connection(cert, report):
+    async def scenario():
+        async with h2ws.H2WebSocketServer(*cert) as upstream:
+            async with reverse_to(f"https://127.0.0.1:{upstream.port}", report=report) as md:
+                client = await h2_client(md)
+                sockets = [await client.open_websocket(f"/ws{i}", AUTHORITY) for i in range(3)]
+                assert [await ws.wait_status(5) for ws in sockets] == [200, 200, 200]
+                await sockets[1].reset()
+                replies = []
+                for i in (0, 2):
+                    await sockets[i].send_text(f"still {i}")
+                    replies.append(await sockets[i].receive(5))
+                replies.append(await client.get("/plain", AUTHORITY))
+                big = "x" * 1_000_000
+                await sockets[2].send_text(big)
+                replies.append(await sockets[2].receive(10) == big)
+                for i in (0, 2):
+                    await sockets[i].close()
+                await client.close()
+                records = [await md.wait_for_record(event="handshake", url=f"https://127.0.0.1:{upstream.port}/ws{i}") for i in range(3)]
+            return replies, records, md
+
+    replies, records, md = run(scenario())
+    assert replies == ["still 0", "still 2", (200, b"ok"), True]
+    assert [r["outcome"] for r in records] == ["upgraded"] * 3
+    assert_clean_log(md)
+
+
+def test_upstream_reset_while_waiting(cert, report):
+    async def scenario():
+        async with h2ws.H2WebSocketServer(*cert, reset_after_connect=True) as upstream:
+            async with reverse_to(f"https://127.0.0.1:{upstream.port}", report=report) as md:
+                client = await h2_client(md)
+                ws = await client.open_websocket("/chat", AUTHORITY)
+                try:
+                    status = await ws.wait_status(5)
+                except h2ws.WebSocketClosed:
+                    status = None
+                record = await md.wait_for_record(event="handshake")
+                other = await client.get("/plain", AUTHORITY)
+                await client.close()
+            return status, record, other, md
+
+    status, record, other, md = run(scenario())
+    assert status in (None, 502)
+    assert record["outcome"] == "no-status" and "upstream closed or reset" in record["diagnosis"]
+    assert other == (200, b"ok")
+    assert_clean_log(md)
+
+
+def test_bad_protocol_is_refused_on_its_stream_only(cert, report):
+    async def scenario():
+        async with h2ws.H2WebSocketServer(*cert) as upstream:
+            async with reverse_to(f"https://127.0.0.1:{upstream.port}", report=report) as md:
+                client = await h2_client(md)
+                bad = await client.open_websocket("/x", AUTHORITY, headers=[], protocol="not-websocket")
+                bad_status = await bad.wait_status(5)
+                ws = await client.open_websocket("/chat", AUTHORITY)
+                good_status = await ws.wait_status(5)
+                await client.close()
+            return bad_status, good_status, md
+
+    bad_status, good_status, md = run(scenario())
+    assert bad_status == 501 and good_status == 200
+    assert "refused HTTP/2 stream" in md.log
+    assert_clean_log(md)
+
+
+def test_websocket_messages_are_saved_with_w(cert, tmp_path):
+    flows_file = tmp_path / "flows.mitm"
+
+    async def scenario():
+        async with h2ws.H2WebSocketServer(*cert) as upstream:
+            async with reverse_to(f"https://127.0.0.1:{upstream.port}", "-w", str(flows_file)) as md:
+                client = await h2_client(md)
+                ws = await client.open_websocket("/chat", AUTHORITY)
+                await ws.wait_status(5)
+                await ws.send_text("saved")
+                await ws.receive(5)
+                await ws.close()
+                await client.close()
+                await md.wait_for("WebSocket connection closed")
+
+    run(scenario())
+    from mitmproxy import io
+
+    with open(flows_file, "rb") as f:
+        [flow] = [fl for fl in io.FlowReader(f).stream() if fl.websocket]
+    assert [m.content for m in flow.websocket.messages] == [b"saved", b"saved"]
+    assert flow.metadata["ws_encode"]["outcome"] == "upgraded"
+
+
+def test_ws_encode_h2_off_leaves_mitmproxy_stock(cert):
+    async def scenario():
+        async with h2ws.H2WebSocketServer(*cert) as upstream:
+            async with reverse_to(f"https://127.0.0.1:{upstream.port}", "--set", "ws_encode_h2=false") as md:
+                client = await h2_client(md)
+                advertised = client.server_enables_connect_protocol
+                await client.close()
+            return advertised
+
+    assert run(scenario()) is False
+
+
+def test_node_http2_server_through_the_proxy(cert, report):
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+
+    async def scenario():
+        proc = await asyncio.create_subprocess_exec(
+            node, str(ROOT / "tests" / "peers" / "node_h2_ws_server.js"), "0", *cert,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode()
+            port = int(line.split()[-1])
+            async with reverse_to(f"https://127.0.0.1:{port}", report=report) as md:
+                client = await h2_client(md)
+                ws = await client.open_websocket("/node", AUTHORITY)
+                status = await ws.wait_status(5)
+                await ws.send_text("to node")
+                echo = await ws.receive(5)
+                await ws.close()
+                await client.close()
+                record = await md.wait_for_record(event="handshake")
+        finally:
+            proc.terminate()
+            await proc.wait()
+        return status, echo, record, md
+
+    status, echo, record, md = run(scenario())
+    assert status == 200 and echo == "to node"
+    assert record["upstream_transport"] == "h2" and record["upstream_status"] == 200
+    assert_clean_log(md)
+
+
+HYPERCORN_APP = '''
+async def app(scope, receive, send):
+    if scope["type"] == "websocket":
+        await receive()
+        await send({"type": "websocket.accept"})
+        while True:
+            event = await receive()
+            if event["type"] == "websocket.disconnect":
+                return
+            await send({"type": "websocket.send", "text": event.get("text"), "bytes": event.get("bytes")})
+    elif scope["type"] == "http":
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+'''
+
+
+def test_hypercorn_through_the_proxy(cert, report, tmp_path, unused_port):
+    (tmp_path / "echo_app.py").write_text(HYPERCORN_APP)
+
+    async def scenario():
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hypercorn", "--certfile", cert[0], "--keyfile", cert[1],
+            "--bind", f"127.0.0.1:{unused_port}", "echo_app:app",
+            cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            while b"Running on" not in await asyncio.wait_for(proc.stdout.readline(), 20):
+                pass
+            async with reverse_to(f"https://127.0.0.1:{unused_port}", report=report) as md:
+                client = await h2_client(md)
+                ws = await client.open_websocket("/hyper", AUTHORITY, headers=[("accept-encoding", "gzip")])
+                status = await ws.wait_status(5)
+                await ws.send_text("to hypercorn")
+                echo = await ws.receive(5)
+                await client.close()
+                record = await md.wait_for_record(event="handshake")
+        finally:
+            proc.terminate()
+            await proc.wait()
+        return status, echo, record
+
+    status, echo, record = run(scenario())
+    assert status == 200 and echo == "to hypercorn"
+    assert record["transport"] == record["upstream_transport"] == "h2"
