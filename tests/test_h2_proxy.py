@@ -406,3 +406,51 @@ def test_hypercorn_through_the_proxy(cert, report, tmp_path, unused_port):
     status, echo, record = run(scenario())
     assert status == 200 and echo == "to hypercorn"
     assert record["transport"] == record["upstream_transport"] == "h2"
+
+
+def test_malformed_extended_connects_are_refused_per_stream(cert):
+    """h2 would close the whole connection; each bad stream is refused alone."""
+    import ssl
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    requests = {
+        1: [(":method", "GET"), (":protocol", "websocket"), (":scheme", "https"), (":path", "/a"), (":authority", AUTHORITY)],
+        3: [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "https"), (":authority", AUTHORITY)],
+        5: [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "https"), (":path", "/c"), (":authority", AUTHORITY)],
+        7: [(":method", "GET"), (":scheme", "https"), (":path", "/ok"), (":authority", AUTHORITY)],
+    }
+
+    async def scenario():
+        async with h2ws.H2WebSocketServer(*cert) as upstream:
+            async with reverse_to(f"https://127.0.0.1:{upstream.port}") as md:
+                context = ssl.create_default_context()
+                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+                context.set_alpn_protocols(["h2"])
+                reader, writer = await asyncio.open_connection("127.0.0.1", md.port, ssl=context)
+                conn = h2.connection.H2Connection(
+                    h2.config.H2Configuration(client_side=True, validate_outbound_headers=False)
+                )
+                conn.initiate_connection()
+                for sid, headers in requests.items():
+                    conn.send_headers(sid, headers, end_stream=sid == 7)
+                writer.write(conn.data_to_send())
+                outcome: dict[int, str] = {}
+                while len(outcome) < len(requests):
+                    data = await asyncio.wait_for(reader.read(65536), 10)
+                    assert data, f"connection closed, outcome so far: {outcome}"
+                    for event in conn.receive_data(data):
+                        if isinstance(event, h2.events.StreamReset):
+                            outcome[event.stream_id] = f"reset:{event.error_code}"
+                        elif isinstance(event, h2.events.ResponseReceived):
+                            outcome[event.stream_id] = dict(event.headers)[b":status"].decode()
+                    writer.write(conn.data_to_send())
+                writer.close()
+            return outcome, md
+
+    outcome, md = run(scenario())
+    assert outcome == {1: "reset:1", 3: "reset:1", 5: "400", 7: "200"}
+    assert md.log.count("ws_encode: reset HTTP/2 stream") == 2
+    assert_clean_log(md)

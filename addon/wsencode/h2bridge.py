@@ -32,6 +32,7 @@ names it needs are missing, `install` logs one line and changes nothing.
 from __future__ import annotations
 
 import base64
+import copy
 import enum
 import logging
 import os
@@ -39,8 +40,10 @@ import time
 import weakref
 from dataclasses import dataclass, field
 
-import h2.events
 import h2.errors
+import h2.events
+import h2.exceptions
+import h2.utilities
 from mitmproxy import connection, http
 from mitmproxy import version as mitmproxy_version
 from mitmproxy.proxy import commands, events, layer
@@ -121,6 +124,19 @@ class WebSocketStream:
 _client_streams: weakref.WeakKeyDictionary[http.Request, WebSocketStream] = weakref.WeakKeyDictionary()
 
 
+def malformed(headers: list[tuple[bytes, bytes]], trailers: bool) -> str | None:
+    """What h2's own validation finds wrong with request headers, or None."""
+    flags = h2.utilities.HeaderValidationFlags(
+        is_client=False, is_trailer=trailers, is_response_header=False, is_push_promise=False
+    )
+    try:
+        for _ in h2.utilities.validate_headers(headers, flags):
+            pass
+    except h2.exceptions.ProtocolError as e:
+        return str(e)
+    return None
+
+
 def _protocol(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     for name, value in headers:
         if name == b":protocol":
@@ -139,8 +155,19 @@ class WsHttp2Server(_http2.Http2Server):
         # Applied at once and sent with the preface (h2 sends acknowledged values).
         self.h2_conn.local_settings.acknowledge()
         self.websockets: dict[int, WebSocketStream] = {}
+        # h2 makes a malformed request a connection error, which would take
+        # every other stream down with it; RFC 9113 section 8.1.1 makes it a
+        # stream error. So this connection validates request headers itself.
+        self.validate_requests = self.h2_conn.config.validate_inbound_headers
+        self.h2_conn.config = copy.copy(self.h2_conn.config)
+        self.h2_conn.config.validate_inbound_headers = False
 
     def handle_h2_event(self, event: h2.events.Event) -> layer.CommandGenerator[bool]:
+        if self.validate_requests and isinstance(event, (h2.events.RequestReceived, h2.events.TrailersReceived)):
+            problem = malformed(event.headers, trailers=isinstance(event, h2.events.TrailersReceived))
+            if problem:
+                yield from self._reset(event.stream_id, f"malformed request headers: {problem}")
+                return False
         if isinstance(event, h2.events.RequestReceived) and _protocol(event.headers) is not None:
             yield from self._extended_connect(event)
             return False
@@ -206,6 +233,16 @@ class WsHttp2Server(_http2.Http2Server):
         # A CONNECT stream never ends its request; the upgrade request does at its headers.
         yield http_layers.ReceiveHttp(http_layers.RequestHeaders(sid, request, end_stream=True))
         yield http_layers.ReceiveHttp(http_layers.RequestEndOfMessage(sid))
+
+    def _reset(self, sid: int, reason: str) -> layer.CommandGenerator[None]:
+        yield commands.Log(f"ws_encode: reset HTTP/2 stream {sid}: {reason}", logging.WARNING)
+        self.h2_conn.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        self.websockets.pop(sid, None)
+        if self.streams.pop(sid, None) is not None:
+            yield http_layers.ReceiveHttp(
+                http_layers.RequestProtocolError(sid, reason, http_layers.RequestProtocolError.code)
+            )
+        yield commands.SendData(self.conn, self.h2_conn.data_to_send())
 
     def _refuse(self, sid: int, status: int, reason: str) -> layer.CommandGenerator[None]:
         yield commands.Log(f"ws_encode: refused HTTP/2 stream {sid}: {reason}", logging.WARNING)
