@@ -100,6 +100,17 @@ class Mitmdump:
             raise AssertionError(f"no log line matching {rx.pattern!r} in:\n{self.log}")
         return line
 
+    async def wait_for_count(self, pattern: str, count: int, timeout: float = 10) -> None:
+        """Wait until `count` log lines match `pattern`."""
+        rx = re.compile(pattern)
+
+        def enough() -> bool:
+            return sum(bool(rx.search(line)) for line in self.lines) >= count or "<exited>" in self.lines
+
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(enough), timeout)
+        assert sum(bool(rx.search(line)) for line in self.lines) >= count, self.log
+
     @property
     def log(self) -> str:
         return "\n".join(self.lines)

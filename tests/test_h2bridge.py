@@ -1,0 +1,101 @@
+"""Installing and removing the HTTP/2 bridge: the one place that touches mitmproxy internals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import pytest
+import ws_encode
+from conftest import ADDON, Mitmdump, assert_clean_log
+from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers.http import _http2
+from mitmproxy.test import taddons
+from test_peers import h2ws
+
+from wsencode import h2bridge
+
+STOCK = {"Http2Server": _http2.Http2Server, "Http2Client": _http2.Http2Client}
+
+
+def current() -> dict[str, type]:
+    return {name: getattr(http_layers, name) for name in STOCK}
+
+
+@pytest.fixture(autouse=True)
+def stock_afterwards():
+    stream = http_layers.HttpStream
+    yield
+    for name, cls in STOCK.items():
+        setattr(http_layers, name, cls)
+    http_layers.HttpStream = stream
+
+
+def test_install_swaps_the_classes_and_uninstall_restores_them():
+    stream = http_layers.HttpStream
+    bridge = h2bridge.Bridge()
+    bridge.install()
+    bridge.install()  # idempotent
+    assert current() == {"Http2Server": h2bridge.WsHttp2Server, "Http2Client": h2bridge.WsHttp2Client}
+    assert http_layers.HttpStream is h2bridge.WsHttpStream
+    bridge.uninstall()
+    bridge.uninstall()
+    assert current() == STOCK and http_layers.HttpStream is stream
+
+
+def test_the_option_and_unloading_drive_the_bridge():
+    addon = ws_encode.WsEncode()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, ws_encode_h2=True)
+        assert http_layers.Http2Server is h2bridge.WsHttp2Server
+        tctx.configure(addon, ws_encode_h2=False)
+        assert current() == STOCK
+        tctx.configure(addon, ws_encode_h2=True)
+        addon.done()
+        assert current() == STOCK
+
+
+def test_an_unknown_mitmproxy_gets_one_clear_line_and_stays_stock(monkeypatch, caplog):
+    monkeypatch.setattr(h2bridge.mitmproxy_version, "VERSION", "99.1.0")
+    caplog.set_level(logging.WARNING)
+    bridge = h2bridge.Bridge()
+    bridge.install()
+    bridge.install()
+    assert current() == STOCK and not bridge.installed
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "99.1.0" in line and "HTTP/1.1 WebSocket diagnosis keeps working" in line
+
+
+def test_missing_internals_are_detected(monkeypatch):
+    monkeypatch.delattr(_http2, "parse_h2_request_headers")
+    assert "parse_h2_request_headers" in h2bridge.incompatibility()
+
+
+def test_reloading_the_script_keeps_http2_websockets_working(tmp_path):
+    cert = h2ws.make_self_signed_cert(tmp_path)
+
+    async def echo_once(md: Mitmdump, text: str) -> str:
+        client = h2ws.H2WebSocketClient("127.0.0.1", md.port, server_hostname="localhost")
+        await client.connect()
+        ws = await client.open_websocket("/chat", "localhost")
+        await ws.wait_status(5)
+        await ws.send_text(text)
+        reply = await ws.receive(5)
+        await client.close()
+        return reply
+
+    async def scenario():
+        async with h2ws.H2WebSocketServer(*cert) as upstream:
+            async with Mitmdump("--mode", f"reverse:https://127.0.0.1:{upstream.port}", "--ssl-insecure") as md:
+                before = await echo_once(md, "before")
+                # mitmproxy reloads a script whose file changed.
+                stat = ADDON.stat()
+                os.utime(ADDON, (stat.st_atime, stat.st_mtime + 1))
+                await md.wait_for_count("Loading script", 2, timeout=15)
+                after = await echo_once(md, "after")
+        return before, after, md
+
+    before, after, md = asyncio.run(scenario())
+    assert (before, after) == ("before", "after")
+    assert_clean_log(md)
