@@ -117,6 +117,8 @@ class WsEncode:
         self.watch: StallWatch | None = None
         self.bridge = h2bridge.Bridge()
         self._configured = False
+        # Monotonic seconds; the bridge notes its times with the same clock.
+        self.clock = time.monotonic
 
     # -- options ---------------------------------------------------------
 
@@ -210,10 +212,7 @@ class WsEncode:
         if "ws_encode_report" in updated:
             self._open_report(opts.ws_encode_report)
         if "ws_encode_h2" in updated:
-            if opts.ws_encode_h2:
-                self.bridge.install()
-            else:
-                self.bridge.uninstall()
+            self.bridge.install(h2=opts.ws_encode_h2)
 
     def _open_report(self, path: str) -> None:
         new = None
@@ -229,7 +228,7 @@ class WsEncode:
         self.report = new
 
     def done(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for tracked in list(self.tracked.values()):
             self._finish_without_status(tracked, EndCause.PROXY_STOPPED, now)
         if self.report:
@@ -252,7 +251,7 @@ class WsEncode:
         self.policy.apply_to_request(headers, self.codings)
         tracked = Tracked(
             flow=flow,
-            progress=Progress(handshake, forwarded_at=time.monotonic()),
+            progress=Progress(handshake, forwarded_at=self.clock()),
             policy=self.policy,
             url=redact_url(flow.request.pretty_url),
             accept_encoding_client=accept_encoding_client,
@@ -271,9 +270,8 @@ class WsEncode:
         tracked = self.tracked.get(flow.id)
         if tracked is None or flow.response is None:
             return
-        facts = self.bridge.facts(flow.request)
+        facts = self._take_facts(tracked)
         progress = tracked.progress
-        progress.client_bytes_before_status = facts.client_bytes_before_status
         progress.upstream_status = facts.upstream_status or flow.response.status_code
         if progress.handshake.transport is not Transport.H1 and not accept_matches(flow):
             # The proxy made this key (the client's extended CONNECT has none),
@@ -284,7 +282,7 @@ class WsEncode:
             )
         phase = progress.status_arrived(
             flow.response.status_code,
-            time.monotonic(),
+            self.clock(),
             content_encoding=flow.response.headers.get("content-encoding"),
             with_data=facts.status_with_data,
         )
@@ -297,7 +295,7 @@ class WsEncode:
         if tracked is None or flow.error is None:
             return
         cause = end_cause(flow.error.msg, flow.server_conn.timestamp_tcp_setup is not None)
-        self._finish_without_status(tracked, cause, time.monotonic())
+        self._finish_without_status(tracked, cause, self.clock())
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         if self.bridge.installed:
@@ -306,7 +304,7 @@ class WsEncode:
     def client_disconnected(self, client: connection.Client) -> None:
         # Backstop: mitmproxy normally reports a client leaving mid-handshake
         # through the error hook; this catches any flow it did not.
-        now = time.monotonic()
+        now = self.clock()
         for tracked in list(self.tracked.values()):
             if tracked.flow.client_conn is client:
                 self._finish_without_status(tracked, EndCause.CLIENT_GONE, now)
@@ -318,17 +316,34 @@ class WsEncode:
             self.watch = StallWatch(asyncio.get_running_loop().call_later)
         return self.watch
 
+    def _take_facts(self, tracked: Tracked) -> h2bridge.StreamFacts:
+        """What the bridge saw of this handshake: when it really went
+        upstream (the stall clock's start) and the client's early bytes."""
+        facts = self.bridge.facts(tracked.flow.request)
+        if facts.forwarded_at is not None:
+            tracked.progress.forwarded_at = facts.forwarded_at
+        tracked.progress.client_bytes_before_status = facts.client_bytes_before_status
+        return facts
+
     def _on_stall(self, flow_id: str) -> None:
         tracked = self.tracked.get(flow_id)
         flow = tracked.flow if tracked else None
         if tracked is None or not flow.live or flow.response or flow.error:
             return
         progress = tracked.progress
-        progress.client_bytes_before_status = self.bridge.facts(
-            flow.request
-        ).client_bytes_before_status
+        facts = self._take_facts(tracked)
+        now = self.clock()
+        if self.bridge.installed and facts.forwarded_at is None:
+            # Not on the upstream connection yet (still connecting, or held
+            # for an HTTP/2 server's SETTINGS): the clock has not started.
+            self._stall_watch().arm(flow_id, self.stall_after, lambda: self._on_stall(flow_id))
+            return
+        remaining = progress.forwarded_at + self.stall_after - now
+        if remaining > 0:
+            self._stall_watch().arm(flow_id, remaining, lambda: self._on_stall(flow_id))
+            return
         progress.stall()
-        waited = progress.waited(time.monotonic())
+        waited = progress.waited(now)
         text = diagnosis.stall(progress, waited, tracked.accept_encoding_upstream)
         if not flow.marked:
             flow.marked = STALL_MARK
@@ -341,6 +356,7 @@ class WsEncode:
         ctx.master.addons.trigger(hooks.UpdateHook([flow]))
 
     def _finish_without_status(self, tracked: Tracked, cause: EndCause, now: float) -> None:
+        self._take_facts(tracked)
         try:
             tracked.progress.end(cause, now)
         except HandshakeEnded:
@@ -353,7 +369,7 @@ class WsEncode:
         if self.watch:
             self.watch.disarm(flow_id)
         progress = tracked.progress
-        now = time.monotonic()
+        now = self.clock()
         text = diagnosis.outcome(progress, now, tracked.accept_encoding_upstream)
         if flow_id in self.stalls:
             self.stalls[flow_id] = f"{flow_id} {tracked.url}: {text}"
@@ -406,7 +422,7 @@ class WsEncode:
     @command.command("wsencode.waiting")
     def waiting_handshakes(self) -> Sequence[str]:
         """The handshakes still waiting for a status, with how long they have waited."""
-        now = time.monotonic()
+        now = self.clock()
         return [
             f"{t.flow.id} {t.url}: {t.progress.phase.value}, {t.progress.waited(now):.1f} s"
             for t in self.tracked.values()

@@ -13,17 +13,23 @@ from mitmproxy import io as mitmio
 from mitmproxy.test import taddons, tflow, tutils
 from test_core import request
 
+from wsencode import h2bridge
 from wsencode.stallwatch import StallWatch
 
 
 class ManualClock:
-    """A scheduler for StallWatch whose timers fire when the test says so."""
+    """Time for the addon and a scheduler for its StallWatch, both driven by
+    the test: `fire_all` moves time to each pending timer and runs it."""
 
     def __init__(self):
-        self.pending: list[tuple[float, object]] = []
+        self.now = 1000.0
+        self.pending: list[list] = []  # [due, callback, cancelled]
+
+    def __call__(self) -> float:
+        return self.now
 
     def schedule(self, delay, callback):
-        entry = [delay, callback, False]
+        entry = [self.now + delay, callback, False]
         self.pending.append(entry)
 
         class Handle:
@@ -34,22 +40,44 @@ class ManualClock:
 
     def fire_all(self) -> int:
         fired = 0
-        for entry in list(self.pending):
-            if not entry[2]:
-                entry[2] = True
-                entry[1]()
-                fired += 1
+        while live := [e for e in self.pending if not e[2]]:
+            entry = min(live, key=lambda e: e[0])
+            entry[2] = True
+            self.now = max(self.now, entry[0])
+            entry[1]()
+            fired += 1
         return fired
+
+
+class FakeBridge(h2bridge.Bridge):
+    """The bridge as the addon sees it, without touching mitmproxy's classes."""
+
+    def __init__(self, installed: bool = False):
+        super().__init__()
+        self.installed = installed
+        self.seen: dict[int, h2bridge.StreamFacts] = {}
+
+    def install(self, h2: bool) -> None:
+        pass
+
+    def uninstall(self) -> None:
+        pass
+
+    def facts(self, request):
+        return self.seen.get(id(request), h2bridge.NO_FACTS)
 
 
 @pytest.fixture
 def addon():
-    return ws_encode.WsEncode()
+    addon = ws_encode.WsEncode()
+    addon.bridge = FakeBridge()
+    return addon
 
 
 @pytest.fixture
 def clock(addon):
     clock = ManualClock()
+    addon.clock = clock
     addon.watch = StallWatch(clock.schedule)
     return clock
 
@@ -221,3 +249,33 @@ def test_parse_stall_seconds_refuses(value):
 
 def test_parse_stall_seconds():
     assert ws_encode.parse_stall_seconds("1.5") == 1.5
+
+
+def test_the_stall_clock_starts_when_the_request_really_goes_upstream(addon, clock):
+    """With the bridge, the clock waits for the request to be sent (after a
+    slow connect, or an HTTP/2 server's SETTINGS), not for the request hook."""
+    addon.bridge = FakeBridge(installed=True)
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, ws_encode_stall="2")
+        f = handshake_flow()
+        addon.request(f)  # at 1000: not sent yet
+        clock.pending[0][0] = 1005  # nothing is sent for 5 s; check then
+        facts = addon.bridge.seen[id(f.request)] = h2bridge.StreamFacts(forwarded_at=1004.5)
+        clock.fire_all()
+        assert f.metadata["ws_encode"]["event"] == "stall"
+        assert f.metadata["ws_encode"]["waited_s"] == 2.0  # from 1004.5, not from 1000
+        assert clock.now == 1006.5
+        facts.client_bytes_before_status = 7
+        f.response = tutils.tresp(status_code=101)
+        addon.responseheaders(f)
+        assert f.metadata["ws_encode"]["client_bytes_before_status"] == 7
+
+
+def test_no_stall_while_the_request_has_not_gone_upstream(addon, clock):
+    addon.bridge = FakeBridge(installed=True)
+    with taddons.context(addon):
+        f = handshake_flow()
+        addon.request(f)
+        clock.pending[0][1]()  # the timer fires: still connecting
+        assert not f.marked and "ws_encode" not in f.metadata
+        assert [e for e in clock.pending if not e[2]]  # and it checks again later

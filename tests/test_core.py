@@ -9,7 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy.test import tutils
 
+from wsproto.frame_protocol import FrameProtocol
+
 from wsencode import diagnosis
+from wsencode.frames import whole_frames_length
+from wsencode.h2bridge import without_values
 from wsencode.handshake import Transport, classify, tokens
 from wsencode.lifecycle import TRANSITIONS, EndCause, HandshakeEnded, Phase, Progress
 from wsencode.policy import EncodingPolicy
@@ -259,3 +263,30 @@ def test_only_strip_touches_a_success_response():
         resp.headers["content-encoding"] = "gzip"
         policy.apply_to_success(resp.headers)
         assert ("content-encoding" in resp.headers) == (policy is not EncodingPolicy.STRIP)
+
+
+# -- frame boundaries -----------------------------------------------------
+
+
+@given(
+    st.lists(st.binary(max_size=70_000), min_size=1, max_size=4),
+    st.booleans(),
+    st.data(),
+)
+def test_whole_frames_length_finds_the_boundaries_wsproto_writes(payloads, masked, data):
+    proto = FrameProtocol(client=masked, extensions=[])
+    frames = [bytes(proto.send_data(p, fin=True)) for p in payloads]
+    stream = b"".join(frames)
+    boundaries = [sum(len(f) for f in frames[:i]) for i in range(len(frames) + 1)]
+    cut = data.draw(st.integers(0, len(stream)))
+    assert whole_frames_length(stream[:cut]) == max(b for b in boundaries if b <= cut)
+
+
+def test_without_values_keeps_pseudo_header_names_only():
+    assert without_values("Received header value surrounded by whitespace b'Bearer s3cret '") == (
+        "Received header value surrounded by whitespace <value>"
+    )
+    assert without_values("Header block missing mandatory b':path' header") == (
+        "Header block missing mandatory b':path' header"
+    )
+    assert "s3cret" not in without_values("Unknown pseudo headers: {b':x': b's3cret'}")

@@ -421,6 +421,8 @@ def test_malformed_extended_connects_are_refused_per_stream(cert):
         3: [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "https"), (":authority", AUTHORITY)],
         5: [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "https"), (":path", "/c"), (":authority", AUTHORITY)],
         7: [(":method", "GET"), (":scheme", "https"), (":path", "/ok"), (":authority", AUTHORITY)],
+        9: [(":method", "GET"), (":scheme", "https"), (":path", "/b"), (":authority", AUTHORITY),
+            ("authorization", " Bearer header-SECRET ")],
     }
 
     async def scenario():
@@ -431,11 +433,13 @@ def test_malformed_extended_connects_are_refused_per_stream(cert):
                 context.set_alpn_protocols(["h2"])
                 reader, writer = await asyncio.open_connection("127.0.0.1", md.port, ssl=context)
                 conn = h2.connection.H2Connection(
-                    h2.config.H2Configuration(client_side=True, validate_outbound_headers=False)
+                    h2.config.H2Configuration(
+                        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False
+                    )
                 )
                 conn.initiate_connection()
                 for sid, headers in requests.items():
-                    conn.send_headers(sid, headers, end_stream=sid == 7)
+                    conn.send_headers(sid, headers, end_stream=sid in (7, 9))
                 writer.write(conn.data_to_send())
                 outcome: dict[int, str] = {}
                 while len(outcome) < len(requests):
@@ -451,6 +455,7 @@ def test_malformed_extended_connects_are_refused_per_stream(cert):
             return outcome, md
 
     outcome, md = run(scenario())
-    assert outcome == {1: "reset:1", 3: "reset:1", 5: "400", 7: "200"}
-    assert md.log.count("ws_encode: reset HTTP/2 stream") == 2
+    assert outcome == {1: "reset:1", 3: "reset:1", 5: "400", 7: "200", 9: "reset:1"}
+    assert md.log.count("ws_encode: reset HTTP/2 stream") == 3
+    assert "header-SECRET" not in md.log
     assert_clean_log(md)

@@ -35,33 +35,37 @@ def stock_afterwards():
 def test_install_swaps_the_classes_and_uninstall_restores_them():
     stream = http_layers.HttpStream
     bridge = h2bridge.Bridge()
-    bridge.install()
-    bridge.install()  # idempotent
+    bridge.install(h2=True)
+    bridge.install(h2=True)  # idempotent
     assert current() == {"Http2Server": h2bridge.WsHttp2Server, "Http2Client": h2bridge.WsHttp2Client}
     assert http_layers.HttpStream is h2bridge.WsHttpStream
+    bridge.install(h2=False)
+    assert current() == STOCK and http_layers.HttpStream is h2bridge.WsHttpStream
     bridge.uninstall()
     bridge.uninstall()
     assert current() == STOCK and http_layers.HttpStream is stream
 
 
 def test_the_option_and_unloading_drive_the_bridge():
+    stream = http_layers.HttpStream
     addon = ws_encode.WsEncode()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, ws_encode_h2=True)
         assert http_layers.Http2Server is h2bridge.WsHttp2Server
         tctx.configure(addon, ws_encode_h2=False)
         assert current() == STOCK
+        assert http_layers.HttpStream is h2bridge.WsHttpStream  # stays: it only notes times
         tctx.configure(addon, ws_encode_h2=True)
         addon.done()
-        assert current() == STOCK
+        assert current() == STOCK and http_layers.HttpStream is stream
 
 
 def test_an_unknown_mitmproxy_gets_one_clear_line_and_stays_stock(monkeypatch, caplog):
     monkeypatch.setattr(h2bridge.mitmproxy_version, "VERSION", "99.1.0")
     caplog.set_level(logging.WARNING)
     bridge = h2bridge.Bridge()
-    bridge.install()
-    bridge.install()
+    bridge.install(h2=True)
+    bridge.install(h2=True)
     assert current() == STOCK and not bridge.installed
     [line] = [r.getMessage() for r in caplog.records]
     assert "99.1.0" in line and "HTTP/1.1 WebSocket diagnosis keeps working" in line

@@ -7,20 +7,23 @@ mitmproxy's own HTTP stream and WebSocket layers run unchanged:
 
 - client side (`WsHttp2Server`): an extended CONNECT with `:protocol:
   websocket` is handed to the stream as an HTTP/1.1-style `GET` upgrade (fresh
-  `Sec-WebSocket-Key`), ended at the headers; DATA the client sends before the
-  status is kept and delivered after it; the stream's `101` goes out as
-  `:status 200` with the stream left open; resets and closes after the upgrade
-  reach the WebSocket layer as the peer closing, and an orderly close ends the
-  stream with END_STREAM.
+  `Sec-WebSocket-Key`), ended at the headers; the stream's `101` goes out as
+  `:status 200` with the stream left open; resets and closes after the
+  upgrade reach the WebSocket layer as the peer closing, and an orderly close
+  ends the stream with END_STREAM. DATA the client sends before the status
+  goes straight to an HTTP/2 upstream that has the CONNECT (whole frames
+  only), and is otherwise kept and handed to the WebSocket layer after the
+  status.
 - upstream over HTTP/2 (`WsHttp2Client`): a WebSocket upgrade waits for the
   server's first SETTINGS (RFC 8441 section 3) and goes out as an extended
   CONNECT if the server advertises 0x8; its 2xx comes back to the stream as a
   `101` with the matching accept hash.
 - upstream over HTTP/1.1: mitmproxy's own HTTP/1 client sends the `GET`
   upgrade as it is; nothing to do here.
-- an HTTP/2 upstream that does not advertise 0x8: the stream
-  (`WsHttpStream`) opens a separate HTTP/1.1 connection for that WebSocket,
-  as browsers do.
+- an HTTP/2 upstream that does not advertise 0x8, or resets the CONNECT with
+  HTTP_1_1_REQUIRED: the stream (`WsHttpStream`) opens a separate HTTP/1.1
+  connection for that WebSocket, as browsers do. `WsHttpStream` also notes
+  when a request really goes upstream, which starts the stall clock.
 
 It is installed by replacing the class names that mitmproxy's HTTP layer
 looks up when it creates a connection or a stream, and uninstalled by putting
@@ -36,6 +39,7 @@ import copy
 import enum
 import logging
 import os
+import re
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -50,12 +54,13 @@ from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http2
 from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
-from wsproto.utilities import generate_accept_token
+
+from .frames import whole_frames_length
+from .handshake import accept_for, classify
 
 logger = logging.getLogger("ws_encode")
 
 KNOWN_VERSIONS = ((11, 0), (12, 0), (12, 1), (12, 2), (12, 3))
-PATCHED = ("Http2Server", "Http2Client", "HttpStream")
 
 # Headers that belong to the HTTP/1.1 upgrade and must not appear on HTTP/2.
 UPGRADE_ONLY = frozenset(
@@ -63,19 +68,19 @@ UPGRADE_ONLY = frozenset(
      "sec-websocket-key", "sec-websocket-accept", "host"}
 )
 
-NEEDS_HTTP1 = (
-    "ws-encode: the HTTP/2 upstream does not advertise RFC 8441 "
-    "(SETTINGS_ENABLE_CONNECT_PROTOCOL), retrying over HTTP/1.1"
-)
+NEEDS_HTTP1 = "ws-encode: the HTTP/2 upstream cannot take this WebSocket (no RFC 8441), retrying over HTTP/1.1"
 # What mitmproxy's HttpStream says when an upgraded stream's child layer closes
 # a connection; both versions use this message (12 also has a distinct code).
 PASSTHROUGH_CLOSE = "EOF"
+# Client DATA kept while a status is awaited; beyond this the stream is reset.
+MAX_EARLY_BYTES = 1 << 20
 
 
 @dataclass
 class StreamFacts:
-    """What the codec saw of a handshake that mitmproxy's flow cannot show."""
+    """What the codecs saw of a handshake that mitmproxy's flow cannot show."""
 
+    forwarded_at: float | None = None  # time.monotonic() when the request went upstream
     upstream_status: int | None = None
     client_bytes_before_status: int = 0
     status_with_data: bool = False
@@ -83,7 +88,8 @@ class StreamFacts:
 
 NO_FACTS = StreamFacts()
 
-# Keyed by the flow's request object, which the codecs and the flow share.
+# Keyed by the flow's request object, which the stream, the codecs and the
+# flow share; the values hold no reference back to it.
 _facts: weakref.WeakKeyDictionary[http.Request, StreamFacts] = weakref.WeakKeyDictionary()
 
 
@@ -96,32 +102,23 @@ def response_error(sid: int, message: str) -> http_layers.ResponseProtocolError:
     return http_layers.ResponseProtocolError(sid, message, http_layers.ResponseProtocolError.code)
 
 
+def request_error(sid: int, message: str) -> http_layers.RequestProtocolError:
+    return http_layers.RequestProtocolError(sid, message, http_layers.RequestProtocolError.code)
+
+
 def is_websocket_upgrade(request: http.Request) -> bool:
-    upgrade = [t.strip().lower() for t in request.headers.get("upgrade", "").split(",")]
-    return request.method == "GET" and "websocket" in upgrade
+    """A well-formed HTTP/1.1-style WebSocket handshake, as the addon classifies it."""
+    handshake = classify(request)
+    return handshake is not None and not handshake.malformed
 
 
-class WsPhase(enum.Enum):
-    WAITING = "waiting for the status"
-    OPEN = "open"
+_QUOTED = re.compile(r"""b?(['"])(?!:)(?:(?!\1).)*\1""")
 
 
-@dataclass
-class WebSocketStream:
-    """An HTTP/2 stream carrying a WebSocket, on either side of the proxy."""
-
-    request: http.Request
-    phase: WsPhase = WsPhase.WAITING
-    early: bytearray = field(default_factory=bytearray)  # client DATA before the status
-    ended_early: bool = False  # client END_STREAM before the status
-    # Where early client DATA goes once an HTTP/2 upstream has the CONNECT:
-    # (upstream connection, stream id), see WsHttp2Client._send_connect.
-    relay: tuple[connection.Connection, int] | None = None
-
-
-# The client side of each translated WebSocket, by its flow's request, so that
-# the upstream codec can find the client's early DATA.
-_client_streams: weakref.WeakKeyDictionary[http.Request, WebSocketStream] = weakref.WeakKeyDictionary()
+def without_values(text: str) -> str:
+    """h2's messages quote header values, which may be secrets; keep only
+    pseudo-header names (they start with a colon)."""
+    return _QUOTED.sub("<value>", text)
 
 
 def malformed(headers: list[tuple[bytes, bytes]], trailers: bool) -> str | None:
@@ -133,7 +130,7 @@ def malformed(headers: list[tuple[bytes, bytes]], trailers: bool) -> str | None:
         for _ in h2.utilities.validate_headers(headers, flags):
             pass
     except h2.exceptions.ProtocolError as e:
-        return str(e)
+        return without_values(str(e))
     return None
 
 
@@ -146,6 +143,43 @@ def _protocol(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     return None
 
 
+def _h2_headers(fields: http.Headers) -> list[tuple[bytes, bytes]]:
+    return [(k.lower(), v) for k, v in fields.fields if k.lower().decode("latin-1") not in UPGRADE_ONLY]
+
+
+class WsPhase(enum.Enum):
+    WAITING = enum.auto()  # for the status
+    OPEN = enum.auto()
+
+
+@dataclass
+class ClientSideStream:
+    """A client's extended CONNECT stream, on the client-facing connection."""
+
+    facts: StreamFacts
+    phase: WsPhase = WsPhase.WAITING
+    early: bytearray = field(default_factory=bytearray)  # client DATA kept for after the status
+    ended_early: bool = False  # client END_STREAM before the status
+    # Where early client DATA goes once an HTTP/2 upstream has the CONNECT:
+    # (upstream connection, stream id), set by WsHttp2Client._send_connect.
+    relay: tuple[connection.Connection, int] | None = None
+
+
+@dataclass
+class UpstreamStream:
+    """An extended CONNECT stream on an upstream HTTP/2 connection."""
+
+    facts: StreamFacts
+    key: str  # the Sec-WebSocket-Key the 101 given to mitmproxy must answer
+    relay_from: ClientSideStream | None = None
+    phase: WsPhase = WsPhase.WAITING
+
+
+# The client side of each translated WebSocket while it waits for its status,
+# by its flow's request, so that the upstream codec can find its early DATA.
+_waiting_clients: weakref.WeakKeyDictionary[http.Request, ClientSideStream] = weakref.WeakKeyDictionary()
+
+
 class WsHttp2Server(_http2.Http2Server):
     """mitmproxy's client-facing HTTP/2 codec, plus RFC 8441 WebSockets."""
 
@@ -154,7 +188,7 @@ class WsHttp2Server(_http2.Http2Server):
         self.h2_conn.local_settings.enable_connect_protocol = 1
         # Applied at once and sent with the preface (h2 sends acknowledged values).
         self.h2_conn.local_settings.acknowledge()
-        self.websockets: dict[int, WebSocketStream] = {}
+        self.websockets: dict[int, ClientSideStream] = {}
         # h2 makes a malformed request a connection error, which would take
         # every other stream down with it; RFC 9113 section 8.1.1 makes it a
         # stream error. So this connection validates request headers itself.
@@ -175,24 +209,13 @@ class WsHttp2Server(_http2.Http2Server):
         if ws is None:
             return (yield from super().handle_h2_event(event))
         sid = event.stream_id
-        if ws.phase is WsPhase.WAITING:
-            if isinstance(event, h2.events.DataReceived):
-                facts_for(ws.request).client_bytes_before_status += len(event.data)
-                self.h2_conn.acknowledge_received_data(event.flow_controlled_length, sid)
-                if ws.relay:
-                    # An HTTP/2 upstream has the CONNECT: pass the bytes on as
-                    # they are, or a server that waits for them would never answer.
-                    upstream, upstream_sid = ws.relay
-                    yield http_layers.SendHttp(http_layers.RequestData(upstream_sid, event.data), upstream)
-                else:
-                    # Kept until the status is out; mitmproxy's stream cannot
-                    # take data before the upgrade.
-                    ws.early += event.data
-                return False
-            if isinstance(event, h2.events.StreamEnded):
-                ws.ended_early = True
-                return False
-        elif isinstance(event, h2.events.StreamReset):
+        if ws.phase is WsPhase.WAITING and isinstance(event, h2.events.DataReceived):
+            yield from self._early_data(sid, ws, event)
+            return False
+        if ws.phase is WsPhase.WAITING and isinstance(event, h2.events.StreamEnded):
+            ws.ended_early = True
+            return False
+        if ws.phase is WsPhase.OPEN and isinstance(event, h2.events.StreamReset):
             # After the upgrade a reset is the peer going away, which is what
             # the WebSocket layer understands; as an error it would crash it.
             del self.websockets[sid]
@@ -204,44 +227,59 @@ class WsHttp2Server(_http2.Http2Server):
             self.websockets.pop(sid, None)
         return done
 
+    def _early_data(self, sid: int, ws: ClientSideStream, event: h2.events.DataReceived) -> layer.CommandGenerator[None]:
+        ws.facts.client_bytes_before_status += len(event.data)
+        self.h2_conn.acknowledge_received_data(event.flow_controlled_length, sid)
+        ws.early += event.data
+        if ws.relay:
+            # An HTTP/2 upstream has the CONNECT: pass whole frames on, or a
+            # server that waits for them would never answer.
+            upstream, upstream_sid = ws.relay
+            whole = whole_frames_length(ws.early)
+            if whole:
+                data, ws.early = bytes(ws.early[:whole]), ws.early[whole:]
+                yield http_layers.SendHttp(http_layers.RequestData(upstream_sid, data), upstream)
+        if len(ws.early) > MAX_EARLY_BYTES:
+            yield from self._reset(sid, f"more than {MAX_EARLY_BYTES} bytes of data before the status")
+
     def _extended_connect(self, event: h2.events.RequestReceived) -> layer.CommandGenerator[None]:
         sid = event.stream_id
-        protocol = _protocol(event.headers) or b""
-        if protocol.lower() != b"websocket":
-            yield from self._refuse(sid, 501, f"extended CONNECT for {protocol[:32]!r}, only websocket is supported")
-            return
         headers = [(k, v) for k, v in event.headers if k != b":protocol"]
         try:
-            host, port, _, scheme, authority, path, fields = _http2.parse_h2_request_headers(headers)
+            host, port, method, scheme, authority, path, fields = _http2.parse_h2_request_headers(headers)
         except ValueError as e:
-            yield from self._refuse(sid, 400, f"malformed extended CONNECT: {e}")
+            yield from self._refuse(sid, 400, f"malformed extended CONNECT: {without_values(str(e))}")
             return
-        if fields.get("sec-websocket-version", "").strip() != "13":
+        if method != b"CONNECT":
+            yield from self._refuse(sid, 400, ":protocol on a request that is not a CONNECT")
+        elif (_protocol(event.headers) or b"").lower() != b"websocket":
+            yield from self._refuse(sid, 501, "extended CONNECT for a protocol other than websocket")
+        elif not self.context.options.websocket:
+            yield from self._refuse(sid, 501, "WebSockets are turned off (the websocket option)")
+        elif fields.get("sec-websocket-version", "").strip() != "13":
             yield from self._refuse(sid, 400, "extended CONNECT without sec-websocket-version: 13")
-            return
-        fields["upgrade"] = "websocket"
-        fields["connection"] = "Upgrade"
-        fields["sec-websocket-key"] = base64.b64encode(os.urandom(16)).decode()
-        request = http.Request(
-            host=host, port=port, method=b"GET", scheme=scheme, authority=authority,
-            path=path, http_version=b"HTTP/2.0", headers=fields, content=None,
-            trailers=None, timestamp_start=time.time(), timestamp_end=None,
-        )
-        _facts[request] = StreamFacts()
-        self.websockets[sid] = _client_streams[request] = WebSocketStream(request)
-        self.streams[sid] = _http2.StreamState.HEADERS_RECEIVED
-        # A CONNECT stream never ends its request; the upgrade request does at its headers.
-        yield http_layers.ReceiveHttp(http_layers.RequestHeaders(sid, request, end_stream=True))
-        yield http_layers.ReceiveHttp(http_layers.RequestEndOfMessage(sid))
+        else:
+            fields["upgrade"] = "websocket"
+            fields["connection"] = "Upgrade"
+            fields["sec-websocket-key"] = base64.b64encode(os.urandom(16)).decode()
+            request = http.Request(
+                host=host, port=port, method=b"GET", scheme=scheme, authority=authority,
+                path=path, http_version=b"HTTP/2.0", headers=fields, content=None,
+                trailers=None, timestamp_start=time.time(), timestamp_end=None,
+            )
+            ws = ClientSideStream(facts_for(request))
+            self.websockets[sid] = _waiting_clients[request] = ws
+            self.streams[sid] = _http2.StreamState.HEADERS_RECEIVED
+            # A CONNECT stream never ends its request; the upgrade request does at its headers.
+            yield http_layers.ReceiveHttp(http_layers.RequestHeaders(sid, request, end_stream=True))
+            yield http_layers.ReceiveHttp(http_layers.RequestEndOfMessage(sid))
 
     def _reset(self, sid: int, reason: str) -> layer.CommandGenerator[None]:
         yield commands.Log(f"ws_encode: reset HTTP/2 stream {sid}: {reason}", logging.WARNING)
         self.h2_conn.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
         self.websockets.pop(sid, None)
         if self.streams.pop(sid, None) is not None:
-            yield http_layers.ReceiveHttp(
-                http_layers.RequestProtocolError(sid, reason, http_layers.RequestProtocolError.code)
-            )
+            yield http_layers.ReceiveHttp(request_error(sid, reason))
         yield commands.SendData(self.conn, self.h2_conn.data_to_send())
 
     def _refuse(self, sid: int, status: int, reason: str) -> layer.CommandGenerator[None]:
@@ -256,13 +294,14 @@ class WsHttp2Server(_http2.Http2Server):
                 # HTTP/2 has no 101; stock mitmproxy crashes trying to send one.
                 event = response_error(event.stream_id, "upstream switched protocols on a request that did not ask for a WebSocket")
             yield from super()._handle_event(event)
-        elif ws.phase is WsPhase.WAITING and isinstance(event, http_layers.ResponseHeaders):
-            if event.response.status_code == 101:
+        elif ws.phase is WsPhase.WAITING:
+            if isinstance(event, http_layers.ResponseHeaders) and event.response.status_code == 101:
                 yield from self._send_success(event)
             else:
-                del self.websockets[event.stream_id]  # a refusal: an ordinary response
+                # A refusal or an error: an ordinary response from here on.
+                del self.websockets[event.stream_id]
                 yield from super()._handle_event(event)
-        elif ws.phase is WsPhase.OPEN and isinstance(event, http_layers.ResponseEndOfMessage):
+        elif isinstance(event, http_layers.ResponseEndOfMessage):
             # mitmproxy ends the 101 "message" once the WebSocket layer is set
             # up; on HTTP/2 that would close the stream. Instead, hand over
             # what the client sent before the status.
@@ -272,7 +311,7 @@ class WsHttp2Server(_http2.Http2Server):
             if ws.ended_early:
                 ws.ended_early = False
                 yield http_layers.ReceiveHttp(http_layers.RequestEndOfMessage(event.stream_id))
-        elif ws.phase is WsPhase.OPEN and isinstance(event, http_layers.ResponseProtocolError) and event.message == PASSTHROUGH_CLOSE:
+        elif isinstance(event, http_layers.ResponseProtocolError) and event.message == PASSTHROUGH_CLOSE:
             # The WebSocket layer closed the client side: an orderly end of stream.
             if self.is_open_for_us(event.stream_id):
                 self.h2_conn.end_stream(event.stream_id)
@@ -282,14 +321,12 @@ class WsHttp2Server(_http2.Http2Server):
 
     def _send_success(self, event: http_layers.ResponseHeaders) -> layer.CommandGenerator[None]:
         ws = self.websockets[event.stream_id]
-        headers = [(b":status", b"200")] + [
-            (k.lower(), v) for k, v in event.response.headers.fields
-            if k.lower().decode("latin-1") not in UPGRADE_ONLY
-        ]
+        ws.phase = WsPhase.OPEN
+        ws.relay = None  # from now on the WebSocket layer carries the client's data
         if self.is_open_for_us(event.stream_id):
+            headers = [(b":status", b"200"), *_h2_headers(event.response.headers)]
             self.h2_conn.send_headers(event.stream_id, headers, end_stream=False)
             yield commands.SendData(self.conn, self.h2_conn.data_to_send())
-        ws.phase = WsPhase.OPEN
 
     def close_connection(self, msg: str) -> layer.CommandGenerator[None]:
         yield from _close_open_websockets(self, http_layers.RequestEndOfMessage)
@@ -308,16 +345,13 @@ def _close_open_websockets(codec, end_of_message) -> layer.CommandGenerator[None
 
 def extended_connect_headers(request: http.Request) -> list[tuple[bytes, bytes]]:
     authority = request.authority or request.host_header or f"{request.host}:{request.port}"
-    pseudo = [
+    return [
         (b":method", b"CONNECT"),
         (b":protocol", b"websocket"),
         (b":scheme", request.scheme.encode() or b"https"),
         (b":path", request.data.path),
         (b":authority", authority.encode()),
-    ]
-    return pseudo + [
-        (k.lower(), v) for k, v in request.headers.fields
-        if k.lower().decode("latin-1") not in UPGRADE_ONLY
+        *_h2_headers(request.headers),
     ]
 
 
@@ -344,37 +378,30 @@ class WsHttp2Client(_http2.Http2Client):
         self.settings_received = False
         self.held: list[http_layers.HttpEvent] = []  # WebSocket events before the first SETTINGS
         self.closed = False
-        self.websockets: dict[int, WebSocketStream] = {}  # by our stream id
+        self.websockets: dict[int, UpstreamStream] = {}  # by our stream id
         self.refused: set[int] = set()  # their stream ids sent back for HTTP/1.1
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, http_layers.HttpEvent) and self._must_hold(event):
-            # Stream ids are only taken when headers are really sent, so a held
-            # CONNECT does not make later requests' ids go backwards.
-            self.held.append(event)
-            return
-        if (
-            isinstance(event, http_layers.RequestHeaders)
-            and self.settings_received
-            and is_websocket_upgrade(event.request)
-            and not self.h2_conn.remote_settings.enable_connect_protocol
-        ):
-            self.refused.add(event.stream_id)
-            yield http_layers.ReceiveHttp(response_error(event.stream_id, NEEDS_HTTP1))
-            return
-        if isinstance(event, http_layers.HttpEvent) and event.stream_id in self.refused:
-            return  # the rest of a request that went elsewhere
+        if isinstance(event, http_layers.HttpEvent):
+            if event.stream_id in self.refused:
+                return  # the rest of a request that went elsewhere
+            if self._must_hold(event):
+                # Stream ids are only taken when headers are really sent, so a held
+                # CONNECT does not make later requests' ids go backwards.
+                self.held.append(event)
+                return
+            if self._cannot_take(event):
+                self.refused.add(event.stream_id)
+                yield http_layers.ReceiveHttp(response_error(event.stream_id, NEEDS_HTTP1))
+                return
         yield from super()._handle_event(event)
         if self.held and (self.settings_received or self.closed):
             held, self.held = self.held, []
             for e in held:
-                if self.closed:
-                    if isinstance(e, http_layers.RequestHeaders):
-                        yield http_layers.ReceiveHttp(
-                            response_error(e.stream_id, "server closed connection before its SETTINGS")
-                        )
-                else:
+                if not self.closed:
                     yield from self._handle_event(e)
+                elif isinstance(e, http_layers.RequestHeaders):
+                    yield http_layers.ReceiveHttp(response_error(e.stream_id, "server closed connection before its SETTINGS"))
 
     def _must_hold(self, event: http_layers.HttpEvent) -> bool:
         if any(e.stream_id == event.stream_id for e in self.held):
@@ -384,6 +411,14 @@ class WsHttp2Client(_http2.Http2Client):
             and not self.settings_received
             and not self.closed
             and is_websocket_upgrade(event.request)
+        )
+
+    def _cannot_take(self, event: http_layers.HttpEvent) -> bool:
+        return (
+            isinstance(event, http_layers.RequestHeaders)
+            and self.settings_received
+            and is_websocket_upgrade(event.request)
+            and not self.h2_conn.remote_settings.enable_connect_protocol
         )
 
     def _handle_event2(self, event: events.Event) -> layer.CommandGenerator[None]:
@@ -405,15 +440,21 @@ class WsHttp2Client(_http2.Http2Client):
         self.last_activity = time.time()
         self.h2_conn.send_headers(sid, extended_connect_headers(event.request), end_stream=False)
         self.streams[sid] = _http2.StreamState.EXPECTING_HEADERS
-        self.websockets[sid] = WebSocketStream(event.request)
-        client_side = _client_streams.get(event.request)
+        ws = self.websockets[sid] = UpstreamStream(
+            facts_for(event.request), event.request.headers.get("sec-websocket-key", "")
+        )
+        # The request is really on its way now (it may have waited for SETTINGS).
+        ws.facts.forwarded_at = time.monotonic()
+        client_side = _waiting_clients.pop(event.request, None)
         if client_side is not None and client_side.phase is WsPhase.WAITING:
             # What an HTTP/2 client sent before the status goes upstream now,
             # and whatever follows goes straight here (see WsHttp2Server).
-            if client_side.early:
-                self.h2_conn.send_data(sid, bytes(client_side.early))
-                client_side.early.clear()
+            whole = whole_frames_length(client_side.early)
+            if whole:
+                self.h2_conn.send_data(sid, bytes(client_side.early[:whole]))
+                del client_side.early[:whole]
             client_side.relay = (self.conn, self.their_stream_id[sid])
+            ws.relay_from = client_side
         yield commands.SendData(self.conn, self.h2_conn.data_to_send())
 
     def handle_h2_event(self, event: h2.events.Event) -> layer.CommandGenerator[bool]:
@@ -424,48 +465,60 @@ class WsHttp2Client(_http2.Http2Client):
             return (yield from super().handle_h2_event(event))
         sid = event.stream_id
         if isinstance(event, h2.events.ResponseReceived) and ws.phase is WsPhase.WAITING:
-            try:
-                status, fields = _http2.parse_h2_response_headers(event.headers)
-            except ValueError:
-                return (yield from super().handle_h2_event(event))  # mitmproxy reports it
-            facts_for(ws.request).upstream_status = status
-            if not 200 <= status < 300:
-                del self.websockets[sid]  # a refusal: an ordinary response
-                return (yield from super().handle_h2_event(event))
-            ws.phase = WsPhase.OPEN
-            # The status came in the same read as the first response data:
-            # the fingerprint of an encoder that buffers the status.
-            facts_for(ws.request).status_with_data = any(
-                isinstance(e, h2.events.DataReceived) and e.stream_id == sid and e.data
-                for e in self.h2_conn.last_batch
-            )
-            key = ws.request.headers.get("sec-websocket-key", "")
-            fields["upgrade"] = "websocket"
-            fields["connection"] = "Upgrade"
-            fields["sec-websocket-accept"] = generate_accept_token(key.encode()).decode()
-            response = http.Response(
-                http_version=b"HTTP/2.0", status_code=101, reason=b"Switching Protocols",
-                headers=fields, content=None, trailers=None,
-                timestamp_start=time.time(), timestamp_end=None,
-            )
-            self.streams[sid] = _http2.StreamState.HEADERS_RECEIVED
-            # The stream waits for the end of the 101 before it upgrades.
-            yield http_layers.ReceiveHttp(http_layers.ResponseHeaders(sid, response, end_stream=False))
-            yield http_layers.ReceiveHttp(http_layers.ResponseEndOfMessage(sid))
-            return False
+            return (yield from self._status(sid, ws, event))
         if isinstance(event, h2.events.StreamReset):
-            del self.websockets[sid]
-            self.streams.pop(sid, None)
-            if ws.phase is WsPhase.OPEN:
-                yield http_layers.ReceiveHttp(http_layers.ResponseEndOfMessage(sid))
-            else:
-                name = _error_name(event.error_code)
-                yield http_layers.ReceiveHttp(response_error(sid, f"stream reset by server ({name})"))
+            yield from self._stream_reset(sid, ws, event)
             return False
         done = yield from super().handle_h2_event(event)
         if self.is_closed(sid):
             self.websockets.pop(sid, None)
         return done
+
+    def _status(self, sid: int, ws: UpstreamStream, event: h2.events.ResponseReceived) -> layer.CommandGenerator[bool]:
+        if ws.relay_from is not None:
+            ws.relay_from.relay = None  # the rest goes through mitmproxy's WebSocket layer
+        try:
+            status, fields = _http2.parse_h2_response_headers(event.headers)
+        except ValueError:
+            del self.websockets[sid]
+            return (yield from super().handle_h2_event(event))  # mitmproxy reports it
+        ws.facts.upstream_status = status
+        if not 200 <= status < 300:
+            # A refusal: an ordinary response, and the CONNECT's end of request.
+            del self.websockets[sid]
+            if self.is_open_for_us(sid):
+                self.h2_conn.end_stream(sid)
+            return (yield from super().handle_h2_event(event))
+        ws.phase = WsPhase.OPEN
+        # The status came in the same read as the first response data:
+        # the fingerprint of an encoder that buffers the status.
+        ws.facts.status_with_data = any(
+            isinstance(e, h2.events.DataReceived) and e.stream_id == sid and e.data
+            for e in self.h2_conn.last_batch
+        )
+        fields["upgrade"] = "websocket"
+        fields["connection"] = "Upgrade"
+        fields["sec-websocket-accept"] = accept_for(ws.key)
+        response = http.Response(
+            http_version=b"HTTP/2.0", status_code=101, reason=b"Switching Protocols",
+            headers=fields, content=None, trailers=None,
+            timestamp_start=time.time(), timestamp_end=None,
+        )
+        self.streams[sid] = _http2.StreamState.HEADERS_RECEIVED
+        # The stream waits for the end of the 101 before it upgrades.
+        yield http_layers.ReceiveHttp(http_layers.ResponseHeaders(sid, response, end_stream=False))
+        yield http_layers.ReceiveHttp(http_layers.ResponseEndOfMessage(sid))
+        return False
+
+    def _stream_reset(self, sid: int, ws: UpstreamStream, event: h2.events.StreamReset) -> layer.CommandGenerator[None]:
+        del self.websockets[sid]
+        self.streams.pop(sid, None)
+        if ws.phase is WsPhase.OPEN:
+            yield http_layers.ReceiveHttp(http_layers.ResponseEndOfMessage(sid))
+        elif event.error_code == h2.errors.ErrorCodes.HTTP_1_1_REQUIRED:
+            yield http_layers.ReceiveHttp(response_error(sid, NEEDS_HTTP1))
+        else:
+            yield http_layers.ReceiveHttp(response_error(sid, f"stream reset by server ({_error_name(event.error_code)})"))
 
     def close_connection(self, msg: str) -> layer.CommandGenerator[None]:
         self.closed = True
@@ -480,56 +533,92 @@ def _error_name(code: int) -> str:
         return str(code)
 
 
-# -- falling back to HTTP/1.1 ---------------------------------------------
+# -- the stream: when a request goes upstream, and falling back to HTTP/1.1 --
 
-# Upstream connections that must offer only HTTP/1.1, by (client, address).
-_http1_only: set[tuple[int, tuple]] = set()
+
+def _stock(cls: type) -> type:
+    """The class a (possibly already bridged) mitmproxy class stands in for,
+    in case an earlier copy of this module did not get to uninstall."""
+    while getattr(cls, "ws_encode_bridge", False):
+        cls = cls.__bases__[0]
+    return cls
 
 
 class GetHttp1Connection(http_layers.GetHttpConnection):
-    """Ask the HTTP layer for a connection that is not HTTP/2."""
+    """Ask the HTTP layer for a connection that speaks HTTP/1.1 (new, or
+    established and not HTTP/2)."""
 
     def connection_spec_matches(self, conn: connection.Connection) -> bool:
-        return super().connection_spec_matches(conn) and conn.alpn != b"h2"
+        return super().connection_spec_matches(conn) and conn.alpn not in (None, b"h2")
 
     def __hash__(self):
         return id(self)
 
 
-class WsHttpStream(http_layers.HttpStream):
-    """mitmproxy's HTTP stream, which retries a WebSocket over HTTP/1.1 when
-    an HTTP/2 upstream cannot take it."""
+# Upstream connections being opened for a fallback, by (client, address): they
+# must offer only HTTP/1.1, or the upstream would pick HTTP/2 again.
+_http1_only: set[tuple[int, tuple]] = set()
+
+
+class WsHttpStream(_stock(http_layers.HttpStream)):
+    """mitmproxy's HTTP stream, which notes when a request goes upstream, and
+    retries a WebSocket over HTTP/1.1 when an HTTP/2 upstream cannot take it."""
+
+    ws_encode_bridge = True
+    retried_over_http1 = False
+    upstream_switched = False
+
+    def make_server_connection(self) -> layer.CommandGenerator[bool]:
+        ok = yield from super().make_server_connection()
+        if ok and classify(self.flow.request) is not None:
+            # The request's headers are sent right after this (an HTTP/2
+            # upstream may hold a CONNECT longer, and says so itself).
+            facts_for(self.flow.request).forwarded_at = time.monotonic()
+        return ok
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, http_layers.ResponseProtocolError) and event.message == NEEDS_HTTP1:
+        if isinstance(event, http_layers.ResponseProtocolError) and event.message == NEEDS_HTTP1 and not self.retried_over_http1:
             yield from self._retry_over_http1()
-        else:
-            yield from super()._handle_event(event)
+            return
+        if isinstance(event, http_layers.ResponseHeaders):
+            self.upstream_switched = event.response.status_code == 101
+        yield from super()._handle_event(event)
+
+    def flow_done(self) -> layer.CommandGenerator[None]:
+        yield from super().flow_done()
+        if self.upstream_switched and self.flow.response.status_code != 101:
+            # The upstream switched protocols but the flow did not (an addon
+            # failed the handshake): nothing will use that upstream stream.
+            yield http_layers.SendHttp(request_error(self.stream_id, "handshake failed in the proxy"), self.context.server)
 
     def _retry_over_http1(self) -> layer.CommandGenerator[None]:
+        self.retried_over_http1 = True
         yield commands.Log(f"ws_encode: {NEEDS_HTTP1} for {self.flow.request.host}", logging.INFO)
         address = (self.flow.request.host, self.flow.request.port)
-        _http1_only.add((id(self.context.client), address))
-        conn, err = yield GetHttp1Connection(
-            address,
-            self.flow.request.scheme == "https",
-            self.flow.server_conn.via,
-            self.flow.server_conn.transport_protocol,
-        )
+        key = (id(self.context.client), address)
+        _http1_only.add(key)
+        try:
+            conn, err = yield GetHttp1Connection(
+                address,
+                self.flow.request.scheme == "https",
+                self.flow.server_conn.via,
+                self.flow.server_conn.transport_protocol,
+            )
+        finally:
+            _http1_only.discard(key)
         if err:
             yield from self.handle_protocol_error(response_error(self.stream_id, err))
             return
         self.context.server = self.flow.server_conn = conn
+        facts_for(self.flow.request).forwarded_at = time.monotonic()
         yield http_layers.SendHttp(http_layers.RequestHeaders(self.stream_id, self.flow.request, True), conn)
         yield http_layers.SendHttp(http_layers.RequestEndOfMessage(self.stream_id), conn)
 
 
 def offer_http1_only(server: connection.Server, client: connection.Client) -> None:
     """Called from the addon's server_connect hook: a fallback connection
-    offers only HTTP/1.1, so the upstream cannot pick HTTP/2 again."""
-    key = (id(client), server.address)
-    if key in _http1_only and not server.alpn_offers:
-        _http1_only.discard(key)
+    offers only HTTP/1.1."""
+    if (id(client), server.address) in _http1_only and not server.alpn_offers:
         server.alpn_offers = (b"http/1.1",)
 
 
@@ -540,35 +629,31 @@ def incompatibility() -> str | None:
     """Why this mitmproxy cannot take the bridge, or None if it can."""
     major_minor = tuple(int(x) for x in mitmproxy_version.VERSION.split(".")[:2])
     if major_minor not in KNOWN_VERSIONS:
-        return f"mitmproxy {mitmproxy_version.VERSION} is not a version ws_encode knows ({', '.join('%d.%d' % v for v in KNOWN_VERSIONS)})"
-    for name in PATCHED:
-        if not isinstance(getattr(http_layers, name, None), type):
-            return f"mitmproxy.proxy.layers.http.{name} is missing"
-    for cls, method in [
+        known = ", ".join("%d.%d" % v for v in KNOWN_VERSIONS)
+        return f"mitmproxy {mitmproxy_version.VERSION} is not a version ws_encode knows ({known})"
+    for owner, name in [
+        (http_layers, "Http2Server"), (http_layers, "Http2Client"), (http_layers, "HttpStream"),
         (_http2.Http2Server, "handle_h2_event"), (_http2.Http2Client, "_handle_event2"),
-        (_http2.Http2Connection, "close_connection"), (http_layers.HttpStream, "handle_protocol_error"),
+        (_http2.Http2Connection, "close_connection"), (http_layers.HttpStream, "make_server_connection"),
+        (http_layers.HttpStream, "flow_done"), (_http2, "parse_h2_request_headers"),
     ]:
-        if not callable(getattr(cls, method, None)):
-            return f"{cls.__name__}.{method} is missing"
-    if not callable(getattr(_http2, "parse_h2_request_headers", None)):
-        return "parse_h2_request_headers is missing"
+        if getattr(owner, name, None) is None:
+            return f"{getattr(owner, '__name__', owner)}.{name} is missing"
     return None
 
 
 class Bridge:
-    """Switches mitmproxy's HTTP layer to the classes above, and back."""
+    """Switches mitmproxy's HTTP layer to the classes above, and back.
+
+    The stream class stays while the addon is loaded (it changes nothing for
+    a flow that is not a WebSocket); the HTTP/2 codecs follow ws_encode_h2.
+    """
 
     def __init__(self) -> None:
-        self.originals: dict[str, type] | None = None
+        self.installed = False
         self.refused = False
 
-    @property
-    def installed(self) -> bool:
-        return self.originals is not None
-
-    def install(self) -> None:
-        if self.installed:
-            return
+    def install(self, h2: bool) -> None:
         problem = incompatibility()
         if problem:
             if not self.refused:
@@ -578,18 +663,18 @@ class Bridge:
                 )
                 self.refused = True
             return
-        self.originals = {name: getattr(http_layers, name) for name in PATCHED}
-        http_layers.Http2Server = WsHttp2Server
-        http_layers.Http2Client = WsHttp2Client
         http_layers.HttpStream = WsHttpStream
+        http_layers.Http2Server = WsHttp2Server if h2 else _http2.Http2Server
+        http_layers.Http2Client = WsHttp2Client if h2 else _http2.Http2Client
+        self.installed = True
 
     def uninstall(self) -> None:
-        if self.originals is None:
+        if not self.installed:
             return
-        for name, original in self.originals.items():
-            setattr(http_layers, name, original)
-        self.originals = None
+        http_layers.HttpStream = _stock(WsHttpStream)
+        http_layers.Http2Server = _http2.Http2Server
+        http_layers.Http2Client = _http2.Http2Client
+        self.installed = False
 
-    @staticmethod
-    def facts(request: http.Request) -> StreamFacts:
-        return _facts.get(request, NO_FACTS)
+    def facts(self, request: http.Request) -> StreamFacts:
+        return _facts.get(request, NO_FACTS) if self.installed else NO_FACTS
