@@ -14,7 +14,7 @@ sockets or sleeps.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .handshake import Handshake
 
@@ -83,20 +83,14 @@ class Progress:
     end_cause: EndCause | None = None
     ended_at: float | None = None
     client_bytes_before_status: int = 0
-    history: list[Phase] = field(default_factory=list)
 
     def _advance(self, event: Event) -> Phase:
         try:
             nxt = TRANSITIONS[(self.phase, event)]
         except KeyError:
             raise HandshakeEnded(f"{event.value} after {self.phase.value}") from None
-        self.history.append(self.phase)
         self.phase = nxt
         return nxt
-
-    @property
-    def waiting(self) -> bool:
-        return not self.phase.final
 
     def stall(self) -> None:
         self._advance(Event.STALL_TIMER)

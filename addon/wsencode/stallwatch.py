@@ -38,10 +38,3 @@ class StallWatch:
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer.cancel()
-
-    def disarm_all(self) -> None:
-        for key in list(self._timers):
-            self.disarm(key)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._timers
