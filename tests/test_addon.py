@@ -279,3 +279,15 @@ def test_no_stall_while_the_request_has_not_gone_upstream(addon, clock):
         clock.pending[0][1]()  # the timer fires: still connecting
         assert not f.marked and "ws_encode" not in f.metadata
         assert [e for e in clock.pending if not e[2]]  # and it checks again later
+
+
+def test_commands_are_registered_for_console_and_web(addon, clock):
+    with taddons.context(addon) as tctx:
+        commands = tctx.master.commands
+        assert commands.execute("wsencode.stalls") == []
+        f = handshake_flow()
+        addon.request(f)
+        assert commands.execute("wsencode.waiting")[0].startswith(f.id)
+        clock.fire_all()
+        [line] = commands.execute("wsencode.stalls")
+        assert line.startswith(f.id) and "Stall" in line
