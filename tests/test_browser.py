@@ -18,6 +18,8 @@ import urllib.parse
 
 import pytest
 from conftest import Mitmdump, assert_clean_log
+from fault_server import Faults, FaultServer
+from test_h2_proxy import DualAlpnServer
 from test_peers import h2ws
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -75,14 +77,14 @@ async def stop(proc: asyncio.subprocess.Process) -> None:
         await proc.wait()
 
 
-def browse(cert, home, report, policy: str, withhold: bool):
+def browse(cert, home, report, policy: str, withhold: bool, upstream=None, *options: str):
     async def scenario():
-        async with h2ws.H2WebSocketServer(*cert, withhold_status_when_encoding=withhold) as upstream:
+        async with upstream or h2ws.H2WebSocketServer(*cert, withhold_status_when_encoding=withhold) as upstream_:
             async with Mitmdump(
                 "--ssl-insecure", "--set", f"ws_encode_policy={policy}", "--set", f"ws_encode_stall={STALL}",
-                report=report,
+                *options, report=report,
             ) as md:
-                browser = await chromium(md.port, PAGE.format(port=upstream.port), home)
+                browser = await chromium(md.port, PAGE.format(port=upstream_.port), home)
                 try:
                     if withhold and policy == "observe":
                         stall = await md.wait_for_record(event="stall", timeout=60)
@@ -93,7 +95,7 @@ def browse(cert, home, report, policy: str, withhold: bool):
                     handshake = None if stall else await md.wait_for_record(event="handshake", policy=policy)
                 finally:
                     await stop(browser)
-            return stall, result, handshake, upstream.requests, md
+            return stall, result, handshake, upstream_.requests, md
 
     return asyncio.run(scenario())
 
@@ -129,3 +131,13 @@ def test_chromium_stalls_on_a_withholding_server_and_strip_opens_it(cert, home, 
     assert record["accept_encoding_upstream"] is None
     connect = next(r for r in requests if r["pseudo"].get(":protocol") == "websocket")
     assert "accept-encoding" not in dict(connect["headers"])
+
+
+def test_without_the_bridge_chromium_falls_back_to_http1(cert, home, report):
+    """What a user of stock mitmproxy sees: the WebSocket moves to HTTP/1.1,
+    where an encoder cannot hold its status back."""
+    upstream = DualAlpnServer(cert, FaultServer(Faults()), enable_connect_protocol=True)
+    _, result, record, _, md = browse(cert, home, report, "observe", False, upstream, "--set", "ws_encode_h2=false")
+    assert "/result?echo=hi" in result
+    assert record["transport"] == "h1" and record["outcome"] == "upgraded"
+    assert_clean_log(md)

@@ -50,8 +50,8 @@ class DualAlpnServer(h2ws.H2WebSocketServer):
     """HTTP/2 without RFC 8441 and HTTP/1.1 WebSockets on one port, chosen by
     ALPN: what a browser falls back from and to."""
 
-    def __init__(self, cert, h1: FaultServer):
-        super().__init__(*cert, enable_connect_protocol=False)
+    def __init__(self, cert, h1: FaultServer, enable_connect_protocol: bool = False):
+        super().__init__(*cert, enable_connect_protocol=enable_connect_protocol)
         self.h1 = h1
 
     def _ssl_context(self):
@@ -459,3 +459,23 @@ def test_malformed_extended_connects_are_refused_per_stream(cert):
     assert md.log.count("ws_encode: reset HTTP/2 stream") == 3
     assert "header-SECRET" not in md.log
     assert_clean_log(md)
+
+
+@pytest.mark.parametrize("policy", ["observe", "strip"])
+def test_a_200_with_content_encoding(cert, report, policy):
+    async def scenario():
+        async with h2ws.H2WebSocketServer(*cert, response_headers=[("content-encoding", "br")]) as upstream:
+            async with reverse_to(
+                f"https://127.0.0.1:{upstream.port}", "--set", f"ws_encode_policy={policy}", report=report
+            ) as md:
+                client = await h2_client(md)
+                ws = await client.open_websocket("/chat", AUTHORITY, headers=[("accept-encoding", "br")])
+                status = await ws.wait_status(5)
+                headers = dict(ws.response_headers)
+                await client.close()
+                return status, headers, await md.wait_for_record(event="handshake")
+
+    status, headers, record = run(scenario())
+    assert status == 200
+    assert record["content_encoding"] == "br" and "content-encoding: br" in record["diagnosis"]
+    assert ("content-encoding" in headers) == (policy == "observe")
