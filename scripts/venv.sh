@@ -51,8 +51,10 @@ want_stamp="$(sha1sum "$root/pyproject.toml" | cut -d' ' -f1) $spec"
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want_stamp" ]; then
   echo "setting up $venv with $("$python" --version) and $spec ..." >&2
   "$python" -m venv --clear "$venv" >&2
-  "$venv/bin/python" -m pip install -q --upgrade pip >&2
-  "$venv/bin/python" -m pip install -q "$spec" "$root[test]" >&2
+  # (this machine's pip config names local indexes that may not exist; pip warns once per package)
+  quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" >&2 || true; }; }
+  quiet "$venv/bin/python" -m pip install -q --upgrade pip
+  quiet "$venv/bin/python" -m pip install -q "$spec" "$root[test]"
   echo "$want_stamp" > "$stamp"
 fi
 echo "$venv"
