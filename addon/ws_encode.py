@@ -333,9 +333,11 @@ class WsEncode:
         progress = tracked.progress
         facts = self._take_facts(tracked)
         now = self.clock()
-        if self.bridge.installed and facts.forwarded_at is None:
-            # Not on the upstream connection yet (still connecting, or held
-            # for an HTTP/2 server's SETTINGS): the clock has not started.
+        if facts is not h2bridge.NO_FACTS and facts.forwarded_at is None:
+            # The bridge follows this handshake and it is not on the upstream
+            # connection yet (still connecting, or held for an HTTP/2
+            # server's SETTINGS): the clock has not started. Without the
+            # bridge it started at the request hook.
             self._stall_watch().arm(flow_id, self.stall_after, lambda: self._on_stall(flow_id))
             return
         remaining = progress.forwarded_at + self.stall_after - now

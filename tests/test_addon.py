@@ -275,6 +275,7 @@ def test_no_stall_while_the_request_has_not_gone_upstream(addon, clock):
     addon.bridge = FakeBridge(installed=True)
     with taddons.context(addon):
         f = handshake_flow()
+        addon.bridge.seen[id(f.request)] = h2bridge.StreamFacts()  # followed, not sent yet
         addon.request(f)
         clock.pending[0][1]()  # the timer fires: still connecting
         assert not f.marked and "ws_encode" not in f.metadata
@@ -291,3 +292,12 @@ def test_commands_are_registered_for_console_and_web(addon, clock):
         clock.fire_all()
         [line] = commands.execute("wsencode.stalls")
         assert line.startswith(f.id) and "Stall" in line
+
+
+def test_a_handshake_the_bridge_does_not_follow_stalls_from_the_request_hook(addon, clock):
+    addon.bridge = FakeBridge(installed=True)  # e.g. a stream older than the addon
+    with taddons.context(addon):
+        f = handshake_flow()
+        addon.request(f)
+        clock.fire_all()
+        assert f.metadata["ws_encode"]["event"] == "stall"

@@ -570,16 +570,19 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
 
     def make_server_connection(self) -> layer.CommandGenerator[bool]:
         ok = yield from super().make_server_connection()
-        if ok and classify(self.flow.request) is not None:
+        facts = _facts.get(self.flow.request)
+        if ok and facts is not None:
             # The request's headers are sent right after this (an HTTP/2
             # upstream may hold a CONNECT longer, and says so itself).
-            facts_for(self.flow.request).forwarded_at = time.monotonic()
+            facts.forwarded_at = time.monotonic()
         return ok
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, http_layers.ResponseProtocolError) and event.message == NEEDS_HTTP1 and not self.retried_over_http1:
             yield from self._retry_over_http1()
             return
+        if isinstance(event, http_layers.RequestHeaders) and classify(event.request) is not None:
+            facts_for(event.request)  # a handshake this stream will note the forwarding of
         if isinstance(event, http_layers.ResponseHeaders):
             self.upstream_switched = event.response.status_code == 101
         yield from super()._handle_event(event)
