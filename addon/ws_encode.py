@@ -416,19 +416,23 @@ class WsEncode:
 
     # -- commands --------------------------------------------------------
 
+    # Both commands answer at least one line: mitmproxy's console data
+    # viewer cannot show an empty list.
+
     @command.command("wsencode.stalls")
     def stalled_handshakes(self) -> Sequence[str]:
         """The handshakes that stalled (the last 1000), each with its diagnosis."""
-        return list(self.stalls.values())
+        return list(self.stalls.values()) or ["no WebSocket handshake has stalled"]
 
     @command.command("wsencode.waiting")
     def waiting_handshakes(self) -> Sequence[str]:
         """The handshakes still waiting for a status, with how long they have waited."""
         now = self.clock()
-        return [
+        waiting = [
             f"{t.flow.id} {t.url}: {t.progress.phase.value}, {t.progress.waited(now):.1f} s"
             for t in self.tracked.values()
         ]
+        return waiting or ["no WebSocket handshake is waiting for its status"]
 
 
 addons = [WsEncode()]

@@ -148,7 +148,7 @@ def test_stall_marks_comments_logs_and_reports(addon, clock, tmp_path, caplog):
 
         f.response = tutils.tresp(status_code=101)
         addon.responseheaders(f)
-        assert addon.waiting_handshakes() == []
+        assert addon.waiting_handshakes() == ["no WebSocket handshake is waiting for its status"]
         records = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
         assert [r["event"] for r in records] == ["stall", "handshake"]
         assert records[1]["outcome"] == "upgraded" and records[1]["stalled"] is True
@@ -285,7 +285,7 @@ def test_no_stall_while_the_request_has_not_gone_upstream(addon, clock):
 def test_commands_are_registered_for_console_and_web(addon, clock):
     with taddons.context(addon) as tctx:
         commands = tctx.master.commands
-        assert commands.execute("wsencode.stalls") == []
+        assert commands.execute("wsencode.stalls") == ["no WebSocket handshake has stalled"]
         f = handshake_flow()
         addon.request(f)
         assert commands.execute("wsencode.waiting")[0].startswith(f.id)
