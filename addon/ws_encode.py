@@ -40,6 +40,7 @@ from wsencode.stallwatch import StallWatch  # noqa: E402
 logger = logging.getLogger("ws_encode")
 
 STALL_MARK = ":hourglass:"
+BAD_ACCEPT_STATUS = 502
 REMEMBERED_STALLS = 1000
 
 
@@ -113,6 +114,7 @@ class WsEncode:
         self.filter: flowfilter.TFilter | None = None
         self.report: ReportWriter | None = None
         self.tracked: dict[str, Tracked] = {}
+        self.failing: set[str] = set()  # flows whose handshake the proxy fails in `response`
         self.stalls: OrderedDict[str, str] = OrderedDict()
         self.watch: StallWatch | None = None
         self.bridge = h2bridge.Bridge()
@@ -275,13 +277,12 @@ class WsEncode:
         progress.upstream_status = facts.upstream_status or flow.response.status_code
         if progress.handshake.transport is not Transport.H1 and not accept_matches(flow):
             # The proxy made this key (the client's extended CONNECT has none),
-            # so the proxy checks the answer.
+            # so the proxy checks the answer, and fails the handshake in the
+            # response hook (a response set here would lose its body).
             progress.bad_accept = True
-            flow.response = http.Response.make(
-                502, "ws-encode: the upstream answered the WebSocket handshake with a wrong Sec-WebSocket-Accept\n"
-            )
+            self.failing.add(flow.id)
         phase = progress.status_arrived(
-            flow.response.status_code,
+            BAD_ACCEPT_STATUS if progress.bad_accept else flow.response.status_code,
             self.clock(),
             content_encoding=flow.response.headers.get("content-encoding"),
             with_data=facts.status_with_data,
@@ -290,7 +291,17 @@ class WsEncode:
             self.policy.apply_to_success(flow.response.headers)
         self._finish(tracked)
 
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.id in self.failing:
+            self.failing.discard(flow.id)
+            flow.response = http.Response.make(
+                BAD_ACCEPT_STATUS,
+                "ws_encode: the upstream answered the WebSocket handshake with a wrong Sec-WebSocket-Accept\n",
+            )
+            flow.websocket = None
+
     def error(self, flow: http.HTTPFlow) -> None:
+        self.failing.discard(flow.id)
         tracked = self.tracked.get(flow.id)
         if tracked is None or flow.error is None:
             return

@@ -406,7 +406,7 @@ class _ServerConnection(_H2Endpoint):
             self.conn.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
             return
         if server.reset_after_connect:
-            self.conn.reset_stream(stream_id, ErrorCodes.CANCEL)
+            self.conn.reset_stream(stream_id, server.reset_code)
             return
         if pseudo.get(":protocol") != "websocket":
             self._respond(stream_id, 501, b"only :protocol websocket is supported\n")
@@ -495,6 +495,7 @@ class H2WebSocketServer:
         enable_connect_protocol: bool = True,
         withhold_status_when_encoding: bool = False,
         reset_after_connect: bool = False,
+        reset_code: int = ErrorCodes.CANCEL,
         status: int = 200,
         response_headers: Optional[Headers] = None,
     ) -> None:
@@ -503,6 +504,7 @@ class H2WebSocketServer:
         self.enable_connect_protocol = enable_connect_protocol
         self.withhold_status_when_encoding = withhold_status_when_encoding
         self.reset_after_connect = reset_after_connect
+        self.reset_code = reset_code  # e.g. HTTP_1_1_REQUIRED, to send a client elsewhere
         self.status = status
         self.response_headers: Headers = [(n.lower(), v) for n, v in (response_headers or [])]
         self.requests: list[dict] = []

@@ -50,8 +50,8 @@ class DualAlpnServer(h2ws.H2WebSocketServer):
     """HTTP/2 without RFC 8441 and HTTP/1.1 WebSockets on one port, chosen by
     ALPN: what a browser falls back from and to."""
 
-    def __init__(self, cert, h1: FaultServer, enable_connect_protocol: bool = False):
-        super().__init__(*cert, enable_connect_protocol=enable_connect_protocol)
+    def __init__(self, cert, h1: FaultServer, enable_connect_protocol: bool = False, **options):
+        super().__init__(*cert, enable_connect_protocol=enable_connect_protocol, **options)
         self.h1 = h1
 
     def _ssl_context(self):
@@ -186,13 +186,15 @@ def test_wrong_accept_from_http1_upstream_fails_the_handshake(cert, report):
             client = await h2_client(md)
             ws = await client.open_websocket("/chat", AUTHORITY)
             status = await ws.wait_status(5)
+            await ws.wait_ended(5)
+            body = ws.response_body
             await client.close()
             record = await md.wait_for_record(event="handshake")
         await upstream.stop()
-        return status, record, md
+        return status, body, record, md
 
-    status, record, md = run(scenario())
-    assert status == 502
+    status, body, record, md = run(scenario())
+    assert status == 502 and b"wrong Sec-WebSocket-Accept" in body
     assert record["outcome"] == "rejected" and record["status"] == 502 and record["upstream_status"] == 101
     assert "Sec-WebSocket-Accept" in record["diagnosis"]
     assert_clean_log(md)
@@ -479,3 +481,84 @@ def test_a_200_with_content_encoding(cert, report, policy):
     assert status == 200
     assert record["content_encoding"] == "br" and "content-encoding: br" in record["diagnosis"]
     assert ("content-encoding" in headers) == (policy == "observe")
+
+
+def test_an_early_message_in_fragments_goes_upstream_only_when_whole(cert, report):
+    """The first fragment alone is held (mitmproxy's WebSocket layer, which
+    takes over at the status, must not start inside a message); once the
+    message is whole it goes upstream, and the withholding server answers."""
+
+    async def scenario():
+        async with h2ws.H2WebSocketServer(*cert, withhold_status_when_encoding=True) as upstream:
+            async with reverse_to(f"https://127.0.0.1:{upstream.port}", report=report) as md:
+                client = await h2_client(md)
+                ws = await client.open_websocket("/chat", AUTHORITY, headers=[("accept-encoding", "gzip")])
+                await ws._send_frames([ws._frames.send_data("hel", fin=False)], 5)
+                stall = await md.wait_for_record(event="stall")
+                await ws._send_frames([ws._frames.send_data("lo", fin=True)], 5)
+                status = await ws.wait_status(5)
+                first = await ws.receive(5)
+                await ws.send_text("after")
+                second = await ws.receive(5)
+                await ws.close()
+                await client.close()
+                record = await md.wait_for_record(event="handshake")
+            return stall, status, first, second, record, md
+
+    stall, status, first, second, record, md = run(scenario())
+    assert stall["client_bytes_before_status"] > 0
+    assert (status, first, second) == (200, "hello", "after")
+    assert record["outcome"] == "upgraded" and record["stalled"]
+    assert "together with the first response data" in record["diagnosis"]
+    assert_clean_log(md)
+
+
+@pytest.mark.parametrize("upgraded", [True, False], ids=["after the 200", "before the 200"])
+def test_trailers_on_a_websocket_stream_reset_only_that_stream(cert, upgraded):
+    async def scenario():
+        async with h2ws.H2WebSocketServer(*cert, withhold_status_when_encoding=not upgraded) as upstream:
+            async with reverse_to(f"https://127.0.0.1:{upstream.port}") as md:
+                client = await h2_client(md)
+                ws = await client.open_websocket("/bad", AUTHORITY, headers=[("accept-encoding", "gzip")])
+                if upgraded:
+                    await ws.wait_status(5)
+                client.conn.send_headers(ws.stream_id, [("x-trailer", "1")], end_stream=True)
+                client._flush()
+                ended = await ws.wait_ended(5)
+                other = await client.open_websocket("/good", AUTHORITY)
+                await other.wait_status(5)
+                await other.send_text("fine")
+                reply = await other.receive(5)
+                await client.close()
+            return ended, reply, md
+
+    ended, reply, md = run(scenario())
+    assert ended.startswith("reset") and reply == "fine"
+    assert "trailers on a WebSocket stream" in md.log
+    assert_clean_log(md)
+
+
+def test_http_1_1_required_moves_the_websocket_and_its_early_data_to_http1(cert, report):
+    import h2.errors
+
+    async def scenario():
+        h1 = FaultServer(Faults())
+        upstream = DualAlpnServer(
+            cert, h1, enable_connect_protocol=True,
+            reset_after_connect=True, reset_code=h2.errors.ErrorCodes.HTTP_1_1_REQUIRED,
+        )
+        async with upstream:
+            async with reverse_to(f"https://127.0.0.1:{upstream.port}", report=report) as md:
+                client = await h2_client(md)
+                ws = await client.open_websocket("/chat", AUTHORITY, data_before_status=b"early")
+                status = await ws.wait_status(5)
+                early = await ws.receive(5)
+                await client.close()
+                record = await md.wait_for_record(event="handshake")
+        return status, early, record, h1.received, md
+
+    status, early, record, h1_received, md = run(scenario())
+    assert status == 200 and early == "early"  # nothing the client sent was lost
+    assert len(h1_received) == 1 and record["upstream_transport"] == "h1"
+    assert record["outcome"] == "upgraded"
+    assert_clean_log(md)

@@ -1,35 +1,45 @@
-"""WebSocket frame boundaries (RFC 6455 section 5.2), without parsing payloads.
+"""WebSocket message boundaries (RFC 6455 section 5), without unmasking payloads.
 
 Bytes a client sends before the handshake's status may be passed upstream
 raw; mitmproxy's WebSocket layer takes over after the status and must start
-at a frame boundary, so only whole frames are passed on.
+where no message is half sent, so only whole messages are passed on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 
-def whole_frames_length(data: bytes) -> int:
-    """How many leading bytes of `data` make up complete frames."""
+CONTINUATION = 0x0
+
+
+def _frames(data: bytes) -> Iterator[tuple[int, bool, int]]:
+    """(opcode, fin, end offset) of each complete frame at the start of `data`."""
     offset = 0
-    while True:
-        if len(data) - offset < 2:
-            return offset
-        second = data[offset + 1]
+    while len(data) - offset >= 2:
+        first, second = data[offset], data[offset + 1]
         length = second & 0x7F
-        header = 2
-        if length == 126:
-            header = 4
-        elif length == 127:
-            header = 10
-        if second & 0x80:  # masked: a 4-byte key follows the length
-            header += 4
+        header = {126: 4, 127: 10}.get(length, 2) + (4 if second & 0x80 else 0)
         if len(data) - offset < header:
-            return offset
+            return
         if length == 126:
             length = int.from_bytes(data[offset + 2 : offset + 4], "big")
         elif length == 127:
             length = int.from_bytes(data[offset + 2 : offset + 10], "big")
         end = offset + header + length
         if end > len(data):
-            return offset
+            return
+        yield first & 0x0F, bool(first & 0x80), end
         offset = end
+
+
+def whole_messages_length(data: bytes) -> int:
+    """How many leading bytes of `data` hold only complete frames and no
+    unfinished fragmented message."""
+    whole = 0
+    in_message = False
+    for opcode, fin, end in _frames(data):
+        if opcode < 0x8:  # a data frame: text, binary or continuation
+            in_message = not fin
+        if not in_message:
+            whole = end
+    return whole

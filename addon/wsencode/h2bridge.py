@@ -55,7 +55,7 @@ from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http2
 from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
 
-from .frames import whole_frames_length
+from .frames import whole_messages_length
 from .handshake import accept_for, classify
 
 logger = logging.getLogger("ws_encode")
@@ -68,7 +68,7 @@ UPGRADE_ONLY = frozenset(
      "sec-websocket-key", "sec-websocket-accept", "host"}
 )
 
-NEEDS_HTTP1 = "ws-encode: the HTTP/2 upstream cannot take this WebSocket (no RFC 8441), retrying over HTTP/1.1"
+NEEDS_HTTP1 = "ws_encode: the HTTP/2 upstream cannot take this WebSocket (no RFC 8441), retrying over HTTP/1.1"
 # What mitmproxy's HttpStream says when an upgraded stream's child layer closes
 # a connection; both versions use this message (12 also has a distinct code).
 PASSTHROUGH_CLOSE = "EOF"
@@ -112,13 +112,14 @@ def is_websocket_upgrade(request: http.Request) -> bool:
     return handshake is not None and not handshake.malformed
 
 
-_QUOTED = re.compile(r"""b?(['"])(?!:)(?:(?!\1).)*\1""")
+_QUOTED = re.compile(r"""b?(['"])((?:\\.|(?!\1).)*)\1""")
+PSEUDO_HEADERS = frozenset({":method", ":scheme", ":path", ":authority", ":protocol", ":status"})
 
 
 def without_values(text: str) -> str:
-    """h2's messages quote header values, which may be secrets; keep only
-    pseudo-header names (they start with a colon)."""
-    return _QUOTED.sub("<value>", text)
+    """h2's messages quote header values, which may be secrets: every quoted
+    string but a pseudo-header's name becomes <value>."""
+    return _QUOTED.sub(lambda m: m.group(0) if m.group(2) in PSEUDO_HEADERS else "<value>", text)
 
 
 def malformed(headers: list[tuple[bytes, bytes]], trailers: bool) -> str | None:
@@ -163,6 +164,18 @@ class ClientSideStream:
     # Where early client DATA goes once an HTTP/2 upstream has the CONNECT:
     # (upstream connection, stream id), set by WsHttp2Client._send_connect.
     relay: tuple[connection.Connection, int] | None = None
+    # What went that way, kept until the upstream accepts: if it resets the
+    # CONNECT instead, the bytes go to wherever the WebSocket goes next.
+    relayed: bytearray = field(default_factory=bytearray)
+
+    def relay_accepted(self) -> None:
+        self.relay = None
+        self.relayed.clear()
+
+    def relay_failed(self) -> None:
+        self.relay = None
+        self.early[:0] = self.relayed
+        self.relayed.clear()
 
 
 @dataclass
@@ -215,6 +228,10 @@ class WsHttp2Server(_http2.Http2Server):
         if ws.phase is WsPhase.WAITING and isinstance(event, h2.events.StreamEnded):
             ws.ended_early = True
             return False
+        if isinstance(event, h2.events.TrailersReceived):
+            # Only DATA may follow on a CONNECT stream (RFC 9113 section 8.5).
+            yield from self._reset(sid, "trailers on a WebSocket stream")
+            return False
         if ws.phase is WsPhase.OPEN and isinstance(event, h2.events.StreamReset):
             # After the upgrade a reset is the peer going away, which is what
             # the WebSocket layer understands; as an error it would crash it.
@@ -232,14 +249,16 @@ class WsHttp2Server(_http2.Http2Server):
         self.h2_conn.acknowledge_received_data(event.flow_controlled_length, sid)
         ws.early += event.data
         if ws.relay:
-            # An HTTP/2 upstream has the CONNECT: pass whole frames on, or a
-            # server that waits for them would never answer.
+            # An HTTP/2 upstream has the CONNECT: pass whole messages on, or
+            # a server that waits for them would never answer.
             upstream, upstream_sid = ws.relay
-            whole = whole_frames_length(ws.early)
+            whole = whole_messages_length(ws.early)
             if whole:
-                data, ws.early = bytes(ws.early[:whole]), ws.early[whole:]
+                data = bytes(ws.early[:whole])
+                del ws.early[:whole]
+                ws.relayed += data
                 yield http_layers.SendHttp(http_layers.RequestData(upstream_sid, data), upstream)
-        if len(ws.early) > MAX_EARLY_BYTES:
+        if len(ws.early) + len(ws.relayed) > MAX_EARLY_BYTES:
             yield from self._reset(sid, f"more than {MAX_EARLY_BYTES} bytes of data before the status")
 
     def _extended_connect(self, event: h2.events.RequestReceived) -> layer.CommandGenerator[None]:
@@ -277,9 +296,13 @@ class WsHttp2Server(_http2.Http2Server):
     def _reset(self, sid: int, reason: str) -> layer.CommandGenerator[None]:
         yield commands.Log(f"ws_encode: reset HTTP/2 stream {sid}: {reason}", logging.WARNING)
         self.h2_conn.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
-        self.websockets.pop(sid, None)
+        ws = self.websockets.pop(sid, None)
         if self.streams.pop(sid, None) is not None:
-            yield http_layers.ReceiveHttp(request_error(sid, reason))
+            if ws is not None and ws.phase is WsPhase.OPEN:
+                # The WebSocket layer understands only the peer going away.
+                yield http_layers.ReceiveHttp(http_layers.RequestEndOfMessage(sid))
+            else:
+                yield http_layers.ReceiveHttp(request_error(sid, reason))
         yield commands.SendData(self.conn, self.h2_conn.data_to_send())
 
     def _refuse(self, sid: int, status: int, reason: str) -> layer.CommandGenerator[None]:
@@ -322,7 +345,7 @@ class WsHttp2Server(_http2.Http2Server):
     def _send_success(self, event: http_layers.ResponseHeaders) -> layer.CommandGenerator[None]:
         ws = self.websockets[event.stream_id]
         ws.phase = WsPhase.OPEN
-        ws.relay = None  # from now on the WebSocket layer carries the client's data
+        ws.relay_accepted()  # from now on the WebSocket layer carries the client's data
         if self.is_open_for_us(event.stream_id):
             headers = [(b":status", b"200"), *_h2_headers(event.response.headers)]
             self.h2_conn.send_headers(event.stream_id, headers, end_stream=False)
@@ -388,6 +411,8 @@ class WsHttp2Client(_http2.Http2Client):
             if self._must_hold(event):
                 # Stream ids are only taken when headers are really sent, so a held
                 # CONNECT does not make later requests' ids go backwards.
+                if isinstance(event, http_layers.RequestHeaders):
+                    facts_for(event.request).forwarded_at = None  # not sent: no stall clock yet
                 self.held.append(event)
                 return
             if self._cannot_take(event):
@@ -445,14 +470,16 @@ class WsHttp2Client(_http2.Http2Client):
         )
         # The request is really on its way now (it may have waited for SETTINGS).
         ws.facts.forwarded_at = time.monotonic()
-        client_side = _waiting_clients.pop(event.request, None)
+        client_side = _waiting_clients.get(event.request)
         if client_side is not None and client_side.phase is WsPhase.WAITING:
             # What an HTTP/2 client sent before the status goes upstream now,
             # and whatever follows goes straight here (see WsHttp2Server).
-            whole = whole_frames_length(client_side.early)
+            whole = whole_messages_length(client_side.early)
             if whole:
-                self.h2_conn.send_data(sid, bytes(client_side.early[:whole]))
+                data = bytes(client_side.early[:whole])
                 del client_side.early[:whole]
+                client_side.relayed += data
+                self.h2_conn.send_data(sid, data)
             client_side.relay = (self.conn, self.their_stream_id[sid])
             ws.relay_from = client_side
         yield commands.SendData(self.conn, self.h2_conn.data_to_send())
@@ -469,6 +496,13 @@ class WsHttp2Client(_http2.Http2Client):
         if isinstance(event, h2.events.StreamReset):
             yield from self._stream_reset(sid, ws, event)
             return False
+        if isinstance(event, h2.events.TrailersReceived):
+            # Only DATA may follow on a CONNECT stream (RFC 9113 section 8.5).
+            yield commands.Log(f"ws_encode: reset upstream HTTP/2 stream {sid}: trailers on a WebSocket stream", logging.WARNING)
+            self.h2_conn.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            yield commands.SendData(self.conn, self.h2_conn.data_to_send())
+            yield from self._stream_gone(sid, ws, "upstream sent trailers on a WebSocket stream")
+            return False
         done = yield from super().handle_h2_event(event)
         if self.is_closed(sid):
             self.websockets.pop(sid, None)
@@ -476,7 +510,8 @@ class WsHttp2Client(_http2.Http2Client):
 
     def _status(self, sid: int, ws: UpstreamStream, event: h2.events.ResponseReceived) -> layer.CommandGenerator[bool]:
         if ws.relay_from is not None:
-            ws.relay_from.relay = None  # the rest goes through mitmproxy's WebSocket layer
+            # Whatever the answer, the rest goes through mitmproxy's stream.
+            ws.relay_from.relay_accepted()
         try:
             status, fields = _http2.parse_h2_response_headers(event.headers)
         except ValueError:
@@ -511,17 +546,29 @@ class WsHttp2Client(_http2.Http2Client):
         return False
 
     def _stream_reset(self, sid: int, ws: UpstreamStream, event: h2.events.StreamReset) -> layer.CommandGenerator[None]:
+        if ws.phase is WsPhase.WAITING and event.error_code == h2.errors.ErrorCodes.HTTP_1_1_REQUIRED:
+            message = NEEDS_HTTP1
+        else:
+            message = f"stream reset by server ({_error_name(event.error_code)})"
+        yield from self._stream_gone(sid, ws, message)
+
+    def _stream_gone(self, sid: int, ws: UpstreamStream, message: str) -> layer.CommandGenerator[None]:
+        """The upstream stream ended abnormally: an open WebSocket sees its
+        peer close; a waiting handshake fails (or moves to HTTP/1.1)."""
         del self.websockets[sid]
         self.streams.pop(sid, None)
         if ws.phase is WsPhase.OPEN:
             yield http_layers.ReceiveHttp(http_layers.ResponseEndOfMessage(sid))
-        elif event.error_code == h2.errors.ErrorCodes.HTTP_1_1_REQUIRED:
-            yield http_layers.ReceiveHttp(response_error(sid, NEEDS_HTTP1))
         else:
-            yield http_layers.ReceiveHttp(response_error(sid, f"stream reset by server ({_error_name(event.error_code)})"))
+            if ws.relay_from is not None:
+                ws.relay_from.relay_failed()
+            yield http_layers.ReceiveHttp(response_error(sid, message))
 
     def close_connection(self, msg: str) -> layer.CommandGenerator[None]:
         self.closed = True
+        for ws in self.websockets.values():
+            if ws.phase is WsPhase.WAITING and ws.relay_from is not None:
+                ws.relay_from.relay_failed()
         yield from _close_open_websockets(self, http_layers.ResponseEndOfMessage)
         yield from super().close_connection(msg)
 
@@ -596,7 +643,8 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
 
     def _retry_over_http1(self) -> layer.CommandGenerator[None]:
         self.retried_over_http1 = True
-        yield commands.Log(f"ws_encode: {NEEDS_HTTP1} for {self.flow.request.host}", logging.INFO)
+        yield commands.Log(f"{NEEDS_HTTP1} ({self.flow.request.host})", logging.INFO)
+        facts_for(self.flow.request).forwarded_at = None  # not sent again yet
         address = (self.flow.request.host, self.flow.request.port)
         key = (id(self.context.client), address)
         _http1_only.add(key)
