@@ -27,7 +27,7 @@ from typing import Any
 for _name in [n for n in sys.modules if n == "wsencode" or n.startswith("wsencode.")]:
     del sys.modules[_name]
 
-from mitmproxy import command, connection, ctx, exceptions, flowfilter, hooks, http  # noqa: E402
+from mitmproxy import command, connection, ctx, exceptions, flowfilter, hooks, http, websocket  # noqa: E402
 from mitmproxy.proxy import server_hooks  # noqa: E402
 
 from wsencode import diagnosis, h2bridge  # noqa: E402
@@ -299,6 +299,16 @@ class WsEncode:
                 "ws_encode: the upstream answered the WebSocket handshake with a wrong Sec-WebSocket-Accept\n",
             )
             flow.websocket = None
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        # Messages an HTTP/2 client sent before the status went straight
+        # upstream; they belong at the start of the conversation.
+        early = self.bridge.facts(flow.request).early_messages
+        if early and flow.websocket is not None:
+            flow.websocket.messages[:0] = [
+                websocket.WebSocketMessage(opcode, True, content, timestamp)
+                for opcode, content, timestamp in early
+            ]
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.failing.discard(flow.id)

@@ -483,14 +483,14 @@ def test_a_200_with_content_encoding(cert, report, policy):
     assert ("content-encoding" in headers) == (policy == "observe")
 
 
-def test_an_early_message_in_fragments_goes_upstream_only_when_whole(cert, report):
+def test_an_early_message_in_fragments_goes_upstream_only_when_whole(cert, report, tmp_path):
     """The first fragment alone is held (mitmproxy's WebSocket layer, which
     takes over at the status, must not start inside a message); once the
     message is whole it goes upstream, and the withholding server answers."""
 
     async def scenario():
         async with h2ws.H2WebSocketServer(*cert, withhold_status_when_encoding=True) as upstream:
-            async with reverse_to(f"https://127.0.0.1:{upstream.port}", report=report) as md:
+            async with reverse_to(f"https://127.0.0.1:{upstream.port}", "-w", str(tmp_path / "f.mitm"), report=report) as md:
                 client = await h2_client(md)
                 ws = await client.open_websocket("/chat", AUTHORITY, headers=[("accept-encoding", "gzip")])
                 await ws._send_frames([ws._frames.send_data("hel", fin=False)], 5)
@@ -511,6 +511,14 @@ def test_an_early_message_in_fragments_goes_upstream_only_when_whole(cert, repor
     assert record["outcome"] == "upgraded" and record["stalled"]
     assert "together with the first response data" in record["diagnosis"]
     assert_clean_log(md)
+    from mitmproxy import io
+
+    with open(tmp_path / "f.mitm", "rb") as f:
+        [flow] = [fl for fl in io.FlowReader(f).stream() if fl.websocket]
+    # The early message went past mitmproxy's WebSocket layer, and is kept all the same.
+    assert [(m.from_client, m.text) for m in flow.websocket.messages] == [
+        (True, "hello"), (False, "hello"), (True, "after"), (False, "after")
+    ]
 
 
 @pytest.mark.parametrize("upgraded", [True, False], ids=["after the 200", "before the 200"])

@@ -54,6 +54,7 @@ from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http2
 from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
+from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from .frames import whole_messages_length
 from .handshake import accept_for, classify
@@ -84,6 +85,9 @@ class StreamFacts:
     upstream_status: int | None = None
     client_bytes_before_status: int = 0
     status_with_data: bool = False
+    # Client messages that went upstream before the status, past mitmproxy's
+    # WebSocket layer: (opcode, payload, time.time()), for flow.websocket.
+    early_messages: list[tuple[int, bytes, float]] = field(default_factory=list)
 
 
 NO_FACTS = StreamFacts()
@@ -120,6 +124,25 @@ def without_values(text: str) -> str:
     """h2's messages quote header values, which may be secrets: every quoted
     string but a pseudo-header's name becomes <value>."""
     return _QUOTED.sub(lambda m: m.group(0) if m.group(2) in PSEUDO_HEADERS else "<value>", text)
+
+
+def client_messages(data: bytes) -> list[tuple[int, bytes, float]]:
+    """The whole messages in masked client frames, as (opcode, payload, time)."""
+    frames = FrameProtocol(client=False, extensions=[])
+    frames.receive_bytes(data)
+    messages, opcode, parts = [], None, []
+    try:
+        for frame in frames.received_frames():
+            if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
+                opcode = frame.opcode
+            if frame.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONTINUATION):
+                parts.append(frame.payload.encode() if isinstance(frame.payload, str) else bytes(frame.payload))
+                if frame.message_finished:
+                    messages.append((int(opcode), b"".join(parts), time.time()))
+                    parts = []
+    except ParseFailed:
+        pass  # the upstream got the bytes as they were; only the record is shorter
+    return messages
 
 
 def malformed(headers: list[tuple[bytes, bytes]], trailers: bool) -> str | None:
@@ -170,6 +193,7 @@ class ClientSideStream:
 
     def relay_accepted(self) -> None:
         self.relay = None
+        self.facts.early_messages += client_messages(self.relayed)
         self.relayed.clear()
 
     def relay_failed(self) -> None:
