@@ -1,11 +1,14 @@
 """What the addon costs: handshake and message round-trip rates, with vs without it.
 
-    python scripts/bench.py [--handshakes 200] [--messages 2000]
+    python scripts/bench.py [--handshakes 200] [--messages 2000] [--concurrent 200]
 
 Measured in one run, on 127.0.0.1, against an echo upstream:
 - HTTP/1.1: direct, through mitmdump alone, through mitmdump with the addon;
 - HTTP/2 (RFC 8441): direct, through mitmdump with the addon (stock mitmproxy
-  cannot carry HTTP/2 WebSockets, so there is no "without" to compare).
+  cannot carry HTTP/2 WebSockets, so there is no "without" to compare);
+- scale: `--concurrent` HTTP/1.1 WebSockets held open at once (opened in
+  ramped batches: mitmproxy listens with a backlog of 100), each echoing once,
+  through mitmdump alone and with the addon.
 Prints rates and the ratios between them. Every loop is bounded in count.
 """
 
@@ -91,6 +94,24 @@ async def h1_rates(port: int, handshakes: int, messages: int) -> tuple[float, fl
     return hs_rate, msg_rate
 
 
+RAMP = 25  # connections opened at a time
+
+
+async def concurrent_seconds(port: int, count: int, _messages: int) -> tuple[float, float]:
+    """Seconds to open `count` WebSockets (ramped) and echo once on each while
+    all are open; returned twice to fit `show` (opens/s, echoes/s)."""
+    start = time.perf_counter()
+    sockets: list[H1Socket] = []
+    for batch in range(0, count, RAMP):
+        sockets += await asyncio.gather(*(H1Socket.open(port) for _ in range(min(RAMP, count - batch))))
+    opened = time.perf_counter()
+    await asyncio.gather(*(sock.echo(f"c{i}") for i, sock in enumerate(sockets)))
+    echoed = time.perf_counter()
+    for sock in sockets:
+        sock.close()
+    return count / (opened - start), count / (echoed - opened)
+
+
 async def h2_rates(port: int, handshakes: int, messages: int) -> tuple[float, float]:
     async with await h2ws.H2WebSocketClient("127.0.0.1", port, server_hostname="localhost").connect() as client:
         start = time.perf_counter()
@@ -120,7 +141,7 @@ async def through(upstream: str, with_addon: bool, measure, handshakes: int, mes
 
 
 def show(label: str, rates: tuple[float, float], base: tuple[float, float] | None = None) -> None:
-    text = f"  {label:<28} {rates[0]:8.0f} handshakes/s {rates[1]:8.0f} echoes/s"
+    text = f"  {label:<32} {rates[0]:8.0f} handshakes/s {rates[1]:8.0f} echoes/s"
     if base:
         text += f"   ({rates[0] / base[0]:.2f}x, {rates[1] / base[1]:.2f}x)"
     print(text)
@@ -130,14 +151,17 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--handshakes", type=int, default=200)
     parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--concurrent", type=int, default=200)
     args = parser.parse_args()
-    n, m = args.handshakes, args.messages
+    n, m, c = args.handshakes, args.messages, args.concurrent
 
     h1 = FaultServer(Faults())
     await h1.start()
     direct = await h1_rates(h1.port, n, m)
     stock = await through(f"http://127.0.0.1:{h1.port}", False, h1_rates, n, m)
     addon = await through(f"http://127.0.0.1:{h1.port}", True, h1_rates, n, m)
+    scale_stock = await through(f"http://127.0.0.1:{h1.port}", False, concurrent_seconds, c, 0)
+    scale_addon = await through(f"http://127.0.0.1:{h1.port}", True, concurrent_seconds, c, 0)
     await h1.stop()
     print("HTTP/1.1 WebSockets (ratios against the line named in brackets)")
     show("direct", direct)
@@ -152,6 +176,9 @@ async def main() -> None:
     print("HTTP/2 WebSockets (RFC 8441)")
     show("direct", direct2)
     show("mitmdump + ws_encode [direct]", addon2, direct2)
+    print(f"{c} HTTP/1.1 WebSockets open at once (opens/s while ramping, echoes/s with all open)")
+    show("mitmdump", scale_stock)
+    show("mitmdump + ws_encode [mitmdump]", scale_addon, scale_stock)
 
 
 if __name__ == "__main__":
