@@ -288,6 +288,17 @@ def test_whole_messages_length_finds_where_no_message_is_half_sent(messages, mas
     assert whole_messages_length(stream[:cut]) == max(b for b in boundaries if b <= cut)
 
 
+def test_a_compressed_frame_ends_what_may_go_upstream_raw():
+    from wsproto.extensions import PerMessageDeflate
+
+    plain = bytes(FrameProtocol(client=True, extensions=[]).send_data("plain", fin=True))
+    deflate = PerMessageDeflate()
+    deflate._enabled = True  # as if negotiated: the frame carries the compressed flag
+    compressed = bytes(FrameProtocol(client=True, extensions=[deflate]).send_data("squeezed", fin=True))
+    assert compressed[0] & 0x40
+    assert whole_messages_length(plain + compressed + plain) == len(plain)
+
+
 def test_without_values_keeps_pseudo_header_names_only():
     assert without_values("Received header value surrounded by whitespace b'Bearer s3cret '") == (
         "Received header value surrounded by whitespace <value>"

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 CONTINUATION = 0x0
 
 
-def _frames(data: bytes) -> Iterator[tuple[int, bool, int]]:
-    """(opcode, fin, end offset) of each complete frame at the start of `data`."""
+def _frames(data: bytes) -> Iterator[tuple[int, bool, bool, int]]:
+    """(opcode, fin, reserved bits set, end offset) of each complete frame at
+    the start of `data`."""
     offset = 0
     while len(data) - offset >= 2:
         first, second = data[offset], data[offset + 1]
@@ -28,16 +29,20 @@ def _frames(data: bytes) -> Iterator[tuple[int, bool, int]]:
         end = offset + header + length
         if end > len(data):
             return
-        yield first & 0x0F, bool(first & 0x80), end
+        yield first & 0x0F, bool(first & 0x80), bool(first & 0x70), end
         offset = end
 
 
 def whole_messages_length(data: bytes) -> int:
     """How many leading bytes of `data` hold only complete frames and no
-    unfinished fragmented message."""
+    unfinished fragmented message, stopping at the first frame that uses a
+    reserved bit: that is an extension's (permessage-deflate's compressed
+    flag), whose state mitmproxy's WebSocket layer must see from the start."""
     whole = 0
     in_message = False
-    for opcode, fin, end in _frames(data):
+    for opcode, fin, reserved, end in _frames(data):
+        if reserved:
+            break
         if opcode < 0x8:  # a data frame: text, binary or continuation
             in_message = not fin
         if not in_message:
