@@ -16,37 +16,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import h2ws
 from fault_server import Faults, FaultServer
+from mitmdump_proc import ADDON, start_reverse_proxy
 from wsproto import WSConnection
 from wsproto.connection import ConnectionType
 from wsproto.events import AcceptConnection, Message, Request, TextMessage
 
-ROOT = Path(__file__).resolve().parent.parent
-MITMDUMP = Path(sys.executable).with_name("mitmdump")
-LISTENING = re.compile(rb"listening at [^\s]*:(\d+)")
 
 
 async def start_mitmdump(upstream: str, with_addon: bool):
-    args = [str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", "0", "--mode", f"reverse:{upstream}",
-            "--ssl-insecure", "--set", "flow_detail=0"]
-    if with_addon:
-        args += ["-s", str(ROOT / "addon" / "ws_encode.py")]
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    async for line in proc.stdout:
-        if m := LISTENING.search(line):
-            # Keep reading its log, or a full pipe would stall the proxy.
-            asyncio.get_running_loop().create_task(proc.stdout.read())
-            return proc, int(m.group(1))
-    raise SystemExit("mitmdump did not start")
+    proc, port = await start_reverse_proxy(upstream, *(["-s", str(ADDON)] if with_addon else []))
+    # Keep reading its log, or a full pipe would stall the proxy.
+    asyncio.get_running_loop().create_task(proc.stdout.read())
+    return proc, port
 
 
 class H1Socket:

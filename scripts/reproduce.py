@@ -20,35 +20,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import sys
 import tempfile
 from pathlib import Path
 
 import h2ws
 from fault_server import Faults, FaultServer
+from mitmdump_proc import ADDON, start_reverse_proxy
 
-ROOT = Path(__file__).resolve().parent.parent
-ADDON = ROOT / "addon" / "ws_encode.py"
-MITMDUMP = Path(sys.executable).with_name("mitmdump")
-LISTENING = re.compile(rb"listening at [^\s]*:(\d+)")
 
 
 BROWSER_CODINGS = "gzip, deflate, br, zstd"  # what Chromium offers on a WebSocket handshake
 
 
 async def start_mitmdump(upstream: str, policy: str, stall: float, report: Path):
-    proc = await asyncio.create_subprocess_exec(
-        str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", "0", "-s", str(ADDON),
-        "--mode", f"reverse:{upstream}", "--ssl-insecure",
-        "--set", f"ws_encode_policy={policy}", "--set", f"ws_encode_stall={stall}",
-        "--set", f"ws_encode_report={report}", "--set", "flow_detail=0",
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    return await start_reverse_proxy(
+        upstream, "-s", str(ADDON), "--set", f"ws_encode_policy={policy}",
+        "--set", f"ws_encode_stall={stall}", "--set", f"ws_encode_report={report}",
     )
-    async for line in proc.stdout:
-        if m := LISTENING.search(line):
-            return proc, int(m.group(1))
-    raise SystemExit("mitmdump did not start:\n" + (await proc.stdout.read()).decode())
 
 
 async def echo_pump(proc, prefix: str) -> None:
