@@ -14,6 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "addon" / "ws_encode.py"
+# Loaded into every test proxy: it refuses any upstream that is not loopback.
+LOOPBACK_ONLY = ROOT / "scripts" / "loopback_only.py"
 sys.path[:0] = [str(ROOT / "addon"), str(ROOT / "scripts")]
 # Imported first: the script resets the `wsencode` package when it is
 # (re)imported, so tests and addon then share the same module objects.
@@ -40,7 +42,7 @@ class Mitmdump:
         self._reader: asyncio.Task | None = None
 
     async def __aenter__(self) -> Mitmdump:
-        cmd = [str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", "0", "-s", str(ADDON)]
+        cmd = [str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", "0", "-s", str(ADDON), "-s", str(LOOPBACK_ONLY)]
         if self.report:
             cmd += ["--set", f"ws_encode_report={self.report}"]
         self._proc = await asyncio.create_subprocess_exec(

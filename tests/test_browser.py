@@ -57,6 +57,8 @@ async def chromium(proxy_port: int, page: str, home) -> asyncio.subprocess.Proce
         "--no-first-run", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--ignore-certificate-errors",
         f"--proxy-server=http://127.0.0.1:{proxy_port}", "--proxy-bypass-list=<-loopback>",
+        # Every name but loopback is not found, even if something resolves locally.
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
         f"--user-data-dir={home / 'profile'}",
         "data:text/html," + urllib.parse.quote(page),
         env=env, stdin=asyncio.subprocess.DEVNULL,
