@@ -1,47 +1,45 @@
 """ws-encode: find out why WebSocket handshakes hang, and prove it.
 
-    mitmdump -s addon/ws_encode.py --mode reverse:http://127.0.0.1:8080 \
+    mitmdump -s addon/ws_encode.py --mode reverse:http://127.0.0.1:9000 -p 8081 \
         --set ws_encode_policy=observe --set ws_encode_report=handshakes.jsonl
 
 Sees every WebSocket handshake (HTTP/1.1 upgrades and HTTP/2 extended
-CONNECTs), applies an encoding policy to it, reports a stall the moment an
-upstream withholds the status while the client waits, and writes one report
-record per handshake. The contract is ../shared/SPEC.md; the protocol logic
-lives in the `wsencode` package beside this file, this class only adapts
-mitmproxy's hooks to it.
+CONNECTs), applies an encoding policy to it, reports a stall the moment a
+status is withheld while the client waits, saying where the handshake is
+stuck, and writes one report record per handshake. The contract is
+../shared/SPEC.md; the protocol logic lives in the `wsencode` package beside
+this file (`tracker` is the core this class feeds), and this class only
+adapts mitmproxy's hooks to it.
 """
-
 
 import asyncio
 import logging
 import sys
 import time
-from collections import OrderedDict
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 # mitmproxy re-imports this script when the file changes. Drop the package's
 # cached modules first, so that a reload also picks up changes to them.
 for _name in [n for n in sys.modules if n == "wsencode" or n.startswith("wsencode.")]:
     del sys.modules[_name]
 
-from mitmproxy import command, connection, ctx, exceptions, flowfilter, hooks, http, websocket  # noqa: E402
+from mitmproxy import command, connection, ctx, exceptions, flow, flowfilter, hooks, http, websocket  # noqa: E402
 from mitmproxy.proxy import server_hooks  # noqa: E402
 
-from wsencode import diagnosis, h2bridge  # noqa: E402
+from wsencode import h2bridge  # noqa: E402
 from wsencode.handshake import Transport, accept_for, classify  # noqa: E402
-from wsencode.lifecycle import EndCause, HandshakeEnded, Phase, Progress  # noqa: E402
+from wsencode.lifecycle import EndCause, Stage  # noqa: E402
 from wsencode.policy import EncodingPolicy  # noqa: E402
-from wsencode.report import ReportWriter, redact_url, utc_now_iso  # noqa: E402
+from wsencode.report import ReportWriter, printable, redact_url, utc_now_iso  # noqa: E402
 from wsencode.stallwatch import StallWatch  # noqa: E402
+from wsencode.tracker import Record, TrackedHandshake, Tracker  # noqa: E402
 
 logger = logging.getLogger("ws_encode")
 
 STALL_MARK = ":hourglass:"
 BAD_ACCEPT_STATUS = 502
-REMEMBERED_STALLS = 1000
 
 
 def parse_stall_seconds(value: str) -> float:
@@ -55,24 +53,27 @@ def parse_stall_seconds(value: str) -> float:
     return seconds
 
 
-def end_cause(error_message: str, upstream_connected: bool) -> EndCause:
-    """Who ended a handshake that got no status, from mitmproxy's error text."""
-    text = error_message.lower()
-    if "killed" in text:
+def end_cause(f: http.HTTPFlow, facts: h2bridge.StreamFacts) -> EndCause:
+    """Who ended a handshake that got no status: from what the codecs and
+    the connections know, and mitmproxy's error text only where they are
+    silent (a client's stream reset leaves its connection open)."""
+    if facts.ended_by_proxy:
+        return EndCause.PROXY_RESET
+    if f.error is not None and f.error.msg == flow.Error.KILLED_MESSAGE:
         return EndCause.KILLED
-    if "client" in text:
+    if f.client_conn.timestamp_end is not None or (f.error is not None and "client" in f.error.msg.lower()):
         return EndCause.CLIENT_GONE
-    if not upstream_connected:
+    if f.server_conn.timestamp_tcp_setup is None:
         return EndCause.UPSTREAM_UNREACHABLE
     return EndCause.UPSTREAM_CLOSED
 
 
-def accept_matches(flow: http.HTTPFlow) -> bool:
+def accept_matches(f: http.HTTPFlow) -> bool:
     """False only for a 101 whose accept hash does not answer the request's key."""
-    if flow.response is None or flow.response.status_code != 101:
+    if f.response is None or f.response.status_code != 101:
         return True
-    key = flow.request.headers.get("sec-websocket-key", "")
-    return flow.response.headers.get("sec-websocket-accept", "").strip() == accept_for(key)
+    key = f.request.headers.get("sec-websocket-key", "")
+    return f.response.headers.get("sec-websocket-accept", "").strip() == accept_for(key)
 
 
 def upstream_transport(server: connection.Server) -> str | None:
@@ -85,25 +86,9 @@ def upstream_transport(server: connection.Server) -> str | None:
     return Transport.H1.value
 
 
-@dataclass
-class Tracked:
-    """A handshake the addon follows: the live flow and what was sent."""
-
-    flow: http.HTTPFlow
-    progress: Progress
-    policy: EncodingPolicy
-    url: str
-    accept_encoding_client: str | None
-    accept_encoding_upstream: str | None
-
-    @property
-    def client_status(self) -> int | None:
-        """The status the client received: an HTTP/2 or HTTP/3 client gets 200
-        for any successful upgrade, whatever the upstream answered."""
-        status = self.progress.status
-        if status is None or self.progress.handshake.transport is Transport.H1:
-            return status
-        return 200 if self.progress.phase is Phase.UPGRADED else status
+def header(headers: http.Headers, name: str) -> str | None:
+    value = headers.get(name)
+    return None if value is None else printable(value)
 
 
 class WsEncode:
@@ -113,11 +98,13 @@ class WsEncode:
         self.stall_after = 2.0
         self.filter: flowfilter.TFilter | None = None
         self.report: ReportWriter | None = None
-        self.tracked: dict[str, Tracked] = {}
-        self.failing: set[str] = set()  # flows whose handshake the proxy fails in `response`
-        self.stalls: OrderedDict[str, str] = OrderedDict()
+        self.tracker = Tracker()
+        self.flows: dict[str, http.HTTPFlow] = {}  # the live flow of each tracked handshake
         self.watch: StallWatch | None = None
         self.bridge = h2bridge.Bridge()
+        # Upstream connections being opened, with their client's id: where a
+        # handshake waiting for a connection is (TCP or TLS).
+        self.opening: weakref.WeakKeyDictionary[connection.Server, str] = weakref.WeakKeyDictionary()
         self._configured = False
         # Monotonic seconds; the bridge notes its times with the same clock.
         self.clock = time.monotonic
@@ -144,8 +131,8 @@ class WsEncode:
             "ws_encode_stall",
             str,
             "2",
-            "Seconds (> 0, e.g. 1.5) the status of a forwarded WebSocket handshake may be "
-            "withheld before a stall is reported.",
+            "Seconds (> 0, e.g. 1.5) a WebSocket handshake may wait for its status, from "
+            "when the proxy received it, before a stall is reported.",
         )
         loader.add_option(
             "ws_encode_report",
@@ -159,7 +146,7 @@ class WsEncode:
             str,
             "",
             "Only handle WebSocket handshakes matching this mitmproxy filter expression "
-            "(empty: all).",
+            "(empty: all). ~websocket matches handshakes too.",
         )
         loader.add_option(
             "ws_encode_h2",
@@ -189,26 +176,29 @@ class WsEncode:
                 self.policy = EncodingPolicy(opts.ws_encode_policy)
             except ValueError:
                 raise exceptions.OptionsError(
-                    f"ws_encode_policy: unknown policy {opts.ws_encode_policy!r}; "
+                    f"ws_encode_policy: unknown policy {printable(opts.ws_encode_policy)!r}; "
                     "use observe, strip or inject"
                 ) from None
         if "ws_encode_codings" in updated:
-            if not opts.ws_encode_codings.strip() or "\n" in opts.ws_encode_codings:
+            codings = opts.ws_encode_codings
+            # A CR or LF would end the header line and start another one upstream.
+            if not codings.strip() or printable(codings) != codings:
                 raise exceptions.OptionsError(
-                    "ws_encode_codings: must be a non-empty accept-encoding value on one line"
+                    "ws_encode_codings: must be a non-empty accept-encoding value on one line, "
+                    "without control characters"
                 )
-            self.codings = opts.ws_encode_codings.strip()
+            self.codings = codings.strip()
         if "ws_encode_stall" in updated:
             try:
                 self.stall_after = parse_stall_seconds(opts.ws_encode_stall)
             except ValueError as e:
-                raise exceptions.OptionsError(f"ws_encode_stall: {e}") from None
+                raise exceptions.OptionsError(f"ws_encode_stall: {printable(str(e))}") from None
         if "ws_encode_filter" in updated:
             if opts.ws_encode_filter:
                 try:
                     self.filter = flowfilter.parse(opts.ws_encode_filter)
                 except ValueError as e:
-                    raise exceptions.OptionsError(f"ws_encode_filter: {e}") from None
+                    raise exceptions.OptionsError(f"ws_encode_filter: {printable(str(e))}") from None
             else:
                 self.filter = None
         if "ws_encode_report" in updated:
@@ -223,7 +213,7 @@ class WsEncode:
                 new = ReportWriter(Path(path).expanduser())
             except OSError as e:
                 raise exceptions.OptionsError(
-                    f"ws_encode_report: cannot append to {path!r}: {e.strerror}"
+                    f"ws_encode_report: cannot append to {printable(path)!r}: {e.strerror}"
                 ) from None
         if self.report:
             self.report.close()
@@ -231,8 +221,14 @@ class WsEncode:
 
     def done(self) -> None:
         now = self.clock()
-        for tracked in list(self.tracked.values()):
-            self._finish_without_status(tracked, EndCause.PROXY_STOPPED, now)
+        if ctx.master.should_exit.is_set():
+            for tracked in list(self.tracker):
+                self._end(tracked.flow_id, EndCause.PROXY_STOPPED, now)
+        else:
+            # The script is being reloaded (or removed): the handshakes go
+            # on, and the next copy adopts each one when it ends.
+            for tracked in list(self.tracker):
+                self._forget(tracked.flow_id)
         if self.report:
             self.report.close()
             self.report = None
@@ -240,200 +236,247 @@ class WsEncode:
 
     # -- hooks -----------------------------------------------------------
 
-    def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live:
+    def requestheaders(self, f: http.HTTPFlow) -> None:
+        # The clock starts here, when the proxy has the handshake: the client
+        # has been waiting since, wherever the handshake gets stuck next.
+        if f.response or f.error or not f.live:
             return
-        handshake = classify(flow.request)
-        if handshake is None:
+        self._track(f, self.clock())
+
+    def request(self, f: http.HTTPFlow) -> None:
+        tracked = self.tracker.get(f.id)
+        if tracked is None or f.response:
             return
-        if self.filter and not self.filter(flow):
-            return
-        headers = flow.request.headers
-        accept_encoding_client = headers.get("accept-encoding")
+        headers = f.request.headers
         self.policy.apply_to_request(headers, self.codings)
-        tracked = Tracked(
-            flow=flow,
-            progress=Progress(handshake, forwarded_at=self.clock()),
-            policy=self.policy,
-            url=redact_url(flow.request.pretty_url),
-            accept_encoding_client=accept_encoding_client,
-            accept_encoding_upstream=headers.get("accept-encoding"),
-        )
-        self.tracked[flow.id] = tracked
-        if handshake.malformed:
-            logger.warning(
-                "Malformed WebSocket handshake to %s: %s",
-                tracked.url,
-                "; ".join(handshake.problems),
-            )
-        self._stall_watch().arm(flow.id, self.stall_after, lambda: self._on_stall(flow.id))
+        tracked.policy = self.policy
+        tracked.accept_encoding_upstream = header(headers, "accept-encoding")
+        if self.bridge.facts(f.request) is h2bridge.NO_FACTS:
+            # No codec follows this request (no bridge, or a stream older
+            # than the addon): it goes upstream right after this hook.
+            tracked.progress.forwarded_at = self.clock()
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        tracked = self.tracked.get(flow.id)
-        if tracked is None or flow.response is None:
+    def response(self, f: http.HTTPFlow) -> None:
+        # The response goes to the client right after this hook (unless it
+        # is intercepted): that is when the client has its status.
+        tracked = self.tracker.get(f.id) or self._adopt(f)
+        if tracked is None or f.response is None:
             return
-        facts = self._take_facts(tracked)
-        progress = tracked.progress
-        progress.upstream_status = facts.upstream_status or flow.response.status_code
-        if progress.handshake.transport is not Transport.H1 and not accept_matches(flow):
-            # The proxy made this key (the client's extended CONNECT has none),
-            # so the proxy checks the answer, and fails the handshake in the
-            # response hook (a response set here would lose its body).
-            progress.bad_accept = True
-            self.failing.add(flow.id)
-        phase = progress.status_arrived(
-            BAD_ACCEPT_STATUS if progress.bad_accept else flow.response.status_code,
-            self.clock(),
-            content_encoding=flow.response.headers.get("content-encoding"),
-            with_data=facts.status_with_data,
-        )
-        if phase is Phase.UPGRADED:
-            self.policy.apply_to_success(flow.response.headers)
-        self._finish(tracked)
-
-    def response(self, flow: http.HTTPFlow) -> None:
-        if flow.id in self.failing:
-            self.failing.discard(flow.id)
-            flow.response = http.Response.make(
+        bad_accept = not accept_matches(f)
+        if bad_accept and tracked.transport is not Transport.H1:
+            # The proxy made this key (the client's extended CONNECT has
+            # none), so the proxy checks the answer and fails the handshake.
+            tracked.progress.upstream_status = f.response.status_code
+            f.response = http.Response.make(
                 BAD_ACCEPT_STATUS,
                 "ws_encode: the upstream answered the WebSocket handshake with a wrong Sec-WebSocket-Accept\n",
             )
-            flow.websocket = None
+            f.websocket = None
+        if f.intercepted:
+            # The status reaches the client when the user resumes the flow.
+            tracked.progress.upstream_status = f.response.status_code
+            tracked.response_held = True
+            return
+        self._status_delivered(tracked, f, bad_accept)
 
-    def websocket_start(self, flow: http.HTTPFlow) -> None:
+    def update(self, flows: Sequence[flow.Flow]) -> None:
+        # A resumed flow: an intercepted response now goes to the client.
+        for f in flows:
+            tracked = self.tracker.get(f.id)
+            if tracked is not None and tracked.response_held and not f.intercepted:
+                self._status_delivered(tracked, f, not accept_matches(f))
+
+    def websocket_start(self, f: http.HTTPFlow) -> None:
+        tracked = self.tracker.get(f.id)
+        if tracked is not None and tracked.response_held:
+            self._status_delivered(tracked, f, not accept_matches(f))
         # Messages an HTTP/2 client sent before the status went straight
         # upstream; they belong at the start of the conversation.
-        early = self.bridge.facts(flow.request).early_messages
-        if early and flow.websocket is not None:
-            flow.websocket.messages[:0] = [
+        early = self.bridge.facts(f.request).early_messages
+        if early and f.websocket is not None:
+            f.websocket.messages[:0] = [
                 websocket.WebSocketMessage(opcode, True, content, timestamp)
                 for opcode, content, timestamp in early
             ]
 
-    def error(self, flow: http.HTTPFlow) -> None:
-        self.failing.discard(flow.id)
-        tracked = self.tracked.get(flow.id)
-        if tracked is None or flow.error is None:
+    def error(self, f: http.HTTPFlow) -> None:
+        tracked = self.tracker.get(f.id) or self._adopt(f)
+        if tracked is None or f.error is None:
             return
-        cause = end_cause(flow.error.msg, flow.server_conn.timestamp_tcp_setup is not None)
-        self._finish_without_status(tracked, cause, self.clock())
+        facts = self._sync(tracked, f)
+        self._end(f.id, end_cause(f, facts), self.clock(), facts.ended_by_proxy)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self.opening[data.server] = data.client.id
         if self.bridge.installed:
             h2bridge.offer_http1_only(data.server, data.client)
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if not data.server.tls:
+            self.opening.pop(data.server, None)
+
+    def tls_established_server(self, data) -> None:
+        self.opening.pop(data.conn, None)
+
+    def tls_failed_server(self, data) -> None:
+        self.opening.pop(data.conn, None)
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self.opening.pop(data.server, None)
 
     def client_disconnected(self, client: connection.Client) -> None:
         # Backstop: mitmproxy normally reports a client leaving mid-handshake
         # through the error hook; this catches any flow it did not.
         now = self.clock()
-        for tracked in list(self.tracked.values()):
-            if tracked.flow.client_conn is client:
-                self._finish_without_status(tracked, EndCause.CLIENT_GONE, now)
+        for flow_id in [i for i, f in self.flows.items() if f.client_conn is client]:
+            self._end(flow_id, EndCause.CLIENT_GONE, now)
 
-    # -- stall and outcome -----------------------------------------------
+    # -- following a handshake -------------------------------------------
+
+    def _matches(self, f: http.HTTPFlow) -> bool:
+        if self.filter is None:
+            return True
+        if f.websocket is not None:
+            return self.filter(f)
+        # mitmproxy sets flow.websocket only once the upgrade is done, so
+        # `~websocket` could never match a handshake: let it, for the filter.
+        f.websocket = websocket.WebSocketData()
+        try:
+            return self.filter(f)
+        finally:
+            f.websocket = None
+
+    def _track(self, f: http.HTTPFlow, received_at: float, adopted: bool = False) -> TrackedHandshake | None:
+        handshake = classify(f.request)
+        if handshake is None or not self._matches(f):
+            return None
+        tracked = self.tracker.received(
+            f.id, handshake, received_at, self.policy, redact_url(f.request.pretty_url),
+            header(f.request.headers, "accept-encoding"),
+            stalled=adopted and f.metadata.get("ws_encode", {}).get("event") == "stall",
+        )
+        self.flows[f.id] = f
+        if handshake.malformed:
+            logger.warning("Malformed WebSocket handshake to %s: %s", tracked.url, "; ".join(handshake.problems))
+        if not adopted:  # an adopted handshake is answered or ended already
+            self._stall_watch().arm(f.id, self.stall_after, lambda: self._on_stall(f.id))
+        return tracked
+
+    def _adopt(self, f: http.HTTPFlow) -> TrackedHandshake | None:
+        """A handshake an earlier copy of the addon followed (the script was
+        reloaded while it waited): follow it from here, so it still gets its
+        one record. Its wait counts from the request's arrival."""
+        if "upgrade" not in f.request.headers or not f.live:
+            return None  # not a handshake: the common case, kept cheap
+        if f.metadata.get("ws_encode", {}).get("event") == "handshake":
+            return None
+        waited_wall = max(0.0, time.time() - (f.request.timestamp_start or time.time()))
+        return self._track(f, self.clock() - waited_wall, adopted=True)
+
+    def _sync(self, tracked: TrackedHandshake, f: http.HTTPFlow) -> h2bridge.StreamFacts:
+        """Take what the bridge saw of this handshake (when it really went
+        upstream, the client's early bytes) into the core's record of it."""
+        facts = self.bridge.facts(f.request)
+        progress = tracked.progress
+        if facts.forwarded_at is not None:
+            progress.forwarded_at = facts.forwarded_at
+        progress.client_bytes_before_status = facts.client_bytes_before_status
+        tracked.upstream_transport = upstream_transport(f.server_conn)
+        return facts
+
+    def _stage(self, tracked: TrackedHandshake, f: http.HTTPFlow, facts: h2bridge.StreamFacts) -> Stage:
+        """Where a waiting handshake is now."""
+        if f.intercepted:
+            return Stage.INTERCEPTED
+        if facts is h2bridge.NO_FACTS:
+            return Stage.FORWARDED if tracked.progress.forwarded_at is not None else Stage.QUEUED
+        if facts.stage == "connecting":
+            address = (f.request.host, f.request.port)
+            for server, client_id in list(self.opening.items()):
+                if client_id == f.client_conn.id and server.address == address:
+                    return Stage.TLS if server.timestamp_tcp_setup is not None else Stage.CONNECTING
+            return Stage.CONNECTING
+        return Stage(facts.stage) if facts.stage else Stage.QUEUED
 
     def _stall_watch(self) -> StallWatch:
         if self.watch is None:
             self.watch = StallWatch(asyncio.get_running_loop().call_later)
         return self.watch
 
-    def _take_facts(self, tracked: Tracked) -> h2bridge.StreamFacts:
-        """What the bridge saw of this handshake: when it really went
-        upstream (the stall clock's start) and the client's early bytes."""
-        facts = self.bridge.facts(tracked.flow.request)
-        if facts.forwarded_at is not None:
-            tracked.progress.forwarded_at = facts.forwarded_at
-        tracked.progress.client_bytes_before_status = facts.client_bytes_before_status
-        return facts
-
     def _on_stall(self, flow_id: str) -> None:
-        tracked = self.tracked.get(flow_id)
-        flow = tracked.flow if tracked else None
-        if tracked is None or not flow.live or flow.response or flow.error:
+        f = self.flows.get(flow_id)
+        tracked = self.tracker.get(flow_id)
+        if f is None or tracked is None or not f.live:
             return
-        progress = tracked.progress
-        facts = self._take_facts(tracked)
-        now = self.clock()
-        if facts is not h2bridge.NO_FACTS and facts.forwarded_at is None:
-            # The bridge follows this handshake and it is not on the upstream
-            # connection yet (still connecting, or held for an HTTP/2
-            # server's SETTINGS): the clock has not started. Without the
-            # bridge it started at the request hook.
-            self._stall_watch().arm(flow_id, self.stall_after, lambda: self._on_stall(flow_id))
+        facts = self._sync(tracked, f)
+        record = self.tracker.stall(flow_id, self._stage(tracked, f, facts), self.clock())
+        if record is None:
             return
-        remaining = progress.forwarded_at + self.stall_after - now
-        if remaining > 0:
-            self._stall_watch().arm(flow_id, remaining, lambda: self._on_stall(flow_id))
-            return
-        progress.stall()
-        waited = progress.waited(now)
-        text = diagnosis.stall(progress, waited, tracked.accept_encoding_upstream)
-        if not flow.marked:
-            flow.marked = STALL_MARK
-        flow.comment = f"{flow.comment}\n{text}" if flow.comment else text
-        self.stalls[flow_id] = f"{flow_id} {tracked.url}: {text}"
-        while len(self.stalls) > REMEMBERED_STALLS:
-            self.stalls.popitem(last=False)
-        self._write("stall", tracked, waited, text)
+        text = record["diagnosis"]
+        if not f.marked:
+            f.marked = STALL_MARK
+        self._comment(f, text)
+        self._write(f, record)
         logger.warning("WebSocket handshake stall on %s: %s", tracked.url, text)
-        ctx.master.addons.trigger(hooks.UpdateHook([flow]))
+        ctx.master.addons.trigger(hooks.UpdateHook([f]))
 
-    def _finish_without_status(self, tracked: Tracked, cause: EndCause, now: float) -> None:
-        self._take_facts(tracked)
-        try:
-            tracked.progress.end(cause, now)
-        except HandshakeEnded:
+    def _status_delivered(self, tracked: TrackedHandshake, f: http.HTTPFlow, bad_accept: bool) -> None:
+        facts = self._sync(tracked, f)
+        status = f.response.status_code
+        progress = tracked.progress
+        progress.upstream_status = facts.upstream_status or progress.upstream_status or status
+        content_encoding = header(f.response.headers, "content-encoding")  # as the upstream sent it
+        if status == 101 or 200 <= status < 300:
+            self.policy.apply_to_success(f.response.headers)
+        record = self.tracker.status(
+            f.id, status, self.clock(),
+            content_encoding=content_encoding,
+            status_with_data=facts.status_with_data,
+            bad_accept=bad_accept,
+        )
+        if record is not None:
+            self._finished(f, record)
+
+    def _end(self, flow_id: str, cause: EndCause, now: float, reason: str | None = None) -> None:
+        f = self.flows.get(flow_id)
+        tracked = self.tracker.get(flow_id)
+        if f is None or tracked is None:
             return
-        self._finish(tracked)
+        stage = self._stage(tracked, f, self.bridge.facts(f.request))
+        record = self.tracker.end(flow_id, cause, stage, now, reason)
+        if record is not None:
+            self._finished(f, record)
 
-    def _finish(self, tracked: Tracked) -> None:
-        flow_id = tracked.flow.id
-        self.tracked.pop(flow_id, None)
+    def _forget(self, flow_id: str) -> None:
+        self.tracker.forget(flow_id)
+        self.flows.pop(flow_id, None)
         if self.watch:
             self.watch.disarm(flow_id)
-        progress = tracked.progress
-        now = self.clock()
-        text = diagnosis.outcome(progress, now, tracked.accept_encoding_upstream)
-        if flow_id in self.stalls:
-            self.stalls[flow_id] = f"{flow_id} {tracked.url}: {text}"
-        self._write(
-            "handshake",
-            tracked,
-            progress.waited(now),
-            text,
-            outcome=progress.phase.value,
-            stalled=progress.stalled,
-            content_encoding=progress.content_encoding,
-        )
-        quiet = progress.phase is Phase.UPGRADED and not progress.stalled
-        log = logger.info if quiet else logger.warning
-        log("WebSocket handshake %s on %s: %s", progress.phase.value, tracked.url, text)
 
-    def _write(self, event: str, tracked: Tracked, waited: float, text: str, **extra: Any) -> None:
-        flow = tracked.flow
-        record = {
-            "event": event,
-            "ts": utc_now_iso(),
-            "flow_id": flow.id,
-            "transport": tracked.progress.handshake.transport.value,
-            "upstream_transport": upstream_transport(flow.server_conn),
-            "url": tracked.url,
-            "policy": tracked.policy.value,
-            "accept_encoding_client": tracked.accept_encoding_client,
-            "accept_encoding_upstream": tracked.accept_encoding_upstream,
-            "waited_s": round(waited, 3),
-            "status": tracked.client_status,
-            "upstream_status": tracked.progress.upstream_status,
-            "client_bytes_before_status": tracked.progress.client_bytes_before_status,
-            "diagnosis": text,
-            **extra,
-        }
-        flow.metadata["ws_encode"] = {k: v for k, v in record.items() if k != "flow_id"}
+    def _finished(self, f: http.HTTPFlow, record: Record) -> None:
+        self._forget(f.id)
+        self._comment(f, record["diagnosis"])
+        self._write(f, record)
+        quiet = record["outcome"] == "upgraded" and not record["stalled"]
+        if quiet and not logger.isEnabledFor(logging.INFO):
+            return
+        (logger.info if quiet else logger.warning)(
+            "WebSocket handshake %s on %s: %s", record["outcome"], record["url"], record["diagnosis"]
+        )
+
+    @staticmethod
+    def _comment(f: http.HTTPFlow, line: str) -> None:
+        # Appended, so a comment the user wrote stays as it was.
+        f.comment = f"{f.comment}\n{line}" if f.comment else line
+
+    def _write(self, f: http.HTTPFlow, record: Record) -> None:
+        record = {"event": record["event"], "ts": utc_now_iso(), **record}
+        f.metadata["ws_encode"] = {k: v for k, v in record.items() if k != "flow_id"}
         if self.report:
             try:
                 self.report.write(record)
             except OSError as e:
-                logger.error("ws_encode_report: cannot write to %s: %s", self.report.path, e.strerror)
+                logger.error("ws_encode_report: cannot write to %s: %s", printable(str(self.report.path)), e.strerror)
 
     # -- commands --------------------------------------------------------
 
@@ -443,17 +486,23 @@ class WsEncode:
     @command.command("wsencode.stalls")
     def stalled_handshakes(self) -> Sequence[str]:
         """The handshakes that stalled (the last 1000), each with its diagnosis."""
-        return list(self.stalls.values()) or ["no WebSocket handshake has stalled"]
+        lines = [f"{flow_id} {url}: {text}" for flow_id, (url, text) in self.tracker.stalls.items()]
+        return lines or ["no WebSocket handshake has stalled"]
 
     @command.command("wsencode.waiting")
     def waiting_handshakes(self) -> Sequence[str]:
-        """The handshakes still waiting for a status, with how long they have waited."""
+        """The handshakes still waiting for a status: where each is stuck, and for how long."""
         now = self.clock()
-        waiting = [
-            f"{t.flow.id} {t.url}: {t.progress.phase.value}, {t.progress.waited(now):.1f} s"
-            for t in self.tracked.values()
-        ]
-        return waiting or ["no WebSocket handshake is waiting for its status"]
+        lines = []
+        for tracked in self.tracker:
+            f = self.flows[tracked.flow_id]
+            stage = self._stage(tracked, f, self._sync(tracked, f))
+            waited = tracked.progress.waited(now)
+            since = "not forwarded" if waited is None else f"forwarded {waited:.1f} s ago"
+            lines.append(
+                f"{tracked.flow_id} {tracked.url}: {stage.value}, received {tracked.progress.received(now):.1f} s ago, {since}"
+            )
+        return lines or ["no WebSocket handshake is waiting for its status"]
 
 
 addons = [WsEncode()]

@@ -14,6 +14,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from test_core import request
 
 from wsencode import h2bridge
+from wsencode.handshake import accept_for
 from wsencode.stallwatch import StallWatch
 
 
@@ -86,6 +87,23 @@ def handshake_flow(**headers) -> flow.Flow:
     return tflow.tflow(req=request(**headers), live=True)
 
 
+def arrive(addon, f) -> None:
+    """The request hooks, in mitmproxy's order."""
+    addon.requestheaders(f)
+    addon.request(f)
+
+
+def respond(f, status=101) -> None:
+    f.response = tutils.tresp(status_code=status)
+    if status == 101:
+        f.response.headers["sec-websocket-accept"] = accept_for(f.request.headers["sec-websocket-key"])
+
+
+def deliver(addon, f, status=101) -> None:
+    respond(f, status)
+    addon.response(f)
+
+
 def test_options_have_the_spec_defaults(addon):
     with taddons.context(addon) as tctx:
         opts = tctx.options
@@ -137,7 +155,7 @@ def test_stall_marks_comments_logs_and_reports(addon, clock, tmp_path, caplog):
         tctx.configure(addon, ws_encode_report=str(tmp_path / "r.jsonl"))
         f = handshake_flow(accept_encoding="gzip")
         f.comment = "user note"
-        addon.request(f)
+        arrive(addon, f)
         assert clock.fire_all() == 1
         assert f.marked == ws_encode.STALL_MARK
         assert f.comment.startswith("user note\nStall: no status")
@@ -146,8 +164,7 @@ def test_stall_marks_comments_logs_and_reports(addon, clock, tmp_path, caplog):
         assert addon.stalled_handshakes()[0].startswith(f.id)
         assert addon.waiting_handshakes()[0].startswith(f"{f.id} ")
 
-        f.response = tutils.tresp(status_code=101)
-        addon.responseheaders(f)
+        deliver(addon, f)
         assert addon.waiting_handshakes() == ["no WebSocket handshake is waiting for its status"]
         records = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
         assert [r["event"] for r in records] == ["stall", "handshake"]
@@ -159,7 +176,7 @@ def test_a_mark_the_user_set_is_kept(addon, clock):
     with taddons.context(addon):
         f = handshake_flow()
         f.marked = ":star:"
-        addon.request(f)
+        arrive(addon, f)
         clock.fire_all()
         assert f.marked == ":star:"
         assert "Stall" in f.comment
@@ -168,9 +185,8 @@ def test_a_mark_the_user_set_is_kept(addon, clock):
 def test_status_in_time_cancels_the_timer(addon, clock):
     with taddons.context(addon):
         f = handshake_flow()
-        addon.request(f)
-        f.response = tutils.tresp(status_code=101)
-        addon.responseheaders(f)
+        arrive(addon, f)
+        deliver(addon, f)
         assert clock.fire_all() == 0
         assert not f.marked
         assert f.metadata["ws_encode"]["outcome"] == "upgraded"
@@ -180,7 +196,7 @@ def test_error_ends_the_handshake_once(addon, clock, tmp_path):
     with taddons.context(addon) as tctx:
         tctx.configure(addon, ws_encode_report=str(tmp_path / "r.jsonl"))
         f = handshake_flow()
-        addon.request(f)
+        arrive(addon, f)
         f.error = flow.Error("Client disconnected.")
         addon.error(f)
         addon.client_disconnected(f.client_conn)
@@ -193,7 +209,7 @@ def test_error_ends_the_handshake_once(addon, clock, tmp_path):
 def test_stalled_flow_survives_a_flow_file_round_trip(addon, clock):
     with taddons.context(addon):
         f = handshake_flow(accept_encoding="br")
-        addon.request(f)
+        arrive(addon, f)
         clock.fire_all()
         buf = io.BytesIO()
         mitmio.FlowWriter(buf).add(f)
@@ -208,37 +224,43 @@ def test_non_handshakes_and_filtered_flows_are_untouched(addon, clock):
         plain = tflow.tflow(live=True)
         plain.request.headers["accept-encoding"] = "gzip"
         tctx.configure(addon, ws_encode_policy="strip")
-        addon.request(plain)
+        arrive(addon, plain)
         assert plain.request.headers["accept-encoding"] == "gzip"
 
         tctx.configure(addon, ws_encode_filter="~d other.test")
         f = handshake_flow(accept_encoding="gzip")
-        addon.request(f)
+        arrive(addon, f)
         assert f.request.headers["accept-encoding"] == "gzip"
-        assert addon.tracked == {} and clock.fire_all() == 0
+        assert len(addon.tracker) == 0 and clock.fire_all() == 0
 
 
-def test_done_ends_waiting_handshakes(addon, clock, tmp_path):
+def test_done_at_shutdown_ends_waiting_handshakes(addon, clock, tmp_path):
     with taddons.context(addon) as tctx:
         tctx.configure(addon, ws_encode_report=str(tmp_path / "r.jsonl"))
-        addon.request(handshake_flow())
+        arrive(addon, handshake_flow())
+        tctx.master.should_exit.set()
         addon.done()
         [record] = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
         assert record["outcome"] == "no-status" and "proxy stopped" in record["diagnosis"]
 
 
 @pytest.mark.parametrize(
-    "message,connected,cause",
+    "message,client_closed,connected,ended_by_proxy,cause",
     [
-        ("Client disconnected.", True, ws_encode.EndCause.CLIENT_GONE),
-        ("stream reset by client (CANCEL)", True, ws_encode.EndCause.CLIENT_GONE),
-        ("Connection killed.", True, ws_encode.EndCause.KILLED),
-        ("server closed connection", True, ws_encode.EndCause.UPSTREAM_CLOSED),
-        ("Connect call failed", False, ws_encode.EndCause.UPSTREAM_UNREACHABLE),
+        ("peer closed connection", True, True, None, ws_encode.EndCause.CLIENT_GONE),
+        ("stream reset by client (CANCEL)", False, True, None, ws_encode.EndCause.CLIENT_GONE),
+        (flow.Error.KILLED_MESSAGE, False, True, None, ws_encode.EndCause.KILLED),
+        ("server closed connection", False, True, None, ws_encode.EndCause.UPSTREAM_CLOSED),
+        ("Connect call failed", False, False, None, ws_encode.EndCause.UPSTREAM_UNREACHABLE),
+        ("whatever mitmproxy says", False, True, "too much early data", ws_encode.EndCause.PROXY_RESET),
     ],
 )
-def test_end_cause(message, connected, cause):
-    assert ws_encode.end_cause(message, connected) is cause
+def test_end_cause(message, client_closed, connected, ended_by_proxy, cause):
+    f = handshake_flow()
+    f.error = flow.Error(message)
+    f.client_conn.timestamp_end = 5.0 if client_closed else None
+    f.server_conn.timestamp_tcp_setup = 1.0 if connected else None
+    assert ws_encode.end_cause(f, h2bridge.StreamFacts(ended_by_proxy=ended_by_proxy)) is cause
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "inf", "nan", "", "2s"])
@@ -251,35 +273,107 @@ def test_parse_stall_seconds():
     assert ws_encode.parse_stall_seconds("1.5") == 1.5
 
 
-def test_the_stall_clock_starts_when_the_request_really_goes_upstream(addon, clock):
-    """With the bridge, the clock waits for the request to be sent (after a
-    slow connect, or an HTTP/2 server's SETTINGS), not for the request hook."""
+def test_the_stall_clock_starts_when_the_proxy_receives_the_handshake(addon, clock):
+    """Wherever the handshake is stuck, the client has waited since it arrived;
+    waited_s still counts from when it really went upstream."""
     addon.bridge = FakeBridge(installed=True)
     with taddons.context(addon) as tctx:
         tctx.configure(addon, ws_encode_stall="2")
         f = handshake_flow()
-        addon.request(f)  # at 1000: not sent yet
-        clock.pending[0][0] = 1005  # nothing is sent for 5 s; check then
-        facts = addon.bridge.seen[id(f.request)] = h2bridge.StreamFacts(forwarded_at=1004.5)
+        facts = addon.bridge.seen[id(f.request)] = h2bridge.StreamFacts(stage="forwarded", forwarded_at=1001.5)
+        arrive(addon, f)  # at 1000
         clock.fire_all()
-        assert f.metadata["ws_encode"]["event"] == "stall"
-        assert f.metadata["ws_encode"]["waited_s"] == 2.0  # from 1004.5, not from 1000
-        assert clock.now == 1006.5
+        record = f.metadata["ws_encode"]
+        assert record["event"] == "stall" and clock.now == 1002
+        assert record["stuck_in"] == "forwarded"
+        assert record["received_s"] == 2.0 and record["waited_s"] == 0.5
         facts.client_bytes_before_status = 7
-        f.response = tutils.tresp(status_code=101)
-        addon.responseheaders(f)
+        deliver(addon, f)
         assert f.metadata["ws_encode"]["client_bytes_before_status"] == 7
+        assert f.metadata["ws_encode"]["stuck_in"] == "done"
 
 
-def test_no_stall_while_the_request_has_not_gone_upstream(addon, clock):
+@pytest.mark.parametrize("stage", ["settings", "queued"])
+def test_a_handshake_held_in_the_proxy_stalls_there_without_blaming_the_upstream(addon, clock, stage):
     addon.bridge = FakeBridge(installed=True)
     with taddons.context(addon):
+        f = handshake_flow(accept_encoding="gzip")
+        addon.bridge.seen[id(f.request)] = h2bridge.StreamFacts(stage=stage)  # followed, not sent
+        arrive(addon, f)
+        assert clock.fire_all() == 1
+        record = f.metadata["ws_encode"]
+        assert record["stuck_in"] == stage and record["waited_s"] is None
+        assert "neither the upstream nor an encoder" in record["diagnosis"]
+        assert addon.waiting_handshakes()[0].startswith(f"{f.id} ")
+        assert f"{stage}, received 2.0 s ago, not forwarded" in addon.waiting_handshakes()[0]
+
+
+def test_an_intercepted_handshake_is_held_by_the_user(addon, clock):
+    with taddons.context(addon):
         f = handshake_flow()
-        addon.bridge.seen[id(f.request)] = h2bridge.StreamFacts()  # followed, not sent yet
+        arrive(addon, f)
+        f.intercept()
+        clock.fire_all()
+        assert f.metadata["ws_encode"]["stuck_in"] == "intercepted"
+        f.resume()
+        respond(f)
+        f.intercept()  # the response is intercepted in its turn
+        addon.response(f)
+        assert f.metadata["ws_encode"]["event"] == "stall"  # no outcome while the client waits
+        f.resume()
+        addon.update([f])
+        assert f.metadata["ws_encode"]["event"] == "handshake"
+        assert f.metadata["ws_encode"]["outcome"] == "upgraded"
+
+
+def test_a_script_reload_hands_waiting_handshakes_to_the_next_copy(addon, clock, tmp_path):
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, ws_encode_report=str(tmp_path / "r.jsonl"))
+        f = handshake_flow()
+        arrive(addon, f)
+        tctx.master.addons.remove(addon)  # a reload: mitmproxy is not exiting
+        assert not (tmp_path / "r.jsonl").read_text()
+        successor = ws_encode.WsEncode()
+        successor.bridge = FakeBridge()
+        tctx.master.addons.add(successor)
+        tctx.configure(successor, ws_encode_report=str(tmp_path / "r.jsonl"))
+        deliver(successor, f)
+        [record] = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+        assert record["outcome"] == "upgraded" and record["flow_id"] == f.id
+
+
+def test_websocket_filters_match_handshakes(addon, clock):
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, ws_encode_filter="~websocket")
+        f = handshake_flow()
+        arrive(addon, f)
+        assert f.websocket is None and len(addon.tracker) == 1
+        tctx.configure(addon, ws_encode_filter="!~websocket")
+        g = handshake_flow()
+        arrive(addon, g)
+        assert len(addon.tracker) == 1
+
+
+def test_a_handshake_that_errors_before_its_request_hook_gets_its_record(addon, clock, tmp_path):
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, ws_encode_report=str(tmp_path / "r.jsonl"))
+        f = handshake_flow()
+        addon.requestheaders(f)
+        f.error = flow.Error("Client disconnected.")
+        f.client_conn.timestamp_end = 5.0
+        addon.error(f)
         addon.request(f)
-        clock.pending[0][1]()  # the timer fires: still connecting
-        assert not f.marked and "ws_encode" not in f.metadata
-        assert [e for e in clock.pending if not e[2]]  # and it checks again later
+        [record] = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+        assert record["outcome"] == "no-status" and "client gave up" in record["diagnosis"]
+
+
+def test_control_characters_in_codings_are_refused(addon):
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, ws_encode_codings="zstd, br, gzip")  # at start-up an error is only logged
+        for bad in ["gzip\r", "gzip\rX-Injected: 1", "gzip\n", "gzip\x00"]:
+            with pytest.raises(exceptions.OptionsError, match="ws_encode_codings"):
+                tctx.configure(addon, ws_encode_codings=bad)
+        assert addon.codings == "zstd, br, gzip"
 
 
 def test_commands_are_registered_for_console_and_web(addon, clock):
@@ -287,17 +381,18 @@ def test_commands_are_registered_for_console_and_web(addon, clock):
         commands = tctx.master.commands
         assert commands.execute("wsencode.stalls") == ["no WebSocket handshake has stalled"]
         f = handshake_flow()
-        addon.request(f)
+        arrive(addon, f)
         assert commands.execute("wsencode.waiting")[0].startswith(f.id)
         clock.fire_all()
         [line] = commands.execute("wsencode.stalls")
         assert line.startswith(f.id) and "Stall" in line
 
 
-def test_a_handshake_the_bridge_does_not_follow_stalls_from_the_request_hook(addon, clock):
+def test_a_handshake_the_bridge_does_not_follow_counts_as_forwarded_at_the_request_hook(addon, clock):
     addon.bridge = FakeBridge(installed=True)  # e.g. a stream older than the addon
     with taddons.context(addon):
         f = handshake_flow()
-        addon.request(f)
+        arrive(addon, f)
         clock.fire_all()
         assert f.metadata["ws_encode"]["event"] == "stall"
+        assert f.metadata["ws_encode"]["stuck_in"] == "forwarded"

@@ -15,7 +15,7 @@ from wsencode import diagnosis
 from wsencode.frames import whole_messages_length
 from wsencode.h2bridge import without_values
 from wsencode.handshake import Transport, classify, tokens
-from wsencode.lifecycle import TRANSITIONS, EndCause, HandshakeEnded, Phase, Progress
+from wsencode.lifecycle import TRANSITIONS, EndCause, HandshakeEnded, Phase, Progress, Stage
 from wsencode.policy import EncodingPolicy
 from wsencode.report import REDACTED, redact_url
 
@@ -122,7 +122,7 @@ def test_classify_never_raises(headers):
 
 
 def progress(**headers) -> Progress:
-    return Progress(classify(request(**headers)), forwarded_at=100.0)
+    return Progress(classify(request(**headers)), received_at=99.5, forwarded_at=100.0)
 
 
 def test_every_transition_leaves_a_waiting_phase():
@@ -159,8 +159,16 @@ def test_stall_is_reported_once():
 def test_waited_counts_to_now_while_waiting():
     p = progress()
     assert p.waited(now=102.25) == 2.25
+    assert p.received(now=102.25) == 2.75
     p.end(EndCause.UPSTREAM_CLOSED, now=104)
     assert p.waited(now=500) == 4
+    assert p.received(now=500) == 4.5
+
+
+def test_a_handshake_never_forwarded_has_waited_nothing():
+    p = Progress(classify(request()), received_at=10.0)
+    assert p.waited(now=13) is None
+    assert p.received(now=13) == 3
 
 
 # -- diagnosis ------------------------------------------------------------
@@ -168,17 +176,36 @@ def test_waited_counts_to_now_while_waiting():
 
 def test_stall_sentences_depend_on_the_offered_encoding():
     p = progress()
-    with_enc = diagnosis.stall(p, 2.0, "gzip, zstd")
-    without = diagnosis.stall(p, 2.0, None)
+    with_enc = diagnosis.stall(p, Stage.FORWARDED, 102.0, "gzip, zstd")
+    without = diagnosis.stall(p, Stage.FORWARDED, 102.0, None)
     assert "accept-encoding: gzip, zstd" in with_enc and "ws_encode_policy=strip" in with_enc
+    assert "2.0 s after" in with_enc
     assert "encoder is not the cause" in without
+
+
+@pytest.mark.parametrize(
+    "stage,words",
+    [
+        (Stage.CONNECTING, "connecting to the upstream"),
+        (Stage.TLS, "TLS handshake"),
+        (Stage.SETTINGS, "SETTINGS"),
+        (Stage.QUEUED, "queued inside the proxy"),
+        (Stage.INTERCEPTED, "interception"),
+    ],
+)
+def test_a_stall_inside_the_proxy_never_blames_the_upstream(stage, words):
+    p = Progress(classify(request()), received_at=100.0)
+    text = diagnosis.stall(p, stage, 103.0, "gzip")
+    assert words in text and "3.0 s after the proxy received" in text
+    assert "neither the upstream nor an encoder is the cause" in text
+    assert "strip" not in text
 
 
 def test_outcome_sentences_are_distinct():
     sentences = set()
 
-    def say(p: Progress, ae="gzip") -> str:
-        text = diagnosis.outcome(p, now=110, accept_encoding=ae)
+    def say(p: Progress, ae="gzip", stage=Stage.FORWARDED) -> str:
+        text = diagnosis.outcome(p, stage, now=110, accept_encoding=ae)
         sentences.add(text)
         return text
 
@@ -196,8 +223,14 @@ def test_outcome_sentences_are_distinct():
     assert "content-encoding: br" in say(coded)
 
     with_data = progress(version="HTTP/2.0")
-    with_data.status_arrived(200, now=101, with_data=True)
+    with_data.stall()
+    with_data.status_arrived(200, now=103, with_data=True)
     assert "together with the first response data" in say(with_data)
+
+    bad_accept = progress()
+    bad_accept.bad_accept = True
+    bad_accept.status_arrived(101, now=101)
+    assert "the client will fail the handshake" in say(bad_accept)
 
     rejected = progress()
     rejected.status_arrived(403, now=101)
@@ -209,15 +242,33 @@ def test_outcome_sentences_are_distinct():
         (EndCause.UPSTREAM_UNREACHABLE, "could not connect"),
         (EndCause.KILLED, "killed"),
         (EndCause.PROXY_STOPPED, "proxy stopped"),
+        (EndCause.PROXY_RESET, "proxy itself reset the stream (too much early data)"),
     ]:
         p = progress()
-        p.end(cause, now=103)
+        p.end(cause, now=103, reason="too much early data")
         assert words in say(p)
+
+    queued = progress()
+    queued.end(EndCause.CLIENT_GONE, now=103)
+    assert "while the handshake was queued inside the proxy" in say(queued, stage=Stage.QUEUED)
 
     malformed = progress(sec_websocket_key=None)
     malformed.status_arrived(400, now=101)
     assert say(malformed).startswith("Malformed handshake (Sec-WebSocket-Key is missing)")
-    assert len(sentences) == 11
+    assert len(sentences) == 14
+
+
+def test_status_with_data_says_nothing_of_encoders_when_the_status_was_prompt():
+    """A server that sends its 200 and first message in one write is just efficient."""
+    prompt = progress(version="HTTP/2.0")
+    prompt.status_arrived(200, now=100.001, with_data=True)
+    assert "nothing withheld" in diagnosis.outcome(prompt, Stage.DONE, 110, None)
+    assert "nothing withheld" in diagnosis.outcome(prompt, Stage.DONE, 110, "gzip")
+    late_no_offer = progress(version="HTTP/2.0")
+    late_no_offer.stall()
+    late_no_offer.status_arrived(200, now=103, with_data=True)
+    text = diagnosis.outcome(late_no_offer, Stage.DONE, 110, None)
+    assert "encoder" not in text and "no encoding was offered" in text
 
 
 # -- redaction ------------------------------------------------------------
@@ -225,7 +276,24 @@ def test_outcome_sentences_are_distinct():
 
 def test_redact_url_keeps_names_and_drops_values():
     url = "https://user:pw@example.test:8443/chat?token=abc&room=lobby&flag#frag"
-    assert redact_url(url) == f"https://{REDACTED}@example.test:8443/chat?token={REDACTED}&room={REDACTED}&{REDACTED}"
+    assert redact_url(url) == (
+        f"https://{REDACTED}@example.test:8443/chat?token={REDACTED}&room={REDACTED}&{REDACTED}#{REDACTED}"
+    )
+
+
+def test_redact_url_drops_path_parameter_values():
+    url = "https://example.test/app;v=2/chat;jsessionid=SECRET;bare?token=x"
+    assert redact_url(url) == f"https://example.test/app;v={REDACTED}/chat;jsessionid={REDACTED};{REDACTED}?token={REDACTED}"
+
+
+@given(st.text())
+def test_no_control_character_survives_redaction(path):
+    redacted = redact_url("http://example.test/" + path)
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in redacted)
+
+
+def test_redact_url_escapes_control_characters():
+    assert redact_url("http://example.test/a\nb\x1b[2J") == "http://example.test/a\\x0ab\\x1b[2J"
 
 
 @given(

@@ -119,7 +119,8 @@ def test_h2_stall_is_reported_live_and_strip_opens_it(cert, report):
 
     (stall, seen, still_waiting, end), _ = run(scenario("observe"))
     assert still_waiting and seen <= STALL + 0.25 + 0.2
-    assert STALL <= stall["waited_s"] <= STALL + 0.25
+    assert STALL <= stall["received_s"] <= STALL + 0.25
+    assert stall["waited_s"] <= stall["received_s"] and stall["stuck_in"] == "forwarded"
     assert stall["transport"] == "h2" and stall["upstream_transport"] == "h2"
     assert "encoding layer" in stall["diagnosis"]
     assert end["outcome"] == "no-status" and end["stalled"] and "client gave up" in end["diagnosis"]
@@ -131,14 +132,16 @@ def test_h2_stall_is_reported_live_and_strip_opens_it(cert, report):
     assert record["accept_encoding_upstream"] is None and not record["stalled"]
 
 
-def test_status_arriving_with_the_first_data_is_diagnosed(cert, report):
+def test_a_late_status_arriving_with_the_first_data_is_diagnosed(cert, report):
+    """The encoder's fingerprint: the 200 held until the server's first
+    message, which here only comes once the client speaks, after the stall."""
     async def scenario():
         async with h2ws.H2WebSocketServer(*cert, withhold_status_when_encoding=True) as upstream:
             async with reverse_to(f"https://127.0.0.1:{upstream.port}", report=report) as md:
                 client = await h2_client(md)
-                ws = await client.open_websocket(
-                    "/chat", AUTHORITY, headers=[("accept-encoding", "gzip")], data_before_status=b"first"
-                )
+                ws = await client.open_websocket("/chat", AUTHORITY, headers=[("accept-encoding", "gzip")])
+                await md.wait_for_record(event="stall")
+                await ws.send_text("first")
                 status = await ws.wait_status(5)
                 echo = await ws.receive(5)
                 await client.close()
@@ -147,7 +150,24 @@ def test_status_arriving_with_the_first_data_is_diagnosed(cert, report):
     status, echo, record = run(scenario())
     assert status == 200 and echo == "first"
     assert record["client_bytes_before_status"] == len(b"first") + 6  # a masked 5-byte text frame
-    assert "together with the first response data" in record["diagnosis"]
+    assert record["stalled"] and "together with the first response data" in record["diagnosis"]
+
+
+def test_a_prompt_status_with_the_first_data_says_nothing_of_encoders(cert, report):
+    async def scenario():
+        async with h2ws.H2WebSocketServer(*cert, withhold_status_when_encoding=True) as upstream:
+            async with reverse_to(f"https://127.0.0.1:{upstream.port}", report=report) as md:
+                client = await h2_client(md)
+                ws = await client.open_websocket(
+                    "/chat", AUTHORITY, headers=[("accept-encoding", "gzip")], data_before_status=b"first"
+                )
+                status = await ws.wait_status(5)
+                await client.close()
+                return status, await md.wait_for_record(event="handshake")
+
+    status, record = run(scenario())
+    assert status == 200 and not record["stalled"]
+    assert "nothing withheld the status" in record["diagnosis"] and "encoder" not in record["diagnosis"]
 
 
 def test_translation_to_an_http1_upstream(cert, report):

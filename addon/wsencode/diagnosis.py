@@ -1,15 +1,31 @@
 """Sentences that tell a person what happened to a handshake and what to try.
 
-Pure functions of a handshake's `Progress` and the encoding it was sent with.
-They name headers and the `accept-encoding`/`content-encoding` values (which
-are not secret), never other header values or the query.
+Pure functions of a handshake's `Progress`, where it is (`Stage`) and the
+encoding it was sent with. They name headers and the `accept-encoding`/
+`content-encoding` values (which are not secret, and reach here with control
+characters escaped), never other header values or the query.
 """
 
 from __future__ import annotations
 
-from .lifecycle import EndCause, Phase, Progress
+from .lifecycle import EndCause, Phase, Progress, Stage
 
 STRIP_HINT = "retry with ws_encode_policy=strip to confirm"
+
+# Where a handshake that never reached the upstream is held, and why.
+HELD_IN_PROXY = {
+    Stage.CONNECTING: "still connecting to the upstream",
+    Stage.TLS: "still in the TLS handshake with the upstream",
+    Stage.SETTINGS: (
+        "waiting for the HTTP/2 upstream's first SETTINGS frame, which must come before an "
+        "extended CONNECT (RFC 8441 section 3)"
+    ),
+    Stage.QUEUED: (
+        "queued inside the proxy (behind the upstream connection's MAX_CONCURRENT_STREAMS, "
+        "or waiting for an upstream connection)"
+    ),
+    Stage.INTERCEPTED: "held by interception in the proxy (resume the flow to let it go on)",
+}
 
 
 def _offered(accept_encoding: str | None) -> str:
@@ -30,8 +46,22 @@ def _malformed_prefix(progress: Progress) -> str:
     return "Malformed handshake (" + "; ".join(progress.handshake.problems) + "). "
 
 
-def stall(progress: Progress, waited: float, accept_encoding: str | None) -> str:
+def _held(progress: Progress, stage: Stage) -> str:
+    if stage is Stage.INTERCEPTED and progress.upstream_status is not None:
+        return f"the upstream answered {progress.upstream_status}, but interception in the proxy holds the response"
+    return HELD_IN_PROXY[stage]
+
+
+def stall(progress: Progress, stage: Stage, now: float, accept_encoding: str | None) -> str:
     """Why the status is still missing, said while the client waits."""
+    received = progress.received(now)
+    waited = progress.waited(now)
+    if stage is not Stage.FORWARDED or waited is None:
+        return (
+            f"{_malformed_prefix(progress)}Stall: no status {received:.1f} s after the proxy received "
+            f"the WebSocket handshake, which is {_held(progress, stage)}: the upstream has not had it "
+            "yet, so neither the upstream nor an encoder is the cause."
+        )
     head = (
         f"{_malformed_prefix(progress)}Stall: no status {waited:.1f} s after a WebSocket "
         f"handshake that {_offered(accept_encoding)} was forwarded, and "
@@ -48,7 +78,20 @@ def stall(progress: Progress, waited: float, accept_encoding: str | None) -> str
     )
 
 
-def _upgraded(progress: Progress, waited: float, accept_encoding: str | None) -> str:
+def _seconds(progress: Progress, now: float) -> float:
+    """Seconds from forwarding when known, else from receipt."""
+    waited = progress.waited(now)
+    return progress.received(now) if waited is None else waited
+
+
+def _upgraded(progress: Progress, now: float, accept_encoding: str | None) -> str:
+    waited = _seconds(progress, now)
+    if progress.bad_accept:
+        return (
+            "Switched protocols, but the upstream's Sec-WebSocket-Accept does not answer the "
+            "client's Sec-WebSocket-Key, so the client will fail the handshake: the upstream, "
+            "or something in front of it, mangles WebSocket handshakes."
+        )
     if progress.content_encoding:
         return (
             f"Upgraded, but the success response carries content-encoding: "
@@ -56,7 +99,10 @@ def _upgraded(progress: Progress, waited: float, accept_encoding: str | None) ->
             "WebSocket handshake as a compressible response; it should pass upgrades "
             "through untouched (ws_encode_policy=strip removes it)."
         )
-    if progress.status_with_data:
+    if progress.stalled and accept_encoding and progress.status_with_data:
+        # Only a late status that encoding could explain says anything about
+        # an encoder; a prompt 200 with its first message in one write is
+        # just an efficient server.
         return (
             f"Upgraded after {waited:.1f} s, but the status only arrived together with "
             "the first response data: the fingerprint of an encoder that buffers the "
@@ -92,15 +138,19 @@ def _rejected(progress: Progress) -> str:
     )
 
 
-def _no_status(progress: Progress, waited: float, accept_encoding: str | None) -> str:
+def _no_status(progress: Progress, stage: Stage, now: float, accept_encoding: str | None) -> str:
     stalled = " (reported as a stall)" if progress.stalled else ""
+    waited = progress.waited(now)
+    received = progress.received(now)
     match progress.end_cause:
         case EndCause.CLIENT_GONE:
             why = (
                 "the client gave up"
-                + (f" after {waited:.1f} s" if waited >= 0.05 else "")
+                + (f" after {received:.1f} s" if received >= 0.05 else "")
                 + f" without a status{stalled}"
             )
+            if stage in HELD_IN_PROXY:
+                return f"No status: {why}, while the handshake was {_held(progress, stage)}."
             hint = (
                 f"; the request {_offered(accept_encoding)}, so an encoder holding "
                 f"the status is a likely cause — {STRIP_HINT}"
@@ -108,27 +158,31 @@ def _no_status(progress: Progress, waited: float, accept_encoding: str | None) -
                 else ""
             )
             return f"No status: {why}{hint}."
-        case EndCause.UPSTREAM_CLOSED:
+        case EndCause.UPSTREAM_CLOSED if waited is not None:
             return (
                 f"No status: the upstream closed or reset the connection {waited:.1f} s "
                 f"after the handshake was forwarded, without answering it{stalled}."
             )
+        case EndCause.UPSTREAM_CLOSED:
+            return f"No status: the upstream connection failed before the handshake was sent{stalled}."
         case EndCause.UPSTREAM_UNREACHABLE:
             return "No status: the proxy could not connect to the upstream."
+        case EndCause.PROXY_RESET:
+            return f"No status: the proxy itself reset the stream ({progress.end_reason}){stalled}."
         case EndCause.KILLED:
-            return f"No status: the flow was killed in the proxy after {waited:.1f} s{stalled}."
+            return f"No status: the flow was killed in the proxy after {received:.1f} s{stalled}."
         case _:
-            return f"No status: the proxy stopped after {waited:.1f} s of waiting{stalled}."
+            return f"No status: the proxy stopped after {received:.1f} s of waiting{stalled}."
 
 
-def outcome(progress: Progress, now: float, accept_encoding: str | None) -> str:
-    """The sentence for a handshake's final record."""
-    waited = progress.waited(now)
+def outcome(progress: Progress, stage: Stage, now: float, accept_encoding: str | None) -> str:
+    """The sentence for a handshake's final record; `stage` is where it was
+    when it ended without a status."""
     match progress.phase:
         case Phase.UPGRADED:
-            text = _upgraded(progress, waited, accept_encoding)
+            text = _upgraded(progress, now, accept_encoding)
         case Phase.REJECTED:
             text = _rejected(progress)
         case _:
-            text = _no_status(progress, waited, accept_encoding)
+            text = _no_status(progress, stage, now, accept_encoding)
     return _malformed_prefix(progress) + text

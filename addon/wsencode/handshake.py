@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from .report import printable
+
 
 class Transport(str, enum.Enum):
     """The HTTP version a handshake travels on, as the report names it."""
@@ -125,12 +127,16 @@ def _version_problem(headers: Headers) -> str | None:
 
 def _h1_problems(request: Request) -> Iterable[str]:
     if request.method.upper() != "GET":
-        yield f"the method is {request.method[:16]}, not GET"
+        yield f"the method is {printable(request.method[:16])}, not GET"
     if "upgrade" not in tokens(request.headers.get_all("connection")):
         yield "Connection does not list upgrade"
     protocols = _upgrade_protocols(request.headers)
-    if len(protocols) > 1:
+    if any(p != "websocket" for p in protocols):
         yield "Upgrade offers other protocols besides websocket"
+    elif len(protocols) > 1:
+        # Servers (and mitmproxy, which then never sees a WebSocket) compare
+        # the whole Upgrade value to "websocket".
+        yield "Upgrade names websocket more than once"
     for problem in (_key_problem(request.headers), _version_problem(request.headers)):
         if problem:
             yield problem

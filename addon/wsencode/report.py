@@ -2,35 +2,67 @@
 
 A record is flushed to the operating system before `write` returns, so a
 killed proxy loses no finished record. Only redacted URLs and the encoding
-headers go in: cookies, authorization and query values never do.
+headers go in, with any control character escaped: cookies, authorization,
+query and path-parameter values never do.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import logging
+import os
+import re
 import urllib.parse
 from pathlib import Path
 from typing import IO, Any
 
+logger = logging.getLogger("ws_encode")
+
 REDACTED = "REDACTED"
+
+# C0 controls, DEL and C1 controls: a client could otherwise start a new log
+# line, or move the cursor of the terminal that shows it.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character written as a visible escape."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text)
+
+
+def _redact_items(text: str, separator: str) -> str:
+    """`name=value` items joined by `separator`: names stay, values go."""
+    return separator.join(
+        f"{item.split('=', 1)[0]}={REDACTED}" if "=" in item else REDACTED for item in text.split(separator) if item
+    )
+
+
+def _redact_path(path: str) -> str:
+    # Path parameters (`/chat;jsessionid=...`, RFC 3986 section 3.3) carry
+    # session ids as often as the query does.
+    segments = []
+    for segment in path.split("/"):
+        name, semicolon, params = segment.partition(";")
+        segments.append(f"{name};{_redact_items(params, ';')}" if semicolon else name)
+    return "/".join(segments)
 
 
 def redact_url(url: str) -> str:
-    """`url` with every query value (and any userinfo) replaced by REDACTED.
+    """`url` with every query value, path-parameter value, fragment and any
+    userinfo replaced by REDACTED, and control characters escaped.
 
     Names stay, so a reader can still tell `?token=` from `?room=`.
     """
-    parts = urllib.parse.urlsplit(url)
+    # Escaped first: urlsplit would silently drop a tab or line feed.
+    parts = urllib.parse.urlsplit(printable(url))
     netloc = parts.netloc
     if "@" in netloc:
         netloc = f"{REDACTED}@{netloc.rsplit('@', 1)[1]}"
-    query = "&".join(
-        f"{item.split('=', 1)[0]}={REDACTED}" if "=" in item else REDACTED
-        for item in parts.query.split("&")
-        if item
+    fragment = REDACTED if parts.fragment else ""
+    return urllib.parse.urlunsplit(
+        (parts.scheme, netloc, _redact_path(parts.path), _redact_items(parts.query, "&"), fragment)
     )
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 def utc_now_iso() -> str:
@@ -38,17 +70,67 @@ def utc_now_iso() -> str:
 
 
 class ReportWriter:
-    """Appends records to one file; opened when the option is set."""
+    """Appends records to one file; opened when the option is set.
+
+    Like logging's WatchedFileHandler, it notices when the file is removed
+    or replaced (rotated, cleaned up) and opens the path again, so later
+    records are not written to a file nobody can see. If the path cannot be
+    opened any more, it says so once, loudly, and tries again at each record.
+    """
 
     def __init__(self, path: Path):
         self.path = path
-        # Line buffering flushes each record; the file is opened here so that
-        # an unwritable path is refused when the option is set, not later.
-        self._file: IO[str] = open(path, "a", encoding="utf-8", buffering=1)
+        self._lost = 0  # records not written since the path became unwritable
+        # Opened here so that an unwritable path is refused when the option
+        # is set, not later.
+        self._file: IO[str] | None = self._open()
+
+    def _open(self) -> IO[str]:
+        # Line buffering flushes each record.
+        f = open(self.path, "a", encoding="utf-8", buffering=1)
+        self._identity = os.fstat(f.fileno())[1:3]  # (inode, device)
+        return f
+
+    def _still_ours(self) -> bool:
+        try:
+            return os.stat(self.path)[1:3] == self._identity
+        except OSError:
+            return False
 
     def write(self, record: dict[str, Any]) -> None:
+        if self._file is None or not self._still_ours():
+            self._reopen()
+        if self._file is None:
+            self._lost += 1
+            return
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
         self._file.flush()
 
+    def _reopen(self) -> None:
+        replaced = self._file is not None
+        if replaced:
+            self._file.close()
+            self._file = None
+        try:
+            self._file = self._open()
+        except OSError as e:
+            if not self._lost:
+                logger.error(
+                    "ws_encode_report: %s vanished and cannot be created again (%s): records are being lost "
+                    "until it can",
+                    printable(str(self.path)), e.strerror,
+                )
+            return
+        if self._lost:
+            logger.warning(
+                "ws_encode_report: writing to %s again; %d records were lost", printable(str(self.path)), self._lost
+            )
+            self._lost = 0
+        elif replaced:
+            logger.warning("ws_encode_report: %s was removed or replaced; writing to a new file there",
+                           printable(str(self.path)))
+
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
