@@ -1,0 +1,317 @@
+"""The reproduction matrix: every encoder behaviour, through mitmdump with the addon.
+
+Each cell is one real WebSocket handshake: transport (h1, h2) x behaviour x
+who speaks first x policy (observe, strip), plus `inject` against `fixed`,
+plus HAProxy's compression in front of the application where HAProxy is
+installed. `expect` says what each cell must produce; `run` prints the table
+as cells finish and returns the cells whose reality disagreed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h2ws
+
+from . import haproxy
+from .clients import BROWSER_CODINGS, CLIENTS, Seen
+from .codings import ZSTD_LIBRARY, choose
+from .encoders import Behaviour
+from .proxy import Proxy
+from .server import LabServer, quiet_hypercorn_stream_errors
+
+TRANSPORTS = ("h2", "h1")
+SPEAKERS = ("client", "server")
+POLICIES = ("observe", "strip")
+INJECTED = "zstd, br, gzip"  # the addon's default ws_encode_codings
+CONNECTING = 6  # client connections set up at once
+
+
+@dataclass(frozen=True)
+class Cell:
+    transport: str
+    behaviour: str  # an encoder Behaviour value, or "haproxy"
+    speaker: str  # who speaks first: client (/echo) or server (/greet)
+    policy: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.transport} {self.behaviour} {self.speaker}-first {self.policy}"
+
+    @property
+    def path(self) -> str:
+        endpoint = "echo" if self.speaker == "client" else "greet"
+        return f"/{endpoint}/{self.transport}-{self.behaviour}-{self.policy}"
+
+    @property
+    def accept_encoding(self) -> str | None:
+        """What the client offers: Chromium's list, except for the inject probe."""
+        return None if self.policy == "inject" else BROWSER_CODINGS
+
+
+@dataclass
+class Expect:
+    client: str  # Seen.outcome
+    outcome: str  # the handshake record's outcome
+    stalled: bool
+    fast: bool = True  # status within the stall threshold
+    content_encoding: str | None = None
+    words: tuple[str, ...] = ()  # in the handshake record's diagnosis (lowercase)
+    upstream_coding: str | None = BROWSER_CODINGS
+
+    def describe(self) -> str:
+        return f"{self.client}, {self.outcome}" + (", stalled" if self.stalled else "")
+
+
+def holds_status(behaviour: str, transport: str) -> bool:
+    """Does this encoder hold the handshake's status back on this transport?"""
+    if behaviour == Behaviour.HOLD_1XX:
+        return True
+    if behaviour in (Behaviour.HOLD_UNTIL_BODY, Behaviour.HOLD_UNTIL_MIN_SIZE):
+        return transport != "h1"  # a 101 is informational: it goes out at once
+    return False
+
+
+def expect(cell: Cell) -> Expect:
+    healthy = "echoed" if cell.speaker == "client" else "greeted"
+    if cell.behaviour == "haproxy":
+        return haproxy.expect(cell, healthy)
+    if cell.policy == "strip":
+        return Expect(healthy, "upgraded", stalled=False, upstream_coding=None)
+    if cell.policy == "inject":
+        return Expect(healthy, "upgraded", stalled=False, upstream_coding=INJECTED)
+    if cell.behaviour == Behaviour.ENCODE_UPGRADE:
+        return Expect("unreadable", "upgraded", stalled=False, content_encoding=choose(BROWSER_CODINGS),
+                      words=("content-encoding",))
+    if not holds_status(cell.behaviour, cell.transport):
+        return Expect(healthy, "upgraded", stalled=False)
+    # The server's first message releases a status held for the first body
+    # byte; a few bytes are not enough for one that waits for a minimum size.
+    if cell.speaker == "server" and cell.behaviour != Behaviour.HOLD_UNTIL_MIN_SIZE:
+        words = ("first response data",) if cell.transport == "h2" else ()
+        return Expect(healthy, "upgraded", stalled=True, fast=False, words=words)
+    return Expect("gave up", "no-status", stalled=True, fast=False, words=("stall",))
+
+
+def cells(with_haproxy: bool) -> list[Cell]:
+    grid = [Cell(t, b.value, s, p) for t in TRANSPORTS for b in Behaviour for s in SPEAKERS for p in POLICIES]
+    grid += [Cell(t, Behaviour.FIXED.value, "client", "inject") for t in TRANSPORTS]
+    if with_haproxy:
+        grid += [Cell("h2", "haproxy", s, p) for s in SPEAKERS for p in POLICIES]
+    return grid
+
+
+@dataclass
+class Result:
+    cell: Cell
+    seen: Seen
+    record: dict | None
+    stall: dict | None  # the stall record, if one was written
+    stall_lines: list[str]
+    problems: list[str] = field(default_factory=list)
+
+
+def check(result: Result, want: Expect, threshold: float) -> list[str]:
+    """Where reality disagrees with what the cell must produce."""
+    seen, record, problems = result.seen, result.record, []
+    if seen.outcome != want.client:
+        problems.append(f"client {seen.outcome!r}, expected {want.client!r}")
+    if record is None:
+        return problems + ["no handshake record"]
+    if record["outcome"] != want.outcome:
+        problems.append(f"outcome {record['outcome']!r}, expected {want.outcome!r}")
+    if record["stalled"] != want.stalled:
+        problems.append(f"stalled {record['stalled']}, expected {want.stalled}")
+    if want.stalled:
+        if result.stall is None or "stall" not in result.stall["diagnosis"].lower():
+            problems.append("no stall record")
+        elif result.stall["waited_s"] is None or result.stall["waited_s"] > threshold * 1.5:
+            problems.append(f"stall reported late ({result.stall['waited_s']} s, threshold {threshold} s)")
+        if not result.stall_lines:
+            problems.append("no live stall line in mitmdump's log")
+    elif result.stall is not None or result.stall_lines:
+        problems.append("a stall was reported")
+    # "At once" is: no stall reported, and the client had its status well
+    # before a held one could come (this machine may be busy).
+    if want.fast and (seen.status_s is None or seen.status_s >= threshold * 1.5):
+        problems.append(f"status after {seen.status_s} s, expected within {threshold * 1.5:g} s")
+    if not want.fast and want.outcome == "upgraded" and seen.status_s is not None and seen.status_s < threshold:
+        problems.append(f"status after {seen.status_s:.2f} s, expected it held past {threshold} s")
+    if record["content_encoding"] != want.content_encoding:
+        problems.append(f"content-encoding {record['content_encoding']!r}, expected {want.content_encoding!r}")
+    if record["accept_encoding_upstream"] != want.upstream_coding:
+        problems.append(f"accept-encoding upstream {record['accept_encoding_upstream']!r}, "
+                        f"expected {want.upstream_coding!r}")
+    for word in want.words:
+        if word not in record["diagnosis"].lower():
+            problems.append(f"diagnosis lacks {word!r}: {record['diagnosis']!r}")
+    return problems
+
+
+COLUMNS = ("cell", "client", "status", "record", "diagnosis")
+WIDTHS = (44, 11, 8, 22)
+
+
+def describe_record(record: dict | None) -> str:
+    if record is None:
+        return "(none)"
+    text = record["outcome"] + (" ⌛" if record["stalled"] else "")
+    if record["content_encoding"]:
+        text += f" ce={record['content_encoding']}"
+    return text
+
+
+def row(result: Result) -> list[str]:
+    seen = result.seen
+    status = f"{seen.status_s:.2f} s" if seen.status_s is not None else "-"
+    diagnosis = result.record["diagnosis"] if result.record else ""
+    return [result.cell.name, seen.outcome, status, describe_record(result.record), diagnosis]
+
+
+def print_row(cells_: list[str], out=sys.stdout, width: int = 200) -> None:
+    head = "".join(c.ljust(w) for c, w in zip(cells_, WIDTHS))
+    rest = width - len(head)
+    last = cells_[-1] if len(cells_[-1]) <= rest else cells_[-1][: max(rest - 1, 10)] + "…"
+    print(head + last, file=out, flush=True)
+
+
+@dataclass
+class Run:
+    threshold: float
+    bundle: Path | None
+    with_haproxy: bool
+    results: list[Result] = field(default_factory=list)
+    environment: dict[str, str] = field(default_factory=dict)
+
+
+def environment() -> dict[str, str]:
+    import brotli
+    import hypercorn  # noqa: F401
+    from importlib.metadata import version
+
+    from mitmproxy.version import VERSION
+
+    return {
+        "mitmproxy": VERSION,
+        "Python": platform.python_version(),
+        "OS": platform.platform(),
+        "hypercorn": version("hypercorn"),
+        "h2": version("h2"),
+        "zstd": f"{ZSTD_LIBRARY} (libzstd)",
+        "brotli": getattr(brotli, "__version__", version("brotli")),
+        "HAProxy": haproxy.version() or "not installed",
+    }
+
+
+async def run_cell(cell: Cell, proxy: Proxy, give_up: float, after: float, gate: asyncio.Semaphore) -> Result:
+    port = proxy.ports[cell.behaviour]
+    path = cell.path + (f"?after={after}" if cell.speaker == "server" else "")
+    try:
+        seen = await CLIENTS[cell.transport](port, path, cell.speaker, cell.accept_encoding, give_up, gate)
+    except (OSError, ConnectionError, h2ws.WebSocketClosed) as e:
+        seen = Seen(f"failed ({type(e).__name__})")
+    record = await proxy.handshake_record(cell.path, timeout=5)
+    stall = next((r for r in proxy.records(cell.path) if r["event"] == "stall"), None)
+    return Result(cell, seen, record, stall, proxy.stall_lines(cell.path))
+
+
+async def run(threshold: float = 1.0, bundle: Path | None = None, out=sys.stdout) -> Run:
+    """Run every cell; print the table as cells finish; check them."""
+    state = Run(threshold, bundle, haproxy.available())
+    state.environment = environment()
+    give_up, after = threshold * 3, threshold * 2
+    grid = cells(state.with_haproxy)
+    print(f"ws-encode lab: {len(grid)} handshakes through mitmdump with the addon "
+          f"(ws_encode_stall={threshold}; clients give up after {give_up:g} s; /greet speaks after {after:g} s)",
+          file=out)
+    print("  " + ", ".join(f"{k} {v}" for k, v in state.environment.items()), file=out)
+    if not state.with_haproxy:
+        print("  HAProxy is not installed (Debian package haproxy): its rows are skipped", file=out)
+    print(file=out)
+    quiet_hypercorn_stream_errors(asyncio.get_running_loop())
+    with tempfile.TemporaryDirectory(prefix="wslab-") as tmp:
+        work = Path(tmp)
+        cert = h2ws.make_self_signed_cert(work)
+        behaviours = [b.value for b in Behaviour]
+        servers = [LabServer(b, *cert) for b in behaviours]
+        backend = LabServer("none", *cert) if state.with_haproxy else None
+        for server in servers + ([backend] if backend else []):
+            await server.start()
+        front = None
+        try:
+            upstreams = {s.behaviour: s.url for s in servers}
+            if backend:
+                front = await haproxy.Front(backend.port, cert, work).start()
+                upstreams["haproxy"] = front.url
+            proxies = {}
+            for policy in ("observe", "strip", "inject"):
+                mine = upstreams if policy != "inject" else {"fixed": upstreams["fixed"]}
+                flows = work / f"flows-{policy}.mitm" if bundle else None
+                proxies[policy] = Proxy(mine, work / f"report-{policy}.jsonl",
+                                        "--set", f"ws_encode_policy={policy}",
+                                        "--set", f"ws_encode_stall={threshold}", flows=flows)
+            await asyncio.gather(*(p.start() for p in proxies.values()))
+            try:
+                print_row(list(COLUMNS), out)
+                gate = asyncio.Semaphore(CONNECTING)
+                tasks = [run_cell(c, proxies[c.policy], give_up, after, gate) for c in grid]
+                for next_done in asyncio.as_completed(tasks):
+                    result = await next_done
+                    result.problems = check(result, expect(result.cell), threshold)
+                    state.results.append(result)
+                    print_row(row(result), out)
+                    for line in result.stall_lines:
+                        print(f"    mitmdump | {line.strip()}", file=out)
+            finally:
+                await asyncio.gather(*(p.stop() for p in proxies.values()))
+            if bundle:
+                write_bundle(state, bundle, list(proxies.values()), work)
+        finally:
+            if front:
+                await front.stop()
+            for server in servers + ([backend] if backend else []):
+                await server.stop()
+    return state
+
+
+def failures(state: Run) -> list[Result]:
+    return [r for r in state.results if r.problems]
+
+
+def summary_markdown(state: Run) -> str:
+    order = {c: i for i, c in enumerate(cells(state.with_haproxy))}
+    results = sorted(state.results, key=lambda r: order[r.cell])
+    lines = [
+        "# ws-encode lab run", "",
+        f"ws_encode_stall = {state.threshold} s; clients offer `accept-encoding: {BROWSER_CODINGS}` "
+        "(except `inject`) and give up after "
+        f"{state.threshold * 3:g} s; `/greet` speaks first after {state.threshold * 2:g} s.", "",
+        "| " + " | ".join(COLUMNS) + " | check |", "|" + " --- |" * (len(COLUMNS) + 1),
+    ]
+    for r in results:
+        cells_ = row(r) + ["ok" if not r.problems else "FAIL: " + "; ".join(r.problems)]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells_) + " |")
+    lines += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in state.environment.items()]
+    if state.with_haproxy:
+        lines += ["", "## HAProxy", "", textwrap.fill(haproxy.FINDING, 100)]
+    return "\n".join(lines) + "\n"
+
+
+def write_bundle(state: Run, bundle: Path, proxies: list[Proxy], work: Path) -> None:
+    bundle.mkdir(parents=True, exist_ok=True)
+    records = sorted((r for p in proxies for r in p.records()), key=lambda r: r["ts"])
+    (bundle / "report.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    # mitmproxy flow files are a sequence of flows: concatenated, they are one file.
+    with open(bundle / "flows.mitm", "wb") as out:
+        for flows in sorted(work.glob("flows-*.mitm")):
+            with open(flows, "rb") as f:
+                shutil.copyfileobj(f, out)
+    (bundle / "summary.md").write_text(summary_markdown(state))

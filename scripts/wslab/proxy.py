@@ -1,0 +1,115 @@
+"""mitmdump with the addon in front of several lab servers at once (one reverse mode each)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import socket
+import urllib.parse
+from pathlib import Path
+
+from mitmdump_proc import ADDON, LOOPBACK_ONLY, MITMDUMP
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports on 127.0.0.1 that nothing listens on (bound together, then released)."""
+    sockets = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
+    try:
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class Proxy:
+    """One mitmdump: `upstreams` maps a name to an upstream URL, each served
+    on its own port (`ports[name]`); the log is kept line by line and the
+    report in `report`."""
+
+    def __init__(self, upstreams: dict[str, str], report: Path, *options: str, flows: Path | None = None) -> None:
+        self.upstreams = upstreams
+        self.report = report
+        self.options = list(options) + (["-w", str(flows)] if flows else [])
+        self.ports: dict[str, int] = {}
+        self.lines: list[str] = []
+        self._changed = asyncio.Condition()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task | None = None
+
+    async def start(self, attempts: int = 3) -> Proxy:
+        for attempt in range(attempts):
+            self.ports = dict(zip(self.upstreams, free_ports(len(self.upstreams))))
+            modes = [a for name, url in self.upstreams.items()
+                     for a in ("--mode", f"reverse:{url}@127.0.0.1:{self.ports[name]}")]
+            self.lines = []
+            self._proc = await asyncio.create_subprocess_exec(
+                str(MITMDUMP), "--listen-host", "127.0.0.1", *modes, "--ssl-insecure",
+                "--set", "flow_detail=0", "-s", str(LOOPBACK_ONLY), "-s", str(ADDON),
+                "--set", f"ws_encode_report={self.report}", *self.options,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )
+            self._reader = asyncio.create_task(self._read())
+            if await self._until(lambda: sum("listening at" in line for line in self.lines) == len(self.upstreams), 30):
+                return self
+            await self.stop()  # most likely a port taken meanwhile: try others
+        raise RuntimeError("mitmdump did not start:\n" + "\n".join(self.lines))
+
+    async def stop(self) -> None:
+        if self._proc and self._proc.returncode is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self._proc.wait(), 10)
+            except asyncio.TimeoutError:
+                self._proc.kill()
+                await self._proc.wait()
+        if self._reader:
+            await self._reader
+
+    async def _read(self) -> None:
+        assert self._proc and self._proc.stdout
+        async for raw in self._proc.stdout:
+            async with self._changed:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._changed.notify_all()
+        async with self._changed:
+            self.lines.append("<exited>")
+            self._changed.notify_all()
+
+    async def _until(self, predicate, timeout: float) -> bool:
+        """Wait (on log lines, not a clock) until predicate() or mitmdump exits."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: predicate() or "<exited>" in self.lines), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return bool(predicate())
+
+    def records(self, path: str | None = None) -> list[dict]:
+        """Report records, optionally only those for the handshake to `path`."""
+        if not self.report.exists():
+            return []
+        records = [json.loads(line) for line in self.report.read_text().splitlines() if line.strip()]
+        if path is None:
+            return records
+        return [r for r in records if urllib.parse.urlsplit(r["url"]).path == path]
+
+    async def handshake_record(self, path: str, timeout: float) -> dict | None:
+        """The handshake record for `path`; the addon logs a line with each, so wait on lines."""
+
+        def found() -> dict | None:
+            return next((r for r in self.records(path) if r["event"] == "handshake"), None)
+
+        await self._until(found, timeout)
+        return found()
+
+    def stall_lines(self, path: str) -> list[str]:
+        rx = re.compile(re.escape(path) + r"(?=[?:\s])")
+        return [line for line in self.lines if "stall on" in line and rx.search(line)]
+
+    async def __aenter__(self) -> Proxy:
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
