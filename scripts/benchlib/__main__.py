@@ -1,0 +1,749 @@
+"""What the addon costs (issue 10): every goal measured side by side, in one run.
+
+    scripts/bench [11|12] [--quick] [--json FILE] [--addon PATH]
+
+On 127.0.0.1, against upstreams in a process of their own (benchlib.upstream),
+through mitmdump processes started here (each loads scripts/loopback_only.py;
+they show warnings only, so a terminal is not what is measured):
+
+1. CPU seconds of mitmdump with the addon (report on, policy observe) ÷ without,
+   from /proc/<pid>/stat (utime+stime, all threads) around each batch, in
+   alternating batch pairs (the two processes run side by side; each batch's
+   tail is waited for): HTTP/1.1 WebSocket handshake + one echo + close;
+   ordinary HTTP/1.1 GETs (keep-alive); ordinary HTTP/2 GETs (one connection).
+2. WebSocket message throughput with ÷ without, 1 KiB and 64 KiB messages,
+   client→server (the upstream says `done` after the last) and server→client.
+3. Through the mitmdump with the addon: HTTP/2 (RFC 8441, one TLS connection)
+   ÷ HTTP/1.1 over TLS (wss, one TLS handshake per WebSocket): handshakes/s and
+   echoes/s (one WebSocket, one message at a time). Plain ws:// for reference.
+4. N handshakes held at once by a stalling upstream, HTTP/1.1 and HTTP/2,
+   opened over a few seconds while healthy handshakes keep arriving: each
+   stall reported exactly once; lateness = waited_s - ws_encode_stall from each
+   stall record (the addon's own forwarding time), and from outside:
+   record ts - the client's send time - ws_encode_stall (an upper bound).
+5. tracemalloc bytes the addon keeps per tracked handshake (benchlib.memory);
+   the addon's structures after the run's handshakes (benchlib/probe.py asks
+   inside mitmdump); resident memory per open WebSocket, HTTP/2 ÷ HTTP/1.1,
+   each in a fresh mitmdump.
+
+Ratios are medians of pairs measured in this one run; the machine may be
+noisy, so absolute numbers are only context. `--quick` is a smoke run (small
+counts) that CI executes through tests/test_bench.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.parse
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import h2ws
+import mitmproxy.version
+
+from benchlib.clients import H1Requests, H1WebSocket
+from benchlib.procs import Mitmdump, Upstreams, die_with_parent
+from mitmdump_proc import ADDON
+
+ENCODINGS = [("accept-encoding", "gzip, deflate, br, zstd")]
+
+
+@dataclass
+class Params:
+    pairs: int  # goal 1 batch pairs
+    handshakes: int  # goal 1 handshakes + echo per batch
+    requests: int  # goal 1 ordinary requests per batch
+    concurrency: int
+    tp_pairs: int
+    tp_small: int  # 1 KiB messages per batch
+    tp_large: int  # 64 KiB messages per batch
+    g3_pairs: int
+    g3_handshakes: int
+    g3_echoes: int
+    held: int
+    ramp_s: float
+    stall: float
+    rss_websockets: int
+    mem_tracked: int
+    mem_cycled: int
+
+
+FULL = Params(pairs=10, handshakes=1000, requests=2000, concurrency=8, tp_pairs=5, tp_small=2000,
+              tp_large=200, g3_pairs=5, g3_handshakes=500, g3_echoes=2000, held=1000, ramp_s=3.0,
+              stall=2.0, rss_websockets=1000, mem_tracked=1000, mem_cycled=10000)
+QUICK = Params(pairs=2, handshakes=20, requests=50, concurrency=4, tp_pairs=1, tp_small=50,
+               tp_large=5, g3_pairs=1, g3_handshakes=15, g3_echoes=50, held=30, ramp_s=0.3,
+               stall=0.5, rss_websockets=30, mem_tracked=100, mem_cycled=300)
+
+
+@dataclass
+class Figure:
+    goal: int
+    key: str
+    title: str
+    value: float | None
+    unit: str
+    op: str  # "<=", ">=", "=="
+    target: float
+    measured: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None or (isinstance(self.value, float) and math.isnan(self.value)):
+            return None
+        return {"<=": self.value <= self.target, ">=": self.value >= self.target,
+                "==": self.value == self.target}[self.op]
+
+
+class Progress:
+    """One line on stderr, rewritten in place on a terminal."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.started = total, 0, time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        text = f"[{min(self.done, self.total):3d}/{self.total}] {time.monotonic() - self.started:5.0f} s  {label}"
+        if self.tty:
+            sys.stderr.write("\r\033[K" + text[:200])
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def median(values: list[float]) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+# -- batches ---------------------------------------------------------------
+
+
+async def settle(proc: Mitmdump, quiet: float = 0.06, limit: float = 3.0) -> float:
+    """The process's CPU seconds once it has stopped using CPU (a batch's tail
+    of closing connections belongs to that batch)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    last = proc.cpu()
+    while loop.time() < deadline:
+        await asyncio.sleep(quiet)
+        now = proc.cpu()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+async def batch(proc: Mitmdump, work: Callable[[], Awaitable[int]]) -> dict[str, float]:
+    """CPU seconds of `proc` and wall seconds for one batch of `work`."""
+    cpu0 = await settle(proc)
+    t0 = time.perf_counter()
+    count = await work()
+    wall = time.perf_counter() - t0
+    cpu = await settle(proc) - cpu0
+    return {"count": count, "cpu_s": cpu, "wall_s": wall}
+
+
+async def workers(n: int, concurrency: int, one: Callable[[int], Awaitable[None]]) -> int:
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for i in counter:
+            await one(i)
+
+    await asyncio.gather(*(worker() for _ in range(min(n, concurrency))))
+    return n
+
+
+def h1_ws_echo(port: int, n: int, concurrency: int, tls: bool = False, echo: bool = True):
+    async def one(i: int) -> None:
+        ws = await H1WebSocket.open(port, f"/echo/{i}", tls)
+        if echo:
+            await ws.echo(f"m{i}")
+        await ws.close()
+
+    return lambda: workers(n, concurrency, one)
+
+
+def h1_requests(port: int, n: int, concurrency: int):
+    async def run() -> int:
+        conns = [await H1Requests.open(port) for _ in range(concurrency)]
+
+        async def worker(conn: H1Requests, share: range) -> None:
+            for i in share:
+                if await conn.get(f"/plain/{i}") != 200:
+                    raise ConnectionError("not 200")
+
+        await asyncio.gather(*(worker(c, range(k, n, concurrency)) for k, c in enumerate(conns)))
+        for conn in conns:
+            conn.close()
+        return n
+
+    return run
+
+
+def h2_client(port: int) -> h2ws.H2WebSocketClient:
+    return h2ws.H2WebSocketClient("127.0.0.1", port, server_hostname="localhost")
+
+
+def h2_requests(port: int, n: int, concurrency: int):
+    async def run() -> int:
+        async with await h2_client(port).connect(30) as client:
+            async def one(i: int) -> None:
+                status, _ = await client.get(f"/plain/{i}", "localhost", timeout=30)
+                if status != 200:
+                    raise ConnectionError("not 200")
+
+            return await workers(n, concurrency, one)
+
+    return run
+
+
+def h2_handshakes(port: int, n: int, concurrency: int):
+    async def run() -> int:
+        async with await h2_client(port).connect(30) as client:
+            async def one(i: int) -> None:
+                ws = await client.open_websocket(f"/g3/{i}", "localhost")
+                await ws.wait_status(30)
+                await ws.close(timeout=30)
+
+            return await workers(n, concurrency, one)
+
+    return run
+
+
+def h1_echoes(port: int, n: int, tls: bool):
+    async def run() -> int:
+        ws = await H1WebSocket.open(port, "/echo/g3", tls)
+        for i in range(n):
+            await ws.echo(f"m{i}")
+        await ws.close()
+        return n
+
+    return run
+
+
+def h2_echoes(port: int, n: int):
+    async def run() -> int:
+        async with await h2_client(port).connect(30) as client:
+            ws = await client.open_websocket("/echo/g3", "localhost")
+            await ws.wait_status(30)
+            for i in range(n):
+                await ws.send_text(f"m{i}", 30)
+                await ws.receive(30)
+            await ws.close(timeout=30)
+        return n
+
+    return run
+
+
+def h1_throughput(port: int, direction: str, size: int, n: int):
+    """Bytes moved one way on one WebSocket; time from the status to the last message."""
+
+    async def run() -> int:
+        if direction == "up":
+            ws = await H1WebSocket.open(port, f"/sink/{n}")
+            payload = b"u" * size
+            for i in range(n):
+                ws.send(payload)
+                if i % 16 == 15:
+                    await ws.drain()
+            if await ws.receive() != "done":
+                raise ConnectionError("no done")
+        else:
+            ws = await H1WebSocket.open(port, f"/source/{n}/{size}")
+            for _ in range(n):
+                await ws.receive()
+        await ws.close()
+        return n * size
+
+    return run
+
+
+async def alternate(procs: dict[str, Mitmdump], works: dict[str, Callable], pairs: int,
+                    progress: Progress, label: str) -> dict[str, list[dict]]:
+    """`pairs` rounds of one batch per entry of `works` (run on procs[key]),
+    the order reversed every other round."""
+    keys = list(works)
+    results: dict[str, list[dict]] = {k: [] for k in keys}
+    for i in range(pairs):
+        order = keys if i % 2 == 0 else keys[::-1]
+        for key in order:
+            progress.step(f"{label}: {key}, round {i + 1}/{pairs}")
+            results[key].append(await batch(procs[key], works[key]))
+    return results
+
+
+def cpu_ratio_figure(goal: int, key: str, title: str, target: float, runs: dict[str, list[dict]], unit_name: str) -> Figure:
+    with_, without = runs["with"], runs["without"]
+    ratios = [ratio(a["cpu_s"], b["cpu_s"]) for a, b in zip(with_, without)]
+    per = lambda rs: median([1000 * r["cpu_s"] / r["count"] for r in rs])  # noqa: E731
+    rate = lambda rs: median([r["count"] / r["wall_s"] for r in rs])  # noqa: E731
+    n = with_[0]["count"]
+    return Figure(
+        goal, key, title, median(ratios), "x", "<=", target,
+        f"median of {len(ratios)} pairs x {n} {unit_name}; CPU {per(with_):.3f} vs {per(without):.3f} ms each; "
+        f"{rate(with_):.0f} vs {rate(without):.0f}/s",
+        {"ratios": ratios, "with": with_, "without": without,
+         "cpu_ms_each_with": per(with_), "cpu_ms_each_without": per(without),
+         "rate_with": rate(with_), "rate_without": rate(without)},
+    )
+
+
+# -- goal 4 ----------------------------------------------------------------
+
+
+def read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line being written
+    return records
+
+
+def record_path(record: dict) -> str:
+    return urllib.parse.urlsplit(record.get("url") or "").path
+
+
+def ts_seconds(record: dict) -> float:
+    return datetime.datetime.fromisoformat(record["ts"]).timestamp()
+
+
+async def healthy_traffic(proc: Mitmdump, stop: asyncio.Event, tag: str) -> dict[str, int]:
+    """Healthy handshakes + an echo each, one after another, HTTP/1.1 and HTTP/2 by turns."""
+    done = errors = 0
+    async with await h2_client(proc.ports["h2"]).connect(30) as client:
+        while not stop.is_set():
+            try:
+                if done % 2 == 0:
+                    ws = await H1WebSocket.open(proc.ports["h1"], f"/echo/healthy/{tag}/{done}")
+                    await ws.echo("hi")
+                    await ws.close()
+                else:
+                    ws2 = await client.open_websocket(f"/healthy/{tag}/{done}", "localhost")
+                    await ws2.wait_status(30)
+                    await ws2.send_text("hi", 30)
+                    await ws2.receive(30)
+                    await ws2.close(timeout=30)
+                done += 1
+            except (ConnectionError, asyncio.TimeoutError, h2ws.WebSocketClosed):
+                errors += 1
+                await asyncio.sleep(0.05)
+    return {"healthy_handshakes": done, "healthy_errors": errors}
+
+
+async def hold(proc: Mitmdump, report: Path, transport: str, p: Params, progress: Progress) -> Figure:
+    n, prefix = p.held, f"/hold/{transport}/"
+    sent: dict[str, float] = {}
+    h1_socks: list[H1WebSocket] = []
+    h2_clients: list[h2ws.H2WebSocketClient] = []
+    stop = asyncio.Event()
+    healthy = asyncio.ensure_future(healthy_traffic(proc, stop, transport))
+    loop = asyncio.get_running_loop()
+    progress.step(f"goal 4: {n} {transport} handshakes held, opening over {p.ramp_s:g} s")
+    per_conn = 50
+    if transport == "h2":
+        for _ in range(math.ceil(n / per_conn)):
+            h2_clients.append(await h2_client(proc.ports["h2_hold"]).connect(30))
+    steps = max(1, math.ceil(p.ramp_s / 0.1))
+    start = loop.time()
+    for s in range(steps):
+        for i in range(s * n // steps, (s + 1) * n // steps):
+            path = f"{prefix}{i}"
+            if transport == "h1":
+                h1_socks.append(await H1WebSocket.start(proc.ports["h1"], path, headers=b"accept-encoding: gzip\r\n"))
+            else:
+                await h2_clients[i // per_conn].open_websocket(path, "localhost", headers=ENCODINGS)
+            sent[path] = time.time()
+        await asyncio.sleep(max(0.0, start + (s + 1) * 0.1 - loop.time()))
+    progress.step(f"goal 4: {n} {transport} handshakes held, waiting for their stalls")
+    deadline = loop.time() + p.stall + 30
+    stalls: list[dict] = []
+    while loop.time() < deadline:
+        stalls = [r for r in read_records(report) if r.get("event") == "stall" and record_path(r).startswith(prefix)]
+        if len({record_path(r) for r in stalls}) >= n:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(p.stall)  # time for a stall to be reported twice
+    stop.set()
+    traffic = await healthy
+    for sock in h1_socks:
+        sock.abort()
+    for client in h2_clients:
+        await client.close(5)
+    records = read_records(report)
+    stalls = [r for r in records if r.get("event") == "stall" and record_path(r).startswith(prefix)]
+    per_path: dict[str, int] = {}
+    for r in stalls:
+        per_path[record_path(r)] = per_path.get(record_path(r), 0) + 1
+    once = sum(1 for path in sent if per_path.get(path) == 1)
+    healthy_stalls = sum(1 for r in records if r.get("event") == "stall" and "/healthy/" in record_path(r))
+    stall_of = {record_path(r): r for r in stalls}
+    # The stall clock starts when the proxy receives the handshake (SPEC: `received_s`);
+    # an addon whose records predate that field counts from forwarding (`waited_s`).
+    clock = "received_s" if any("received_s" in r for r in stalls) else "waited_s"
+    late_addon = [1000 * (r[clock] - p.stall) for r in stalls if r.get(clock) is not None]
+    late_outside = [1000 * (ts_seconds(stall_of[path]) - t - p.stall) for path, t in sent.items() if path in stall_of]
+    p99 = percentile(late_addon, 99)
+    return Figure(
+        4, f"g4_{transport}_stall_lateness_p99_ms",
+        f"{'HTTP/1.1' if transport == 'h1' else 'HTTP/2'}: {n} held at once, stall lateness p99",
+        p99, "ms", "<=", 50,
+        f"{once}/{n} stalls reported exactly once ({len(stalls) - len(per_path)} repeats, "
+        f"{n - len(per_path)} missing); lateness ({clock} - stall) p50 {percentile(late_addon, 50):.0f}, max "
+        f"{max(late_addon, default=float('nan')):.0f} ms; outside p99 {percentile(late_outside, 99):.0f} ms; "
+        f"{traffic['healthy_handshakes']} healthy meanwhile, {healthy_stalls} of them reported as stalls",
+        {"held": n, "reported_exactly_once": once, "stall_records": len(stalls), "missing": n - len(per_path),
+         "healthy_reported_as_stall": healthy_stalls, **traffic,
+         "lateness_ms": {"p50": percentile(late_addon, 50), "p99": p99, "max": max(late_addon, default=None)},
+         "lateness_outside_ms": {"p50": percentile(late_outside, 50), "p99": percentile(late_outside, 99),
+                                 "max": max(late_outside, default=None)},
+         "stall_s": p.stall, "ramp_s": p.ramp_s, "lateness_from": clock},
+    )
+
+
+def once_figure(f: Figure) -> Figure:
+    d = f.detail
+    transport = "HTTP/1.1" if "h1" in f.key else "HTTP/2"
+    return Figure(4, f.key.replace("lateness_p99_ms", "reported_once"),
+                  f"{transport}: {d['held']} held at once, stalls reported exactly once",
+                  d["reported_exactly_once"] if not d["healthy_reported_as_stall"] else -d["healthy_reported_as_stall"],
+                  "", "==", d["held"], f"{d['stall_records']} stall records for {d['held']} held handshakes",
+                  {"see": f.key})
+
+
+# -- goal 5 ----------------------------------------------------------------
+
+
+RSS_KINDS = ("h2", "h1-tls", "h1-plain")
+
+
+def rss_mitmdump(kind: str, upstreams: Upstreams, options: dict, addon: Path) -> Mitmdump:
+    target = {"h2": f"https://127.0.0.1:{upstreams.ports['h2']}"}.get(kind, f"http://127.0.0.1:{upstreams.ports['h1']}")
+    return Mitmdump(f"rss-{kind}", {"p": target}, True, options, addon)
+
+
+async def rss_per_websocket(kind: str, proc: Mitmdump, n: int, progress: Progress) -> dict[str, Any]:
+    """Resident bytes per open WebSocket (one echo each), in a mitmdump that has done nothing else."""
+    port = proc.ports["p"]
+    tls = kind == "h1-tls"
+    clients: list[h2ws.H2WebSocketClient] = []
+    socks: list = []
+    try:
+        progress.step(f"goal 5: {n} open {kind} WebSockets, resident memory")
+        # Warm up: code paths, mitmproxy's certificate for the name.
+        if kind == "h2":
+            await h2_handshakes(port, 5, 1)()
+        else:
+            await h1_ws_echo(port, 5, 1, tls)()
+        await settle(proc)
+        before = proc.rss()
+        per_conn = 50
+        for s in range(0, n, 25):
+            for i in range(s, min(n, s + 25)):
+                if kind == "h2":
+                    if i % per_conn == 0:
+                        clients.append(await h2_client(port).connect(30))
+                    ws = await clients[-1].open_websocket(f"/echo/rss/{i}", "localhost")
+                    socks.append(ws)
+                else:
+                    socks.append(await H1WebSocket.start(port, f"/echo/rss/{i}", tls))
+            await asyncio.sleep(0.02)
+        for ws in socks:
+            if kind == "h2":
+                await ws.wait_status(30)
+                await ws.send_text("hi", 30)
+                await ws.receive(30)
+            else:
+                await ws.wait_status()
+                await ws.echo("hi")
+        await settle(proc)
+        after = proc.rss()
+        return {"websockets": n, "connections": len(clients) if kind == "h2" else n,
+                "rss_before": before, "rss_after": after, "bytes_per_websocket": (after - before) / n}
+    finally:
+        for ws in socks:
+            if kind != "h2":
+                ws.abort()
+        for client in clients:
+            await client.close(5)
+        await proc.stop()  # its memory is measured; nothing else runs in it
+
+
+async def tracemalloc_figures(p: Params, addon: Path) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in sys.path if x), "BENCH_ADDON": str(addon)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchlib.memory", "--tracked", str(p.mem_tracked), "--cycled", str(p.mem_cycled),
+        stdout=asyncio.subprocess.PIPE, env=env, preexec_fn=die_with_parent,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode:
+        raise SystemExit("benchlib.memory failed")
+    return json.loads(out)
+
+
+def left_over(sizes: dict[str, int], baseline: dict[str, int], skip_stalls: bool) -> dict[str, int]:
+    return {k: v - baseline.get(k, 0) for k, v in sizes.items()
+            if v > baseline.get(k, 0) and not (skip_stalls and "stall" in k)}
+
+
+async def structures_figure(proc: Mitmdump, baseline: dict[str, int], key: str, after: str,
+                            skip_stalls: bool, measured: str) -> Figure:
+    """Entries left in the addon's structures beyond `baseline`, once the proxy
+    has caught up (asked again for up to 20 s); remembered stalls are kept by
+    design (capped), so `skip_stalls` leaves them out."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while True:
+        sizes = (await proc.query("sizes"))["sizes"]
+        left = left_over(sizes, baseline, skip_stalls)
+        if not left or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    if skip_stalls:
+        kept = ", ".join(f"{k}={v}" for k, v in sizes.items() if "stall" in k) or "none"
+        measured += f" (remembered stalls, capped by design: {kept})"
+    return Figure(5, key, f"entries left in the addon's structures after {after}", sum(left.values()), "", "==", 0,
+                  f"{measured}: {left or 'all back to empty'}", {"baseline": baseline, "sizes": sizes, "left": left})
+
+
+# -- the run ---------------------------------------------------------------
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+async def run(p: Params, quick: bool, addon: Path) -> dict[str, Any]:
+    started = datetime.datetime.now(datetime.timezone.utc)
+    load_start = load_average()
+    steps = 6 * p.pairs + 8 * p.tp_pairs + 6 * p.g3_pairs + (11 if quick else 12)
+    progress = Progress(steps)
+    figures: list[Figure] = []
+    with tempfile.TemporaryDirectory(prefix="ws-encode-bench-") as tmp:
+        report = Path(tmp) / "report.jsonl"
+        progress.step("starting upstreams and two mitmdumps")
+        upstreams = await Upstreams(tmp).start()
+        targets = {"h1": f"http://127.0.0.1:{upstreams.ports['h1']}",
+                   "h2": f"https://127.0.0.1:{upstreams.ports['h2']}",
+                   "h2_hold": f"https://127.0.0.1:{upstreams.ports['h2_hold']}"}
+        options = {"ws_encode_report": str(report), "ws_encode_policy": "observe", "ws_encode_stall": f"{p.stall:g}"}
+        with_, without = Mitmdump("with", targets, True, options, addon), Mitmdump("without", targets, False)
+        procs = {"with": with_, "without": without}
+        # Fresh ones for goal 5's resident memory, started now (they idle until then).
+        fresh = {kind: rss_mitmdump(kind, upstreams, {**options, "ws_encode_report": str(Path(tmp) / f"{kind}.jsonl")}, addon)
+                 for kind in (RSS_KINDS[:2] if quick else RSS_KINDS)}
+        try:
+            # tracemalloc runs in a process of its own while the proxies start, and
+            # is over before anything is timed.
+            memory = asyncio.ensure_future(tracemalloc_figures(p, addon))
+            await asyncio.gather(with_.start(), without.start(), *(m.start() for m in fresh.values()))
+            progress.step("goal 5: tracemalloc, bytes per tracked handshake")
+            mem = await memory
+            progress.step("warming up both (code paths, TLS certificates)")
+            for proc in (with_, without):
+                await h1_ws_echo(proc.ports["h1"], 5, 1)()
+                await h1_requests(proc.ports["h1"], 10, 2)()
+                await h2_requests(proc.ports["h2"], 10, 2)()
+                if proc is with_:
+                    await h1_ws_echo(proc.ports["h1"], 2, 1, tls=True)()
+                    await h2_handshakes(proc.ports["h2"], 5, 1)()
+            baseline = (await with_.query("sizes"))["sizes"]
+            through_with = 5 + 2 + 5
+
+            # Goal 1
+            c = p.concurrency
+            runs = await alternate(procs, {k: h1_ws_echo(procs[k].ports["h1"], p.handshakes, c) for k in procs},
+                                   p.pairs, progress, "goal 1: HTTP/1.1 handshake+echo")
+            figures.append(cpu_ratio_figure(1, "g1_h1_websocket_cpu_ratio", "HTTP/1.1 handshake+echo: CPU with ÷ without",
+                                            1.03, runs, "handshakes"))
+            through_with += p.pairs * p.handshakes
+            runs = await alternate(procs, {k: h1_requests(procs[k].ports["h1"], p.requests, c) for k in procs},
+                                   p.pairs, progress, "goal 1: HTTP/1.1 requests")
+            figures.append(cpu_ratio_figure(1, "g1_h1_request_cpu_ratio", "HTTP/1.1 requests: CPU with ÷ without",
+                                            1.01, runs, "requests"))
+            runs = await alternate(procs, {k: h2_requests(procs[k].ports["h2"], p.requests, c) for k in procs},
+                                   p.pairs, progress, "goal 1: HTTP/2 requests")
+            figures.append(cpu_ratio_figure(1, "g1_h2_request_cpu_ratio", "HTTP/2 requests: CPU with ÷ without",
+                                            1.01, runs, "requests"))
+
+            # Goal 2
+            for size, n in ((1024, p.tp_small), (65536, p.tp_large)):
+                for direction in ("up", "down"):
+                    runs = await alternate(
+                        procs, {k: h1_throughput(procs[k].ports["h1"], direction, size, n) for k in procs},
+                        p.tp_pairs, progress, f"goal 2: {size // 1024} KiB {direction}")
+                    rates = {k: [r["count"] / r["wall_s"] / 1e6 for r in runs[k]] for k in runs}
+                    cpu = {k: median([r["cpu_s"] / r["count"] * 1e9 for r in runs[k]]) for k in runs}
+                    ratios = [ratio(a, b) for a, b in zip(rates["with"], rates["without"])]
+                    arrow = "client→server" if direction == "up" else "server→client"
+                    figures.append(Figure(
+                        2, f"g2_{size // 1024}k_{direction}_throughput_ratio",
+                        f"{size // 1024} KiB messages {arrow}: throughput with ÷ without", median(ratios), "x", ">=", 0.99,
+                        f"median of {len(ratios)} pairs x {n} messages; {median(rates['with']):.1f} vs "
+                        f"{median(rates['without']):.1f} MB/s; CPU per byte with ÷ without "
+                        f"{ratio(cpu['with'], cpu['without']):.3f}",
+                        {"ratios": ratios, "mb_per_s_with": rates["with"], "mb_per_s_without": rates["without"],
+                         "cpu_ns_per_byte_with": cpu["with"], "cpu_ns_per_byte_without": cpu["without"],
+                         "with": runs["with"], "without": runs["without"]}))
+                    through_with += p.tp_pairs
+
+            # Goal 3 (all through the mitmdump with the addon)
+            same = {"h2": with_, "h1_tls": with_, "h1_plain": with_}
+            hs = await alternate(same, {"h2": h2_handshakes(with_.ports["h2"], p.g3_handshakes, c),
+                                        "h1_tls": h1_ws_echo(with_.ports["h1"], p.g3_handshakes, c, tls=True, echo=False),
+                                        "h1_plain": h1_ws_echo(with_.ports["h1"], p.g3_handshakes, c, echo=False)},
+                                 p.g3_pairs, progress, "goal 3: handshakes")
+            ec = await alternate(same, {"h2": h2_echoes(with_.ports["h2"], p.g3_echoes),
+                                        "h1_tls": h1_echoes(with_.ports["h1"], p.g3_echoes, True),
+                                        "h1_plain": h1_echoes(with_.ports["h1"], p.g3_echoes, False)},
+                                 p.g3_pairs, progress, "goal 3: echoes")
+            through_with += 3 * p.g3_pairs * p.g3_handshakes + 3 * p.g3_pairs
+            for key, runs, what, target in (("handshake", hs, "handshakes", 1.5), ("echo", ec, "echoes", 0.8)):
+                rate = {k: [r["count"] / r["wall_s"] for r in v] for k, v in runs.items()}
+                cpu = {k: median([1000 * r["cpu_s"] / r["count"] for r in v]) for k, v in runs.items()}
+                ratios = [ratio(a, b) for a, b in zip(rate["h2"], rate["h1_tls"])]
+                plain = [ratio(a, b) for a, b in zip(rate["h2"], rate["h1_plain"])]
+                n = runs["h2"][0]["count"]
+                figures.append(Figure(
+                    3, f"g3_h2_vs_h1_{key}_ratio", f"HTTP/2 ÷ HTTP/1.1 (TLS) {what}/s, with the addon",
+                    median(ratios), "x", ">=", target,
+                    f"median of {len(ratios)} rounds x {n}; {median(rate['h2']):.0f} vs {median(rate['h1_tls']):.0f}/s "
+                    f"(plain ws:// {median(rate['h1_plain']):.0f}/s, {median(plain):.2f}x); CPU "
+                    f"{cpu['h2']:.3f} vs {cpu['h1_tls']:.3f} ms each",
+                    {"ratios": ratios, "ratios_vs_plain_h1": plain, "rate": rate, "cpu_ms_each": cpu, "runs": runs}))
+
+            # Goal 5 (structures after all those handshakes), before goal 4 makes stalls
+            progress.step("goal 5: the addon's structures after the handshakes")
+            figures.append(await structures_figure(
+                with_, baseline, "g5_structures_left_after_run", "the run's handshakes", False,
+                f"after {through_with} WebSocket handshakes (HTTP/1.1 and HTTP/2) and "
+                f"{2 * p.pairs * p.requests} requests through one mitmdump"))
+
+            # Goal 4
+            for transport in ("h1", "h2"):
+                lateness = await hold(with_, report, transport, p, progress)
+                figures += [once_figure(lateness), lateness]
+            progress.step("goal 4: waiting for the held handshakes to end")
+            figures.append(await structures_figure(
+                with_, baseline, "g5_structures_left_after_stalls", "the held handshakes", True,
+                f"after {2 * p.held} stalled handshakes ended"))
+            await asyncio.gather(with_.stop(), without.stop())
+
+            # Goal 5: resident memory, each in a process that did nothing else.
+            rss = {}
+            for kind in fresh:
+                rss[kind] = await rss_per_websocket(kind, fresh[kind], p.rss_websockets, progress)
+        finally:
+            await asyncio.gather(with_.stop(), without.stop(), *(m.stop() for m in fresh.values()))
+            await upstreams.stop()
+        kib = {k: v["bytes_per_websocket"] / 1024 for k, v in rss.items()}
+        figures.append(Figure(
+            5, "g5_rss_h2_vs_h1", "resident memory per open WebSocket, HTTP/2 ÷ HTTP/1.1 (TLS)",
+            ratio(kib["h2"], kib["h1-tls"]), "x", "<=", 1.0,
+            f"{p.rss_websockets} open in a fresh mitmdump each: HTTP/2 {kib['h2']:.1f} KiB each "
+            f"({rss['h2']['connections']} connections), HTTP/1.1 TLS {kib['h1-tls']:.1f} KiB each"
+            + (f", plain ws:// {kib['h1-plain']:.1f} KiB each" if "h1-plain" in kib else ""),
+            {"rss": rss, "kib_per_websocket": kib}))
+
+        for m in mem:
+            name = "HTTP/1.1" if m["transport"] == "h1" else "HTTP/2"
+            figures.append(Figure(
+                5, f"g5_{m['transport']}_bytes_per_tracked_handshake", f"{name}: the addon's bytes per tracked handshake",
+                m["bytes_per_tracked_handshake"], "B", "<=", 2048,
+                f"tracemalloc, {m['tracked']} waiting at once; after they end and {m['cycled']} more: "
+                f"{m['bytes_left_after_cycled'] / 1024:.0f} KiB left, structures "
+                f"{left_over(m['sizes_after_cycled'], {}, False) or 'empty'}", m))
+    progress.finish()
+    finished = datetime.datetime.now(datetime.timezone.utc)
+    return {
+        "meta": {
+            "command": "scripts/bench" + (" --quick" if quick else ""),
+            "quick": quick, "params": asdict(p),
+            "started": started.isoformat(timespec="seconds"), "finished": finished.isoformat(timespec="seconds"),
+            "load_average_start": load_start, "load_average_end": load_average(), "cpus": os.cpu_count(),
+            "mitmproxy": mitmproxy.version.VERSION, "python": platform.python_version(),
+            "addon": str(addon),
+        },
+        "figures": [{**asdict(f), "met": f.met} for f in figures],
+    }
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if unit == "x":
+        return f"{value:.3f}x"
+    if unit == "ms":
+        return f"{value:.0f} ms"
+    if unit == "B":
+        return f"{value:.0f} B"
+    return f"{value:g}"
+
+
+def table(result: dict) -> str:
+    meta = result["meta"]
+    lines = [
+        f"{meta['command']}: mitmproxy {meta['mitmproxy']}, Python {meta['python']}, {meta['cpus']} CPUs, "
+        f"{meta['started'].replace('T', ' ')} to {meta['finished'][11:]} UTC, "
+        f"load average {meta['load_average_start']:.1f} at start, {meta['load_average_end']:.1f} at end",
+        "",
+        f"{'goal':<4}  {'figure (and, below it, what was measured)':<70} {'value':>9} {'target':>9}  met",
+    ]
+    for f in sorted(result["figures"], key=lambda f: f["goal"]):
+        target = f"{f['op'].replace('<=', '≤').replace('>=', '≥').replace('==', '=')}{fmt(f['target'], f['unit'])}"
+        met = {True: "yes", False: "NO", None: "?"}[f["met"]]
+        lines.append(f"{f['goal']:<4}  {f['title']:<70} {fmt(f['value'], f['unit']):>9} {target:>9}  {met}")
+        lines += textwrap.wrap(f["measured"], 96, initial_indent=" " * 6, subsequent_indent=" " * 8)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smoke run with small counts (what CI runs)")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures, with what each measured, as JSON")
+    parser.add_argument("--addon", metavar="PATH", default=str(ADDON), help="the addon script to measure (default: %(default)s)")
+    args = parser.parse_args()
+    result = asyncio.run(run(QUICK if args.quick else FULL, args.quick, Path(args.addon).resolve()))
+    print(table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

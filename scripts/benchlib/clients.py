@@ -1,0 +1,144 @@
+"""Minimal clients for the benchmark: HTTP/1.1 requests and WebSockets (ws:// and wss://).
+
+HTTP/2 WebSockets and requests use `h2ws.H2WebSocketClient`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode
+
+READ = 1 << 18
+TIMEOUT = 30
+KEY = b"dGhlIHNhbXBsZSBub25jZQ=="  # any 16 bytes in base64 will do
+CLOSED = object()
+
+
+def tls_context(alpn: str) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # mitmproxy's own CA
+    context.set_alpn_protocols([alpn])
+    return context
+
+
+H1_TLS = tls_context("http/1.1")
+
+
+async def connect(port: int, tls: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.wait_for(
+        asyncio.open_connection(
+            "127.0.0.1", port, limit=READ,
+            ssl=H1_TLS if tls else None, server_hostname="localhost" if tls else None,
+        ),
+        TIMEOUT,
+    )
+
+
+class H1Requests:
+    """Ordinary HTTP/1.1 GETs on one keep-alive connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int, tls: bool = False) -> H1Requests:
+        return cls(*await connect(port, tls))
+
+    async def get(self, path: str) -> int:
+        self.writer.write(b"GET %s HTTP/1.1\r\nhost: localhost\r\naccept: */*\r\n\r\n" % path.encode())
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if length:
+            await self.reader.readexactly(length)
+        return int(head.split(b" ", 2)[1])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class H1WebSocket:
+    """A client WebSocket over HTTP/1.1: handshake, messages, closing handshake."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.proto = FrameProtocol(client=True, extensions=[])
+        self.messages: list = []
+        self._parts: list = []
+
+    @classmethod
+    async def start(cls, port: int, path: str, tls: bool = False, headers: bytes = b"") -> H1WebSocket:
+        """Connect and send the handshake, without waiting for the status."""
+        sock = cls(*await connect(port, tls))
+        sock.writer.write(
+            b"GET %s HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+            b"sec-websocket-key: %s\r\nsec-websocket-version: 13\r\n%s\r\n" % (path.encode(), KEY, headers)
+        )
+        return sock
+
+    async def wait_status(self) -> int:
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        status = int(head.split(b" ", 2)[1])
+        if status != 101:
+            raise ConnectionError(f"handshake answered {status}")
+        return status
+
+    @classmethod
+    async def open(cls, port: int, path: str, tls: bool = False) -> H1WebSocket:
+        sock = await cls.start(port, path, tls)
+        await sock.wait_status()
+        return sock
+
+    def send(self, data) -> None:
+        self.writer.write(self.proto.send_data(data, fin=True))
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+    async def receive(self):
+        while not self.messages:
+            data = await asyncio.wait_for(self.reader.read(READ), TIMEOUT)
+            if not data:
+                raise ConnectionError("closed before a message")
+            self.proto.receive_bytes(data)
+            for frame in self.proto.received_frames():
+                if frame.opcode is Opcode.CLOSE:
+                    self.messages.append(CLOSED)
+                elif frame.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONTINUATION):
+                    self._parts.append(frame.payload)
+                    if frame.message_finished:
+                        parts, self._parts = self._parts, []
+                        self.messages.append("".join(parts) if isinstance(parts[0], str) else b"".join(parts))
+        message = self.messages.pop(0)
+        if message is CLOSED:
+            raise ConnectionError("closed by the peer")
+        return message
+
+    async def echo(self, data) -> None:
+        self.send(data)
+        await self.receive()
+
+    async def close(self) -> None:
+        """The closing handshake, then the connection."""
+        try:
+            self.writer.write(self.proto.close(CloseReason.NORMAL_CLOSURE))
+            while True:
+                data = await asyncio.wait_for(self.reader.read(READ), TIMEOUT)
+                if not data:
+                    break
+                self.proto.receive_bytes(data)
+                if any(f.opcode is Opcode.CLOSE for f in self.proto.received_frames()):
+                    break
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+        finally:
+            self.writer.close()
+
+    def abort(self) -> None:
+        self.writer.close()

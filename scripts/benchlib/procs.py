@@ -1,0 +1,185 @@
+"""mitmdump processes for the benchmark, and what /proc says about them."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import os
+import signal
+import socket
+import sys
+from collections import deque
+from pathlib import Path
+
+from mitmdump_proc import ADDON, LOOPBACK_ONLY, MITMDUMP
+
+PROBE = Path(__file__).resolve().parent / "probe.py"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In the child: SIGTERM when the benchmark ends, however it ends."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process (all its threads), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2:].split()  # fields from the 3rd (state) on
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def free_ports(count: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class Mitmdump:
+    """One mitmdump in reverse mode, one listening port per upstream, on 127.0.0.1.
+
+    It shows only warnings and errors (termlog_verbosity=warn, flow_detail=0):
+    what the benchmark measures is the proxy, not a terminal. Always loads
+    scripts/loopback_only.py, and the probe (benchlib/probe.py).
+    """
+
+    def __init__(self, name: str, upstreams: dict[str, str], addon: bool, options: dict[str, str] | None = None,
+                 addon_path: Path = ADDON):
+        self.name = name
+        self.addon_path = addon_path
+        self.upstreams = upstreams
+        self.addon = addon
+        self.options = options or {}
+        self.ports: dict[str, int] = {}
+        self.probe_port = 0
+        self.proc: asyncio.subprocess.Process | None = None
+        self.output: deque[str] = deque(maxlen=50)
+        self._reader: asyncio.Task | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc
+        return self.proc.pid
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def rss(self) -> int:
+        return rss_bytes(self.pid)
+
+    async def start(self) -> Mitmdump:
+        for _attempt in range(3):
+            *ports, self.probe_port = free_ports(len(self.upstreams) + 1)
+            self.ports = dict(zip(self.upstreams, ports))
+            cmd = [str(MITMDUMP), "--listen-host", "127.0.0.1", "--ssl-insecure",
+                   "--set", "flow_detail=0", "--set", "termlog_verbosity=warn",
+                   "-s", str(LOOPBACK_ONLY), "-s", str(PROBE), "--set", f"bench_probe_port={self.probe_port}"]
+            for key, url in self.upstreams.items():
+                cmd += ["--mode", f"reverse:{url}@127.0.0.1:{self.ports[key]}"]
+            if self.addon:
+                cmd += ["-s", str(self.addon_path)]
+                for name, value in self.options.items():
+                    cmd += ["--set", f"{name}={value}"]
+            self.proc = await asyncio.create_subprocess_exec(
+                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, preexec_fn=die_with_parent,
+            )
+            self._reader = asyncio.ensure_future(self._read())
+            if await self._ready():
+                return self
+            await self.stop()
+        raise SystemExit(f"mitmdump ({self.name}) did not start:\n" + "\n".join(self.output))
+
+    async def _read(self) -> None:
+        assert self.proc and self.proc.stdout
+        async for line in self.proc.stdout:  # a full pipe would stall the proxy
+            self.output.append(line.decode(errors="replace").rstrip())
+
+    async def _ready(self, timeout: float = 60) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        waiting = [*self.ports.values(), self.probe_port]
+        while waiting and loop.time() < deadline:
+            if self.proc.returncode is not None:
+                return False
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", waiting[0])
+                writer.close()
+                waiting.pop(0)
+            except OSError:
+                await asyncio.sleep(0.05)
+        return not waiting
+
+    async def query(self, command: str) -> dict:
+        """Ask the probe inside mitmdump (see probe.py)."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.probe_port)
+        writer.write(command.encode() + b"\n")
+        answer = await asyncio.wait_for(reader.readline(), 60)
+        writer.close()
+        return json.loads(answer)
+
+    async def stop(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except asyncio.TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        if self._reader:
+            await self._reader
+
+
+class Upstreams:
+    """benchlib.upstream in a child process; it ends when its stdin closes."""
+
+    def __init__(self, certdir: str) -> None:
+        self.certdir = certdir
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ports: dict[str, int] = {}
+
+    async def start(self) -> Upstreams:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "benchlib.upstream", self.certdir,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, preexec_fn=die_with_parent,
+        )
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 60)
+        if not line:
+            raise SystemExit("the upstream servers did not start")
+        self.ports = json.loads(line)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def stop(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            self.proc.stdin.close()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except asyncio.TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()

@@ -1,0 +1,122 @@
+"""The upstreams the benchmark's proxies stand in front of, in a process of their own.
+
+    python -m benchlib.upstream CERTDIR     # prints {"h1": port, "h2": port, "h2_hold": port}
+
+and serves until its stdin closes (so it never outlives the benchmark).
+
+- h1 (plain HTTP/1.1, keep-alive): any request that is not an upgrade gets
+  `200 ok`; a WebSocket upgrade is answered by path:
+  `/echo...` echoes every message; `/sink/N...` takes N messages, then says
+  `done`; `/source/N/SIZE...` sends N binary messages of SIZE bytes; `/hold...`
+  never answers (a stalled handshake), until the client goes away.
+- h2: `h2ws.H2WebSocketServer`, an RFC 8441 echo server (TLS).
+- h2_hold: the same, withholding the status of handshakes that offer
+  accept-encoding (the encoder fault).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+import h2ws
+from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode
+from wsproto.utilities import generate_accept_token
+
+READ = 1 << 18
+OK = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok"
+
+
+async def serve_h1(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            request_line, *lines = head.decode("latin-1").split("\r\n")
+            target = request_line.split(" ", 2)[1]
+            headers = {}
+            for line in filter(None, lines):
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            if "websocket" not in headers.get("upgrade", "").lower():
+                if int(headers.get("content-length", "0") or 0):
+                    await reader.readexactly(int(headers["content-length"]))
+                writer.write(OK)
+                continue
+            if target.startswith("/hold"):
+                while await reader.read(READ):
+                    pass
+                return
+            accept = generate_accept_token(headers.get("sec-websocket-key", "").encode()).decode()
+            writer.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+                b"sec-websocket-accept: " + accept.encode() + b"\r\n\r\n"
+            )
+            await websocket(reader, writer, target)
+            return
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        writer.close()
+
+
+async def websocket(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: str) -> None:
+    proto = FrameProtocol(client=False, extensions=[])
+    parts = target.strip("/").split("/")
+    sink = int(parts[1]) if parts[0] == "sink" else None
+    if parts[0] == "source":
+        count, size = int(parts[1]), int(parts[2])
+        payload = b"s" * size
+        for i in range(count):
+            writer.write(proto.send_data(payload, fin=True))
+            if i % 16 == 15:
+                await writer.drain()
+        await writer.drain()
+    received = 0
+    message: list = []
+    while True:
+        data = await reader.read(READ)
+        if not data:
+            return
+        proto.receive_bytes(data)
+        for frame in proto.received_frames():
+            if frame.opcode is Opcode.CLOSE:
+                writer.write(proto.close(CloseReason.NORMAL_CLOSURE))
+                await writer.drain()
+                return
+            if frame.opcode is Opcode.PING:
+                writer.write(proto.pong(frame.payload))
+            elif frame.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONTINUATION):
+                message.append(frame.payload)
+                if frame.message_finished:
+                    whole = "".join(message) if isinstance(message[0], str) else b"".join(message)
+                    message = []
+                    if sink is None:
+                        writer.write(proto.send_data(whole, fin=True))
+                    else:
+                        received += 1
+                        if received == sink:
+                            writer.write(proto.send_data("done", fin=True))
+        await writer.drain()
+
+
+async def main() -> None:
+    certdir = sys.argv[1]
+    cert, key = h2ws.make_self_signed_cert(certdir)
+    h1 = await asyncio.start_server(serve_h1, "127.0.0.1", 0, backlog=1024, limit=READ)
+    h2 = await h2ws.H2WebSocketServer(cert, key).start()
+    h2_hold = await h2ws.H2WebSocketServer(cert, key, withhold_status_when_encoding=True).start()
+    print(json.dumps({"h1": h1.sockets[0].getsockname()[1], "h2": h2.port, "h2_hold": h2_hold.port}), flush=True)
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    await stdin.read()  # until the benchmark closes the pipe (or dies)
+    h1.close()
+    for server in (h2, h2_hold):
+        # The servers record every request; nobody reads them here.
+        server.requests.clear()
+    await asyncio.wait([asyncio.ensure_future(s.stop(1)) for s in (h2, h2_hold)], timeout=3)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

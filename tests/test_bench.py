@@ -1,0 +1,82 @@
+"""`scripts/bench --quick` (issue 10) runs, and reports every figure with what it measured.
+
+Speed is measured, not asserted: only the shape and sanity of the figures are checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import mitmproxy.version
+import pytest
+from conftest import ROOT
+
+FIGURES = {
+    1: ["g1_h1_websocket_cpu_ratio", "g1_h1_request_cpu_ratio", "g1_h2_request_cpu_ratio"],
+    2: ["g2_1k_up_throughput_ratio", "g2_1k_down_throughput_ratio",
+        "g2_64k_up_throughput_ratio", "g2_64k_down_throughput_ratio"],
+    3: ["g3_h2_vs_h1_handshake_ratio", "g3_h2_vs_h1_echo_ratio"],
+    4: ["g4_h1_stall_reported_once", "g4_h1_stall_lateness_p99_ms",
+        "g4_h2_stall_reported_once", "g4_h2_stall_lateness_p99_ms"],
+    5: ["g5_structures_left_after_run", "g5_structures_left_after_stalls", "g5_rss_h2_vs_h1",
+        "g5_h1_bytes_per_tracked_handshake", "g5_h2_bytes_per_tracked_handshake"],
+}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    line = mitmproxy.version.VERSION.split(".")[0]  # measure the mitmproxy this suite runs on
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "bench"), line, "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=240, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(out.read_text()), done.stdout, done.stderr
+
+
+@pytest.mark.timeout(300)
+def test_every_goal_has_its_figures(quick_run):
+    result, stdout, stderr = quick_run
+    by_key = {f["key"]: f for f in result["figures"]}
+    for goal, keys in FIGURES.items():
+        for key in keys:
+            figure = by_key[key]
+            assert figure["goal"] == goal
+            assert figure["op"] in ("<=", ">=", "==") and figure["measured"], figure
+            assert figure["met"] in (True, False), figure
+            assert isinstance(figure["value"], (int, float)) and math.isfinite(figure["value"]), figure
+            assert figure["title"] in stdout  # the table shows it
+    assert result["meta"]["quick"] is True
+    assert result["meta"]["mitmproxy"] == mitmproxy.version.VERSION
+    assert "goal 4" in stderr  # the progress line
+
+
+@pytest.mark.timeout(300)
+def test_figures_are_sane(quick_run):
+    result, _, _ = quick_run
+    by_key = {f["key"]: f for f in result["figures"]}
+    params = result["meta"]["params"]
+    for key in FIGURES[1] + FIGURES[2] + FIGURES[3] + ["g5_rss_h2_vs_h1"]:
+        assert 0 < by_key[key]["value"] < 100, by_key[key]
+    for key in FIGURES[1]:
+        detail = by_key[key]["detail"]
+        assert len(detail["ratios"]) == params["pairs"]
+        assert all(r["cpu_s"] > 0 and r["wall_s"] > 0 for r in detail["with"] + detail["without"])
+    for transport in ("h1", "h2"):
+        once = by_key[f"g4_{transport}_stall_reported_once"]
+        assert once["target"] == params["held"]
+        detail = by_key[f"g4_{transport}_stall_lateness_p99_ms"]["detail"]
+        assert 0 <= detail["reported_exactly_once"] <= params["held"]
+        assert detail["healthy_handshakes"] > 0
+        assert -1000 * params["stall"] <= detail["lateness_ms"]["p50"] <= detail["lateness_ms"]["p99"]
+    for key in ("g5_structures_left_after_run", "g5_structures_left_after_stalls"):
+        assert by_key[key]["value"] >= 0 and by_key[key]["detail"]["sizes"], by_key[key]
+    for transport in ("h1", "h2"):
+        memory = by_key[f"g5_{transport}_bytes_per_tracked_handshake"]
+        assert 0 < memory["value"] < 1 << 20
+        assert memory["detail"]["tracked"] == params["mem_tracked"]
+    rss = by_key["g5_rss_h2_vs_h1"]["detail"]["rss"]
+    assert all(r["websockets"] == params["rss_websockets"] and r["rss_after"] > 0 for r in rss.values())
