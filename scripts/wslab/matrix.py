@@ -24,7 +24,7 @@ import h2ws
 from . import haproxy
 from .clients import BROWSER_CODINGS, CLIENTS, Seen
 from .codings import ZSTD_LIBRARY, choose
-from .encoders import Behaviour
+from .encoders import MIN_SIZE, Behaviour
 from .proxy import Proxy
 from .server import LabServer, quiet_hypercorn_stream_errors
 
@@ -32,7 +32,7 @@ TRANSPORTS = ("h2", "h1")
 SPEAKERS = ("client", "server")
 POLICIES = ("observe", "strip")
 INJECTED = "zstd, br, gzip"  # the addon's default ws_encode_codings
-CONNECTING = 6  # client connections set up at once
+CONNECTING = 3  # client connections set up at once
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,8 @@ def row(result: Result) -> list[str]:
     return [result.cell.name, seen.outcome, status, describe_record(result.record), diagnosis]
 
 
-def print_row(cells_: list[str], out=sys.stdout, width: int = 200) -> None:
+def print_row(cells_: list[str], out=sys.stdout) -> None:
+    width = max(shutil.get_terminal_size((160, 24)).columns, 100)
     head = "".join(c.ljust(w) for c, w in zip(cells_, WIDTHS))
     rest = width - len(head)
     last = cells_[-1] if len(cells_[-1]) <= rest else cells_[-1][: max(rest - 1, 10)] + "…"
@@ -188,6 +189,7 @@ class Run:
     threshold: float
     bundle: Path | None
     with_haproxy: bool
+    only: str = ""
     results: list[Result] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)
 
@@ -223,13 +225,15 @@ async def run_cell(cell: Cell, proxy: Proxy, give_up: float, after: float, gate:
     return Result(cell, seen, record, stall, proxy.stall_lines(cell.path))
 
 
-async def run(threshold: float = 1.0, bundle: Path | None = None, out=sys.stdout) -> Run:
-    """Run every cell; print the table as cells finish; check them."""
-    state = Run(threshold, bundle, haproxy.available())
+async def run(threshold: float = 1.0, bundle: Path | None = None, out=sys.stdout,
+              only: str = "", min_size: int = MIN_SIZE) -> Run:
+    """Run every cell (or those whose name contains `only`); print the table
+    as cells finish; check them."""
+    state = Run(threshold, bundle, haproxy.available(), only)
     state.environment = environment()
     give_up, after = threshold * 3, threshold * 2
-    grid = cells(state.with_haproxy)
-    print(f"ws-encode lab: {len(grid)} handshakes through mitmdump with the addon "
+    grid = [c for c in cells(state.with_haproxy) if only in c.name]
+    print(f"ws-encode lab: {len(grid)} handshake{'s' if len(grid) != 1 else ''} through mitmdump with the addon "
           f"(ws_encode_stall={threshold}; clients give up after {give_up:g} s; /greet speaks after {after:g} s)",
           file=out)
     print("  " + ", ".join(f"{k} {v}" for k, v in state.environment.items()), file=out)
@@ -241,8 +245,9 @@ async def run(threshold: float = 1.0, bundle: Path | None = None, out=sys.stdout
         work = Path(tmp)
         cert = h2ws.make_self_signed_cert(work)
         behaviours = [b.value for b in Behaviour]
-        servers = [LabServer(b, *cert) for b in behaviours]
-        backend = LabServer("none", *cert) if state.with_haproxy else None
+        servers = [LabServer(b, *cert, min_size=min_size) for b in behaviours]
+        use_haproxy = any(c.behaviour == "haproxy" for c in grid)
+        backend = LabServer("none", *cert) if use_haproxy else None
         for server in servers + ([backend] if backend else []):
             await server.start()
         front = None
@@ -262,7 +267,9 @@ async def run(threshold: float = 1.0, bundle: Path | None = None, out=sys.stdout
             try:
                 print_row(list(COLUMNS), out)
                 gate = asyncio.Semaphore(CONNECTING)
-                tasks = [run_cell(c, proxies[c.policy], give_up, after, gate) for c in grid]
+                # The cells that wait start first; the rest run meanwhile, a few at a time.
+                ordered = sorted(grid, key=lambda c: not expect(c).stalled)
+                tasks = [run_cell(c, proxies[c.policy], give_up, after, gate) for c in ordered]
                 for next_done in asyncio.as_completed(tasks):
                     result = await next_done
                     result.problems = check(result, expect(result.cell), threshold)
@@ -287,7 +294,7 @@ def failures(state: Run) -> list[Result]:
 
 
 def summary_markdown(state: Run) -> str:
-    order = {c: i for i, c in enumerate(cells(state.with_haproxy))}
+    order = {c: i for i, c in enumerate(cells(state.with_haproxy))}  # the grid's order, not finishing order
     results = sorted(state.results, key=lambda r: order[r.cell])
     lines = [
         "# ws-encode lab run", "",

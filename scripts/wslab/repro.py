@@ -17,6 +17,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from .encoders import MIN_SIZE
 from .matrix import failures, run
 
 
@@ -25,8 +26,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stall", type=float, default=1.0, help="ws_encode_stall, seconds (default 1)")
     parser.add_argument("--bundle", type=Path, help="write report.jsonl, flows.mitm and summary.md here")
+    parser.add_argument("--only", default="", metavar="TEXT",
+                        help='only the cells whose name contains TEXT, e.g. "h2 hold-until-body"')
+    parser.add_argument("--min-size", type=int, default=MIN_SIZE,
+                        help=f"bytes hold-until-min-size waits for (default {MIN_SIZE}; the checks assume "
+                             "more than /greet's greeting)")
     args = parser.parse_args(argv)
-    state = asyncio.run(run(args.stall, args.bundle))
+    state = asyncio.run(run(args.stall, args.bundle, only=args.only, min_size=args.min_size))
+    if not state.results:
+        print(f"no cell's name contains {args.only!r}")
+        return 2
     bad = failures(state)
     print()
     for result in bad:

@@ -1,0 +1,98 @@
+"""The README's main job: `scripts/repro`'s matrix, its checks and its bundle, from the outside."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from wslab import haproxy
+from wslab.clients import Seen
+from wslab.matrix import Cell, Result, cells, check, expect
+
+STALL = 0.6
+
+
+def repro(*args: str, cwd, timeout: float = 100) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "scripts"), COLUMNS="220")
+    return subprocess.run([sys.executable, "-m", "wslab.repro", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=env)
+
+
+@pytest.mark.timeout(150)
+def test_the_matrix_matches_every_behaviour_and_the_bundle_holds_the_run(tmp_path):
+    bundle = tmp_path / "bundle"
+    done = repro("--stall", str(STALL), "--bundle", str(bundle), cwd=tmp_path)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    grid = cells(haproxy.available())
+    assert f"all {len(grid)} cells as expected" in done.stdout, out
+    if not haproxy.available():
+        assert "HAProxy is not installed" in done.stdout
+    # The table, printed as it went: every cell has a row, and the addon's live
+    # stall line follows the deadlocked HTTP/2 cell.
+    for cell in grid:
+        assert cell.name in done.stdout, cell.name
+    lines = done.stdout.splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("h2 hold-until-body client-first observe "))
+    assert "gave up" in lines[row] and "no-status" in lines[row]
+    assert "mitmdump |" in lines[row + 1] and "stall on" in lines[row + 1]
+
+    records = [json.loads(line) for line in (bundle / "report.jsonl").read_text().splitlines()]
+    mine = [r for r in records if r["url"].split("?")[0].endswith("/echo/h2-hold-until-body-observe")]
+    assert [r["event"] for r in mine] == ["stall", "handshake"]
+    assert mine[0]["waited_s"] < STALL * 1.5 and "stall" in mine[0]["diagnosis"].lower()
+    assert mine[1]["outcome"] == "no-status" and mine[1]["stalled"] is True
+    assert "REDACTED" in next(r["url"] for r in records if "/greet/" in r["url"])  # ?after= is a query value
+
+    from mitmproxy import io
+
+    with open(bundle / "flows.mitm", "rb") as f:
+        flows = list(io.FlowReader(f).stream())
+    assert len(flows) == len(grid)
+    held = next(f for f in flows if f.request.path == "/echo/h2-hold-until-body-observe")
+    assert "stall" in held.comment.lower()
+
+    summary = (bundle / "summary.md").read_text()
+    from mitmproxy.version import VERSION
+
+    assert f"mitmproxy: {VERSION}" in summary and f"Python: {sys.version.split()[0]}" in summary
+    assert "| h2 hold-until-body client-first observe | gave up |" in summary
+    assert summary.count("| ok |") == len(grid)
+
+
+@pytest.mark.timeout(60)
+def test_a_cell_that_disagrees_is_named_and_fails_the_run(tmp_path):
+    """A gziphandler whose minimum is smaller than the greeting lets a
+    server-first socket through late: not what hold-until-min-size must do."""
+    cell = "h2 hold-until-min-size server-first observe"
+    done = repro("--only", cell, "--min-size", "8", "--stall", "0.4", cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"FAIL {cell}: client 'greeted', expected 'gave up'" in done.stdout
+    assert "1 of 1 cells disagree" in done.stdout
+
+
+def result(cell: Cell, seen: Seen, **record) -> Result:
+    base = {"outcome": "upgraded", "stalled": False, "content_encoding": None, "diagnosis": "Upgraded.",
+            "accept_encoding_upstream": cell.accept_encoding, "waited_s": 0.01}
+    return Result(cell, seen, {**base, **record}, None, [])
+
+
+def test_checks_catch_a_held_status_that_came_at_once_and_an_encoded_upgrade_not_named():
+    held = Cell("h2", "hold-until-body", "client", "observe")
+    problems = check(result(held, Seen("echoed", 200, 0.01)), expect(held), 1.0)
+    assert "client 'echoed', expected 'gave up'" in problems
+    assert "stalled False, expected True" in problems and "no stall record" in problems
+
+    encoded = Cell("h1", "encode-upgrade", "server", "observe")
+    problems = check(result(encoded, Seen("unreadable", 101, 0.01)), expect(encoded), 1.0)
+    assert problems[0] == "content-encoding None, expected 'zstd'"
+    assert any("diagnosis lacks 'content-encoding'" in p for p in problems)
+
+    healthy = Cell("h2", "fixed", "server", "strip")
+    assert check(result(healthy, Seen("greeted", 200, 0.01), accept_encoding_upstream=None),
+                 expect(healthy), 1.0) == []
