@@ -32,8 +32,9 @@ class Mitmdump:
     (an event) instead of sleeping.
     """
 
-    def __init__(self, *args: str, report: Path | None = None):
+    def __init__(self, *args: str, report: Path | None = None, addon: Path = ADDON):
         self.args = list(args)
+        self.addon = addon
         self.report = report
         self.lines: list[str] = []
         self.port = 0
@@ -42,7 +43,7 @@ class Mitmdump:
         self._reader: asyncio.Task | None = None
 
     async def __aenter__(self) -> Mitmdump:
-        cmd = [str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", "0", "-s", str(ADDON), "-s", str(LOOPBACK_ONLY)]
+        cmd = [str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", "0", "-s", str(self.addon), "-s", str(LOOPBACK_ONLY)]
         if self.report:
             cmd += ["--set", f"ws_encode_report={self.report}"]
         self._proc = await asyncio.create_subprocess_exec(
