@@ -33,13 +33,16 @@ from wsencode.handshake import Transport, accept_for, classify  # noqa: E402
 from wsencode.lifecycle import EndCause, Stage  # noqa: E402
 from wsencode.policy import EncodingPolicy  # noqa: E402
 from wsencode.report import ReportWriter, printable, redact_url, utc_now_iso  # noqa: E402
-from wsencode.stallwatch import StallWatch  # noqa: E402
+from wsencode.stallwatch import Scheduler, StallWatch, Timer  # noqa: E402
 from wsencode.tracker import Record, TrackedHandshake, Tracker  # noqa: E402
 
 logger = logging.getLogger("ws_encode")
 
 STALL_MARK = ":hourglass:"
 BAD_ACCEPT_STATUS = 502
+PROGRESS_EVERY = 5.0  # at most this many seconds between progress lines while a handshake waits too long
+# The flows that stalled, for the console's and mitmweb's flow list.
+STALLED_FILTER = '~comment "Stall: no status"'
 
 
 def parse_stall_seconds(value: str) -> float:
@@ -101,6 +104,9 @@ class WsEncode:
         self.tracker = Tracker()
         self.flows: dict[str, http.HTTPFlow] = {}  # the live flow of each tracked handshake
         self.watch: StallWatch | None = None
+        # The progress line's timer; its scheduler is injected like the watch's.
+        self.schedule_progress: Scheduler | None = None
+        self.progress_timer: Timer | None = None
         self.bridge = h2bridge.Bridge()
         # Upstream connections being opened, with their client's id: where a
         # handshake waiting for a connection is (TCP or TLS).
@@ -221,9 +227,14 @@ class WsEncode:
 
     def done(self) -> None:
         now = self.clock()
+        if self.progress_timer is not None:
+            self.progress_timer.cancel()
+            self.progress_timer = None
         if ctx.master.should_exit.is_set():
             for tracked in list(self.tracker):
                 self._end(tracked.flow_id, EndCause.PROXY_STOPPED, now)
+            for line in self._summary_lines():
+                logger.info("ws_encode summary: %s", line)
         else:
             # The script is being reloaded (or removed): the handshakes go
             # on, and the next copy adopts each one when it ends.
@@ -360,6 +371,7 @@ class WsEncode:
             logger.warning("Malformed WebSocket handshake to %s: %s", tracked.url, "; ".join(handshake.problems))
         if not adopted:  # an adopted handshake is answered or ended already
             self._stall_watch().arm(f.id, self.stall_after, lambda: self._on_stall(f.id))
+            self._keep_progress()
         return tracked
 
     def _adopt(self, f: http.HTTPFlow) -> TrackedHandshake | None:
@@ -397,6 +409,27 @@ class WsEncode:
                     return Stage.TLS if server.timestamp_tcp_setup is not None else Stage.CONNECTING
             return Stage.CONNECTING
         return Stage(facts.stage) if facts.stage else Stage.QUEUED
+
+    def _keep_progress(self) -> None:
+        """While handshakes wait, a line every few seconds says how many and
+        how long, once any has waited past the stall threshold."""
+        if self.progress_timer is not None:
+            return
+        schedule = self.schedule_progress or asyncio.get_running_loop().call_later
+        self.progress_timer = schedule(min(PROGRESS_EVERY, max(1.0, self.stall_after)), self._progress)
+
+    def _progress(self) -> None:
+        self.progress_timer = None
+        if not self.tracker:
+            return
+        longest = self.tracker.longest_wait(self.clock())
+        if longest >= self.stall_after:
+            n = len(self.tracker)
+            logger.warning(
+                "%d WebSocket handshake%s waiting for a status, longest %.1f s",
+                n, "" if n == 1 else "s", longest,
+            )
+        self._keep_progress()
 
     def _stall_watch(self) -> StallWatch:
         if self.watch is None:
@@ -480,14 +513,25 @@ class WsEncode:
 
     # -- commands --------------------------------------------------------
 
-    # Both commands answer at least one line: mitmproxy's console data
-    # viewer cannot show an empty list.
+    # Every command answers at least one line: mitmproxy's console data
+    # viewer cannot show an empty list. Lines lead with what a person reads
+    # (the URL, the time), and wrap at words.
+
+    def _summary_lines(self) -> list[str]:
+        report = printable(str(self.report.path)) if self.report else None
+        return self.tracker.summary.lines(len(self.tracker), self.tracker.longest_wait(self.clock()), report)
+
+    @command.command("wsencode.summary")
+    def summary(self) -> Sequence[str]:
+        """Counts of WebSocket handshakes by outcome and transport, stalls, the slowest status, the report."""
+        lines = self._summary_lines()
+        logger.info("ws_encode summary: %s", "; ".join(lines))
+        return lines
 
     @command.command("wsencode.stalls")
     def stalled_handshakes(self) -> Sequence[str]:
-        """The handshakes that stalled (the last 1000), each with its diagnosis."""
-        lines = [f"{flow_id} {url}: {text}" for flow_id, (url, text) in self.tracker.stalls.items()]
-        return lines or ["no WebSocket handshake has stalled"]
+        """The handshakes that stalled (the last 1000, newest first), each with its diagnosis."""
+        return self.tracker.stall_answers() or ["no WebSocket handshake has stalled"]
 
     @command.command("wsencode.waiting")
     def waiting_handshakes(self) -> Sequence[str]:
@@ -499,10 +543,17 @@ class WsEncode:
             stage = self._stage(tracked, f, self._sync(tracked, f))
             waited = tracked.progress.waited(now)
             since = "not forwarded" if waited is None else f"forwarded {waited:.1f} s ago"
-            lines.append(
-                f"{tracked.flow_id} {tracked.url}: {stage.value}, received {tracked.progress.received(now):.1f} s ago, {since}"
-            )
+            lines.append(f"{tracked.url}  [flow {tracked.flow_id[:8]}]")
+            lines.append(f"    {stage.value}, received {tracked.progress.received(now):.1f} s ago, {since}")
         return lines or ["no WebSocket handshake is waiting for its status"]
+
+    @command.command("wsencode.show")
+    def show_stalled(self) -> str:
+        """Limit the flow list to the handshakes that stalled."""
+        if "view_filter" not in ctx.options:
+            return f"no flow list here (mitmdump): the stalled flows match {STALLED_FILTER}"
+        ctx.options.view_filter = STALLED_FILTER
+        return f"flow list limited to {STALLED_FILTER}; clear the filter to see every flow again"
 
 
 addons = [WsEncode()]

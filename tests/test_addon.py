@@ -10,6 +10,7 @@ import pytest
 import ws_encode
 from mitmproxy import exceptions, flow
 from mitmproxy import io as mitmio
+from mitmproxy.addons import view
 from mitmproxy.test import taddons, tflow, tutils
 from test_core import request
 
@@ -80,6 +81,9 @@ def clock(addon):
     clock = ManualClock()
     addon.clock = clock
     addon.watch = StallWatch(clock.schedule)
+    # Progress ticks are kept apart, so fire_all runs stall timers only.
+    addon.ticks = ManualClock()
+    addon.schedule_progress = addon.ticks.schedule
     return clock
 
 
@@ -161,15 +165,17 @@ def test_stall_marks_comments_logs_and_reports(addon, clock, tmp_path, caplog):
         assert f.comment.startswith("user note\nStall: no status")
         [stall_log] = [r for r in caplog.records if "stall" in r.getMessage()]
         assert stall_log.levelno == logging.WARNING
-        assert addon.stalled_handshakes()[0].startswith(f.id)
-        assert addon.waiting_handshakes()[0].startswith(f"{f.id} ")
+        assert addon.stalled_handshakes()[0] == f"http://address:22/path  [flow {f.id[:8]}]"
+        assert addon.stalled_handshakes()[1].startswith("    Stall: no status")
+        assert addon.waiting_handshakes()[0] == f"http://address:22/path  [flow {f.id[:8]}]"
 
         deliver(addon, f)
         assert addon.waiting_handshakes() == ["no WebSocket handshake is waiting for its status"]
         records = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
         assert [r["event"] for r in records] == ["stall", "handshake"]
         assert records[1]["outcome"] == "upgraded" and records[1]["stalled"] is True
-        assert "late" in addon.stalled_handshakes()[0]
+        assert "late" in addon.stalled_handshakes()[1]
+        assert all(len(line) <= 80 for line in addon.stalled_handshakes())
 
 
 def test_a_mark_the_user_set_is_kept(addon, clock):
@@ -304,8 +310,7 @@ def test_a_handshake_held_in_the_proxy_stalls_there_without_blaming_the_upstream
         record = f.metadata["ws_encode"]
         assert record["stuck_in"] == stage and record["waited_s"] is None
         assert "neither the upstream nor an encoder" in record["diagnosis"]
-        assert addon.waiting_handshakes()[0].startswith(f"{f.id} ")
-        assert f"{stage}, received 2.0 s ago, not forwarded" in addon.waiting_handshakes()[0]
+        assert addon.waiting_handshakes()[1] == f"    {stage}, received 2.0 s ago, not forwarded"
 
 
 def test_an_intercepted_handshake_is_held_by_the_user(addon, clock):
@@ -377,15 +382,18 @@ def test_control_characters_in_codings_are_refused(addon):
 
 
 def test_commands_are_registered_for_console_and_web(addon, clock):
-    with taddons.context(addon) as tctx:
+    with taddons.context(addon, view.View()) as tctx:
         commands = tctx.master.commands
         assert commands.execute("wsencode.stalls") == ["no WebSocket handshake has stalled"]
         f = handshake_flow()
         arrive(addon, f)
-        assert commands.execute("wsencode.waiting")[0].startswith(f.id)
+        assert commands.execute("wsencode.waiting")[0].endswith(f"[flow {f.id[:8]}]")
         clock.fire_all()
-        [line] = commands.execute("wsencode.stalls")
-        assert line.startswith(f.id) and "Stall" in line
+        headline, *sentence = commands.execute("wsencode.stalls")
+        assert headline.endswith(f"[flow {f.id[:8]}]") and sentence[0].startswith("    Stall")
+        assert commands.execute("wsencode.summary")[0] == "0 WebSocket handshakes finished: none finished"
+        assert commands.execute("wsencode.show").startswith("flow list limited to ~comment")
+        assert tctx.options.view_filter == ws_encode.STALLED_FILTER
 
 
 def test_a_handshake_the_bridge_does_not_follow_counts_as_forwarded_at_the_request_hook(addon, clock):
@@ -396,3 +404,41 @@ def test_a_handshake_the_bridge_does_not_follow_counts_as_forwarded_at_the_reque
         clock.fire_all()
         assert f.metadata["ws_encode"]["event"] == "stall"
         assert f.metadata["ws_encode"]["stuck_in"] == "forwarded"
+
+
+def test_summary_and_progress_lines(addon, clock, caplog, tmp_path):
+    caplog.set_level(logging.INFO)
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, ws_encode_report=str(tmp_path / "r.jsonl"))
+        assert addon.summary()[0] == "no WebSocket handshake seen yet"
+        quick, slow, refused = handshake_flow(), handshake_flow(), handshake_flow(version="HTTP/2.0")
+        for f in (quick, slow, refused):
+            arrive(addon, f)
+        deliver(addon, quick)
+        deliver(addon, refused, status=403)
+        def tick():
+            entry = next(e for e in addon.ticks.pending if not e[2])
+            entry[2] = True
+            entry[1]()
+
+        tick()  # 0 s in: nothing has waited past the threshold, so nothing is said
+        assert not [r for r in caplog.records if "waiting for a status" in r.getMessage()]
+        clock.fire_all()  # slow stalls at 1002
+        clock.now = 1005.0
+        tick()
+        [line] = [r.getMessage() for r in caplog.records if "waiting for a status" in r.getMessage()]
+        assert line == "1 WebSocket handshake waiting for a status, longest 5.0 s"
+        clock.now = 1006.0
+        deliver(addon, slow)
+        lines = addon.summary()
+        assert lines[0] == "3 WebSocket handshakes finished: 1 rejected, 2 upgraded (2 over h1, 1 over h2)"
+        assert lines[1] == "1 stalls reported"
+        assert lines[2] == "slowest status: 6.00 s, http://address:22/path"
+        assert lines[3] == f"report: {tmp_path / 'r.jsonl'}"
+        tick()  # nothing waits any more: the ticker stops
+        assert [e for e in addon.ticks.pending if not e[2]] == []
+        tctx.master.should_exit.set()
+        addon.done()
+        assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("ws_encode summary")][-1] == (
+            f"ws_encode summary: report: {tmp_path / 'r.jsonl'}"
+        )

@@ -296,3 +296,27 @@ def test_a_script_reload_keeps_one_record_per_handshake(tmp_path, report):
     assert len([r for r in records if r["event"] == "handshake"]) == 1
     assert "proxy stopped" not in md.log
     assert_clean_log(md)
+
+
+def test_mitmdump_says_what_waits_and_sums_up_at_exit(report):
+    async def scenario():
+        server, md = await proxied(Faults(withhold_when_encoded=True), report)
+        reader, writer = await asyncio.open_connection("127.0.0.1", md.port)
+        writer.write(upgrade_request(accept_encoding="gzip"))
+        await writer.drain()
+        progress = await md.wait_for(r"1 WebSocket handshake waiting for a status, longest \d+\.\d s")
+        writer.close()
+        await md.wait_for_record(event="handshake")
+        await raw_exchange(md.port, upgrade_request("/fine"), timeout=5)
+        await md.wait_for_count(r"WebSocket handshake (upgraded|no-status)", 2)
+        await close(server, md)
+        return progress, md
+
+    progress, md = run(scenario())
+    summary = [line.split("ws_encode summary: ", 1)[1] for line in md.lines if "ws_encode summary: " in line]
+    assert summary[0] == "2 WebSocket handshakes finished: 1 no-status, 1 upgraded (2 over h1)"
+    assert summary[1] == "1 stalls reported"
+    assert summary[-1] == f"report: {report}"
+    # Only while a handshake waited too long: no progress line after it ended.
+    assert sum("waiting for a status" in line for line in md.lines) >= 1
+    assert_clean_log(md)

@@ -9,6 +9,7 @@ all of it is testable with a hand-driven clock.
 
 from __future__ import annotations
 
+import textwrap
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from .lifecycle import EndCause, HandshakeEnded, Phase, Progress, Stage
 from .policy import EncodingPolicy
 
 REMEMBERED_STALLS = 1000
+ANSWER_WIDTH = 76  # command answers are rows of a console data viewer: wrap at words, not mid-word
 
 Record = dict[str, Any]
 
@@ -85,6 +87,27 @@ class Summary:
     slowest_s: float | None = None  # the longest time to a status a client got
     slowest_url: str | None = None
 
+    def lines(self, waiting: int, longest_s: float | None, report: str | None) -> list[str]:
+        """The summary a person reads: one fact a line."""
+        total = sum(self.outcomes.values())
+        if not total and not waiting:
+            return ["no WebSocket handshake seen yet", f"report: {report or 'off (set ws_encode_report)'}"]
+        by_outcome = Counter()
+        by_transport = Counter()
+        for (outcome, transport), n in self.outcomes.items():
+            by_outcome[outcome] += n
+            by_transport[transport] += n
+        outcomes = ", ".join(f"{n} {o}" for o, n in sorted(by_outcome.items())) or "none finished"
+        transports = ", ".join(f"{n} over {t}" for t, n in sorted(by_transport.items()))
+        lines = [f"{total} WebSocket handshakes finished: {outcomes}" + (f" ({transports})" if transports else "")]
+        if waiting:
+            lines.append(f"{waiting} waiting for a status now, longest {longest_s:.1f} s")
+        lines.append(f"{self.stalls} stalls reported")
+        if self.slowest_s is not None:
+            lines.append(f"slowest status: {self.slowest_s:.2f} s, {self.slowest_url}")
+        lines.append(f"report: {report or 'off (set ws_encode_report)'}")
+        return lines
+
     def note(self, tracked: TrackedHandshake, now: float) -> None:
         progress = tracked.progress
         self.outcomes[progress.phase.value, tracked.transport.value] += 1
@@ -134,6 +157,17 @@ class Tracker:
 
     def get(self, flow_id: str) -> TrackedHandshake | None:
         return self.waiting.get(flow_id)
+
+    def longest_wait(self, now: float) -> float | None:
+        return max((t.progress.received(now) for t in self.waiting.values()), default=None)
+
+    def stall_answers(self) -> list[str]:
+        """`wsencode.stalls`: each stall as a headline and its sentence, wrapped."""
+        lines = []
+        for flow_id, (url, text) in reversed(self.stalls.items()):
+            lines.append(f"{url}  [flow {flow_id[:8]}]")
+            lines += textwrap.wrap(text, ANSWER_WIDTH, initial_indent="    ", subsequent_indent="    ")
+        return lines
 
     def stall(self, flow_id: str, stage: Stage, now: float) -> Record | None:
         """The stall timer fired: the stall record, or None if the handshake
