@@ -14,8 +14,9 @@ they show warnings only, so a terminal is not what is measured):
 2. WebSocket message throughput with ÷ without, 1 KiB and 64 KiB messages,
    client→server (the upstream says `done` after the last) and server→client.
 3. Through the mitmdump with the addon: HTTP/2 (RFC 8441, one TLS connection)
-   ÷ HTTP/1.1 over TLS (wss, one TLS handshake per WebSocket): handshakes/s and
-   echoes/s (one WebSocket, one message at a time). Plain ws:// for reference.
+   ÷ HTTP/1.1 over TLS (wss, one TLS handshake per WebSocket; TLS upstream too,
+   as the HTTP/2 one): handshakes/s and echoes/s (one WebSocket, one message at
+   a time). Plain ws:// both legs for reference.
 4. N handshakes held at once by a stalling upstream, HTTP/1.1 and HTTP/2,
    opened over a few seconds while healthy handshakes keep arriving: each
    stall reported exactly once; lateness = waited_s - ws_encode_stall from each
@@ -453,7 +454,8 @@ RSS_KINDS = ("h2", "h1-tls", "h1-plain")
 
 
 def rss_mitmdump(kind: str, upstreams: Upstreams, options: dict, addon: Path) -> Mitmdump:
-    target = {"h2": f"https://127.0.0.1:{upstreams.ports['h2']}"}.get(kind, f"http://127.0.0.1:{upstreams.ports['h1']}")
+    target = {"h2": f"https://127.0.0.1:{upstreams.ports['h2']}",
+              "h1-tls": f"https://127.0.0.1:{upstreams.ports['h1_tls']}"}.get(kind, f"http://127.0.0.1:{upstreams.ports['h1']}")
     return Mitmdump(f"rss-{kind}", {"p": target}, True, options, addon)
 
 
@@ -559,6 +561,7 @@ async def run(p: Params, quick: bool, addon: Path) -> dict[str, Any]:
         progress.step("starting upstreams and two mitmdumps")
         upstreams = await Upstreams(tmp).start()
         targets = {"h1": f"http://127.0.0.1:{upstreams.ports['h1']}",
+                   "h1_tls": f"https://127.0.0.1:{upstreams.ports['h1_tls']}",
                    "h2": f"https://127.0.0.1:{upstreams.ports['h2']}",
                    "h2_hold": f"https://127.0.0.1:{upstreams.ports['h2_hold']}"}
         options = {"ws_encode_report": str(report), "ws_encode_policy": "observe", "ws_encode_stall": f"{p.stall:g}"}
@@ -580,7 +583,7 @@ async def run(p: Params, quick: bool, addon: Path) -> dict[str, Any]:
                 await h1_requests(proc.ports["h1"], 10, 2)()
                 await h2_requests(proc.ports["h2"], 10, 2)()
                 if proc is with_:
-                    await h1_ws_echo(proc.ports["h1"], 2, 1, tls=True)()
+                    await h1_ws_echo(proc.ports["h1_tls"], 2, 1, tls=True)()
                     await h2_handshakes(proc.ports["h2"], 5, 1)()
             baseline = (await with_.query("sizes"))["sizes"]
             through_with = 5 + 2 + 5
@@ -625,11 +628,11 @@ async def run(p: Params, quick: bool, addon: Path) -> dict[str, Any]:
             # Goal 3 (all through the mitmdump with the addon)
             same = {"h2": with_, "h1_tls": with_, "h1_plain": with_}
             hs = await alternate(same, {"h2": h2_handshakes(with_.ports["h2"], p.g3_handshakes, c),
-                                        "h1_tls": h1_ws_echo(with_.ports["h1"], p.g3_handshakes, c, tls=True, echo=False),
+                                        "h1_tls": h1_ws_echo(with_.ports["h1_tls"], p.g3_handshakes, c, tls=True, echo=False),
                                         "h1_plain": h1_ws_echo(with_.ports["h1"], p.g3_handshakes, c, echo=False)},
                                  p.g3_pairs, progress, "goal 3: handshakes")
             ec = await alternate(same, {"h2": h2_echoes(with_.ports["h2"], p.g3_echoes),
-                                        "h1_tls": h1_echoes(with_.ports["h1"], p.g3_echoes, True),
+                                        "h1_tls": h1_echoes(with_.ports["h1_tls"], p.g3_echoes, True),
                                         "h1_plain": h1_echoes(with_.ports["h1"], p.g3_echoes, False)},
                                  p.g3_pairs, progress, "goal 3: echoes")
             through_with += 3 * p.g3_pairs * p.g3_handshakes + 3 * p.g3_pairs

@@ -88,6 +88,7 @@ async def measure(tracked: int, cycled: int, h2: bool, report: Path) -> dict:
         await run(tctx, addon, ARRIVING, flows)
         gc.collect()
         held = tracemalloc.get_traced_memory()[0]
+        held_by_line = [str(stat) for stat in tracemalloc.take_snapshot().statistics("lineno")[:8]]
         sizes_held = structure_sizes(addon, modules())
         for flow in flows:
             answer(flow)
@@ -117,6 +118,7 @@ async def measure(tracked: int, cycled: int, h2: bool, report: Path) -> dict:
         "bytes_held": held,
         "bytes_per_tracked_handshake": held / tracked,
         "sizes_while_tracked": sizes_held,
+        "largest_while_tracked": held_by_line,
         "bytes_left_after_tracked": after_tracked,
         "sizes_after_tracked": sizes_after_tracked,
         "cycled": cycled,

@@ -1,6 +1,6 @@
 """The upstreams the benchmark's proxies stand in front of, in a process of their own.
 
-    python -m benchlib.upstream CERTDIR     # prints {"h1": port, "h2": port, "h2_hold": port}
+    python -m benchlib.upstream CERTDIR     # prints {"h1": port, "h1_tls": port, "h2": port, "h2_hold": port}
 
 and serves until its stdin closes (so it never outlives the benchmark).
 
@@ -9,6 +9,8 @@ and serves until its stdin closes (so it never outlives the benchmark).
   `/echo...` echoes every message; `/sink/N...` takes N messages, then says
   `done`; `/source/N/SIZE...` sends N binary messages of SIZE bytes; `/hold...`
   never answers (a stalled handshake), until the client goes away.
+- h1_tls: the same over TLS (ALPN http/1.1), so that an HTTP/1.1 WebSocket can
+  be compared with an HTTP/2 one with TLS on both legs.
 - h2: `h2ws.H2WebSocketServer`, an RFC 8441 echo server (TLS).
 - h2_hold: the same, withholding the status of handshakes that offer
   accept-encoding (the encoder fault).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import sys
 
 import h2ws
@@ -104,14 +107,21 @@ async def main() -> None:
     certdir = sys.argv[1]
     cert, key = h2ws.make_self_signed_cert(certdir)
     h1 = await asyncio.start_server(serve_h1, "127.0.0.1", 0, backlog=1024, limit=READ)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    tls.set_alpn_protocols(["http/1.1"])
+    h1_tls = await asyncio.start_server(serve_h1, "127.0.0.1", 0, backlog=1024, limit=READ, ssl=tls)
     h2 = await h2ws.H2WebSocketServer(cert, key).start()
     h2_hold = await h2ws.H2WebSocketServer(cert, key, withhold_status_when_encoding=True).start()
-    print(json.dumps({"h1": h1.sockets[0].getsockname()[1], "h2": h2.port, "h2_hold": h2_hold.port}), flush=True)
+    ports = {"h1": h1.sockets[0].getsockname()[1], "h1_tls": h1_tls.sockets[0].getsockname()[1],
+             "h2": h2.port, "h2_hold": h2_hold.port}
+    print(json.dumps(ports), flush=True)
     loop = asyncio.get_running_loop()
     stdin = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     await stdin.read()  # until the benchmark closes the pipe (or dies)
     h1.close()
+    h1_tls.close()
     for server in (h2, h2_hold):
         # The servers record every request; nobody reads them here.
         server.requests.clear()
