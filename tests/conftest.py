@@ -195,10 +195,11 @@ def report(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def unused_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+def unused_port():
+    """A port on 127.0.0.1 that refuses connections: bound but never listening,
+    and held for the whole test, so no other process can take it meanwhile."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]

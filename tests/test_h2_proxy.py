@@ -8,6 +8,7 @@ an HTTP/1.1 server for the translation path.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 import sys
@@ -400,19 +401,32 @@ async def app(scope, receive, send):
 '''
 
 
-def test_hypercorn_through_the_proxy(cert, report, tmp_path, unused_port):
+HYPERCORN_LISTENING = re.compile(rb"Running on https://127\.0\.0\.1:(\d+)")
+
+
+async def hypercorn_port(proc: asyncio.subprocess.Process) -> int:
+    """The port hypercorn bound (it binds port 0 itself, so no other process
+    can take the port in between), or the reason it did not start."""
+    seen = []
+    while line := await asyncio.wait_for(proc.stdout.readline(), 20):
+        seen.append(line)
+        if m := HYPERCORN_LISTENING.search(line):
+            return int(m.group(1))
+    raise AssertionError(f"hypercorn exited ({await proc.wait()}) before listening:\n" + b"".join(seen).decode(errors="replace"))
+
+
+def test_hypercorn_through_the_proxy(cert, report, tmp_path):
     (tmp_path / "echo_app.py").write_text(HYPERCORN_APP)
 
     async def scenario():
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "hypercorn", "--certfile", cert[0], "--keyfile", cert[1],
-            "--bind", f"127.0.0.1:{unused_port}", "echo_app:app",
+            "--bind", "127.0.0.1:0", "echo_app:app",
             cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )
         try:
-            while b"Running on" not in await asyncio.wait_for(proc.stdout.readline(), 20):
-                pass
-            async with reverse_to(f"https://127.0.0.1:{unused_port}", report=report) as md:
+            port = await hypercorn_port(proc)
+            async with reverse_to(f"https://127.0.0.1:{port}", report=report) as md:
                 client = await h2_client(md)
                 ws = await client.open_websocket("/hyper", AUTHORITY, headers=[("accept-encoding", "gzip")])
                 status = await ws.wait_status(5)
