@@ -14,7 +14,7 @@ from wslab import haproxy
 from wslab.clients import Seen
 from wslab.matrix import Cell, Result, cells, check, expect
 
-STALL = 0.6
+STALL = 1.0
 
 
 def repro(*args: str, cwd, timeout: float = 100) -> subprocess.CompletedProcess:

@@ -35,7 +35,9 @@ const out = document.getElementById("greet");
 const query = new URLSearchParams(location.search);
 const ws = new WebSocket(`wss://${{location.host}}/greet?after=${{query.get("after") || 0}}`);
 const report = (what) => {{ out.textContent = what; fetch("/result?" + what); }};
-ws.onmessage = (e) => {{ report("greet=" + encodeURIComponent(e.data)); ws.close(); }};
+// The socket stays open: hypercorn can drop the whole connection on a frame
+// for a stream it has closed, and the report shares that connection.
+ws.onmessage = (e) => report("greet=" + encodeURIComponent(e.data));
 ws.onerror = () => report("error=1");
 </script>
 </body></html>

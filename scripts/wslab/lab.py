@@ -1,6 +1,6 @@
 """Run the lab on its own: the application behind one encoder behaviour.
 
-    scripts/lab [--behaviour hold-until-body] [--port 8443] [--min-size 1024]
+    scripts/lab [--behaviour hold-until-body ...] [--port 8443] [--min-size 1024] [--quiet]
 
 hypercorn serves it over TLS (a fresh self-signed certificate for localhost
 and 127.0.0.1) on 127.0.0.1, HTTP/1.1 and HTTP/2 with RFC 8441 on. Point a
@@ -50,32 +50,53 @@ def urls(server: LabServer) -> str:
     ])
 
 
+LISTENING = "lab: {behaviour} listening on {url}"
+
+
+def about(behaviour: str, min_size: int) -> str:
+    if behaviour == "none":
+        return "the application alone, no encoder in front"
+    return HELP[Behaviour(behaviour)].format(min_size=min_size)
+
+
 async def serve(args: argparse.Namespace) -> None:
     quiet_hypercorn_stream_errors(asyncio.get_running_loop())
 
     def log(line: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
 
+    behaviours = args.behaviour or [Behaviour.HOLD_UNTIL_BODY.value]
     with tempfile.TemporaryDirectory(prefix="wslab-cert-") as certdir:
-        server = LabServer(args.behaviour, *h2ws.make_self_signed_cert(certdir), port=args.port,
-                           min_size=args.min_size, log=log)
+        cert = h2ws.make_self_signed_cert(certdir)
+        servers = [LabServer(b, *cert, port=args.port + i if args.port else 0, min_size=args.min_size,
+                             log=None if args.quiet else log) for i, b in enumerate(behaviours)]
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        async with server:
-            about = HELP.get(args.behaviour, "the application alone") if args.behaviour != "none" else \
-                "the application alone, no encoder in front"
-            print(f"lab: {args.behaviour}: {about.format(min_size=args.min_size)}")
-            print(f"lab: listening on {server.url} (HTTP/1.1 and HTTP/2 over TLS, RFC 8441 on); Ctrl-C stops")
-            print(urls(server), flush=True)
+        for server in servers:
+            await server.start()
+        try:
+            for server in servers:
+                print(f"{LISTENING.format(behaviour=server.behaviour, url=server.url)} "
+                      f"(HTTP/1.1 and HTTP/2 over TLS, RFC 8441 on): {about(server.behaviour, args.min_size)}")
+            if len(servers) == 1:
+                print(urls(servers[0]))
+            print("lab: ready; Ctrl-C stops", flush=True)
             await stop.wait()
+        finally:
+            for server in servers:
+                await server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/lab", description=__doc__, epilog=behaviour_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--behaviour", choices=CHOICES, default=Behaviour.HOLD_UNTIL_BODY.value)
-    parser.add_argument("--port", type=int, default=8443, help="on 127.0.0.1 (default 8443; 0: any free port)")
+    parser.add_argument("--behaviour", choices=CHOICES, action="append",
+                        help="the encoder in front (default hold-until-body); repeat it to serve several, "
+                             "each on its own port")
+    parser.add_argument("--port", type=int, default=8443,
+                        help="on 127.0.0.1 (default 8443, then 8444... for more behaviours; 0: any free port)")
+    parser.add_argument("--quiet", action="store_true", help="no line per request")
     parser.add_argument("--min-size", type=int, default=MIN_SIZE,
                         help=f"bytes hold-until-min-size waits for (default {MIN_SIZE})")
     args = parser.parse_args(argv)

@@ -26,7 +26,7 @@ from .clients import BROWSER_CODINGS, CLIENTS, Seen
 from .codings import ZSTD_LIBRARY, choose
 from .encoders import MIN_SIZE, Behaviour
 from .proxy import Proxy
-from .server import LabServer, quiet_hypercorn_stream_errors
+from .server import LabProcess
 
 TRANSPORTS = ("h2", "h1")
 SPEAKERS = ("client", "server")
@@ -225,7 +225,7 @@ async def run_cell(cell: Cell, proxy: Proxy, give_up: float, after: float, gate:
     return Result(cell, seen, record, stall, proxy.stall_lines(cell.path))
 
 
-async def run(threshold: float = 1.0, bundle: Path | None = None, out=sys.stdout,
+async def run(threshold: float = 2.0, bundle: Path | None = None, out=sys.stdout,
               only: str = "", min_size: int = MIN_SIZE) -> Run:
     """Run every cell (or those whose name contains `only`); print the table
     as cells finish; check them."""
@@ -240,21 +240,16 @@ async def run(threshold: float = 1.0, bundle: Path | None = None, out=sys.stdout
     if not state.with_haproxy:
         print("  HAProxy is not installed (Debian package haproxy): its rows are skipped", file=out)
     print(file=out)
-    quiet_hypercorn_stream_errors(asyncio.get_running_loop())
     with tempfile.TemporaryDirectory(prefix="wslab-") as tmp:
         work = Path(tmp)
-        cert = h2ws.make_self_signed_cert(work)
         behaviours = [b.value for b in Behaviour]
-        servers = [LabServer(b, *cert, min_size=min_size) for b in behaviours]
         use_haproxy = any(c.behaviour == "haproxy" for c in grid)
-        backend = LabServer("none", *cert) if use_haproxy else None
-        for server in servers + ([backend] if backend else []):
-            await server.start()
+        lab = await LabProcess(behaviours + (["none"] if use_haproxy else []), min_size).start()
         front = None
         try:
-            upstreams = {s.behaviour: s.url for s in servers}
-            if backend:
-                front = await haproxy.Front(backend.port, cert, work).start()
+            upstreams = {b: lab.url(b) for b in behaviours}
+            if use_haproxy:
+                front = await haproxy.Front(lab.ports["none"], h2ws.make_self_signed_cert(work), work).start()
                 upstreams["haproxy"] = front.url
             proxies = {}
             for policy in ("observe", "strip", "inject"):
@@ -284,8 +279,7 @@ async def run(threshold: float = 1.0, bundle: Path | None = None, out=sys.stdout
         finally:
             if front:
                 await front.stop()
-            for server in servers + ([backend] if backend else []):
-                await server.stop()
+            await lab.stop()
     return state
 
 

@@ -24,7 +24,8 @@ from .matrix import failures, run
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/repro", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stall", type=float, default=1.0, help="ws_encode_stall, seconds (default 1)")
+    parser.add_argument("--stall", type=float, default=2.0,
+                        help="ws_encode_stall, seconds (default 2, the addon's default)")
     parser.add_argument("--bundle", type=Path, help="write report.jsonl, flows.mitm and summary.md here")
     parser.add_argument("--only", default="", metavar="TEXT",
                         help='only the cells whose name contains TEXT, e.g. "h2 hold-until-body"')

@@ -6,7 +6,10 @@ import asyncio
 import builtins
 import logging
 import os
+import re
+import signal
 import socket
+import sys
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
@@ -113,3 +116,54 @@ class LabServer:
 
 
 __all__ = ["LabApp", "LabServer"]
+
+
+class LabProcess:
+    """Lab servers in a process of their own (`python -m wslab.lab`), so that
+    a busy client loop does not slow their answers; `ports[behaviour]`."""
+
+    def __init__(self, behaviours: list[str], min_size: int = MIN_SIZE) -> None:
+        self.behaviours = behaviours
+        self.min_size = min_size
+        self.ports: dict[str, int] = {}
+        self._proc: asyncio.subprocess.Process | None = None
+        self._drain: asyncio.Task | None = None
+
+    def url(self, behaviour: str) -> str:
+        return f"https://127.0.0.1:{self.ports[behaviour]}"
+
+    async def start(self) -> LabProcess:
+        scripts = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [scripts, os.environ.get("PYTHONPATH")])))
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wslab.lab", "--quiet", "--port", "0", "--min-size", str(self.min_size),
+            *(a for b in self.behaviours for a in ("--behaviour", b)),
+            env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT)
+        seen = []
+        assert self._proc.stdout
+        async for raw in self._proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            seen.append(line)
+            if m := re.match(r"lab: (\S+) listening on https://127\.0\.0\.1:(\d+)", line):
+                self.ports[m.group(1)] = int(m.group(2))
+            if line.startswith("lab: ready"):
+                self._drain = asyncio.create_task(self._discard())
+                return self
+        raise RuntimeError("the lab did not start:\n" + "\n".join(seen))
+
+    async def _discard(self) -> None:
+        assert self._proc and self._proc.stdout
+        async for raw in self._proc.stdout:
+            sys.stderr.write("lab | " + raw.decode(errors="replace"))  # only errors come here (--quiet)
+
+    async def stop(self) -> None:
+        if self._proc and self._proc.returncode is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self._proc.wait(), 10)
+            except asyncio.TimeoutError:
+                self._proc.kill()
+                await self._proc.wait()
+        if self._drain:
+            await self._drain
