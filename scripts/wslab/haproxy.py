@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
-from .proxy import free_ports
+from .proxy import free_ports, terminate
 
 HAPROXY = shutil.which("haproxy") or next(
     (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if Path(p).exists()), None)
@@ -114,10 +113,4 @@ class Front:
         return False
 
     async def stop(self) -> None:
-        if self._proc and self._proc.returncode is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self._proc.wait(), 5)
-            except asyncio.TimeoutError:
-                self._proc.kill()
-                await self._proc.wait()
+        await terminate(self._proc, 5)

@@ -13,6 +13,18 @@ from pathlib import Path
 from mitmdump_proc import ADDON, LOOPBACK_ONLY, MITMDUMP
 
 
+async def terminate(proc: asyncio.subprocess.Process | None, timeout: float = 10) -> None:
+    """SIGTERM a process this lab started, by its pid; SIGKILL if it lingers."""
+    if proc is None or proc.returncode is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
 def free_ports(count: int) -> list[int]:
     """Ports on 127.0.0.1 that nothing listens on (bound together, then released)."""
     sockets = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
@@ -57,13 +69,7 @@ class Proxy:
         raise RuntimeError("mitmdump did not start:\n" + "\n".join(self.lines))
 
     async def stop(self) -> None:
-        if self._proc and self._proc.returncode is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self._proc.wait(), 10)
-            except asyncio.TimeoutError:
-                self._proc.kill()
-                await self._proc.wait()
+        await terminate(self._proc)
         if self._reader:
             await self._reader
 

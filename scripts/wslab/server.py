@@ -7,7 +7,6 @@ import builtins
 import logging
 import os
 import re
-import signal
 import socket
 import sys
 
@@ -17,6 +16,7 @@ from hypercorn.protocol import h2 as hypercorn_h2
 
 from .app import LabApp, build
 from .encoders import MIN_SIZE, RELEASING_HELD_STATUS
+from .proxy import terminate
 
 _hypercorn_flush = hypercorn_h2.H2Protocol._flush
 
@@ -158,12 +158,6 @@ class LabProcess:
             sys.stderr.write("lab | " + raw.decode(errors="replace"))  # only errors come here (--quiet)
 
     async def stop(self) -> None:
-        if self._proc and self._proc.returncode is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self._proc.wait(), 10)
-            except asyncio.TimeoutError:
-                self._proc.kill()
-                await self._proc.wait()
+        await terminate(self._proc)
         if self._drain:
             await self._drain
