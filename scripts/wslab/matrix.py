@@ -252,7 +252,7 @@ async def run(threshold: float = 2.0, bundle: Path | None = None, out=sys.stdout
                 front = await haproxy.Front(lab.ports["none"], h2ws.make_self_signed_cert(work), work).start()
                 upstreams["haproxy"] = front.url
             proxies = {}
-            for policy in ("observe", "strip", "inject"):
+            for policy in sorted({c.policy for c in grid}):
                 mine = upstreams if policy != "inject" else {"fixed": upstreams["fixed"]}
                 flows = work / f"flows-{policy}.mitm" if bundle else None
                 proxies[policy] = Proxy(mine, work / f"report-{policy}.jsonl",
