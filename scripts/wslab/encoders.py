@@ -79,6 +79,14 @@ def is_http1(scope: Message) -> bool:
     return scope.get("http_version", "1.1") in ("1.0", "1.1")
 
 
+def encoded_headers(headers, coding: str) -> list[tuple[bytes, bytes]]:
+    """The headers of a response that goes out encoded: its length is no longer
+    known, and `vary` gains accept-encoding (kept with what it named before)."""
+    vary = [v for k, v in headers if k.lower() == b"vary"]
+    kept = [(k, v) for k, v in headers if k.lower() not in (b"content-length", b"vary", b"content-encoding")]
+    return kept + [(b"content-encoding", coding.encode()), (b"vary", b", ".join([*vary, b"accept-encoding"]))]
+
+
 class ResponseEncoding:
     """One ordinary response (or a refused upgrade's error page) through the encoder.
 
@@ -118,9 +126,7 @@ class ResponseEncoding:
         start = dict(self.start)
         if encode:
             self.encoder = Encoder(self.coding)
-            start["headers"] = [
-                (k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"vary")
-            ] + [(b"content-encoding", self.coding.encode()), (b"vary", b"accept-encoding")]
+            start["headers"] = encoded_headers(start.get("headers", []), self.coding)
         self.state = "SENT"
         await self._send(start)
         data, self.held = b"".join(self.held), []
@@ -207,8 +213,7 @@ class WebSocketEncoding:
         accept = dict(self.accept)
         if self.behaviour is Behaviour.ENCODE_UPGRADE:
             self.encoder = Encoder(self.coding)
-            accept["headers"] = [*accept.get("headers", []), (b"content-encoding", self.coding.encode()),
-                                 (b"vary", b"accept-encoding")]
+            accept["headers"] = encoded_headers(accept.get("headers", []), self.coding)
         was_held, self.state = self.state == "HOLDING" and bool(self.held), "OPEN"
         token = RELEASING_HELD_STATUS.set(was_held)
         try:

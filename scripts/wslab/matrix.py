@@ -195,9 +195,9 @@ class Run:
 
 
 def environment() -> dict[str, str]:
-    import brotli
-    import hypercorn  # noqa: F401
     from importlib.metadata import version
+
+    import brotli
 
     from mitmproxy.version import VERSION
 
