@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"{len(bad)} of {len(state.results)} cells disagree with what their behaviour must produce")
         return 1
-    print(f"all {len(state.results)} cells as expected" + (f"; bundle in {args.bundle}" if args.bundle else ""))
+    n = len(state.results)
+    print(f"all {n} cell{'s' if n != 1 else ''} as expected" + (f"; bundle in {args.bundle}" if args.bundle else ""))
     return 0
 
 
