@@ -104,7 +104,8 @@ def test_a_streamed_response_is_flushed_chunk_by_chunk_without_ending_the_stream
     for i, chunk in enumerate(chunks[:n], start=1):
         text += decoder.decode(chunk).decode()
         # Each flush already decodes to every line sent so far, and no more.
-        assert text.count("\n") == i and text.endswith(f"chunk {i} of {n}: " + "streamed through the encoder " * 3 + "\n")
+        line = f"chunk {i} of {n}: " + "streamed through the encoder " * 3 + "\n"
+        assert text.count("\n") == i and text.endswith(line)
     text += "".join(decoder.decode(chunk).decode() for chunk in chunks[n:])
     assert text.count("\n") == n and decode(coding, body).decode() == text
 
@@ -142,7 +143,8 @@ def test_fixed_passes_upgrades_at_once_and_still_encodes_a_failed_upgrades_error
     async def scenario():
         async with lab("fixed", cert) as server:
             async with h2ws.H2WebSocketClient("127.0.0.1", server.port, server_hostname="localhost") as client:
-                refused = await client.open_websocket("/private", "localhost", headers=[("accept-encoding", "gzip, br")])
+                refused = await client.open_websocket("/private", "localhost",
+                                                      headers=[("accept-encoding", "gzip, br")])
                 assert await refused.wait_status() == 403
                 await refused.wait_ended()
             h2_seen = await h2_client(server.port, "/echo/x", "client", BROWSER, 2, asyncio.Semaphore(1))
@@ -252,7 +254,8 @@ def test_chromium_opens_greet_directly_and_through_the_proxy(cert, home, tmp_pat
     greets = [r for r in requests if r[0] == "websocket" and r[2] == "/greet"]
     # Chromium took RFC 8441 both times and offered its codings on the handshake.
     assert len(greets) == 2 and all(r[1] == "2" and "gzip" in r[3] for r in greets)
-    assert record["transport"] == "h2" and record["outcome"] == "upgraded" and record["url"].endswith("/greet?after=REDACTED")
+    assert record["transport"] == "h2" and record["outcome"] == "upgraded"
+    assert record["url"].endswith("/greet?after=REDACTED")
     assert_clean_log(md)
 
 

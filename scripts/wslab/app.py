@@ -142,7 +142,8 @@ class LabApp:
             event = await receive()
             if event["type"] != "websocket.receive":
                 return
-            await send({"type": "websocket.send", **{k: event[k] for k in ("text", "bytes") if event.get(k) is not None}})
+            echo = {k: event[k] for k in ("text", "bytes") if event.get(k) is not None}
+            await send({"type": "websocket.send", **echo})
 
 
 def build(behaviour: str, min_size: int, log=None) -> tuple[LabApp, object]:
