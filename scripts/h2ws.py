@@ -70,6 +70,7 @@ READ_CHUNK = 65536
 TLS_SHUTDOWN_TIMEOUT = 2.0
 REJECTION_BODY = b"rejected\n"
 GET_BODY = b"ok"
+PUSH_MESSAGE_SIZE = 1 << 20  # what a WebSocket opened with ?push=N is sent, N bytes in all
 
 Headers = list[tuple[str, str]]
 Message = Union[str, bytes]
@@ -320,6 +321,7 @@ class _ServerConnection(_H2Endpoint):
         self._server = server
         self.index = index
         self._websockets: dict[int, _ServerWebSocket] = {}
+        self._pushers: set[asyncio.Task] = set()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._attach(reader, writer)
@@ -375,6 +377,11 @@ class _ServerConnection(_H2Endpoint):
         self._websockets.pop(stream_id, None)
         super()._forget_stream(stream_id)
 
+    def _on_connection_lost(self) -> None:
+        super()._on_connection_lost()
+        for task in self._pushers:
+            task.cancel()
+
     def _on_request(self, stream_id: int, headers: Headers) -> None:
         pseudo, regular = _split_pseudo(headers)
         self._server.requests.append(
@@ -421,8 +428,28 @@ class _ServerConnection(_H2Endpoint):
             # The fault: an encoder that emits headers only with the first body bytes.
             self._websockets[stream_id] = _ServerWebSocket(stream_id, status_headers)
         else:
-            self._websockets[stream_id] = _ServerWebSocket(stream_id, None)
+            ws = self._websockets[stream_id] = _ServerWebSocket(stream_id, None)
             self.conn.send_headers(stream_id, _encode_headers(status_headers))
+            push = urllib.parse.parse_qs(urllib.parse.urlsplit(pseudo.get(":path", "")).query).get("push")
+            if push:
+                task = asyncio.ensure_future(self._push(ws, int(push[0])))
+                self._pushers.add(task)
+                task.add_done_callback(self._pushers.discard)
+
+    async def _push(self, ws: _ServerWebSocket, total: int) -> None:
+        """Send `total` bytes of binary messages, as fast as the peer takes
+        them (its windows, then TCP), while the WebSocket lasts."""
+        frame = bytes(ws.frames.send_data(bytes(PUSH_MESSAGE_SIZE)))
+        for _ in range(0, total, PUSH_MESSAGE_SIZE):
+            if self._websockets.get(ws.stream_id) is not ws or self.connection_lost.is_set():
+                return
+            self._send_soon(ws.stream_id, frame)
+            self._pump()
+            self._flush()
+            try:
+                await self._writer.drain()
+            except (ConnectionError, ssl.SSLError):
+                return  # the read loop notices the connection is gone
 
     # -- WebSocket echo ------------------------------------------------------
 
@@ -481,7 +508,9 @@ class H2WebSocketServer:
     """RFC 8441 echo server on 127.0.0.1 (TLS, ALPN "h2" only).
 
     Answers extended CONNECT with `status` and then echoes every WebSocket
-    message; any other request gets 200 "ok".  Every request is recorded in
+    message; a WebSocket whose path has `?push=N` is also sent N bytes of
+    PUSH_MESSAGE_SIZE binary messages unasked, as fast as the peer takes
+    them. Any other request gets 200 "ok".  Every request is recorded in
     `requests` as {"connection", "stream_id", "pseudo": {name: value},
     "headers": [(name, value), ...]} with lowercased names.
     """
@@ -613,6 +642,9 @@ class ClientWebSocket:
         # Set once nothing can be sent any more (a reset or connection loss);
         # the peer's END_STREAM alone still lets us send.
         self._dead_reason: Optional[str] = None
+        # False: this stream's DATA is never acknowledged, so its window
+        # closes (a client that does not read); the connection's still opens.
+        self.reading = True
 
     # -- public API ---------------------------------------------------------
 
@@ -985,9 +1017,12 @@ class H2WebSocketClient(_H2Endpoint):
             self._settings_received.set()
             return
         stream_id = getattr(event, "stream_id", None)
-        if isinstance(event, h2.events.DataReceived) and event.flow_controlled_length:
-            self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
         stream = self._streams.get(stream_id)
+        if isinstance(event, h2.events.DataReceived) and event.flow_controlled_length:
+            if isinstance(stream, ClientWebSocket) and not stream.reading:
+                self.conn.increment_flow_control_window(event.flow_controlled_length)
+            else:
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
         if stream is None:
             return
         if isinstance(event, h2.events.ResponseReceived):

@@ -35,6 +35,8 @@ names it needs are missing, `install` logs one line and changes nothing.
 from __future__ import annotations
 
 import base64
+import collections
+import contextlib
 import copy
 import enum
 import logging
@@ -48,7 +50,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.utilities
-from mitmproxy import connection, http
+from mitmproxy import connection, ctx, http
 from mitmproxy import version as mitmproxy_version
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers import http as http_layers
@@ -75,6 +77,20 @@ NEEDS_HTTP1 = "ws_encode: the HTTP/2 upstream cannot take this WebSocket (no RFC
 PASSTHROUGH_CLOSE = "EOF"
 # Client DATA kept while a status is awaited; beyond this the stream is reset.
 MAX_EARLY_BYTES = 1 << 20
+# Bytes of one WebSocket stream that may wait in mitmproxy's send buffer for
+# the peer's HTTP/2 flow-control window; beyond this that stream alone is
+# reset. mitmproxy grants every peer the largest window and acknowledges DATA
+# as it arrives, so toward a peer that does not read nothing else stops the
+# other side (HTTP/1.1 has TCP's backpressure instead). Larger than the stream
+# windows browsers grant (Chromium: 6 MiB), so a peer that reads only meets
+# it with a burst this big in flight.
+MAX_BUFFERED_BYTES = 16 << 20
+
+# Where a handshake is (StreamFacts.stage), as far as the bridge sees it.
+CONNECTING = "connecting"  # waiting for its upstream connection
+SETTINGS = "settings"  # held for an HTTP/2 upstream's first SETTINGS
+QUEUED = "queued"  # behind an HTTP/2 upstream's MAX_CONCURRENT_STREAMS
+FORWARDED = "forwarded"  # its headers are written upstream
 
 
 @dataclass
@@ -82,12 +98,24 @@ class StreamFacts:
     """What the codecs saw of a handshake that mitmproxy's flow cannot show."""
 
     forwarded_at: float | None = None  # time.monotonic() when the request went upstream
+    # One of the stages above; None until the bridge's stream has the handshake.
+    stage: str | None = None
+    # Why the bridge itself ended the handshake's stream, if it did (no
+    # header values): the addon then blames neither peer.
+    ended_by_proxy: str | None = None
     upstream_status: int | None = None
     client_bytes_before_status: int = 0
     status_with_data: bool = False
     # Client messages that went upstream before the status, past mitmproxy's
     # WebSocket layer: (opcode, payload, time.time()), for flow.websocket.
     early_messages: list[tuple[int, bytes, float]] = field(default_factory=list)
+
+    def waiting(self, stage: str) -> None:
+        """Not (or no longer) written upstream: no stall clock from forwarding."""
+        self.forwarded_at, self.stage = None, stage
+
+    def forwarded(self) -> None:
+        self.forwarded_at, self.stage = time.monotonic(), FORWARDED
 
 
 NO_FACTS = StreamFacts()
@@ -217,6 +245,56 @@ class UpstreamStream:
 _waiting_clients: weakref.WeakKeyDictionary[http.Request, ClientSideStream] = weakref.WeakKeyDictionary()
 
 
+class _CountedDeque(collections.deque):
+    """One stream's send buffer in mitmproxy's BufferedH2Connection, which
+    also counts its bytes (BufferedH2Connection only appends, appendlefts and
+    poplefts chunks)."""
+
+    size = 0
+
+    def append(self, chunk) -> None:
+        super().append(chunk)
+        self.size += len(chunk.data)
+
+    def appendleft(self, chunk) -> None:
+        super().appendleft(chunk)
+        self.size += len(chunk.data)
+
+    def popleft(self):
+        chunk = super().popleft()
+        self.size -= len(chunk.data)
+        return chunk
+
+
+class Backlog:
+    """What both codecs need to give up on a peer that does not read: the
+    bytes each stream has waiting for the peer's window, and events handed to
+    a stream on the next turn of the event loop instead of now."""
+
+    def __init__(self, h2_conn: BufferedH2Connection) -> None:
+        h2_conn.stream_buffers = collections.defaultdict(_CountedDeque)
+        self.buffers = h2_conn.stream_buffers
+        self.later: dict[commands.RequestWakeup, http_layers.HttpEvent] = {}
+
+    def over_cap(self, sid: int) -> bool:
+        buffered = self.buffers.get(sid)
+        return buffered is not None and buffered.size > MAX_BUFFERED_BYTES
+
+    def defer(self, event: http_layers.HttpEvent) -> commands.RequestWakeup:
+        """A stream that is sending data must not be handed an event while it
+        does (mitmproxy's WebSocket layer is not re-entrant)."""
+        wakeup = commands.RequestWakeup(0)
+        self.later[wakeup] = event
+        return wakeup
+
+    def due(self, event: events.Event) -> http_layers.HttpEvent | None:
+        return self.later.pop(event.command, None) if isinstance(event, events.Wakeup) else None
+
+
+def not_reading(peer: str) -> str:
+    return f"the {peer} does not read: more than {MAX_BUFFERED_BYTES} bytes waited for its flow-control window"
+
+
 class WsHttp2Server(_http2.Http2Server):
     """mitmproxy's client-facing HTTP/2 codec, plus RFC 8441 WebSockets."""
 
@@ -232,6 +310,7 @@ class WsHttp2Server(_http2.Http2Server):
         self.validate_requests = self.h2_conn.config.validate_inbound_headers
         self.h2_conn.config = copy.copy(self.h2_conn.config)
         self.h2_conn.config.validate_inbound_headers = False
+        self.backlog = Backlog(self.h2_conn)
 
     def handle_h2_event(self, event: h2.events.Event) -> layer.CommandGenerator[bool]:
         if self.validate_requests and isinstance(event, (h2.events.RequestReceived, h2.events.TrailersReceived)):
@@ -317,16 +396,18 @@ class WsHttp2Server(_http2.Http2Server):
             yield http_layers.ReceiveHttp(http_layers.RequestHeaders(sid, request, end_stream=True))
             yield http_layers.ReceiveHttp(http_layers.RequestEndOfMessage(sid))
 
-    def _reset(self, sid: int, reason: str) -> layer.CommandGenerator[None]:
+    def _reset(
+        self, sid: int, reason: str, code: int = h2.errors.ErrorCodes.PROTOCOL_ERROR, *, later: bool = False
+    ) -> layer.CommandGenerator[None]:
         yield commands.Log(f"ws_encode: reset HTTP/2 stream {sid}: {reason}", logging.WARNING)
-        self.h2_conn.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        self.h2_conn.reset_stream(sid, code)
         ws = self.websockets.pop(sid, None)
+        if ws is not None:
+            ws.facts.ended_by_proxy = reason
         if self.streams.pop(sid, None) is not None:
-            if ws is not None and ws.phase is WsPhase.OPEN:
-                # The WebSocket layer understands only the peer going away.
-                yield http_layers.ReceiveHttp(http_layers.RequestEndOfMessage(sid))
-            else:
-                yield http_layers.ReceiveHttp(request_error(sid, reason))
+            # The WebSocket layer understands only the peer going away.
+            end = http_layers.RequestEndOfMessage(sid) if ws is not None and ws.phase is WsPhase.OPEN else request_error(sid, reason)
+            yield self.backlog.defer(end) if later else http_layers.ReceiveHttp(end)
         yield commands.SendData(self.conn, self.h2_conn.data_to_send())
 
     def _refuse(self, sid: int, status: int, reason: str) -> layer.CommandGenerator[None]:
@@ -335,6 +416,9 @@ class WsHttp2Server(_http2.Http2Server):
         yield commands.SendData(self.conn, self.h2_conn.data_to_send())
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if (due := self.backlog.due(event)) is not None:
+            yield http_layers.ReceiveHttp(due)
+            return
         ws = self.websockets.get(event.stream_id) if isinstance(event, http_layers.HttpEvent) else None
         if ws is None:
             if isinstance(event, http_layers.ResponseHeaders) and event.response.status_code == 101:
@@ -365,6 +449,8 @@ class WsHttp2Server(_http2.Http2Server):
                 yield commands.SendData(self.conn, self.h2_conn.data_to_send())
         else:
             yield from super()._handle_event(event)
+            if isinstance(event, http_layers.ResponseData) and self.backlog.over_cap(event.stream_id):
+                yield from self._reset(event.stream_id, not_reading("client"), h2.errors.ErrorCodes.CANCEL, later=True)
 
     def _send_success(self, event: http_layers.ResponseHeaders) -> layer.CommandGenerator[None]:
         ws = self.websockets[event.stream_id]
@@ -427,6 +513,7 @@ class WsHttp2Client(_http2.Http2Client):
         self.closed = False
         self.websockets: dict[int, UpstreamStream] = {}  # by our stream id
         self.refused: set[int] = set()  # their stream ids sent back for HTTP/1.1
+        self.backlog = Backlog(self.h2_conn)
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, http_layers.HttpEvent):
@@ -436,14 +523,21 @@ class WsHttp2Client(_http2.Http2Client):
                 # Stream ids are only taken when headers are really sent, so a held
                 # CONNECT does not make later requests' ids go backwards.
                 if isinstance(event, http_layers.RequestHeaders):
-                    facts_for(event.request).forwarded_at = None  # not sent: no stall clock yet
+                    facts_for(event.request).waiting(SETTINGS)
                 self.held.append(event)
                 return
             if self._cannot_take(event):
                 self.refused.add(event.stream_id)
                 yield http_layers.ReceiveHttp(response_error(event.stream_id, NEEDS_HTTP1))
                 return
+        theirs = getattr(event, "stream_id", None)  # mitmproxy renames it when it sends
         yield from super()._handle_event(event)
+        if isinstance(event, http_layers.RequestHeaders) and any(e is event for e in self.stream_queue.get(theirs, ())):
+            # Queued behind the server's MAX_CONCURRENT_STREAMS; _send_connect
+            # says when it really goes.
+            facts = _facts.get(event.request)
+            if facts is not None:
+                facts.waiting(QUEUED)
         if self.held and (self.settings_received or self.closed):
             held, self.held = self.held, []
             for e in held:
@@ -471,6 +565,9 @@ class WsHttp2Client(_http2.Http2Client):
         )
 
     def _handle_event2(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if (due := self.backlog.due(event)) is not None:
+            yield http_layers.ReceiveHttp(due)
+            return
         if isinstance(event, http_layers.RequestHeaders) and is_websocket_upgrade(event.request):
             yield from self._send_connect(event)
             return
@@ -483,6 +580,8 @@ class WsHttp2Client(_http2.Http2Client):
                 yield commands.SendData(self.conn, self.h2_conn.data_to_send())
             return
         yield from super()._handle_event2(event)
+        if ws is not None and isinstance(event, http_layers.RequestData) and self.backlog.over_cap(event.stream_id):
+            yield from self._reset(event.stream_id, ws, not_reading("upstream"), h2.errors.ErrorCodes.CANCEL, later=True)
 
     def _send_connect(self, event: http_layers.RequestHeaders) -> layer.CommandGenerator[None]:
         sid = event.stream_id
@@ -493,7 +592,7 @@ class WsHttp2Client(_http2.Http2Client):
             facts_for(event.request), event.request.headers.get("sec-websocket-key", "")
         )
         # The request is really on its way now (it may have waited for SETTINGS).
-        ws.facts.forwarded_at = time.monotonic()
+        ws.facts.forwarded()
         client_side = _waiting_clients.get(event.request)
         if client_side is not None and client_side.phase is WsPhase.WAITING:
             # What an HTTP/2 client sent before the status goes upstream now,
@@ -522,10 +621,7 @@ class WsHttp2Client(_http2.Http2Client):
             return False
         if isinstance(event, h2.events.TrailersReceived):
             # Only DATA may follow on a CONNECT stream (RFC 9113 section 8.5).
-            yield commands.Log(f"ws_encode: reset upstream HTTP/2 stream {sid}: trailers on a WebSocket stream", logging.WARNING)
-            self.h2_conn.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            yield commands.SendData(self.conn, self.h2_conn.data_to_send())
-            yield from self._stream_gone(sid, ws, "upstream sent trailers on a WebSocket stream")
+            yield from self._reset(sid, ws, "the upstream sent trailers on a WebSocket stream")
             return False
         done = yield from super().handle_h2_event(event)
         if self.is_closed(sid):
@@ -576,17 +672,28 @@ class WsHttp2Client(_http2.Http2Client):
             message = f"stream reset by server ({_error_name(event.error_code)})"
         yield from self._stream_gone(sid, ws, message)
 
-    def _stream_gone(self, sid: int, ws: UpstreamStream, message: str) -> layer.CommandGenerator[None]:
+    def _reset(
+        self, sid: int, ws: UpstreamStream, reason: str, code: int = h2.errors.ErrorCodes.PROTOCOL_ERROR, *, later: bool = False
+    ) -> layer.CommandGenerator[None]:
+        """The bridge itself ends an upstream WebSocket stream."""
+        yield commands.Log(f"ws_encode: reset upstream HTTP/2 stream {sid}: {reason}", logging.WARNING)
+        ws.facts.ended_by_proxy = reason
+        self.h2_conn.reset_stream(sid, code)
+        yield commands.SendData(self.conn, self.h2_conn.data_to_send())
+        yield from self._stream_gone(sid, ws, reason, later=later)
+
+    def _stream_gone(self, sid: int, ws: UpstreamStream, message: str, *, later: bool = False) -> layer.CommandGenerator[None]:
         """The upstream stream ended abnormally: an open WebSocket sees its
         peer close; a waiting handshake fails (or moves to HTTP/1.1)."""
         del self.websockets[sid]
         self.streams.pop(sid, None)
         if ws.phase is WsPhase.OPEN:
-            yield http_layers.ReceiveHttp(http_layers.ResponseEndOfMessage(sid))
+            end = http_layers.ResponseEndOfMessage(sid)
         else:
             if ws.relay_from is not None:
                 ws.relay_from.relay_failed()
-            yield http_layers.ReceiveHttp(response_error(sid, message))
+            end = response_error(sid, message)
+        yield self.backlog.defer(end) if later else http_layers.ReceiveHttp(end)
 
     def close_connection(self, msg: str) -> layer.CommandGenerator[None]:
         self.closed = True
@@ -626,27 +733,109 @@ class GetHttp1Connection(http_layers.GetHttpConnection):
         return id(self)
 
 
+class WebSocketAddress(tuple):
+    """The (host, port) of a connection a WebSocket handshake asked for.
+
+    Equal to the plain tuple, so mitmproxy matches connections as before; the
+    type marks the connection as a WebSocket's for `_Throttle` and for
+    `WsHttpStream._forget_finished_connections`.
+    """
+
+    __slots__ = ()
+
+
+_UNTHROTTLED = contextlib.nullcontext()
+
+
+class _Throttle(collections.defaultdict):
+    """mitmproxy's per-server connection throttle, except for WebSockets.
+
+    mitmproxy's ConnectionHandler.max_conns lets one client connection have
+    5 connections at a time to a server, each slot held until its connection
+    closes. Behind an HTTP/2 client, an HTTP/1.1 upstream connection carries
+    a single request (HttpLayer.register_connection's "tricky multiplexing
+    edge case" and Http1Client.mark_done), so the throttle is what bounds
+    the fan-out of ordinary requests. A WebSocket keeps its connection for its
+    whole life: the sixth would wait for one of the first five to close,
+    forever, with no sign of it. A WebSocket's connection goes past the
+    throttle; an HTTP/1.1 client opens one connection per WebSocket anyway,
+    and the client's SETTINGS_MAX_CONCURRENT_STREAMS bounds the number.
+    """
+
+    def __getitem__(self, address):
+        if isinstance(address, WebSocketAddress):
+            return _UNTHROTTLED
+        return super().__getitem__(address)
+
+
+def _unthrottle_websockets(client: connection.Client) -> None:
+    """Give the client connection's handler the throttle above (once)."""
+    # The handler is only reachable through the proxyserver addon; without
+    # one (an addon test context) there is no throttle to change.
+    master = getattr(ctx, "master", None)
+    proxyserver = master.addons.get("proxyserver") if master else None
+    handler = proxyserver.connections.get(client.id) if proxyserver else None
+    if handler is not None and type(handler.max_conns) is collections.defaultdict:
+        handler.max_conns = _Throttle(handler.max_conns.default_factory, handler.max_conns)
+
+
 # Upstream connections being opened for a fallback, by (client, address): they
 # must offer only HTTP/1.1, or the upstream would pick HTTP/2 again.
 _http1_only: set[tuple[int, tuple]] = set()
 
 
 class WsHttpStream(_stock(http_layers.HttpStream)):
-    """mitmproxy's HTTP stream, which notes when a request goes upstream, and
-    retries a WebSocket over HTTP/1.1 when an HTTP/2 upstream cannot take it."""
+    """mitmproxy's HTTP stream, which notes where a handshake is, retries a
+    WebSocket over HTTP/1.1 when an HTTP/2 upstream cannot take it, and lets
+    the HTTP layer drop the stream when its WebSocket is over."""
 
     ws_encode_bridge = True
     retried_over_http1 = False
     upstream_switched = False
 
     def make_server_connection(self) -> layer.CommandGenerator[bool]:
-        ok = yield from super().make_server_connection()
-        facts = _facts.get(self.flow.request)
-        if ok and facts is not None:
-            # The request's headers are sent right after this (an HTTP/2
-            # upstream may hold a CONNECT longer, and says so itself).
-            facts.forwarded_at = time.monotonic()
-        return ok
+        if _facts.get(self.flow.request) is None:
+            return (yield from super().make_server_connection())
+        return (yield from self._connect(http_layers.GetHttpConnection))
+
+    def _connect(self, get: type[http_layers.GetHttpConnection]) -> layer.CommandGenerator[bool]:
+        """mitmproxy's make_server_connection for a handshake: its connection
+        is marked as a WebSocket's, and its facts say where it waits."""
+        facts = facts_for(self.flow.request)
+        facts.waiting(CONNECTING)
+        _unthrottle_websockets(self.context.client)
+        self._forget_finished_connections()
+        conn, err = yield get(
+            WebSocketAddress((self.flow.request.host, self.flow.request.port)),
+            self.flow.request.scheme == "https",
+            self.flow.server_conn.via,
+            self.flow.server_conn.transport_protocol,
+        )
+        if err:
+            yield from self.handle_protocol_error(response_error(self.stream_id, err))
+            return False
+        self.context.server = self.flow.server_conn = conn
+        # The request's headers are sent right after this (an HTTP/2 upstream
+        # may hold or queue a CONNECT, and says so itself).
+        facts.forwarded()
+        return True
+
+    def _forget_finished_connections(self) -> None:
+        """mitmproxy's HTTP layer keeps every connection it made until the
+        client's goes away; a WebSocket's connection to an HTTP/1.1 upstream
+        serves nothing else once it is closed. It is dropped when mitmproxy
+        has set its timestamp_end, which it does after the connection's last
+        event (proxy/server.py, open_connection)."""
+        layers = self.context.layers
+        http_layer = layers[layers.index(self) - 1]
+        finished = [
+            conn for conn in http_layer.connections
+            if isinstance(conn, connection.Server)
+            and isinstance(conn.address, WebSocketAddress)
+            and conn.timestamp_end is not None
+        ]
+        for conn in finished:
+            del http_layer.connections[conn]
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, http_layers.ResponseProtocolError) and event.message == NEEDS_HTTP1 and not self.retried_over_http1:
@@ -658,6 +847,16 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
             self.upstream_switched = event.response.status_code == 101
         yield from super()._handle_event(event)
 
+    def passthrough(self, event: events.Event) -> layer.CommandGenerator[None]:
+        yield from super().passthrough(event)
+        if self.flow.websocket is not None and not self.flow.live:
+            # The WebSocket layer is done (it clears `live` after its end
+            # hook). mitmproxy drops a stream only when its flow is done
+            # without an upgrade, so on an HTTP/2 connection every finished
+            # WebSocket, its messages included, would stay until the
+            # connection closed.
+            yield http_layers.DropStream(self.stream_id)
+
     def flow_done(self) -> layer.CommandGenerator[None]:
         yield from super().flow_done()
         if self.upstream_switched and self.flow.response.status_code != 101:
@@ -668,26 +867,15 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
     def _retry_over_http1(self) -> layer.CommandGenerator[None]:
         self.retried_over_http1 = True
         yield commands.Log(f"{NEEDS_HTTP1} ({self.flow.request.host})", logging.INFO)
-        facts_for(self.flow.request).forwarded_at = None  # not sent again yet
-        address = (self.flow.request.host, self.flow.request.port)
-        key = (id(self.context.client), address)
+        key = (id(self.context.client), (self.flow.request.host, self.flow.request.port))
         _http1_only.add(key)
         try:
-            conn, err = yield GetHttp1Connection(
-                address,
-                self.flow.request.scheme == "https",
-                self.flow.server_conn.via,
-                self.flow.server_conn.transport_protocol,
-            )
+            ok = yield from self._connect(GetHttp1Connection)
         finally:
             _http1_only.discard(key)
-        if err:
-            yield from self.handle_protocol_error(response_error(self.stream_id, err))
-            return
-        self.context.server = self.flow.server_conn = conn
-        facts_for(self.flow.request).forwarded_at = time.monotonic()
-        yield http_layers.SendHttp(http_layers.RequestHeaders(self.stream_id, self.flow.request, True), conn)
-        yield http_layers.SendHttp(http_layers.RequestEndOfMessage(self.stream_id), conn)
+        if ok:
+            yield http_layers.SendHttp(http_layers.RequestHeaders(self.stream_id, self.flow.request, True), self.context.server)
+            yield http_layers.SendHttp(http_layers.RequestEndOfMessage(self.stream_id), self.context.server)
 
 
 def offer_http1_only(server: connection.Server, client: connection.Client) -> None:
