@@ -1,0 +1,357 @@
+"""A bug-report bundle: the records, the flows and a summary of some handshakes, redacted.
+
+    write_bundle("bug-123", flows, records, options={"ws_encode_policy": "observe"})
+
+writes into that folder:
+- `report.jsonl`: the addon's records for those flows, as the report has them;
+- `flows.mitm`: redacted copies of the flows, readable by mitmproxy 11 and 12 (`mitmweb -r`);
+- `summary.md`: per handshake a timeline, its diagnosis and policy; the A/B result when there is
+  one; the environment and the addon's options; what was redacted.
+
+Nothing secret reaches any of the three: cookie, set-cookie, authorization and
+proxy-authorization values, query, path-parameter and fragment values and
+userinfo are replaced by REDACTED in the flows (URL-valued headers included),
+as `report.redact_url` does for the report. The bundle is written into a
+hidden sibling folder and renamed into place at the end, so an interrupted run
+never leaves a half bundle under the name asked for.
+
+Standard library and mitmproxy only: it runs inside the addon.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import tempfile
+import urllib.parse
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import http, io
+
+from .report import REDACTED, printable, redact_url
+
+REPORT = "report.jsonl"
+FLOWS = "flows.mitm"
+SUMMARY = "summary.md"
+FILES = (REPORT, FLOWS, SUMMARY)
+
+# Headers whose every value is a secret: the name stays, the value goes.
+SECRET_HEADERS = ("cookie", "set-cookie", "authorization", "proxy-authorization")
+# Headers that carry a URL: its query, path parameters, fragment and userinfo go.
+URL_HEADERS = ("referer", "origin", "location", "content-location")
+
+Record = Mapping[str, Any]
+
+
+class BundleError(Exception):
+    """The bundle cannot be written there (the message says why, for a person)."""
+
+
+@dataclass
+class Redactions:
+    """What redaction replaced, counted, for the summary."""
+
+    headers: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # header name -> values
+    urls: int = 0  # request targets and URL-valued headers that lost a query value, parameter or userinfo
+    userinfo: int = 0
+
+    def lines(self) -> list[str]:
+        names = ", ".join(f"`{name}` ({n})" for name, n in sorted(self.headers.items())) or "none present"
+        return [
+            "Replaced by `REDACTED` in every file of this bundle (report.jsonl, flows.mitm, summary.md):",
+            f"- the values of the {', '.join(f'`{h}`' for h in SECRET_HEADERS)} headers, names kept: {names};",
+            "- every query value, path-parameter value (`;jsessionid=`) and fragment, names kept, in request "
+            f"URLs and the {', '.join(f'`{h}`' for h in URL_HEADERS)} headers: {self.urls} URLs changed;",
+            f"- userinfo (`user:password@`) in URLs, authorities and `host`: {self.userinfo} removed.",
+            "",
+            "Kept as they were: every other header, WebSocket messages, bodies, comments and timings. "
+            "Read them before you attach the bundle if your application puts secrets there.",
+        ]
+
+
+def _redact_url_like(value: str, counts: Redactions) -> str:
+    """A header value or request target that may hold a URL (or be a bare path)."""
+    if value.startswith("/"):
+        redacted = redact_url("x://h" + value)[len("x://h"):]
+    else:
+        redacted = redact_url(value)
+    if redacted != printable(value):
+        counts.urls += 1
+        if "@" in urllib.parse.urlsplit(printable(value)).netloc:
+            counts.userinfo += 1
+    return redacted
+
+
+def _without_userinfo(authority: str, counts: Redactions) -> str:
+    if "@" not in authority:
+        return authority
+    counts.userinfo += 1
+    return authority.rsplit("@", 1)[1]
+
+
+def _redact_headers(headers: http.Headers, counts: Redactions) -> None:
+    for name in SECRET_HEADERS:
+        values = headers.get_all(name)
+        if values:
+            headers.set_all(name, [REDACTED] * len(values))
+            counts.headers[name] += len(values)
+    for name in URL_HEADERS:
+        values = headers.get_all(name)
+        if values:
+            headers.set_all(name, [_redact_url_like(v, counts) for v in values])
+    if "host" in headers:
+        headers["host"] = _without_userinfo(headers["host"], counts)
+
+
+def redact_flow(flow: http.HTTPFlow, counts: Redactions | None = None) -> http.HTTPFlow:
+    """A redacted copy of `flow`, with its id (the flow itself is left as it was)."""
+    counts = counts if counts is not None else Redactions()
+    copy = flow.copy()
+    copy.id = flow.id  # the records name it
+    request = copy.request
+    if request.path:
+        request.path = _redact_url_like(request.path, counts)
+    if "@" in request.authority:
+        request.authority = _without_userinfo(request.authority, counts)
+    if "@" in request.host:
+        request.host = _without_userinfo(request.host, counts)
+    _redact_headers(request.headers, counts)
+    if request.trailers:
+        _redact_headers(request.trailers, counts)
+    if copy.response is not None:
+        _redact_headers(copy.response.headers, counts)
+        if copy.response.trailers:
+            _redact_headers(copy.response.trailers, counts)
+    return copy
+
+
+def records_for(flows: Sequence[http.HTTPFlow], records: Iterable[Record] | None) -> list[dict[str, Any]]:
+    """The records of these flows, in the order given: from `records` (all of
+    a report, say) where they have any, else the latest one the addon kept on
+    the flow (`flow.metadata["ws_encode"]`). URLs are redacted again: a
+    record that came from elsewhere is made safe too."""
+    ids = {f.id for f in flows}
+    chosen: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records or ():
+        if record.get("flow_id") in ids:
+            chosen[record["flow_id"]].append(dict(record))
+    for f in flows:
+        kept = f.metadata.get("ws_encode")
+        if not chosen[f.id] and isinstance(kept, Mapping) and "event" in kept:
+            chosen[f.id].append({"event": kept["event"], "ts": kept.get("ts"), "flow_id": f.id,
+                                 **{k: v for k, v in kept.items() if k not in ("event", "ts")}})
+    out = [r for f in flows for r in chosen[f.id]]
+    for r in out:
+        if isinstance(r.get("url"), str):
+            r["url"] = redact_url(r["url"])
+    return out
+
+
+def runtime_environment() -> dict[str, str]:
+    """Versions of what this runs in: the summary's environment by default."""
+    from mitmproxy.version import VERSION
+
+    return {"mitmproxy": VERSION, "Python": platform.python_version(), "OS": platform.platform()}
+
+
+# -- summary.md ------------------------------------------------------------------------------
+
+
+def _wall(ts: str | None) -> datetime.datetime | None:
+    try:
+        return datetime.datetime.fromisoformat(ts) if ts else None
+    except ValueError:
+        return None
+
+
+def _clock(when: datetime.datetime | None) -> str:
+    return when.astimezone(datetime.timezone.utc).strftime("%H:%M:%S.%f")[:-3] + " UTC" if when else "?"
+
+
+def timeline(records: Sequence[Record]) -> list[tuple[float, str]]:
+    """(seconds from receipt, what happened) for one handshake's records."""
+    end = next((r for r in records if r["event"] == "handshake"), None)
+    stall = next((r for r in records if r["event"] == "stall"), None)
+    last = end or stall or (records[-1] if records else None)
+    if last is None:
+        return []
+    received_at = _wall(last.get("ts"))
+    if received_at is not None:
+        received_at -= datetime.timedelta(seconds=last.get("received_s") or 0)
+
+    def at(offset: float) -> str:
+        return _clock(received_at + datetime.timedelta(seconds=offset) if received_at else None)
+
+    events = [(0.0, f"received by the proxy ({at(0)})")]
+    if last.get("waited_s") is not None:
+        forwarded = max(0.0, last["received_s"] - last["waited_s"])
+        events.append((forwarded, f"forwarded upstream ({at(forwarded)})"))
+    if stall is not None:
+        events.append((stall["received_s"], f"stall reported, stuck in `{stall['stuck_in']}` ({at(stall['received_s'])})"))
+    elif end is not None and end.get("stalled"):
+        events.append((end["received_s"], "a stall was reported (its record is not among those bundled)"))
+    if end is None:
+        events.append((last["received_s"], "still waiting for its status when the bundle was written"))
+    elif end.get("status") is not None:
+        upstream = end.get("upstream_status")
+        extra = f", upstream {upstream}" if upstream not in (None, end["status"]) else ""
+        encoded = f", content-encoding: {end['content_encoding']}" if end.get("content_encoding") else ""
+        events.append((end["received_s"], f"status {end['status']}{extra}{encoded} ({at(end['received_s'])})"))
+    else:
+        events.append((end["received_s"], f"ended without a status, stuck in `{end['stuck_in']}` "
+                                          f"({at(end['received_s'])})"))
+    return sorted(events, key=lambda e: e[0])
+
+
+def outcome_of(records: Sequence[Record]) -> str:
+    end = next((r for r in records if r["event"] == "handshake"), None)
+    stalled = any(r["event"] == "stall" for r in records) or bool(end and end.get("stalled"))
+    return (end["outcome"] if end else "waiting") + (" ⌛" if stalled else "")
+
+
+def ab_lines(records: Sequence[Record]) -> list[str]:
+    """The A/B result where the same handshake (transport and URL) went both
+    with accept-encoding upstream and without: how each side fared."""
+    ends = [r for r in records if r["event"] == "handshake"]
+    groups: dict[tuple[str, str], dict[bool, list[Record]]] = defaultdict(lambda: {True: [], False: []})
+    for r in ends:
+        groups[r["transport"], r["url"]][r.get("accept_encoding_upstream") is not None].append(r)
+    lines = []
+    for (transport, url), sides in groups.items():
+        if not sides[True] or not sides[False]:
+            continue
+        lines.append(f"- {transport} {url}: with accept-encoding upstream {_fared(sides[True])}; "
+                     f"without {_fared(sides[False])}")
+    return lines
+
+
+def _fared(records: Sequence[Record]) -> str:
+    healthy = [r for r in records if r["outcome"] == "upgraded" and not r["stalled"]]
+    text = f"{len(healthy)} of {len(records)} upgraded without a stall"
+    if healthy:
+        text += f" (slowest status {max(r['received_s'] for r in healthy):.3f} s)"
+    return text
+
+
+def summary_markdown(
+    flows: Sequence[http.HTTPFlow],
+    records: Sequence[Record],
+    environment: Mapping[str, str],
+    options: Mapping[str, Any],
+    counts: Redactions,
+    ab: Sequence[str] = (),
+    title: str = "ws-encode bug report",
+    notes: Sequence[str] = (),
+) -> str:
+    by_flow: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        by_flow[r["flow_id"]].append(r)
+    followed = [f for f in flows if by_flow.get(f.id)]
+    lines = [f"# {title}", "", f"{len(followed)} WebSocket handshake{'s' if len(followed) != 1 else ''} "
+             f"({REPORT} has their records, {FLOWS} the flows: `mitmweb -r {FLOWS}`)."]
+    if len(followed) < len(flows):
+        lines.append(f"{len(flows) - len(followed)} other flows in {FLOWS} are not handshakes ws-encode followed.")
+    lines += [""] + [printable(n) for n in notes] + ([""] if notes else [])
+    for i, f in enumerate(followed, 1):
+        mine = by_flow[f.id]
+        last = mine[-1]
+        lines += [
+            f"## {i}. {last['transport']} {last['url']}: {outcome_of(mine)}", "",
+            f"- flow `{f.id}`; policy `{last['policy']}`; accept-encoding from the client: "
+            f"{_code(last.get('accept_encoding_client'))}, upstream: {_code(last.get('accept_encoding_upstream'))}; "
+            f"upstream transport: {last.get('upstream_transport') or 'none'}",
+            "- timeline, seconds from receipt:",
+        ]
+        lines += [f"  - {offset:7.3f} s  {what}" for offset, what in timeline(mine)]
+        lines += [f"- diagnosis: {last['diagnosis']}", ""]
+    ab = list(ab) or ab_lines(records)
+    if ab:
+        lines += ["## A/B", ""] + [printable(line) for line in ab] + [""]
+    lines += ["## Environment", ""] + [f"- {k}: {printable(str(v))}" for k, v in environment.items()]
+    if options:
+        lines += ["", "Options:", ""] + [f"- `{k}` = `{printable(str(v))}`" for k, v in options.items()]
+    lines += ["", "## Redacted", ""] + counts.lines()
+    return "\n".join(lines) + "\n"
+
+
+def _code(value: str | None) -> str:
+    return "none" if value is None else f"`{value}`"
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+
+def _check_target(folder: Path, force: bool) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise BundleError(f"{printable(str(folder))} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not force:
+        raise BundleError(f"{printable(str(folder))} is not empty: choose another folder, or force to replace it")
+
+
+def write_bundle(
+    folder: str | os.PathLike[str],
+    flows: Sequence[http.HTTPFlow],
+    records: Iterable[Record] | None = None,
+    *,
+    environment: Mapping[str, str] | None = None,
+    options: Mapping[str, Any] | None = None,
+    ab: Sequence[str] = (),
+    notes: Sequence[str] = (),
+    title: str = "ws-encode bug report",
+    force: bool = False,
+) -> Path:
+    """Write the bundle of `flows` into `folder` and return its path.
+
+    `records`: report records (dicts as the addon writes them, with
+    `flow_id`); those of other flows are left out, and a flow without any
+    gets the latest one kept in its metadata. `environment` (default: the
+    mitmproxy, Python and OS versions) and `options` (name -> value) go in
+    the summary, with `ab` (lines of an A/B result; by default derived from
+    the records where one handshake went with and without accept-encoding)
+    and `notes` (lines under the title). Refuses a non-empty `folder` unless
+    `force` (then replaces it); raises BundleError saying why.
+    """
+    folder = Path(folder).expanduser().absolute()
+    _check_target(folder, force)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    counts = Redactions()
+    redacted = [redact_flow(f, counts) for f in flows]
+    chosen = records_for(flows, records)
+    summary = summary_markdown(redacted, chosen, environment or runtime_environment(), options or {},
+                               counts, ab, title, notes)
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        with open(partial / REPORT, "w", encoding="utf-8") as out:
+            out.writelines(json.dumps(r) + "\n" for r in chosen)
+        with open(partial / FLOWS, "wb") as out:
+            writer = io.FlowWriter(out)
+            for f in redacted:
+                writer.add(f)
+        # Written last: a folder with a summary is a whole bundle.
+        (partial / SUMMARY).write_text(summary, encoding="utf-8")
+        for name in FILES:
+            with open(partial / name, "rb") as f:
+                os.fsync(f.fileno())
+        _move_into_place(partial, folder, force)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return folder
+
+
+def _move_into_place(partial: Path, folder: Path, force: bool) -> None:
+    _check_target(folder, force)  # again: something may have been put there meanwhile
+    if not folder.exists() or not any(folder.iterdir()):
+        os.replace(partial, folder)  # a rename onto an empty folder replaces it at once
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+    os.replace(folder, old / "bundle")
+    os.replace(partial, folder)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,232 @@
+"""The bug-report bundle (addon/wsencode/bundle.py): what it writes, what it redacts, how it refuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+from mitmproxy import http, io
+from mitmproxy.test import tflow
+
+from wsencode import bundle
+from wsencode.bundle import BundleError, write_bundle
+
+# Each secret is unique, so finding any of them anywhere in the bundle is a leak.
+SECRETS = {
+    "cookie": "cookie-value-c00k1e",
+    "set-cookie": "set-cookie-value-5e7",
+    "authorization": "Bearer auth-value-a07h",
+    "proxy-authorization": "Basic proxy-auth-value-9x",
+    "token": "token-value-70ken",
+    "jsessionid": "jsession-value-j5e55",
+    "userinfo": "userinfo-pw-u5er",
+    "referer": "referer-token-r3f",
+    "fragment": "fragment-value-fr4g",
+}
+OTHER_VENVS = {"12": ROOT / ".venv-mitmproxy11", "11": ROOT / ".venv-mitmproxy12"}
+
+
+def handshake_flow(path: str, h2: bool = False) -> http.HTTPFlow:
+    """A WebSocket handshake carrying every kind of secret, answered with a set-cookie."""
+    f = tflow.tflow(resp=True)
+    request = f.request
+    request.path = path
+    request.authority = f"alice:{SECRETS['userinfo']}@example.com:443" if h2 else ""
+    request.http_version = "HTTP/2.0" if h2 else "HTTP/1.1"
+    request.method = "CONNECT" if h2 else "GET"
+    request.headers.clear()
+    request.headers.update({
+        "host": f"alice:{SECRETS['userinfo']}@example.com",
+        "upgrade": "websocket", "connection": "Upgrade", "sec-websocket-version": "13",
+        "accept-encoding": "gzip, deflate, br, zstd",
+        "cookie": f"sid={SECRETS['cookie']}",
+        "authorization": SECRETS["authorization"],
+        "proxy-authorization": SECRETS["proxy-authorization"],
+        "referer": f"https://bob:{SECRETS['userinfo']}@example.com/app?next={SECRETS['referer']}",
+        "origin": "https://example.com",
+        "x-kept": "kept-value",
+    })
+    request.headers.add("cookie", f"other={SECRETS['cookie']}")
+    f.response.status_code = 200 if h2 else 101
+    f.response.headers.clear()
+    f.response.headers["set-cookie"] = f"sid={SECRETS['set-cookie']}; Secure"
+    f.response.headers["location"] = f"/next?token={SECRETS['token']}"
+    return f
+
+
+def record(f: http.HTTPFlow, event: str, **fields) -> dict:
+    base = {
+        "event": event, "ts": "2026-12-01T18:43:46.206+00:00", "flow_id": f.id, "transport": "h2",
+        "upstream_transport": "h2", "url": "https://example.com/echo/x", "policy": "observe",
+        "accept_encoding_client": "gzip, deflate, br, zstd", "accept_encoding_upstream": "gzip, deflate, br, zstd",
+        "waited_s": 5.976, "status": None, "upstream_status": None, "client_bytes_before_status": 0,
+        "stuck_in": "forwarded", "received_s": 6.015, "diagnosis": "No status: the client gave up.",
+    }
+    if event == "handshake":
+        base.update(outcome="no-status", stalled=True, content_encoding=None)
+    return {**base, **fields}
+
+
+@pytest.fixture
+def flows():
+    stalled = handshake_flow(
+        f"/echo/x;jsessionid={SECRETS['jsessionid']}?token={SECRETS['token']}#{SECRETS['fragment']}", h2=True)
+    healthy = handshake_flow(f"/echo/x?token={SECRETS['token']}")
+    healthy.metadata["ws_encode"] = {  # as the addon keeps it: the latest record, without flow_id
+        k: v for k, v in record(healthy, "handshake", policy="strip", accept_encoding_upstream=None, waited_s=0.011,
+                                received_s=0.036, status=101, upstream_status=101, stuck_in="done",
+                                outcome="upgraded", stalled=False,
+                                diagnosis="Upgraded after 0.01 s; nothing withheld the status.").items()
+        if k != "flow_id"
+    }
+    return [stalled, healthy]
+
+
+@pytest.fixture
+def records(flows):
+    stalled = flows[0]
+    return [
+        record(stalled, "stall", ts="2026-12-01T18:43:42.248+00:00", waited_s=2.018, received_s=2.057,
+               diagnosis="Stall: no status 2.0 s after a WebSocket handshake that offered accept-encoding."),
+        record(tflow.tflow(), "handshake"),  # another flow's: left out
+        record(stalled, "handshake", url=f"https://example.com/echo/x?token={SECRETS['token']}"),
+    ]
+
+
+def every_byte(folder) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())
+
+
+def test_no_secret_reaches_any_file_and_the_rest_is_kept(tmp_path, flows, records):
+    out = write_bundle(tmp_path / "b", flows, records, options={"ws_encode_policy": "observe"})
+    assert sorted(p.name for p in out.iterdir()) == sorted(bundle.FILES)
+    data = every_byte(out)
+    for what, secret in SECRETS.items():
+        assert secret.encode() not in data, what
+    assert b"kept-value" in data and b"jsessionid=REDACTED" in data and b"token=REDACTED" in data
+    # The flows were copied, not changed.
+    assert flows[0].request.headers["authorization"] == SECRETS["authorization"]
+
+    with open(out / bundle.FLOWS, "rb") as f:
+        read = list(io.FlowReader(f).stream())
+    assert [f.id for f in read] == [f.id for f in flows]
+    stalled = read[0]
+    assert stalled.request.headers.get_all("cookie") == ["REDACTED", "REDACTED"]
+    assert stalled.request.headers["authorization"] == "REDACTED"
+    assert stalled.request.authority == "example.com:443" and stalled.request.headers["host"] == "example.com"
+    assert stalled.request.path == "/echo/x;jsessionid=REDACTED?token=REDACTED#REDACTED"
+    assert stalled.request.headers["referer"] == "https://REDACTED@example.com/app?next=REDACTED"
+    assert stalled.request.headers["origin"] == "https://example.com"
+    assert stalled.response.headers["set-cookie"] == "REDACTED"
+    assert stalled.response.headers["location"] == "/next?token=REDACTED"
+
+
+def test_report_holds_the_records_of_those_flows_and_the_kept_ones(tmp_path, flows, records):
+    out = write_bundle(tmp_path / "b", flows, records)
+    written = [json.loads(line) for line in (out / bundle.REPORT).read_text().splitlines()]
+    assert [(r["flow_id"], r["event"]) for r in written] == [
+        (flows[0].id, "stall"), (flows[0].id, "handshake"), (flows[1].id, "handshake")]
+    assert written[1]["url"] == "https://example.com/echo/x?token=REDACTED"  # redacted again
+    assert written[2]["policy"] == "strip" and written[2]["ts"] == records[2]["ts"]
+
+
+def test_summary_has_a_timeline_diagnosis_policy_ab_environment_and_what_was_redacted(tmp_path, flows, records):
+    out = write_bundle(tmp_path / "b", flows, records, options={"ws_encode_stall": "2"})
+    summary = (out / bundle.SUMMARY).read_text()
+    first = summary.split("## 1. ")[1].split("## 2. ")[0]
+    assert first.startswith("h2 https://example.com/echo/x?token=REDACTED: no-status ⌛")
+    lines = [line.strip() for line in first.splitlines()]
+    timeline = [line for line in lines if line.startswith("- ") and " s  " in line]
+    assert [t.split(" s  ")[1].split(" (")[0] for t in timeline] == [
+        "received by the proxy", "forwarded upstream", "stall reported, stuck in `forwarded`",
+        "ended without a status, stuck in `forwarded`"]
+    assert "0.000 s  received by the proxy (18:43:40.191 UTC)" in first  # 18:43:46.206 - 6.015 s
+    assert "2.057 s  stall reported" in first and "(18:43:42.248 UTC)" in first
+    assert "policy `observe`" in first and "- diagnosis: No status: the client gave up." in first
+    second = summary.split("## 2. ")[1]
+    assert "upgraded" in second and "policy `strip`" in second and "status 101" in second
+
+    from mitmproxy.version import VERSION
+
+    assert f"- mitmproxy: {VERSION}" in summary and f"- Python: {sys.version.split()[0]}" in summary
+    assert "- OS: " in summary and "`ws_encode_stall` = `2`" in summary
+    redacted = summary.split("## Redacted")[1]
+    assert "`cookie` (4)" in redacted and "`authorization` (2)" in redacted and "`set-cookie` (2)" in redacted
+    assert "userinfo" in redacted and "WebSocket messages" in redacted
+
+
+def test_an_ab_result_is_derived_from_the_records_or_given(tmp_path):
+    with_offer, without = tflow.tflow(resp=True), tflow.tflow(resp=True)
+    records = [
+        record(with_offer, "handshake"),
+        record(without, "handshake", accept_encoding_upstream=None, policy="strip", outcome="upgraded",
+               stalled=False, status=200, received_s=0.012),
+    ]
+    summary = (write_bundle(tmp_path / "a", [with_offer, without], records) / bundle.SUMMARY).read_text()
+    assert ("- h2 https://example.com/echo/x: with accept-encoding upstream 0 of 1 upgraded without a stall; "
+            "without 1 of 1 upgraded without a stall (slowest status 0.012 s)") in summary
+    given = write_bundle(tmp_path / "b", [with_offer], records, ab=["the verdict, as the probe said it"])
+    assert "## A/B\n\nthe verdict, as the probe said it\n" in (given / bundle.SUMMARY).read_text()
+
+
+def test_a_non_empty_folder_is_refused_unless_forced(tmp_path, flows, records):
+    target = tmp_path / "b"
+    target.mkdir()
+    (target / "mine.txt").write_text("keep me")
+    with pytest.raises(BundleError, match="not empty"):
+        write_bundle(target, flows, records)
+    assert [p.name for p in target.iterdir()] == ["mine.txt"]
+    write_bundle(target, flows, records, force=True)
+    assert sorted(p.name for p in target.iterdir()) == sorted(bundle.FILES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # nothing left beside it
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert write_bundle(empty, flows, records) == empty
+    with pytest.raises(BundleError, match="not a folder"):
+        (tmp_path / "file").write_text("")
+        write_bundle(tmp_path / "file", flows, records, force=True)
+
+
+def test_an_interrupted_write_leaves_no_bundle_and_no_litter(tmp_path, flows, records, monkeypatch):
+    def broken(self, flow):
+        raise KeyboardInterrupt  # the user's Ctrl-C, half way through the flows
+
+    monkeypatch.setattr(io.FlowWriter, "add", broken)
+    with pytest.raises(KeyboardInterrupt):
+        write_bundle(tmp_path / "b", flows, records)
+    assert list(tmp_path.iterdir()) == []
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "summary.md").write_text("the previous bundle")
+    with pytest.raises(KeyboardInterrupt):
+        write_bundle(old, flows, records, force=True)
+    assert (old / "summary.md").read_text() == "the previous bundle"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+READ_FLOWS = "import sys; from mitmproxy import io; print(len(list(io.FlowReader(open(sys.argv[1], 'rb')).stream())))"
+
+
+def test_the_flow_file_loads_in_mitmproxy_11_and_12(tmp_path, flows, records):
+    flows.append(tflow.twebsocketflow())  # messages and a close, for the websocket part of the format
+    out = write_bundle(tmp_path / "b", flows, records)
+    pythons = [sys.executable]
+    from mitmproxy.version import VERSION
+
+    other = OTHER_VENVS[VERSION.split(".")[0]] / "bin" / "python"
+    if other.exists():
+        pythons.append(str(other))
+    elif os.environ.get("CI"):
+        pytest.fail(f"{other} is missing: the other mitmproxy line must read the file too")
+    for python in pythons:
+        done = subprocess.run([python, "-c", READ_FLOWS, str(out / bundle.FLOWS)], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0 and done.stdout.strip() == "3", (python, done.stderr)
+    if len(pythons) == 1:
+        pytest.skip(f"only this mitmproxy line read it: {other} is not set up")
