@@ -91,7 +91,9 @@ def flows_in(path: Path) -> list:
 def flow_texts(flows: Iterable) -> Iterator[tuple[str, str]]:
     """What the addon (or anyone) kept on each flow for the user: comment, mark, metadata."""
     for flow in flows:
-        yield from strings(flow.comment, f"flow {flow.id} comment")
+        # The addon adds to a comment a line at a time; its own line breaks are no leak.
+        for i, line in enumerate(flow.comment.split("\n")):
+            yield from strings(line, f"flow {flow.id} comment line {i}")
         yield from strings(flow.marked, f"flow {flow.id} mark")
         yield from strings(flow.metadata, f"flow {flow.id} metadata")
 
