@@ -12,17 +12,11 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 from conftest import Mitmdump, assert_clean_log
 from fault_server import Faults, FaultServer
-from test_browser import CHROMIUM, cert, chromium, home, stop  # noqa: F401 (fixtures)
+# The same marks (browser, timeout, skipped without Chromium) and fixtures.
+from test_browser import cert, chromium, home, pytestmark, stop  # noqa: F401
 from test_h2_proxy import DualAlpnServer
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.timeout(120),
-    pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package chromium)"),
-]
 
 COUNT = 10
 
