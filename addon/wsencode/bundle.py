@@ -288,11 +288,16 @@ def _code(value: str | None) -> str:
 # -- writing -----------------------------------------------------------------------------------
 
 
-def _check_target(folder: Path, force: bool) -> None:
+def check_folder(folder: str | os.PathLike[str], force: bool = False) -> None:
+    """Raise BundleError if a bundle may not be written to `folder` (a file,
+    or a folder that is not empty and `force` is off): callers can refuse
+    before they start the work whose bundle it would be."""
+    folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise BundleError(f"{printable(str(folder))} exists and is not a folder")
     if folder.is_dir() and any(folder.iterdir()) and not force:
-        raise BundleError(f"{printable(str(folder))} is not empty: choose another folder, or force to replace it")
+        raise BundleError(f"{printable(str(folder))} is not empty: choose another folder, or force the bundle "
+                          "to replace what is there")
 
 
 def write_bundle(
@@ -319,7 +324,7 @@ def write_bundle(
     `force` (then replaces it); raises BundleError saying why.
     """
     folder = Path(folder).expanduser().absolute()
-    _check_target(folder, force)
+    check_folder(folder, force)
     folder.parent.mkdir(parents=True, exist_ok=True)
     counts = Redactions()
     redacted = [redact_flow(f, counts) for f in flows]
@@ -347,7 +352,7 @@ def write_bundle(
 
 
 def _move_into_place(partial: Path, folder: Path, force: bool) -> None:
-    _check_target(folder, force)  # again: something may have been put there meanwhile
+    check_folder(folder, force)  # again: something may have been put there meanwhile
     if not folder.exists() or not any(folder.iterdir()):
         os.replace(partial, folder)  # a rename onto an empty folder replaces it at once
         return

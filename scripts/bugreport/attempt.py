@@ -1,0 +1,174 @@
+"""One handshake through the probe's proxy, as a browser makes it, and what the client saw.
+
+Like the lab's clients (wslab/clients.py) the client waits for the status
+before it speaks, as browsers do; unlike them it carries the user's headers,
+sub-protocols and Origin, sends the user's message, and judges nothing but
+time: a live server's replies are its own business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from dataclasses import dataclass, field
+
+import h2ws
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Message, RejectConnection, Request, TextMessage
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from wslab.clients import BROWSER_CODINGS
+
+# Set by the client itself: a user's copy would clash with it or break the upgrade.
+MECHANICS = frozenset({
+    "host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+    "sec-websocket-protocol", "accept-encoding", "content-length", "transfer-encoding", "keep-alive",
+    "proxy-connection", "te",
+})
+TRANSPORT_NAMES = {"h1": "HTTP/1.1", "h2": "HTTP/2"}
+SPEAKERS = ("client", "server")
+__all__ = ["BROWSER_CODINGS", "Handshake", "Seen", "run"]
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """What one attempt sends: its transport, encoding offer, who speaks first."""
+
+    transport: str  # h1 or h2, between the client and the proxy
+    offer: str | None  # the accept-encoding value, or None for none
+    speaker: str  # client: send `message` once the status is in; server: wait for its first message
+    path: str
+    authority: str
+    headers: tuple[tuple[str, str], ...] = ()  # the user's, without MECHANICS
+    subprotocols: tuple[str, ...] = ()
+    message: str = "hello"
+
+    @property
+    def label(self) -> str:
+        offer = "with accept-encoding" if self.offer else "no accept-encoding"
+        return f"{TRANSPORT_NAMES[self.transport]:<8} {offer:<21} {self.speaker}-first"
+
+    def fields(self) -> list[tuple[str, str]]:
+        extra = [("accept-encoding", self.offer)] if self.offer else []
+        if self.subprotocols:
+            extra.append(("sec-websocket-protocol", ", ".join(self.subprotocols)))
+        return extra + [(k, v) for k, v in self.headers if k.lower() not in MECHANICS]
+
+
+@dataclass
+class Seen:
+    """What the client saw, with times in seconds from sending the handshake."""
+
+    status: int | None = None
+    status_s: float | None = None
+    content_encoding: str | None = None
+    reply_s: float | None = None  # the first message from the server, within the attempt's timeout
+    error: str | None = None  # the connection failed (not: no status in time)
+    events: list[str] = field(default_factory=list)
+
+    @property
+    def upgraded(self) -> bool:
+        return self.status == 101 or (self.status is not None and 200 <= self.status < 300)
+
+
+def _left(sent: float, timeout: float) -> float:
+    """What is left of an attempt's `timeout` (from sending the handshake) for the first message."""
+    return max(0.05, sent + timeout - time.monotonic())
+
+
+def _no_verify(alpn: str) -> ssl.SSLContext:
+    # The proxy in front mints its own certificate; the target's was checked before.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols([alpn])
+    return context
+
+
+async def h2_handshake(port: int, shake: Handshake, timeout: float) -> Seen:
+    seen = Seen()
+    client = await h2ws.H2WebSocketClient("127.0.0.1", port, server_hostname="localhost").connect(timeout)
+    async with client:
+        headers = [(k.lower(), v) for k, v in shake.fields()]
+        ws = await client.open_websocket(shake.path, shake.authority, headers=headers)
+        sent = time.monotonic()
+        try:
+            seen.status = await ws.wait_status(timeout)
+        except asyncio.TimeoutError:
+            await ws.reset()
+            return seen
+        seen.status_s = time.monotonic() - sent
+        seen.content_encoding = dict(ws.response_headers).get("content-encoding")
+        if not seen.upgraded:
+            return seen
+        try:
+            if shake.speaker == "client":
+                await ws.send_text(shake.message, timeout)
+            await ws.receive(_left(sent, timeout))
+            seen.reply_s = time.monotonic() - sent
+            await ws.close(timeout=1)
+        except (h2ws.WebSocketClosed, asyncio.TimeoutError) as e:
+            seen.events.append(type(e).__name__)
+    return seen
+
+
+async def h1_event(ws: WSConnection, reader: asyncio.StreamReader, *kinds):
+    """The next wsproto event of one of `kinds`, reading from `reader` as needed."""
+    while True:
+        for event in ws.events():
+            if isinstance(event, kinds):
+                return event
+        data = await reader.read(65536)
+        if not data:
+            raise ConnectionError("closed by the proxy")
+        ws.receive_data(data)
+
+
+async def h1_handshake(port: int, shake: Handshake, timeout: float) -> Seen:
+    seen = Seen()
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", port, ssl=_no_verify("http/1.1"), server_hostname="localhost"), timeout)
+    ws = WSConnection(ConnectionType.CLIENT)
+
+    def next_event(*kinds):
+        return h1_event(ws, reader, *kinds)
+
+    try:
+        extra = [(k.encode(), v.encode()) for k, v in shake.fields() if k != "sec-websocket-protocol"]
+        writer.write(ws.send(Request(host=shake.authority, target=shake.path, extra_headers=extra,
+                                     subprotocols=list(shake.subprotocols))))
+        sent = time.monotonic()
+        try:
+            answer = await asyncio.wait_for(next_event(AcceptConnection, RejectConnection), timeout)
+        except asyncio.TimeoutError:
+            return seen
+        seen.status_s = time.monotonic() - sent
+        if isinstance(answer, RejectConnection):
+            seen.status = answer.status_code
+            return seen
+        seen.status = 101
+        fields = {k.decode().lower(): v.decode() for k, v in answer.extra_headers}
+        seen.content_encoding = fields.get("content-encoding")
+        if shake.speaker == "client":
+            writer.write(ws.send(TextMessage(shake.message)))
+        try:
+            await asyncio.wait_for(next_event(Message), _left(sent, timeout))
+            seen.reply_s = time.monotonic() - sent
+            writer.write(ws.send(CloseConnection(1000)))
+        except (asyncio.TimeoutError, ConnectionError) as e:
+            seen.events.append(type(e).__name__)
+        return seen
+    finally:
+        writer.close()
+
+
+CLIENTS = {"h1": h1_handshake, "h2": h2_handshake}
+
+
+async def run(port: int, shake: Handshake, timeout: float) -> Seen:
+    """One attempt; a connection that fails is in `error`, not raised."""
+    try:
+        return await CLIENTS[shake.transport](port, shake, timeout)
+    except (OSError, asyncio.TimeoutError, h2ws.WebSocketClosed, LocalProtocolError, RemoteProtocolError) as e:
+        return Seen(error=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)

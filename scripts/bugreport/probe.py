@@ -1,0 +1,163 @@
+"""Does this server withhold the WebSocket status while accept-encoding is offered?
+
+    scripts/probe wss://example.com/socket [--header 'Cookie: ...'] [--subprotocol graphql-ws]
+                  [--origin https://example.com] [--message TEXT] [--insecure] [--timeout 5] [--bundle DIR]
+
+Starts mitmdump with the ws-encode addon on 127.0.0.1 in front of the target
+and opens WebSockets through it as Chromium does, with accept-encoding offered
+(`gzip, deflate, br, zstd`) and without it, over HTTP/1.1 and, where the server
+speaks HTTP/2 with RFC 8441, over HTTP/2; each once with the client speaking
+first (it sends --message once the status is in) and once waiting for the
+server to speak. Prints each attempt as it finishes, the addon's records, and a
+verdict. Exit status: 0 no stall; 1 the offer breaks the handshake (a withheld
+status, or an encoded upgrade); 2 another failure (unreachable, refused, TLS),
+explained. Header values, query and path-parameter values and userinfo are
+never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .attempt import BROWSER_CODINGS, SPEAKERS, Handshake
+from .proxy import Attempt, ProbeProxy, Runner
+from .target import Target, parse_or_say, reach_and_say
+from .verdict import OTHER, Verdict, judge, status_line
+
+LOOPBACK_ENV = "WSENCODE_LOOPBACK_ONLY"  # "1": the probe's proxy reaches loopback only (tests, the lab)
+
+
+def stall_threshold(timeout: float) -> float:
+    """ws_encode_stall for a run: the addon's default, or half the client's patience if that is shorter."""
+    return min(2.0, timeout / 2)
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    name, colon, value = text.partition(":")
+    if not colon or not name.strip() or name != name.strip() or " " in name:
+        raise argparse.ArgumentTypeError("a header is 'Name: value'")
+    return name, value.strip()
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    """Options probe and replay share."""
+    parser.add_argument("--insecure", action="store_true",
+                        help="do not check the target's TLS certificate (a self-signed test server)")
+    parser.add_argument("--timeout", type=float, default=5.0,
+                        help="seconds each attempt waits for its status, then for a message (default 5)")
+    parser.add_argument("--loopback-only", action="store_true", default=os.environ.get(LOOPBACK_ENV) == "1",
+                        help=f"the proxy connects to loopback addresses only (tests and the lab; also {LOOPBACK_ENV}=1)")
+
+
+def handshakes(target: Target, transports: list[str], args: argparse.Namespace) -> list[Handshake]:
+    headers = list(args.header)
+    if args.origin:
+        headers.append(("origin", args.origin))
+    if target.authorization and not any(k.lower() == "authorization" for k, _ in headers):
+        headers.append(("authorization", target.authorization))
+    return [Handshake(t, offer, speaker, target.path, target.authority, tuple(headers), tuple(args.subprotocol),
+                      args.message)
+            for t in transports for offer in (BROWSER_CODINGS, None) for speaker in SPEAKERS]
+
+
+def attempt_line(a: Attempt, timeout: float) -> str:
+    record = a.record
+    outcome = (record["outcome"] + (" ⌛" if a.stalled else "")) if record else "(no record)"
+    reply = ""
+    if a.seen.upgraded:
+        reply = f", {'reply' if a.shake.speaker == 'client' else 'greeting'} " + (
+            f"after {a.seen.reply_s:.2f} s" if a.seen.reply_s is not None else "none")
+    head = f"  {a.shake.label:<45}{status_line(a, timeout) + reply:<40}{outcome:<14}"
+    return head + (record["diagnosis"] if record else "")
+
+
+async def probe(target: Target, args: argparse.Namespace, out=sys.stdout) -> int:
+    def say(line: str = "") -> None:
+        print(line, file=out, flush=True)
+
+    stall_after = stall_threshold(args.timeout)
+    say(f"ws-encode probe of {target.url} (ws_encode_stall={stall_after:g} s; attempts give up after "
+        f"{args.timeout:g} s)")
+    if args.header or target.authorization:
+        names = sorted({k.lower() for k, _ in args.header} | ({"authorization"} if target.authorization else set()))
+        say(f"  sending headers {', '.join(names)} (values not shown)")
+    found = await reach_and_say(target, args.insecure, args.timeout, say, f"verdict: cannot probe {target.url}")
+    if found is None:
+        return OTHER
+    transports = ["h2", "h1"] if found.rfc8441 else ["h1"]
+    skipped = "" if found.rfc8441 else "HTTP/2 not tried: " + (
+        "ws:// has no HTTP/2" if not target.tls else "the server does not offer RFC 8441 WebSockets")
+    say()
+    with tempfile.TemporaryDirectory(prefix="wsencode-probe-") as tmp:
+        work = Path(tmp)
+        proxy = ProbeProxy(target.upstream, work / "report.jsonl", "--set", f"ws_encode_stall={stall_after}",
+                           flows=work / "flows.mitm" if args.bundle else None,
+                           loopback_only=args.loopback_only, insecure=args.insecure)
+        attempts: list[Attempt] = []
+        async with proxy:
+            runner = Runner(proxy, args.timeout)
+            # Started in order, so that attempts taking turns go client-first, then server-first.
+            tasks = [asyncio.create_task(runner.run(s)) for s in handshakes(target, transports, args)]
+            for next_done in asyncio.as_completed(tasks):
+                attempts.append(await next_done)
+                say(attempt_line(attempts[-1], args.timeout))
+        verdict = judge(attempts, args.timeout, stall_after, skipped)
+        records = proxy.records()
+        say()
+        say("records (the addon's own, as in its report):")
+        for r in records:
+            say("  " + json.dumps(r, ensure_ascii=False))
+        say()
+        if args.bundle:
+            from wsencode.bundle import BundleError
+
+            from . import reporting  # mitmproxy's flow files: only for a bundle
+
+            try:
+                where = reporting.probe_bundle(args.bundle, work / "flows.mitm", records, attempts, target, verdict,
+                                               args, stall_after)
+            except BundleError as e:
+                say(f"bundle not written: {e}")
+                verdict = Verdict(verdict.code or OTHER, verdict.text)
+            else:
+                say(f"bundle written to {where}")
+    say(f"verdict: {verdict.text}")
+    return verdict.code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/probe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("url", help="the WebSocket URL: ws://host[:port]/path or wss://...")
+    parser.add_argument("--header", action="append", type=parse_header, default=[], metavar="'NAME: VALUE'",
+                        help="a header to send on every handshake (repeat for more), e.g. a cookie")
+    parser.add_argument("--subprotocol", action="append", default=[], help="a WebSocket sub-protocol to offer")
+    parser.add_argument("--origin", help="the Origin header, as a browser sends it")
+    parser.add_argument("--message", default="hello", help="what the client sends first (default: hello)")
+    parser.add_argument("--bundle", type=Path, metavar="DIR",
+                        help="write report.jsonl, flows.mitm and summary.md there, redacted")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --bundle folder")
+    add_common(parser)
+    args = parser.parse_args(argv)
+    target = parse_or_say(args.url, "probe")
+    if target is None:
+        return OTHER
+    if args.bundle:
+        from wsencode.bundle import BundleError, check_folder
+
+        try:
+            check_folder(args.bundle, args.force)
+        except BundleError as e:
+            print(f"probe: --bundle: {e} (--force)", file=sys.stderr)
+            return OTHER
+    return asyncio.run(probe(target, args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

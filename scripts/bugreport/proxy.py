@@ -1,0 +1,100 @@
+"""The probe's mitmdump with the addon in front of the target, and attempts run through it.
+
+The lab's `Proxy` (wslab/proxy.py) does the work: the process, its log line by
+line, the report's records. This one differs in what it may reach: a user's
+live server is not on loopback and its certificate is checked, so the
+loopback guard and `--ssl-insecure` are each a choice (on in tests and lab
+runs, off for real users).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from mitmdump_proc import ADDON, LOOPBACK_ONLY, MITMDUMP
+from wslab.proxy import Proxy, free_ports
+
+from . import attempt
+from .attempt import Handshake, Seen
+
+RECORD_WAIT = 10  # seconds the addon has to write a handshake's record once the client is done
+
+
+class ProbeProxy(Proxy):
+    """mitmdump in reverse mode in front of `upstream`, on a free port of 127.0.0.1."""
+
+    def __init__(self, upstream: str, report: Path, *options: str, flows: Path | None = None,
+                 loopback_only: bool = False, insecure: bool = False) -> None:
+        super().__init__({"target": upstream}, report, *options, flows=flows)
+        self.guards = ["-s", str(LOOPBACK_ONLY)] if loopback_only else []
+        self.guards += ["--ssl-insecure"] if insecure else []
+
+    @property
+    def port(self) -> int:
+        return self.ports["target"]
+
+    async def start(self, attempts: int = 3) -> ProbeProxy:
+        for _ in range(attempts):
+            (port,) = free_ports(1)
+            self.ports = {"target": port}
+            self.lines = []
+            self._proc = await asyncio.create_subprocess_exec(
+                str(MITMDUMP), "--listen-host", "127.0.0.1", "--mode", f"reverse:{self.upstreams['target']}",
+                "-p", str(port), "--set", "flow_detail=0", *self.guards, "-s", str(ADDON),
+                "--set", f"ws_encode_report={self.report}", *self.options,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )
+            self._reader = asyncio.create_task(self._read())
+            if await self._until(lambda: any("listening at" in line for line in self.lines), 30):
+                return self
+            await self.stop()  # most likely the port was taken meanwhile: try another
+        raise RuntimeError("mitmdump did not start:\n" + "\n".join(self.lines))
+
+
+@dataclass
+class Attempt:
+    shake: Handshake
+    seen: Seen
+    record: dict | None  # the addon's handshake record
+    stall: dict | None  # its stall record, if one was written
+
+    @property
+    def stalled(self) -> bool:
+        return self.stall is not None or bool(self.record and self.record["stalled"])
+
+    @property
+    def content_encoding(self) -> str | None:
+        return (self.record or {}).get("content_encoding") or self.seen.content_encoding
+
+
+class Runner:
+    """Runs attempts through one proxy, each matched to the addon's records.
+
+    A record names no header, so attempts that the records cannot tell apart
+    (same transport, same accept-encoding from the client) take turns; the
+    others run at once."""
+
+    def __init__(self, proxy: ProbeProxy, timeout: float) -> None:
+        self.proxy = proxy
+        self.timeout = timeout
+        self._turns: defaultdict[tuple[str, str | None], asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def _records(self, shake: Handshake, event: str) -> list[dict]:
+        return [r for r in self.proxy.records() if r["event"] == event and r["transport"] == shake.transport
+                and r["accept_encoding_client"] == shake.offer]
+
+    async def run(self, shake: Handshake) -> Attempt:
+        async with self._turns[shake.transport, shake.offer]:
+            before = len(self._records(shake, "handshake"))
+            seen = await attempt.run(self.proxy.port, shake, self.timeout)
+            await self.proxy._until(lambda: len(self._records(shake, "handshake")) > before, RECORD_WAIT)
+            ends = self._records(shake, "handshake")
+            record = ends[before] if len(ends) > before else None
+        stall = None
+        if record is not None:
+            stall = next((r for r in self.proxy.records() if r["event"] == "stall"
+                          and r["flow_id"] == record["flow_id"]), None)
+        return Attempt(shake, seen, record, stall)

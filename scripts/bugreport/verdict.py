@@ -1,0 +1,122 @@
+"""What the probe's attempts say about the server, in one sentence and an exit code.
+
+0: no stall; 1: the accept-encoding offer breaks the handshake (the status is
+withheld, or the upgrade itself is encoded); 2: another failure, which the
+offer does not explain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .attempt import TRANSPORT_NAMES
+from .proxy import Attempt
+
+NO_STALL, ENCODING, OTHER = 0, 1, 2
+
+
+def seconds(value: float) -> str:
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
+
+
+def status_line(a: Attempt, timeout: float) -> str:
+    """What the client got, for the attempt's printed line."""
+    seen = a.seen
+    if seen.error:
+        return f"failed: {seen.error}"
+    if seen.status is None:
+        return f"no status in {seconds(timeout)}"
+    text = f"{seen.status} in {seconds(seen.status_s)}"
+    if seen.content_encoding:
+        text += f", content-encoding: {seen.content_encoding}"
+    return text
+
+
+def healthy(a: Attempt, stall_after: float) -> bool:
+    """Upgraded without a stall and without an encoded response. The addon's
+    record says whether it stalled (its clock runs from receipt); the
+    client's clock, which a busy machine slows, only where there is none."""
+    if not a.seen.upgraded or a.content_encoding:
+        return False
+    if a.record is not None:
+        return not a.stalled
+    return a.seen.status_s is not None and a.seen.status_s < stall_after
+
+
+@dataclass
+class Verdict:
+    code: int
+    text: str
+
+
+def _count(n: int, total: int) -> str:
+    return ("both" if total == 2 else f"all {total}") if n == total and total > 1 else f"{n} of {total}"
+
+
+def _fast(attempts: Sequence[Attempt]) -> str:
+    """How the healthy side went: 'both got 200 in 12 ms'."""
+    statuses = sorted({a.seen.status for a in attempts})
+    slowest = max(a.seen.status_s for a in attempts)
+    return f"{_count(len(attempts), len(attempts))} got {'/'.join(map(str, statuses))} in {seconds(slowest)}"
+
+
+def _withheld(attempts: Sequence[Attempt], timeout: float) -> str:
+    got = [a for a in attempts if a.seen.status is not None]
+    text = f"{len(got)} of {len(attempts)} attempts got a status in {seconds(timeout)}"
+    if got:
+        text += f" (the slowest after {seconds(max(a.seen.status_s for a in got))})"
+    return text
+
+
+def _failure(attempts: Sequence[Attempt], timeout: float) -> str:
+    """Why attempts without the offer failed too."""
+    reasons = sorted({status_line(a, timeout) if not a.seen.upgraded or a.seen.error
+                      else f"{a.seen.status}, but stalled" for a in attempts})
+    return "; ".join(reasons)
+
+
+def judge(attempts: Sequence[Attempt], timeout: float, stall_after: float, skipped: str = "") -> Verdict:
+    """The verdict over all attempts, by transport: the offer's side against the other."""
+    stalls, encoded, other, fine = [], [], [], []
+    for transport in ("h2", "h1"):  # HTTP/2 first: where the encoder's hold turns into a deadlock
+        mine = [a for a in attempts if a.shake.transport == transport]
+        if not mine:
+            continue
+        name = TRANSPORT_NAMES[transport]
+        offered = [a for a in mine if a.shake.offer]
+        plain = [a for a in mine if not a.shake.offer]
+        if not all(healthy(a, stall_after) for a in plain):
+            bad = [a for a in plain if not healthy(a, stall_after)]
+            other.append(f"over {name}, {_count(len(bad), len(plain))} attempts without accept-encoding failed "
+                         f"too ({_failure(bad, timeout)}): not an encoding problem")
+        elif any(not a.seen.upgraded or a.stalled for a in offered):
+            stalls.append((name, f"{_withheld(offered, timeout)} with the offer, {_fast(plain)} without"))
+        elif any(a.content_encoding for a in offered):
+            codings = sorted({a.content_encoding for a in offered if a.content_encoding})
+            n = sum(bool(a.content_encoding) for a in offered)
+            encoded.append((name, f"{n} of {len(offered)} successful responses carried content-encoding: "
+                                  f"{', '.join(codings)} with the offer, none without"))
+        else:
+            fine.append((name, mine))
+    parts = []
+    if stalls:
+        names = " and ".join(n for n, _ in stalls)
+        parts.append(f"this server withholds the {names} WebSocket status while accept-encoding is offered: "
+                     + "; ".join(f"{n}: {t}" if len(stalls) > 1 else t for n, t in stalls))
+    if encoded:
+        names = " and ".join(n for n, _ in encoded)
+        parts.append(f"this server encodes the {names} WebSocket handshake response while accept-encoding is "
+                     "offered, so its messages arrive compressed: " + "; ".join(t for _, t in encoded))
+    if parts:
+        parts += [f"over {n} the status came in {seconds(max(a.seen.status_s for a in m))} either way"
+                  for n, m in fine]
+        return Verdict(ENCODING, "; ".join(parts + other) + _also(skipped))
+    if other:
+        return Verdict(OTHER, "no stall attributable to encoding, but " + "; ".join(other) + _also(skipped))
+    slowest = max(a.seen.status_s for a in attempts)
+    return Verdict(NO_STALL, f"no stall: status in {seconds(slowest)} on every attempt" + _also(skipped))
+
+
+def _also(skipped: str) -> str:
+    return f" ({skipped})" if skipped else ""

@@ -1,0 +1,212 @@
+"""`scripts/probe` from the outside: the lab in every encoder behaviour is the server under study,
+over HTTP/1.1 and HTTP/2; an unreachable port and TLS failures; a bundle that keeps no secret."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import ROOT
+from test_bundle import OTHER_VENVS, READ_FLOWS
+
+from wslab.encoders import Behaviour
+
+TIMEOUT = 1.5  # the probe's --timeout: its proxy reports a stall after 0.75 s
+ENV = dict(os.environ, PYTHONPATH=str(ROOT / "scripts"), COLUMNS="200")
+SPEC_FIELDS = {"event", "ts", "flow_id", "transport", "upstream_transport", "url", "policy",
+               "accept_encoding_client", "accept_encoding_upstream", "waited_s", "status", "upstream_status",
+               "client_bytes_before_status", "stuck_in", "received_s", "diagnosis"}
+
+# behaviour -> (exit status, what the verdict must say)
+VERDICTS = {
+    Behaviour.HOLD_UNTIL_BODY: (1, r"^verdict: this server withholds the HTTP/2 WebSocket status while "
+                                   r"accept-encoding is offered: 0 of 2 attempts got a status in 1\.5 s with the "
+                                   r"offer, both got 200 in \d+ ms without; over HTTP/1\.1 the status came in "
+                                   r"\d+ ms either way$"),
+    Behaviour.HOLD_UNTIL_MIN_SIZE: (1, r"^verdict: this server withholds the HTTP/2 WebSocket status while "
+                                       r"accept-encoding is offered: 0 of 2 attempts"),
+    Behaviour.HOLD_1XX: (1, r"^verdict: this server withholds the HTTP/2 and HTTP/1\.1 WebSocket status while "
+                            r"accept-encoding is offered: HTTP/2: 0 of 2 attempts got a status in 1\.5 s with the "
+                            r"offer, both got 200 in \d+ ms without; HTTP/1\.1: 0 of 2 attempts .* both got 101"),
+    Behaviour.ENCODE_UPGRADE: (1, r"^verdict: this server encodes the HTTP/2 and HTTP/1\.1 WebSocket handshake "
+                                  r"response while accept-encoding is offered, so its messages arrive compressed: "
+                                  r"2 of 2 successful responses carried content-encoding: zstd"),
+    Behaviour.FIXED: (0, r"^verdict: no stall: status in \d+ ms on every attempt$"),
+}
+
+
+def probe(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bugreport.probe", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def lab_probe(url: str, *args: str) -> subprocess.CompletedProcess:
+    return probe(url, "--insecure", "--loopback-only", "--timeout", str(TIMEOUT), *args)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    """The lab in a process of its own, every behaviour on its own port: {behaviour: port}."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wslab.lab", "--quiet", "--port", "0",
+         *(a for b in Behaviour for a in ("--behaviour", b.value))],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=ENV)
+    ports, seen = {}, []
+    for line in proc.stdout:
+        seen.append(line)
+        if m := re.match(r"lab: (\S+) listening on https://127\.0\.0\.1:(\d+)", line):
+            ports[m.group(1)] = int(m.group(2))
+        if line.startswith("lab: ready"):
+            break
+    else:
+        raise RuntimeError("the lab did not start:\n" + "".join(seen))
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep its pipe drained
+    yield ports
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+SECRETS = ("cookie-probe-c00k1e", "auth-probe-a07h", "token-probe-70ken", "jsession-probe-j5e55", "pw-probe-u5er")
+BASIC = base64.b64encode(f"alice:{SECRETS[4]}".encode()).decode()  # the userinfo, as the header carries it
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return tmp_path_factory.mktemp("probe") / "bundle"
+
+
+@pytest.fixture(scope="module")
+def verdicts(lab, bundle):
+    """One probe per behaviour, three at a time: {behaviour: CompletedProcess}. The one against
+    hold-until-body carries every kind of secret and writes a bundle."""
+    cookie, auth, token, jsession, password = SECRETS
+    secret_run = (f"wss://alice:{password}@127.0.0.1:{lab[Behaviour.HOLD_UNTIL_BODY.value]}/echo/probe"
+                  f";jsessionid={jsession}?token={token}",
+                  "--header", f"Cookie: sid={cookie}", "--header", f"Authorization: Bearer {auth}",
+                  "--bundle", str(bundle))
+    with ThreadPoolExecutor(3) as pool:
+        runs = {b: pool.submit(lab_probe, *(secret_run if b == Behaviour.HOLD_UNTIL_BODY
+                                             else (f"wss://127.0.0.1:{lab[b.value]}/echo",)))
+                for b in VERDICTS}
+        return {b: run.result() for b, run in runs.items()}
+
+
+def attempt_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if re.match(r"  HTTP/(2|1\.1) ", line)]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("behaviour", list(VERDICTS), ids=[b.value for b in VERDICTS])
+def test_each_encoder_behaviour_gets_its_verdict_and_exit_status(verdicts, behaviour):
+    done = verdicts[behaviour]
+    out = done.stdout + done.stderr
+    code, verdict = VERDICTS[behaviour]
+    assert done.returncode == code, out
+    assert re.search(verdict, done.stdout.splitlines()[-1]), out
+    assert "HTTP/2 with RFC 8441 WebSockets" in done.stdout
+    # Every attempt printed: both transports, with and without the offer, each speaker.
+    lines = attempt_lines(done.stdout)
+    assert len(lines) == 8, out
+    for transport in ("HTTP/2  ", "HTTP/1.1"):
+        for offer in ("with accept-encoding", "no accept-encoding"):
+            for speaker in ("client-first", "server-first"):
+                assert sum(transport in line and offer in line and speaker in line for line in lines) == 1, out
+    # The records printed are the addon's: every field of the report, one handshake record per attempt.
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("  {")]
+    assert all(SPEC_FIELDS <= set(r) for r in records), records
+    ends = [r for r in records if r["event"] == "handshake"]
+    assert sorted(r["transport"] for r in ends) == ["h1"] * 4 + ["h2"] * 4
+    stalled = [r for r in ends if r["stalled"]]
+    if code == 0 or behaviour == Behaviour.ENCODE_UPGRADE:
+        assert not stalled and all(r["outcome"] == "upgraded" for r in ends), out
+    else:
+        assert stalled and all(r["accept_encoding_client"] for r in stalled), out
+        assert all("stall" in r["diagnosis"].lower() for r in stalled)
+        assert any(r["event"] == "stall" for r in records)
+        held = [line for line in lines if "with accept-encoding" in line and "HTTP/2" in line]
+        assert all("no status in 1.5 s" in line for line in held), out
+
+
+def test_an_unreachable_port_is_another_failure_and_says_so(unused_port):
+    done = probe(f"wss://127.0.0.1:{unused_port}/echo", "--timeout", "1")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1] == (
+        f"verdict: cannot probe wss://127.0.0.1:{unused_port}/echo: connection refused by "
+        f"127.0.0.1:{unused_port}: nothing listens there")
+
+
+def test_an_untrusted_certificate_is_a_tls_failure_that_names_insecure(lab):
+    port = lab[Behaviour.FIXED.value]
+    done = probe(f"wss://127.0.0.1:{port}/echo", "--timeout", "2")
+    assert done.returncode == 2, done.stdout + done.stderr
+    last = done.stdout.splitlines()[-1]
+    assert last.startswith(f"verdict: cannot probe wss://127.0.0.1:{port}/echo: TLS failed: the certificate")
+    assert "not trusted" in last and "add --insecure" in last
+
+
+def test_a_port_that_does_not_speak_tls_is_a_tls_failure():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def answer_plain_http():
+            while True:  # the probe connects twice: TCP alone, then TLS
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return  # the test is over
+                with conn:
+                    conn.recv(4096)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+
+        threading.Thread(target=answer_plain_http, daemon=True).start()
+        port = server.getsockname()[1]
+        done = probe(f"wss://127.0.0.1:{port}/", "--timeout", "2")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"TLS failed with 127.0.0.1:{port}" in done.stdout and "is it a TLS port?" in done.stdout
+
+
+def test_a_bundle_keeps_no_secret_and_its_flows_load_in_both_lines(verdicts, bundle):
+    done = verdicts[Behaviour.HOLD_UNTIL_BODY]
+    out = done.stdout + done.stderr
+    assert f"bundle written to {bundle}" in done.stdout, out
+    assert sorted(p.name for p in bundle.parent.iterdir()) == ["bundle"]  # nothing half-written beside it
+    files = sorted(bundle.iterdir())
+    assert [p.name for p in files] == ["flows.mitm", "report.jsonl", "summary.md"]
+    for secret in (*SECRETS, BASIC):
+        assert secret not in out, secret
+        for f in files:
+            assert secret.encode() not in f.read_bytes(), (secret, f.name)
+    summary = (bundle / "summary.md").read_text()
+    assert "`authorization` (8), `cookie` (8)" in summary and "userinfo went as an `authorization: Basic`" in summary
+    assert summary.count("/echo/probe;jsessionid=REDACTED?token=REDACTED") >= 8
+    assert "verdict: this server withholds the HTTP/2 WebSocket status" in summary
+    records = [json.loads(line) for line in (bundle / "report.jsonl").read_text().splitlines()]
+    assert len([r for r in records if r["event"] == "handshake"]) == 8
+
+    from mitmproxy.version import VERSION
+
+    pythons = [sys.executable]
+    other = OTHER_VENVS[VERSION.split(".")[0]] / "bin" / "python"
+    if other.exists():
+        pythons.append(str(other))
+    for python in pythons:
+        read = subprocess.run([python, "-c", READ_FLOWS, str(bundle / "flows.mitm")], capture_output=True,
+                              text=True, timeout=60)
+        assert read.returncode == 0 and read.stdout.strip() == "8", (python, read.stderr)
+
+
+def test_a_bundle_folder_that_is_not_empty_is_refused_before_anything_runs(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    done = probe("wss://127.0.0.1:9/echo", "--bundle", str(tmp_path))
+    assert done.returncode == 2 and "is not empty" in done.stderr and "--force" in done.stderr
+    assert done.stdout == "" and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
