@@ -340,6 +340,9 @@ class _ServerConnection(_H2Endpoint):
             # h2 would otherwise announce ENABLE_CONNECT_PROTOCOL=0 explicitly;
             # leaving it out looks like a server that has never heard of RFC 8441.
             del self.conn.local_settings[h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL]
+        if self._server.max_concurrent_streams is not None:
+            self.conn.local_settings.max_concurrent_streams = self._server.max_concurrent_streams
+            self.conn.local_settings.acknowledge()  # in force now, so the first SETTINGS says it
         self.conn.initiate_connection()
         self._flush()
         await self._run()
@@ -527,6 +530,7 @@ class H2WebSocketServer:
         reset_code: int = ErrorCodes.CANCEL,
         status: int = 200,
         response_headers: Optional[Headers] = None,
+        max_concurrent_streams: Optional[int] = None,
     ) -> None:
         self.certfile = certfile
         self.keyfile = keyfile
@@ -536,6 +540,7 @@ class H2WebSocketServer:
         self.reset_code = reset_code  # e.g. HTTP_1_1_REQUIRED, to send a client elsewhere
         self.status = status
         self.response_headers: Headers = [(n.lower(), v) for n, v in (response_headers or [])]
+        self.max_concurrent_streams = max_concurrent_streams  # None: h2's default (100)
         self.requests: list[dict] = []
         # HTTP/2 protocol violations by clients; each one ended its connection.
         self.protocol_errors: list[h2.exceptions.ProtocolError] = []

@@ -6,9 +6,13 @@ import asyncio
 import logging
 import os
 
+import json
+import re
+
+import h2.errors
 import pytest
 import ws_encode
-from conftest import ADDON, Mitmdump, assert_clean_log
+from conftest import ADDON, ROOT, Mitmdump, assert_clean_log
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http2
 from mitmproxy.test import taddons
@@ -102,4 +106,90 @@ def test_reloading_the_script_keeps_http2_websockets_working(tmp_path):
 
     before, after, md = asyncio.run(scenario())
     assert (before, after) == ("before", "after")
+    assert_clean_log(md)
+
+
+COMMAND_ANSWERS = ROOT / "tests" / "command_answers.py"
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory):
+    return h2ws.make_self_signed_cert(tmp_path_factory.mktemp("cert"))
+
+
+async def waiting(client: h2ws.H2WebSocketClient) -> dict[str, str]:
+    """wsencode.waiting's answer, one text per waiting handshake by its path
+    (an entry is a line and the indented lines under it)."""
+    status, body = await client.get("/__wsencode__/wsencode.waiting", "localhost")
+    assert status == 200
+    entries: list[str] = []
+    for line in json.loads(body):
+        if line[:1].isspace() and entries:
+            entries[-1] += " " + line.strip()
+        else:
+            entries.append(line)
+    return {path: entry for entry in entries for path in ("/first", "/second") if f"{path} " in entry or entry.endswith(path)}
+
+
+def test_a_handshake_behind_max_concurrent_streams_is_queued_not_forwarded(cert):
+    """The upstream takes one stream at a time and holds the first
+    WebSocket's status: the second waits inside the proxy, and says so."""
+
+    async def scenario():
+        upstream = h2ws.H2WebSocketServer(*cert, withhold_status_when_encoding=True, max_concurrent_streams=1)
+        async with upstream:
+            async with Mitmdump(
+                "--mode", f"reverse:https://127.0.0.1:{upstream.port}", "--ssl-insecure", "-s", str(COMMAND_ANSWERS)
+            ) as md:
+                client = h2ws.H2WebSocketClient("127.0.0.1", md.port, server_hostname="localhost")
+                await client.connect()
+                first = await client.open_websocket("/first", "localhost", headers=[("accept-encoding", "gzip")])
+                second = await client.open_websocket("/second", "localhost")
+                # Each answer is a round trip through the proxy, after the
+                # handshakes the client sent before it.
+
+                async def both_seen() -> dict[str, str]:
+                    entries = await waiting(client)
+                    while len(entries) < 2 or "not forwarded" in entries["/first"]:
+                        entries = await waiting(client)
+                    return entries
+
+                entries = await asyncio.wait_for(both_seen(), 10)
+                await first.reset()
+                status = await second.wait_status(5)
+                after = await waiting(client)
+                await client.close()
+        return entries, status, after, md
+
+    entries, status, after, md = asyncio.run(scenario())
+    assert re.search(r"\bforwarded\b", entries["/first"]) and "queued" not in entries["/first"]
+    assert re.search(r"\bqueued\b", entries["/second"]) and "not forwarded" in entries["/second"]
+    assert status == 200 and after == {}
+    assert_clean_log(md)
+
+
+def test_a_stream_the_proxy_resets_itself_is_not_blamed_on_the_upstream(cert, tmp_path):
+    """More than MAX_EARLY_BYTES before the status (one message that never
+    ends, so none of it can go upstream): the bridge resets the stream."""
+    report = tmp_path / "report.jsonl"
+
+    async def scenario():
+        async with h2ws.H2WebSocketServer(*cert, withhold_status_when_encoding=True) as upstream:
+            async with Mitmdump("--mode", f"reverse:https://127.0.0.1:{upstream.port}", "--ssl-insecure", report=report) as md:
+                client = h2ws.H2WebSocketClient("127.0.0.1", md.port, server_hostname="localhost")
+                await client.connect()
+                ws = await client.open_websocket("/big", "localhost", headers=[("accept-encoding", "gzip")])
+                ws._send_now(ws._frames.send_data(bytes(h2bridge.MAX_EARLY_BYTES + 1), fin=False))
+                client._pump()
+                client._flush()
+                ended = await ws.wait_ended(10)
+                record = await md.wait_for_record(event="handshake")
+                await client.close()
+        return ended, record, md
+
+    ended, record, md = asyncio.run(scenario())
+    assert ended == f"reset:{int(h2.errors.ErrorCodes.PROTOCOL_ERROR)}"
+    assert record["outcome"] == "no-status"
+    assert "proxy itself reset the stream" in record["diagnosis"] and "before the status" in record["diagnosis"]
+    assert "upstream" not in record["diagnosis"]
     assert_clean_log(md)
