@@ -102,8 +102,8 @@ CHOICES = 48  # bytes of choices per case
 
 
 class Choices:
-    def __init__(self, data: bytes) -> None:
-        self.data, self.i = data, 0
+    def __init__(self, data: bytes, nasty: list[bytes]) -> None:
+        self.data, self.i, self.nasty = data, 0, nasty
         # A quarter of the cases keep to bytes every reader accepts, so that
         # many get through to the upstream and open a WebSocket.
         self.tame = self.chance(4)
@@ -127,19 +127,20 @@ class Choices:
         return self.byte() % (most + 1)
 
 
-# Bytes that break nothing structural in a URL or a header list, only readers.
+# Bytes that break nothing structural in a URL or a header list, only readers
+# (HTTP/2 also gets line feeds; in HTTP/1.1 they would end the header line).
 NASTY = [b"", b"\x00", b"\r", b"\x01", b"\x1b[2J", b"\x7f", b"\xc2\x85", b"\xc3\xa9", b"\xff", b"\xfe\xc3",
          b"\t", b" ", b'"', b"'", b"\\", b"%00", b"%0a", b"\xe2\x80\xa8", b"a", b"token", b"websocket", b"Upgrade",
          b"gzip", b"13", b"\x0b\x0c", b"\x1f"]
 
 
-TAME = [b"", b"a", b"token", b"websocket", b"Upgrade", b"gzip", b"13", b"%00", b"\xc3\xa9", b"'", b'"']
+TAME = [b"", b"a", b"token", b"websocket", b"Upgrade", b"gzip", b"13", b"%00", b"\xc3\xa9", b"'", b'"', b"\xff"]
 
 
 def nasty(c: Choices) -> bytes:
     if c.chance(2):
         return b""
-    pool = TAME if c.tame else NASTY
+    pool = TAME if c.tame else c.nasty
     return b"".join(c.pick(pool) for _ in range(1 + c.count(1)))
 
 
@@ -188,7 +189,7 @@ def target(c: Choices, n: int) -> bytes:
 
 def h2_block(data: bytes, n: int) -> tuple[list[tuple[bytes, bytes]], bool]:
     """An extended CONNECT, more or less, as (headers, end_stream)."""
-    c = Choices(data)
+    c = Choices(data, NASTY + [b"\n", b"\r\n"])
     pseudo = [
         (b":method", c.usual([b"CONNECT"] * 6 + [b"GET", b"connect", b"POST", b"", b"CONNECT\x00"])),
         (b":protocol", c.usual([b"websocket"] * 12 + TOKEN_LISTS)),
@@ -450,6 +451,8 @@ def cert(tmp_path_factory):
 
 
 @pytest.mark.xfail(strict=True, raises=KnownDefect, reason=f"{SURROGATES}; on mitmproxy 12 also {LOG_LEAK}")
+# (tame cases carry a byte that is not UTF-8 in the path often enough that
+# the surrogate defect shows on both lines)
 def test_fuzz_h2_header_blocks_through_the_rfc8441_bridge(cert, report, tmp_path):
     flows_file = tmp_path / "flows.mitm"
     fuzz(H2Session(cert, report, flows_file), H2_BATCHES, H2_BATCH, "h2", flows_file)
@@ -463,7 +466,7 @@ KEYS = [b"dGhlIHNhbXBsZSBub25jZQ==", b"dGhlIHNhbXBsZSBub25jZQ==, dGhlIHNhbXBsZSB
 
 def h1_request(data: bytes, n: int) -> bytes:
     """Raw bytes of a handshake request, more or less."""
-    c = Choices(data)
+    c = Choices(data, NASTY)
     first = c.pick(METHODS_H1) + b" " + target(c, n) + b" " + c.pick([b"HTTP/1.1"] * 12 + [b"HTTP/1.0", b"HTTP/2.0",
                                                                                            b"HTTP/1.1x", b"http/1.1"])
     headers = [(b"Accept-Encoding", b"x-case-%d" % n)]
