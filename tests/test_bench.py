@@ -33,7 +33,9 @@ def quick_run(tmp_path_factory):
         [str(ROOT / "scripts" / "bench"), line, "--quick", "--json", str(out)],
         capture_output=True, text=True, timeout=240, cwd=ROOT,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
+    # (the progress lines left out of the message: what went wrong is below them)
+    errors = "\n".join(line for line in done.stderr.splitlines() if not line.startswith("["))
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{errors[-4000:]}"
     return json.loads(out.read_text()), done.stdout, done.stderr
 
 

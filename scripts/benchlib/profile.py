@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from benchlib.__main__ import (
-    h1_echoes, h1_requests, h1_ws_echo, h2_echoes, h2_handshakes, h2_requests, settle,
+    FULL, Progress, h1_echoes, h1_requests, h1_ws_echo, h2_echoes, h2_handshakes, h2_requests, hold, settle,
 )
 from benchlib.procs import Mitmdump, Upstreams, die_with_parent
 from mitmdump_proc import ADDON
@@ -133,7 +133,19 @@ LOADS = {
     "h1-echoes": lambda m: h1_echoes(m.ports["h1"], 1000, False),
     "h1-tls-echoes": lambda m: h1_echoes(m.ports["h1_tls"], 1000, True),
     "h1-tls-handshakes": lambda m: h1_ws_echo(m.ports["h1_tls"], 200, 8, tls=True, echo=False),
+    # goal 4: FULL.held handshakes held by a stalling upstream, opened over FULL.ramp_s
+    "h1-hold": lambda m: held(m, "h1"),
+    "h2-hold": lambda m: held(m, "h2"),
 }
+
+
+def held(m: Mitmdump, transport: str):
+    async def run() -> int:
+        figure = await hold(m, m.report, transport, FULL, Progress(0))
+        print(f"{transport} held: {figure.measured}", file=sys.stderr)
+        return FULL.held
+
+    return run
 
 
 async def profile(load: str, seconds: float, out: Path, addon: Path, with_addon: bool) -> Path:
@@ -143,13 +155,18 @@ async def profile(load: str, seconds: float, out: Path, addon: Path, with_addon:
     with tempfile.TemporaryDirectory() as tmp:
         upstreams = await Upstreams(tmp).start()
         targets = {"h1": f"http://127.0.0.1:{upstreams.ports['h1']}", "h2": f"https://127.0.0.1:{upstreams.ports['h2']}",
-                   "h1_tls": f"https://127.0.0.1:{upstreams.ports['h1_tls']}"}
+                   "h1_tls": f"https://127.0.0.1:{upstreams.ports['h1_tls']}",
+                   "h2_hold": f"https://127.0.0.1:{upstreams.ports['h2_hold']}"}
         options = {"ws_encode_report": f"{tmp}/report.jsonl", "ws_encode_policy": "observe"}
         proc = Mitmdump("profiled", targets, with_addon, options, addon)
+        proc.report = Path(options["ws_encode_report"])
         try:
             await proc.start()
             work = LOADS[load](proc)
-            await work()  # warm up
+            if not load.endswith("-hold"):
+                await work()  # warm up
+            else:
+                await h1_ws_echo(proc.ports["h1"], 5, 1)()
             await settle(proc)
             out.mkdir(parents=True, exist_ok=True)
             raw = out / f"{load}{'' if with_addon else '-without'}.txt"
