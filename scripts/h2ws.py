@@ -313,6 +313,9 @@ class _ServerWebSocket:
         self.withheld_status = withheld_status
         self.message_parts: list[Message] = []
         self.close_received = False
+        # Opened with ?deaf: its DATA is never read or acknowledged, so its
+        # window closes (an upstream that does not read).
+        self.deaf = False
 
 
 class _ServerConnection(_H2Endpoint):
@@ -361,13 +364,15 @@ class _ServerConnection(_H2Endpoint):
         if isinstance(event, h2.events.RequestReceived):
             self._on_request(event.stream_id, _decode_headers(event.headers))
         elif isinstance(event, h2.events.DataReceived):
-            if event.flow_controlled_length:
+            ws = self._websockets.get(event.stream_id)
+            if event.flow_controlled_length and ws is not None and ws.deaf:
+                self.conn.increment_flow_control_window(event.flow_controlled_length)  # the connection's only
+            elif event.flow_controlled_length:
                 # Echo output is buffered without limit, so the data counts as
                 # consumed right away.  Streams we already forgot get acked too,
                 # or their bytes would leak out of the connection window.
                 self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            ws = self._websockets.get(event.stream_id)
-            if ws is not None:
+            if ws is not None and not ws.deaf:
                 self._on_websocket_data(ws, event.data)
         elif isinstance(event, h2.events.StreamEnded):
             ws = self._websockets.get(event.stream_id)
@@ -433,7 +438,9 @@ class _ServerConnection(_H2Endpoint):
         else:
             ws = self._websockets[stream_id] = _ServerWebSocket(stream_id, None)
             self.conn.send_headers(stream_id, _encode_headers(status_headers))
-            push = urllib.parse.parse_qs(urllib.parse.urlsplit(pseudo.get(":path", "")).query).get("push")
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(pseudo.get(":path", "")).query, keep_blank_values=True)
+            ws.deaf = "deaf" in query
+            push = query.get("push")
             if push:
                 task = asyncio.ensure_future(self._push(ws, int(push[0])))
                 self._pushers.add(task)
@@ -513,7 +520,7 @@ class H2WebSocketServer:
     Answers extended CONNECT with `status` and then echoes every WebSocket
     message; a WebSocket whose path has `?push=N` is also sent N bytes of
     PUSH_MESSAGE_SIZE binary messages unasked, as fast as the peer takes
-    them. Any other request gets 200 "ok".  Every request is recorded in
+    them, and one with `?deaf` never reads. Any other request gets 200 "ok".  Every request is recorded in
     `requests` as {"connection", "stream_id", "pseudo": {name: value},
     "headers": [(name, value), ...]} with lowercased names.
     """

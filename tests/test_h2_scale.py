@@ -249,3 +249,32 @@ def test_a_client_that_does_not_read_is_reset_alone(cert, probe):
     assert peak - before["rss"] < 4 * MAX_BUFFERED_BYTES, (before, peak)
     assert after["flows"] == after["streams"] == 0 and after["waiting"] == []
     assert_clean_log(md)
+
+
+def test_an_upstream_that_does_not_read_is_reset_alone(cert, probe):
+    """The same toward an HTTP/2 upstream: mitmproxy acknowledges the
+    client's DATA as it arrives and buffers what the upstream does not take."""
+    from wsencode.h2bridge import MAX_BUFFERED_BYTES
+
+    async def scenario():
+        async with upstream("h2", cert) as url, proxy(url, probe) as md:
+            client = await client_of(md)
+            deaf = await client.open_websocket("/deaf?deaf", AUTHORITY)
+            other = await client.open_websocket("/other", AUTHORITY)
+            assert [await deaf.wait_status(10), await other.wait_status(10)] == [200, 200]
+            await deaf.send_bytes(bytes(MAX_BUFFERED_BYTES + MIB), timeout=30)
+            line = await md.wait_for("reset upstream HTTP/2 stream .*does not read")
+            ended = await deaf.wait_ended(10)
+            await other.send_text("still here")
+            echo = await other.receive(10)
+            await other.close()
+            after = await proxy_state(client)
+            await client.close()
+        return line, ended, echo, after, md
+
+    line, ended, echo, after, md = asyncio.run(scenario())
+    assert f"the upstream does not read: more than {MAX_BUFFERED_BYTES} bytes" in line
+    assert ended == "end_stream"  # the WebSocket layer closed the client's side: its peer went away
+    assert echo == "still here"
+    assert after["flows"] == after["streams"] == 0
+    assert_clean_log(md)

@@ -23,12 +23,20 @@ mitmproxy's own HTTP stream and WebSocket layers run unchanged:
 - an HTTP/2 upstream that does not advertise 0x8, or resets the CONNECT with
   HTTP_1_1_REQUIRED: the stream (`WsHttpStream`) opens a separate HTTP/1.1
   connection for that WebSocket, as browsers do. `WsHttpStream` also notes
-  when a request really goes upstream, which starts the stall clock.
+  where a handshake waits and when it really goes upstream, which starts the
+  stall clock (`StreamFacts.stage`, `forwarded_at`).
+- many WebSockets on one HTTP/2 connection: their upstream connections go
+  past mitmproxy's per-server throttle (`_Throttle`); a finished WebSocket's
+  stream, and its closed HTTP/1.1 upstream connection, are dropped; and a
+  peer that does not read gets that stream reset once MAX_BUFFERED_BYTES wait
+  for its window (`Backlog`), since mitmproxy's HTTP/2 codec buffers without
+  bound and never holds the other side back.
 
 It is installed by replacing the class names that mitmproxy's HTTP layer
 looks up when it creates a connection or a stream, and uninstalled by putting
 the originals back; connections already open keep the classes they started
-with. Known to fit mitmproxy 11.0 and 12.0-12.3; on another version, or if the
+with (the throttle is set on a client connection's handler, found through the
+proxyserver addon, when its first WebSocket asks for a connection). Known to fit mitmproxy 11.0 and 12.0-12.3; on another version, or if the
 names it needs are missing, `install` logs one line and changes nothing.
 """
 
@@ -898,7 +906,8 @@ def incompatibility() -> str | None:
         (http_layers, "Http2Server"), (http_layers, "Http2Client"), (http_layers, "HttpStream"),
         (_http2.Http2Server, "handle_h2_event"), (_http2.Http2Client, "_handle_event2"),
         (_http2.Http2Connection, "close_connection"), (http_layers.HttpStream, "make_server_connection"),
-        (http_layers.HttpStream, "flow_done"), (_http2, "parse_h2_request_headers"),
+        (http_layers.HttpStream, "flow_done"), (http_layers.HttpStream, "passthrough"),
+        (http_layers, "DropStream"), (_http2, "parse_h2_request_headers"),
     ]:
         if getattr(owner, name, None) is None:
             return f"{getattr(owner, '__name__', owner)}.{name} is missing"
