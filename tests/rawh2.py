@@ -173,12 +173,16 @@ class RawWebSocket:
         self._in = FrameProtocol(client=True, extensions=[])
         self._seen = 0
         self._messages: list[str] = []
+        self.close_frame: tuple | None = None  # (code, reason) of a Close frame that came
 
     async def echo(self, text: str, timeout: float = 10) -> str:
         """Send `text` and return the next text message that comes back."""
         self.client.send_data(self.sid, bytes(self._out.send_data(text)))
-        await self.client.wait_until(lambda: self._parse() or self.sid in self.client.reset, timeout)
+        await self.client.wait_until(
+            lambda: self._parse() or self.sid in self.client.reset or self.close_frame is not None, timeout
+        )
         assert self.sid not in self.client.reset, f"the WebSocket stream was reset ({self.client.reset[self.sid]})"
+        assert self.close_frame is None, f"the proxy closed the WebSocket: {self.close_frame}"
         return self._messages.pop(0)
 
     def _parse(self) -> bool:
@@ -189,4 +193,6 @@ class RawWebSocket:
             for frame in self._in.received_frames():
                 if frame.opcode is Opcode.TEXT and frame.message_finished:
                     self._messages.append(frame.payload)
+                elif frame.opcode is Opcode.CLOSE:
+                    self.close_frame = tuple(frame.payload)
         return bool(self._messages)

@@ -618,7 +618,7 @@ FORWARDED_CONTENT_LENGTH = (
     "the bridge forwards the client's content-length on the upstream extended CONNECT "
     "(h2bridge.extended_connect_headers -> _h2_headers; UPGRADE_ONLY lacks content-length), then WebSocket "
     "frames flow on that stream: the upstream's h2 fails the whole upstream connection (InvalidBodyLengthError), "
-    "and the sibling WebSocket on it stops without its client stream being ended"
+    "and mitmproxy closes every WebSocket that was on it (the sibling gets a Close 1000)"
 )
 
 
