@@ -1,0 +1,459 @@
+"""What a person sees of a stalled handshake in mitmproxy's two front ends.
+
+The console (`mitmproxy -s`) runs in a detached tmux session of a fixed size,
+driven with send-keys and read with capture-pane; mitmweb (`mitmweb -s`) is
+read by headless Chromium through the DevTools protocol and asked for
+`wsencode.summary` through its HTTP API. Both sit in reverse mode in front of
+a server that withholds its 101 while the handshake offers accept-encoding,
+so the handshake stalls while the client waits, and ends when it gives up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ADDON, LISTENING, LOOPBACK_ONLY, Mitmdump, assert_clean_log, upgrade_request
+from fault_server import Faults, FaultServer
+from test_browser import CHROMIUM
+
+TMUX = shutil.which("tmux")
+MITMPROXY = Path(sys.executable).with_name("mitmproxy")
+MITMWEB = Path(sys.executable).with_name("mitmweb")
+STALL = "1"
+MARK = "⌛"  # the console and mitmweb both render the addon's `:hourglass:` as the emoji
+DEADLINE = 15.0  # seconds any one thing may take to show up on screen
+POLL = 0.2  # between two looks at a screen: neither tmux nor a page has an event to wait on
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def free_port() -> int:
+    """A port that was free a moment ago: mitmproxy's console and mitmweb's
+    UI do not say which port they got when given 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def withholding_server() -> FaultServer:
+    server = FaultServer(Faults(withhold_when_encoded=True))
+    await server.start()
+    return server
+
+
+async def open_stalling_handshake(port: int) -> asyncio.StreamWriter:
+    """A client that sends a handshake offering encoding and then waits, as a
+    browser does, for a status that will not come."""
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(upgrade_request("/echo?token=frontend-secret", Host=f"127.0.0.1:{port}",
+                                 accept_encoding="gzip, deflate, br, zstd"))
+    await writer.drain()
+    return writer
+
+
+def records(report: Path) -> list[dict]:
+    return [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
+
+
+def flat(text: str) -> str:
+    """Screen text with its line breaks and runs of blanks as single spaces."""
+    return " ".join(text.split())
+
+
+# -- the console, in tmux --------------------------------------------------
+
+
+class Tmux:
+    """A tmux server of this test's own (its own socket name), holding one
+    detached session of a fixed size; only this server is ever killed."""
+
+    def __init__(self, home: Path, width: int = 150, height: int = 45):
+        self.socket = f"ws-encode-test-{os.getpid()}-{secrets.token_hex(4)}"
+        self.width, self.height = width, height
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TMUX")}
+        self.env.update(HOME=str(home), TERM="xterm-256color", LANG="C.UTF-8", LC_ALL="C.UTF-8")
+        self.started = False
+
+    def run(self, *args: str) -> str:
+        return subprocess.run([TMUX, "-u", "-L", self.socket, "-f", os.devnull, *args], env=self.env,
+                              check=True, capture_output=True, text=True, timeout=10).stdout
+
+    def start(self, *argv: str) -> None:
+        self.run("new-session", "-d", "-s", "t", "-x", str(self.width), "-y", str(self.height),
+                 "env", *(f"{k}={self.env[k]}" for k in ("HOME", "TERM", "LANG", "LC_ALL")), *argv)
+        self.started = True
+        # Keep the pane when the program exits, so a crash stays readable.
+        self.run("set-option", "-t", "t", "remain-on-exit", "on")
+
+    def keys(self, *keys: str, literal: bool = False) -> None:
+        self.run("send-keys", "-t", "t", *(["-l"] if literal else []), *keys)
+
+    def command(self, text: str) -> None:
+        """Type a command at the console's `:` prompt and run it."""
+        self.keys(":")
+        self.keys(text, literal=True)
+        self.keys("Enter")
+
+    def screen(self) -> str:
+        return self.run("capture-pane", "-p", "-t", "t")
+
+    async def wait_for(self, *needles: str, gone: str | None = None) -> str:
+        """The screen, once it shows every needle (in its text with line breaks
+        as spaces) and not `gone`. tmux has no event for "the screen changed",
+        so this looks again every POLL seconds, until DEADLINE."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEADLINE
+        while True:
+            screen = self.screen()
+            text = flat(screen)
+            if all(flat(n) in text for n in needles) and not (gone and gone in text):
+                return screen
+            if loop.time() > deadline:
+                raise AssertionError(f"the console never showed {needles} (without {gone!r}):\n{screen}")
+            await asyncio.sleep(POLL)
+
+    def stop(self) -> None:
+        if self.started:
+            subprocess.run([TMUX, "-L", self.socket, "kill-server"], env=self.env, capture_output=True, timeout=10)
+
+
+def data_viewer_rows(screen: str) -> list[str]:
+    """The rows inside the console's "Data viewer" box, without the frame."""
+    lines = screen.splitlines()
+    top = next(i for i, line in enumerate(lines) if "Data viewer" in line)
+    left = lines[top].index("┌")
+    rows = []
+    for line in lines[top + 1:]:
+        if line[left:left + 1] != "│":
+            break
+        inner = line[left + 1:]
+        rows.append(inner[:inner.index("│")].rstrip() if "│" in inner else inner.rstrip())
+    return rows
+
+
+def headline_and_sentence(rows: list[str], url: str) -> tuple[str, list[str]]:
+    """A `wsencode.stalls` entry: its headline row and the sentence's rows under it."""
+    start = next(i for i, row in enumerate(rows) if row.startswith(url))
+    body = []
+    for row in rows[start + 1:]:
+        if not row.startswith("    "):
+            break
+        body.append(row.strip())
+    return rows[start], body
+
+
+@pytest.mark.skipif(TMUX is None, reason="tmux is not installed (Debian package tmux): the console test needs it")
+def test_the_console_shows_the_mark_the_commands_and_the_outcome(tmp_path):
+    report = tmp_path / "report.jsonl"
+    home = tmp_path / "home"
+    home.mkdir()
+    tmux = Tmux(home)
+    cut_at_hyphens: list[str] = []
+
+    async def scenario():
+        upstream = await withholding_server()
+        port = free_port()
+        upstream_url = f"http://127.0.0.1:{upstream.port}/echo?token=REDACTED"
+        try:
+            tmux.start(str(MITMPROXY), "-s", str(ADDON), "-s", str(LOOPBACK_ONLY),
+                       "--listen-host", "127.0.0.1", "-p", str(port),
+                       "--mode", f"reverse:http://127.0.0.1:{upstream.port}",
+                       "--set", f"ws_encode_stall={STALL}", "--set", f"ws_encode_report={report}")
+            await tmux.wait_for(f"[127.0.0.1:{port}]")  # the status bar: listening
+            client = await open_stalling_handshake(port)
+
+            # The flow list marks the handshake ⌛ once it stalls.
+            screen = await tmux.wait_for(MARK)
+            row = next(line for line in screen.splitlines() if "/echo" in line)
+            assert row.rstrip().endswith(MARK), screen
+            stall = next(r for r in records(report) if r["event"] == "stall")
+
+            # wsencode.stalls: a headline leading with the URL, the sentence wrapped at words.
+            tmux.command("wsencode.stalls")
+            screen = await tmux.wait_for("Data viewer", "[flow ")
+            headline, sentence = headline_and_sentence(data_viewer_rows(screen), upstream_url)
+            assert re.fullmatch(re.escape(upstream_url) + r"  \[flow [0-9a-f]{8}\]", headline), screen
+            assert stall["flow_id"].startswith(headline[-9:-1])
+            assert sentence and all(len(row) <= 76 for row in sentence), screen
+            joined = " ".join(sentence)
+            if joined != stall["diagnosis"] and re.sub(r"- ", "-", joined) == stall["diagnosis"]:
+                # textwrap breaks at hyphens: "accept-" / "encoding". Everything else
+                # here is checked first; see the end of the test.
+                cut_at_hyphens.extend(f"{a} / {b}" for a, b in zip(sentence, sentence[1:]) if a.endswith("-"))
+            else:
+                assert joined == stall["diagnosis"], screen  # every word whole, none lost
+            assert "frontend-secret" not in screen
+
+            # wsencode.summary: one fact a row.
+            tmux.keys("q")
+            await tmux.wait_for(gone="Data viewer")
+            tmux.command("wsencode.summary")
+            screen = await tmux.wait_for("Data viewer", "waiting for a status now")
+            rows = [row.strip() for row in data_viewer_rows(screen) if row.strip()]
+            assert rows[0] == "0 WebSocket handshakes finished: none finished", screen
+            assert re.fullmatch(r"1 waiting for a status now, longest \d+\.\d s", rows[1]), screen
+            assert re.fullmatch(r"1 stalls? reported", rows[2]), screen
+            assert rows[-1] == f"report: {report}", screen
+            tmux.keys("q")
+            await tmux.wait_for(gone="Data viewer")
+
+            # The client gives up: the outcome is appended to the comment, which
+            # the flow's Detail tab shows under the stall's sentence.
+            client.close()
+            await tmux.wait_for("no-status")  # the console's status bar shows the warning
+            end = next(r for r in records(report) if r["event"] == "handshake")
+            assert end["outcome"] == "no-status" and end["diagnosis"].startswith("No status: the client gave up")
+
+            tmux.command("wsencode.stalls")  # now with the latest sentence
+            screen = await tmux.wait_for("Data viewer", "No status: the client gave up")
+            _, sentence = headline_and_sentence(data_viewer_rows(screen), upstream_url)
+            assert re.sub(r"- ", "-", " ".join(sentence)) == end["diagnosis"], screen
+            tmux.keys("q")
+            await tmux.wait_for(gone="Data viewer")
+
+            tmux.keys("Enter")  # the focused flow, the only one
+            await tmux.wait_for("Flow Details", "Request", "Response", "Detail")
+            tmux.keys("Right")
+            tmux.keys("Right")
+            screen = await tmux.wait_for("Comment:")
+            comment = flat(screen.split("Comment:", 1)[1].split("Metadata:", 1)[0])
+            assert comment == f"{stall['diagnosis']} {end['diagnosis']}", screen
+            assert MARK in screen.splitlines()[1], screen  # the detail's title row keeps the mark
+            assert "Traceback" not in screen
+        finally:
+            tmux.stop()
+            await upstream.stop()
+
+    asyncio.run(scenario())
+    if cut_at_hyphens:
+        pytest.xfail(f"wsencode.stalls wraps inside hyphenated words: {cut_at_hyphens} "
+                     "(textwrap.wrap's break_on_hyphens; proposed: break_on_hyphens=False)")
+
+
+# -- mitmweb, read by headless Chromium ---------------------------------------
+
+
+def above_four(fd: int) -> int:
+    """`fd` moved to a number above 4 (closed at exec unless passed on), so
+    that putting the other end on 3 or 4 cannot overwrite it."""
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return moved
+
+
+class DevTools:
+    """Chromium's DevTools protocol over --remote-debugging-pipe: the browser
+    reads commands on its fd 3 and writes answers on its fd 4, each message
+    JSON ended by a NUL byte. No port is opened."""
+
+    def __init__(self) -> None:
+        self.proc: asyncio.subprocess.Process | None = None
+        self.next_id = 0
+        self.pending: dict[int, asyncio.Future] = {}
+        self.session: str | None = None
+
+    async def start(self, home: Path) -> DevTools:
+        to_browser_r, to_browser_w = os.pipe()
+        from_browser_r, from_browser_w = os.pipe()
+        to_browser_r, from_browser_w = (above_four(fd) for fd in (to_browser_r, from_browser_w))
+        # A Python launcher puts the two ends on fds 3 and 4 and becomes Chromium.
+        launcher = (f"import os, sys; os.dup2({to_browser_r}, 3); os.dup2({from_browser_w}, 4); "
+                    "os.execv(sys.argv[1], sys.argv[1:])")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", launcher,
+            CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            # Every name but loopback is not found, even if something resolves locally.
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
+            "--remote-debugging-pipe", "--window-size=1400,800", f"--user-data-dir={home / 'profile'}",
+            "about:blank",
+            env=dict(os.environ, HOME=str(home), TMPDIR=str(home)), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            pass_fds=(to_browser_r, from_browser_w), start_new_session=True,
+        )
+        os.close(to_browser_r)
+        os.close(from_browser_w)
+        loop = asyncio.get_running_loop()
+        self.reader = asyncio.StreamReader(limit=64 * 1024 * 1024)  # a screenshot is one message
+        self.read_transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(self.reader),
+                                     os.fdopen(from_browser_r, "rb", 0))
+        self.writer, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(to_browser_w, "wb", 0))
+        self.read_task = asyncio.create_task(self._read())
+        targets = (await self.send("Target.getTargets"))["targetInfos"]
+        page = next(t for t in targets if t["type"] == "page")
+        attached = await self.send("Target.attachToTarget", targetId=page["targetId"], flatten=True)
+        self.session = attached["sessionId"]
+        return self
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                message = json.loads((await self.reader.readuntil(b"\0"))[:-1])
+                future = self.pending.pop(message.get("id"), None)
+                if future is not None and not future.done():
+                    future.set_result(message)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("Chromium closed its DevTools pipe"))
+
+    async def send(self, method: str, timeout: float = DEADLINE, **params):
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params}
+        if self.session:
+            message["sessionId"] = self.session
+        future = asyncio.get_running_loop().create_future()
+        self.pending[self.next_id] = future
+        self.writer.write(json.dumps(message).encode() + b"\0")
+        answer = await asyncio.wait_for(future, timeout)
+        if "error" in answer:
+            raise AssertionError(f"{method}: {answer['error']}")
+        return answer["result"]
+
+    async def evaluate(self, expression: str):
+        answer = await self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+        return answer["result"].get("value")
+
+    async def command(self, name: str, *arguments: str) -> dict:
+        """`POST /commands/<name>` from mitmweb's page, as its own command bar
+        sends it: with the page's auth cookie (mitmweb 12) and the XSRF token
+        from the cookie mitmweb set, echoed in a header."""
+        body = json.dumps({"arguments": list(arguments)})
+        script = """(async (path, body) => {
+            const xsrf = document.cookie.split("; ").find(c => c.split("=")[0].includes("xsrf")).split("=")[1];
+            const headers = {"Content-Type": "application/json", "X-XSRFToken": xsrf};
+            const r = await fetch(path, {method: "POST", body, headers});
+            return {status: r.status, body: await r.text()};
+        })"""
+        answer = await self.send("Runtime.evaluate", awaitPromise=True, returnByValue=True,
+                                 expression=f"{script}({json.dumps('/commands/' + name)}, {json.dumps(body)})")
+        assert "exceptionDetails" not in answer, answer
+        result = answer["result"]["value"]
+        assert result["status"] == 200, result
+        return json.loads(result["body"])
+
+    async def wait_for_text(self, *needles: str) -> str:
+        """The page's text once it holds every needle. The page renders what
+        mitmweb pushes over its own WebSocket, with no event a test could
+        subscribe to, so this looks again every POLL seconds, until DEADLINE."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEADLINE
+        while True:
+            text = await self.evaluate("document.body ? document.body.innerText : ''") or ""
+            if all(n in text for n in needles):
+                return text
+            if loop.time() > deadline:
+                raise AssertionError(f"mitmweb's page never showed {needles}:\n{text}")
+            await asyncio.sleep(POLL)
+
+    async def stop(self) -> None:
+        # Chromium's renderers and helpers are in the process group this test started.
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except asyncio.TimeoutError:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # the group is gone already
+        await self.proc.wait()
+        # Chromium's crash handler leaves the group and may hold the pipe a
+        # while longer: stop reading instead of waiting for its end.
+        self.writer.close()
+        self.read_task.cancel()
+        self.read_transport.close()
+
+
+class Mitmweb(Mitmdump):
+    """mitmweb with the addon: conftest's Mitmdump (its log, its records, its
+    stop by pid), started as mitmweb with the Comment column on."""
+
+    def __init__(self, upstream: str, report: Path, home: Path):
+        # The Comment column is not among mitmweb's default columns: add it.
+        columns = ["tls", "icon", "path", "method", "status", "size", "time", "comment"]
+        self.web_port = free_port()
+        self.home = home
+        super().__init__(
+            "--mode", f"reverse:{upstream}", "--web-host", "127.0.0.1", "--web-port", str(self.web_port),
+            "--set", "web_open_browser=false", *(a for c in columns for a in ("--set", f"web_columns={c}")),
+            "--set", f"ws_encode_stall={STALL}", report=report,
+        )
+
+    async def __aenter__(self) -> Mitmweb:
+        self._proc = await asyncio.create_subprocess_exec(
+            str(MITMWEB), "--listen-host", "127.0.0.1", "-p", "0", "-s", str(ADDON), "-s", str(LOOPBACK_ONLY),
+            "--set", f"ws_encode_report={self.report}", *self.args,
+            env=dict(os.environ, HOME=str(self.home)), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        self._reader = asyncio.create_task(self._read())
+        self.port = int(LISTENING.search(await self.wait_for(LISTENING, timeout=20)).group(1))
+        # mitmweb 12 prints its UI's URL with a fresh token (?token=...); 11 needs none.
+        line = await self.wait_for("Web server listening at http://")
+        self.url = re.search(r"(http://\S+)", line).group(1)
+        return self
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package chromium)")
+def test_mitmweb_shows_the_mark_the_comment_and_answers_the_summary(tmp_path_factory, tmp_path):
+    # A short folder for Chromium's HOME: its singleton socket must stay under 108 bytes.
+    home = tmp_path_factory.mktemp("w")
+    report = tmp_path / "report.jsonl"
+
+    async def scenario():
+        upstream = await withholding_server()
+        web = await Mitmweb(f"http://127.0.0.1:{upstream.port}", report, home).__aenter__()
+        browser = DevTools()
+        try:
+            client = await open_stalling_handshake(web.port)
+            stall = await web.wait_for_record(event="stall")
+
+            await browser.start(home)
+            await browser.send("Page.navigate", url=web.url)
+            text = await browser.wait_for_text("/echo", "Comment", "Stall: no status")
+            row = next(line for line in text.splitlines() if "Stall: no status" in line)
+            assert stall["diagnosis"] in row, text  # the whole sentence is in the Comment cell
+            assert MARK in text, text  # the mark, in the flow's row
+            shot = await browser.send("Page.captureScreenshot", format="png")
+            (tmp_path / "mitmweb-stalled.png").write_bytes(base64.b64decode(shot["data"]))
+
+            client.close()
+            end = await web.wait_for_record(event="handshake")
+            text = await browser.wait_for_text("No status: the client gave up")
+            row = next(line for line in text.splitlines() if "Stall: no status" in line)
+            assert f"{stall['diagnosis']} {end['diagnosis']}" in flat(row), text  # the outcome after the stall
+            shot = await browser.send("Page.captureScreenshot", format="png")
+            (tmp_path / "mitmweb-ended.png").write_bytes(base64.b64decode(shot["data"]))
+
+            answer = await browser.command("wsencode.summary")
+            assert answer["value"][:1] == ["1 WebSocket handshakes finished: 1 no-status (1 over h1)"], answer
+            assert any(re.fullmatch(r"1 stalls? reported", line) for line in answer["value"]), answer
+            assert answer["value"][-1] == f"report: {report}", answer
+            stalls = await browser.command("wsencode.stalls")
+            url = f"http://127.0.0.1:{upstream.port}/echo?token=REDACTED"
+            assert stalls["value"][0].startswith(f"{url}  [flow {stall['flow_id'][:8]}]"), stalls
+            assert "frontend-secret" not in json.dumps([answer, stalls]) + report.read_text()
+        finally:
+            await browser.stop()
+            await web.stop()
+            await upstream.stop()
+        return web
+
+    assert_clean_log(asyncio.run(scenario()))
