@@ -10,7 +10,6 @@ as cells finish and returns the cells whose reality disagreed.
 from __future__ import annotations
 
 import asyncio
-import json
 import platform
 import shutil
 import sys
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import h2ws
+from mitmdump_proc import ADDON
 
 from . import haproxy
 from .clients import BROWSER_CODINGS, CLIENTS, Seen
@@ -190,6 +190,7 @@ class Run:
     bundle: Path | None
     with_haproxy: bool
     only: str = ""
+    force: bool = False  # a non-empty bundle folder is replaced
     results: list[Result] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)
 
@@ -226,10 +227,10 @@ async def run_cell(cell: Cell, proxy: Proxy, give_up: float, after: float, gate:
 
 
 async def run(threshold: float = 2.0, bundle: Path | None = None, out=sys.stdout,
-              only: str = "", min_size: int = MIN_SIZE) -> Run:
+              only: str = "", min_size: int = MIN_SIZE, force: bool = False) -> Run:
     """Run every cell (or those whose name contains `only`); print the table
     as cells finish; check them."""
-    state = Run(threshold, bundle, haproxy.available(), only)
+    state = Run(threshold, bundle, haproxy.available(), only, force)
     state.environment = environment()
     give_up, after = threshold * 3, threshold * 2
     grid = [c for c in cells(state.with_haproxy) if only in c.name]
@@ -287,32 +288,44 @@ def failures(state: Run) -> list[Result]:
     return [r for r in state.results if r.problems]
 
 
-def summary_markdown(state: Run) -> str:
-    order = {c: i for i, c in enumerate(cells(state.with_haproxy))}  # the grid's order, not finishing order
+def table_lines(state: Run) -> list[str]:
+    """The run's table, in the grid's order (not finishing order), with each cell's check."""
+    order = {c: i for i, c in enumerate(cells(state.with_haproxy))}
     results = sorted(state.results, key=lambda r: order[r.cell])
-    lines = [
-        "# ws-encode lab run", "",
-        f"ws_encode_stall = {state.threshold} s; clients offer `accept-encoding: {BROWSER_CODINGS}` "
-        "(except `inject`) and give up after "
-        f"{state.threshold * 3:g} s; `/greet` speaks first after {state.threshold * 2:g} s.", "",
-        "| " + " | ".join(COLUMNS) + " | check |", "|" + " --- |" * (len(COLUMNS) + 1),
-    ]
+    lines = ["| " + " | ".join(COLUMNS) + " | check |", "|" + " --- |" * (len(COLUMNS) + 1)]
     for r in results:
         cells_ = row(r) + ["ok" if not r.problems else "FAIL: " + "; ".join(r.problems)]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells_) + " |")
-    lines += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in state.environment.items()]
-    if state.with_haproxy:
-        lines += ["", "## HAProxy", "", textwrap.fill(haproxy.FINDING, 100)]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def write_bundle(state: Run, bundle: Path, proxies: list[Proxy], work: Path) -> None:
-    bundle.mkdir(parents=True, exist_ok=True)
+def bundle_module():
+    """The addon's bundle writer (addon/wsencode/bundle.py), which redacts and writes atomically."""
+    if str(ADDON.parent) not in sys.path:
+        sys.path.append(str(ADDON.parent))
+    from wsencode import bundle
+
+    return bundle
+
+
+def write_bundle(state: Run, folder: Path, proxies: list[Proxy], work: Path) -> None:
+    from mitmproxy import io
+
+    bundle = bundle_module()
     records = sorted((r for p in proxies for r in p.records()), key=lambda r: r["ts"])
-    (bundle / "report.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    # mitmproxy flow files are a sequence of flows: concatenated, they are one file.
-    with open(bundle / "flows.mitm", "wb") as out:
-        for flows in sorted(work.glob("flows-*.mitm")):
-            with open(flows, "rb") as f:
-                shutil.copyfileobj(f, out)
-    (bundle / "summary.md").write_text(summary_markdown(state))
+    flows = []
+    for path in sorted(work.glob("flows-*.mitm")):
+        with open(path, "rb") as f:
+            flows += list(io.FlowReader(f).stream())
+    order = {c.path: i for i, c in enumerate(cells(state.with_haproxy))}
+    flows.sort(key=lambda f: order.get(f.request.path.split("?")[0], len(order)))
+    notes = [f"ws_encode_stall = {state.threshold} s; clients offer `accept-encoding: {BROWSER_CODINGS}` "
+             f"(except `inject`) and give up after {state.threshold * 3:g} s; `/greet` speaks first after "
+             f"{state.threshold * 2:g} s. Each cell's observe and strip rows are its A/B."]
+    ab = table_lines(state)
+    if state.with_haproxy:
+        ab += ["", "HAProxy: " + textwrap.fill(haproxy.FINDING, 100)]
+    options = {"ws_encode_stall": state.threshold, "ws_encode_policy": ", ".join(sorted({c.cell.policy
+                                                                                       for c in state.results}))}
+    bundle.write_bundle(folder, flows, records, environment=state.environment, options=options, ab=ab,
+                        notes=notes, title="ws-encode lab run", force=state.force)

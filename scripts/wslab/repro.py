@@ -1,6 +1,6 @@
 """Reproduce every encoder behaviour through mitmdump with the addon, and check the diagnosis.
 
-    scripts/repro [--stall SECONDS] [--bundle DIR]
+    scripts/repro [--stall SECONDS] [--bundle DIR [--force]]
 
 Starts the lab (hypercorn with the project's compression middleware, one
 server per behaviour, on 127.0.0.1), mitmdump with the addon in front of it
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from .encoders import MIN_SIZE
-from .matrix import failures, run
+from .matrix import bundle_module, failures, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,14 +26,23 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stall", type=float, default=2.0,
                         help="ws_encode_stall, seconds (default 2, the addon's default)")
-    parser.add_argument("--bundle", type=Path, help="write report.jsonl, flows.mitm and summary.md here")
+    parser.add_argument("--bundle", type=Path, metavar="DIR",
+                        help="write report.jsonl, flows.mitm and summary.md there, redacted")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --bundle folder")
     parser.add_argument("--only", default="", metavar="TEXT",
                         help='only the cells whose name contains TEXT, e.g. "h2 hold-until-body"')
     parser.add_argument("--min-size", type=int, default=MIN_SIZE,
                         help=f"bytes hold-until-min-size waits for (default {MIN_SIZE}; the checks assume "
                              "more than /greet's greeting)")
     args = parser.parse_args(argv)
-    state = asyncio.run(run(args.stall, args.bundle, only=args.only, min_size=args.min_size))
+    if args.bundle:
+        bundle = bundle_module()
+        try:
+            bundle.check_folder(args.bundle, args.force)
+        except bundle.BundleError as e:
+            print(f"repro: --bundle: {e} (--force)", file=sys.stderr)
+            return 2
+    state = asyncio.run(run(args.stall, args.bundle, only=args.only, min_size=args.min_size, force=args.force))
     if not state.results:
         print(f"no cell's name contains {args.only!r}")
         return 2
