@@ -161,7 +161,9 @@ def test_the_console_shows_the_mark_the_commands_and_the_outcome(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     tmux = Tmux(home)
-    cut_at_hyphens: list[str] = []
+    # What reads badly but is the addon's to fix (its owner knows): the test
+    # xfails with it once everything else has passed.
+    known_defects: list[str] = []
 
     async def scenario():
         upstream = await withholding_server()
@@ -192,10 +194,31 @@ def test_the_console_shows_the_mark_the_commands_and_the_outcome(tmp_path):
             if joined != stall["diagnosis"] and re.sub(r"- ", "-", joined) == stall["diagnosis"]:
                 # textwrap breaks at hyphens: "accept-" / "encoding". Everything else
                 # here is checked first; see the end of the test.
-                cut_at_hyphens.extend(f"{a} / {b}" for a, b in zip(sentence, sentence[1:]) if a.endswith("-"))
+                cuts = [f"{a} / {b}" for a, b in zip(sentence, sentence[1:]) if a.endswith("-")]
+                known_defects.append(f"wsencode.stalls wraps inside hyphenated words: {cuts} "
+                                     "(textwrap.wrap's break_on_hyphens; proposed: break_on_hyphens=False)")
             else:
                 assert joined == stall["diagnosis"], screen  # every word whole, none lost
             assert "frontend-secret" not in screen
+
+            # In an 80-column terminal the data viewer is narrower (80% of the
+            # width, less its frame) and cuts longer rows wherever they reach its edge.
+            tmux.keys("q")
+            await tmux.wait_for(gone="Data viewer")
+            tmux.run("resize-window", "-t", "t", "-x", "80", "-y", "24")
+            tmux.command("wsencode.stalls")
+            screen = await tmux.wait_for("Data viewer", "[flow ")
+            rows = data_viewer_rows(screen)
+            start = next(i for i, row in enumerate(rows) if row.startswith("    "))
+            words = re.sub(r"- ", "-", " ".join(rows[start:])).split()
+            if words != stall["diagnosis"].split():
+                top = next(line for line in screen.splitlines() if "Data viewer" in line)
+                width = top.index("┐") - top.index("┌") - 1
+                known_defects.append(
+                    f"at 80 columns the data viewer is {width} wide and cuts wsencode.stalls' rows (wrapped at "
+                    f"{max(len(r) for r in sentence) + 4}) mid-word: {[r for r in rows[start:] if r.strip()][:4]} "
+                    f"(proposed: ANSWER_WIDTH = 60)")
+            tmux.run("resize-window", "-t", "t", "-x", str(tmux.width), "-y", str(tmux.height))
 
             # wsencode.summary: one fact a row.
             tmux.keys("q")
@@ -238,9 +261,8 @@ def test_the_console_shows_the_mark_the_commands_and_the_outcome(tmp_path):
             await upstream.stop()
 
     asyncio.run(scenario())
-    if cut_at_hyphens:
-        pytest.xfail(f"wsencode.stalls wraps inside hyphenated words: {cut_at_hyphens} "
-                     "(textwrap.wrap's break_on_hyphens; proposed: break_on_hyphens=False)")
+    if known_defects:
+        pytest.xfail("; ".join(known_defects))
 
 
 # -- mitmweb, read by headless Chromium ---------------------------------------
