@@ -1,5 +1,6 @@
 """`scripts/probe` from the outside: the lab in every encoder behaviour is the server under study,
-over HTTP/1.1 and HTTP/2; an unreachable port and TLS failures; a bundle that keeps no secret."""
+over HTTP/1.1 and HTTP/2; an unreachable port and TLS failures; a bundle that keeps no secret; and
+`scripts/replay` of that bundle, which stalls again against hold-until-body and not against fixed."""
 
 from __future__ import annotations
 
@@ -50,6 +51,11 @@ def probe(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 def lab_probe(url: str, *args: str) -> subprocess.CompletedProcess:
     return probe(url, "--insecure", "--loopback-only", "--timeout", str(TIMEOUT), *args)
+
+
+def replay(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bugreport.replay", *args], capture_output=True, text=True,
+                          timeout=90, env=ENV)
 
 
 @pytest.fixture(scope="module")
@@ -128,13 +134,14 @@ def test_each_encoder_behaviour_gets_its_verdict_and_exit_status(verdicts, behav
     assert all(SPEC_FIELDS <= set(r) for r in records), records
     ends = [r for r in records if r["event"] == "handshake"]
     assert sorted(r["transport"] for r in ends) == ["h1"] * 4 + ["h2"] * 4
-    stalled = [r for r in ends if r["stalled"]]
+    # Withheld by the upstream: a stall while forwarded (one while connecting, on a busy machine, is not).
+    held = [r for r in records if r["event"] == "stall" and r["stuck_in"] == "forwarded"]
     if code == 0 or behaviour == Behaviour.ENCODE_UPGRADE:
-        assert not stalled and all(r["outcome"] == "upgraded" for r in ends), out
+        assert not held and all(r["outcome"] == "upgraded" for r in ends), out
     else:
-        assert stalled and all(r["accept_encoding_client"] for r in stalled), out
-        assert all("stall" in r["diagnosis"].lower() for r in stalled)
-        assert any(r["event"] == "stall" for r in records)
+        assert held and all(r["accept_encoding_client"] for r in held), out
+        assert all("stall" in r["diagnosis"].lower() for r in held)
+        assert all(r["stalled"] for r in ends if r["flow_id"] in {s["flow_id"] for s in held})
         held = [line for line in lines if "with accept-encoding" in line and "HTTP/2" in line]
         assert all("no status in 1.5 s" in line for line in held), out
 
@@ -210,3 +217,44 @@ def test_a_bundle_folder_that_is_not_empty_is_refused_before_anything_runs(tmp_p
     done = probe("wss://127.0.0.1:9/echo", "--bundle", str(tmp_path))
     assert done.returncode == 2 and "is not empty" in done.stderr and "--force" in done.stderr
     assert done.stdout == "" and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+@pytest.fixture(scope="module")
+def replays(lab, verdicts, bundle):
+    """The probe's bundle of hold-until-body replayed against hold-until-body and against fixed, at once."""
+    assert verdicts[Behaviour.HOLD_UNTIL_BODY].returncode == 1
+    with ThreadPoolExecutor(2) as pool:
+        runs = {b: pool.submit(replay, str(bundle), "--target", f"wss://127.0.0.1:{lab[b]}", "--insecure",
+                               "--loopback-only", "--timeout", str(TIMEOUT))
+                for b in (Behaviour.HOLD_UNTIL_BODY.value, Behaviour.FIXED.value)}
+        return {b: run.result() for b, run in runs.items()}
+
+
+# behaviour replayed against -> (exit status, the last line, what observe says of a recorded stall)
+ENDINGS = {
+    Behaviour.HOLD_UNTIL_BODY.value: (1, "replay: 2 of 2 recorded stalls recur against wss://127.0.0.1:{port}/",
+                                      "the recorded stall recurs"),
+    Behaviour.FIXED.value: (0, "replay: no recorded stall recurs against wss://127.0.0.1:{port}/ (2 were recorded)",
+                            "the recorded stall is gone"),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("behaviour", list(ENDINGS))
+def test_a_recorded_stall_recurs_against_its_behaviour_and_not_against_fixed(replays, lab, behaviour):
+    done = replays[behaviour]
+    out = done.stdout + done.stderr
+    code, last, note = ENDINGS[behaviour]
+    assert done.returncode == code, out
+    assert done.stdout.splitlines()[-1] == last.format(port=lab[behaviour]), out
+    blocks = done.stdout.split("\n\n")[1:-1]
+    assert len(blocks) == 8, out
+    for block in blocks:
+        head, was, observe, strip = block.splitlines()
+        assert was.split()[0] == "recorded" and observe.split()[0] == "observe" and strip.split()[0] == "strip"
+        assert "upgraded" in strip and "stall" not in strip, block  # the workaround works, always
+        if "HTTP/2" in head and "with accept-encoding" in head:
+            assert "no-status ⌛" in was and observe.endswith(note), block
+        else:
+            assert "⌛" not in was and "upgraded" in observe and "stall" not in observe, block
+    assert not [secret for secret in (*SECRETS, BASIC) if secret in out]

@@ -1,88 +1,38 @@
-"""`scripts/replay` from the outside: a bundle recorded against `hold-until-body` stalls again against
-that behaviour and not against `fixed`; and how a bundle's handshakes are made again."""
+"""How `scripts/replay` makes a bundle's handshakes again, and what it refuses. Replaying a probe's
+bundle against the lab is in test_probe.py, which records the bundle (one probe saved)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 from mitmproxy.test import tflow
-from test_probe import ENV, TIMEOUT, lab, lab_probe  # noqa: F401  (lab is a fixture)
+from test_bundle import handshake_flow, record
+from test_probe import replay
 
 from bugreport.replay import recorded, speaker_of, without_redacted
 from bugreport.target import Target
-from wslab.encoders import Behaviour
+from wsencode.bundle import write_bundle
 
 
-def replay(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bugreport.replay", *args], capture_output=True, text=True,
-                          timeout=90, env=ENV)
-
-
-@pytest.fixture(scope="module")
-def bundle(lab, tmp_path_factory):  # noqa: F811
-    """A probe of hold-until-body, bundled: its HTTP/2 handshakes with the offer stalled."""
-    folder = tmp_path_factory.mktemp("replay") / "bundle"
-    port = lab[Behaviour.HOLD_UNTIL_BODY.value]
-    done = lab_probe(f"wss://127.0.0.1:{port}/echo/replay?token=secret-70ken", "--header", "Cookie: sid=secret-c00k1e",
-                     "--header", "X-Trace: kept", "--bundle", str(folder))
-    assert done.returncode == 1, done.stdout + done.stderr
-    return folder
-
-
-@pytest.fixture(scope="module")
-def replays(lab, bundle):  # noqa: F811
-    """The bundle replayed against hold-until-body and against fixed, at once."""
-    with ThreadPoolExecutor(2) as pool:
-        runs = {b: pool.submit(replay, str(bundle), "--target", f"wss://127.0.0.1:{lab[b]}", "--insecure",
-                               "--loopback-only", "--timeout", str(TIMEOUT))
-                for b in (Behaviour.HOLD_UNTIL_BODY.value, Behaviour.FIXED.value)}
-        return {b: run.result() for b, run in runs.items()}
-
-
-# behaviour replayed against -> (exit status, the last line, what observe says of a recorded stall)
-ENDINGS = {
-    Behaviour.HOLD_UNTIL_BODY.value: (1, "replay: 2 of 2 recorded stalls recur against wss://127.0.0.1:{port}/",
-                                      "the recorded stall recurs"),
-    Behaviour.FIXED.value: (0, "replay: no recorded stall recurs against wss://127.0.0.1:{port}/ (2 were recorded)",
-                            "the recorded stall is gone"),
-}
-
-
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("behaviour", list(ENDINGS))
-def test_a_recorded_stall_recurs_against_its_behaviour_and_not_against_fixed(replays, lab, behaviour):  # noqa: F811
-    done = replays[behaviour]
-    out = done.stdout + done.stderr
-    code, last, note = ENDINGS[behaviour]
-    assert done.returncode == code, out
-    assert done.stdout.splitlines()[-1] == last.format(port=lab[behaviour]), out
-    blocks = done.stdout.split("\n\n")[1:-1]
-    assert len(blocks) == 8, out
-    for block in blocks:
-        head, was, observe, strip = block.splitlines()
-        assert was.split()[0] == "recorded" and observe.split()[0] == "observe" and strip.split()[0] == "strip"
-        assert "upgraded" in strip and "⌛" not in strip, block  # the workaround works, always
-        if "HTTP/2" in head and "with accept-encoding" in head:
-            assert "no-status ⌛" in was and observe.endswith(note), block
-        else:
-            assert "upgraded" in observe and "⌛" not in block, block
-    assert "secret-" not in out
-
-
-def test_handshakes_are_made_again_the_same_way_without_what_was_redacted(bundle):
-    target = Target.parse("wss://127.0.0.1:1")
-    shakes = [h.shake for h in recorded(bundle, target)]
-    assert sorted((s.transport, s.offer is not None, s.speaker) for s in shakes) == sorted(
-        (t, o, s) for t in ("h1", "h2") for o in (True, False) for s in ("client", "server"))
-    for shake in shakes:
-        assert shake.path == "/echo/replay" and shake.authority == "127.0.0.1:1"
-        names = [k.lower() for k, _ in shake.headers]
-        assert "x-trace" in names and "cookie" not in names
-        assert all(v != "REDACTED" for _, v in shake.headers)
-    own = recorded(bundle, Target.parse("wss://127.0.0.1:1/elsewhere?room=1"))
+def test_handshakes_are_made_again_the_same_way_without_what_was_redacted(tmp_path):
+    h2 = handshake_flow("/echo/x;jsessionid=secret;v=2?token=secret&room=7#frag", h2=True)
+    h1 = handshake_flow("/echo/y")
+    h1.metadata["ws_encode_probe"] = {"speaker": "server", "message": "hi"}
+    folder = write_bundle(tmp_path / "b", [h2, h1], [
+        record(h2, "handshake"),
+        record(h1, "handshake", transport="h1", accept_encoding_client=None, outcome="upgraded", stalled=False),
+    ])
+    made = recorded(folder, Target.parse("wss://127.0.0.1:1"))
+    assert [(h.shake.transport, h.shake.offer, h.shake.speaker, h.shake.message, h.stalled) for h in made] == [
+        ("h2", "gzip, deflate, br, zstd", "client", "hello", True), ("h1", None, "server", "hi", False)]
+    # Every query and path-parameter value was redacted: the items go, the path stays.
+    assert [h.shake.path for h in made] == ["/echo/x", "/echo/y"]
+    for h in made:
+        assert h.shake.authority == "127.0.0.1:1"
+        names = {k.lower() for k, _ in h.shake.headers}
+        assert "x-kept" in names and "origin" in names
+        assert not names & {"cookie", "authorization", "proxy-authorization", "referer"}  # redacted: left behind
+        assert all("REDACTED" not in v for _, v in h.shake.headers)
+    own = recorded(folder, Target.parse("wss://127.0.0.1:1/elsewhere?room=1"))
     assert {h.shake.path for h in own} == {"/elsewhere?room=1"}
 
 

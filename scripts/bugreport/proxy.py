@@ -63,7 +63,19 @@ class Attempt:
 
     @property
     def stalled(self) -> bool:
+        """The addon reported a stall, wherever the handshake was stuck."""
         return self.stall is not None or bool(self.record and self.record["stalled"])
+
+    def withheld(self, stall_after: float) -> bool:
+        """The upstream had the handshake and kept its status `stall_after`
+        seconds or more, or for good: the addon's clock from forwarding says
+        so, not the client's, and a slow connection to the upstream does not."""
+        if self.record is None:
+            return self.seen.status is None and not self.seen.error
+        if self.record["status"] is None:
+            return self.record["stuck_in"] == "forwarded"
+        waited = self.record["waited_s"]
+        return waited is not None and waited >= stall_after
 
     @property
     def content_encoding(self) -> str | None:

@@ -45,7 +45,7 @@ class Recorded:
 
     flow: http.HTTPFlow
     end: dict  # the handshake record
-    stalled: bool
+    stalled: bool  # the upstream withheld its status
     shake: Handshake
 
 
@@ -94,15 +94,19 @@ def recorded(folder: Path, target: Target) -> list[Recorded]:
         end = next((r for r in reversed(mine) if r["event"] == "handshake"), None)
         if end is None:
             continue
-        headers = tuple((k, v) for k, v in f.request.headers.items(multi=True) if v != REDACTED)
+        # Redacted headers stay behind, whole (a referer that lost its query included).
+        headers = tuple((k, v) for k, v in f.request.headers.items(multi=True) if REDACTED not in v)
         protocols = tuple(p.strip() for v in f.request.headers.get_all("sec-websocket-protocol")
                           for p in v.split(",") if p.strip())
         transport = end["transport"] if end["transport"] in TRANSPORT_NAMES else "h2"
         shake = Handshake(transport, end["accept_encoding_client"], speaker_of(f, end),
                           target.path if own_path else without_redacted(f.request.path) or "/",
                           target.authority, headers, protocols, message_of(f))
-        stalled = end.get("stalled") or any(r["event"] == "stall" for r in mine)
-        out.append(Recorded(f, end, bool(stalled), shake))
+        stalls = [r for r in mine if r["event"] == "stall"]
+        # Withheld by the upstream, as the stall record says; a bundle made of
+        # the flows' metadata alone has only the end's flag.
+        stalled = any(r["stuck_in"] == "forwarded" for r in stalls) if stalls else bool(end.get("stalled"))
+        out.append(Recorded(f, end, stalled, shake))
     if not out:
         raise ValueError(f"{folder} holds no WebSocket handshake with a record ({bundle.FLOWS}, {bundle.REPORT})")
     return out
@@ -158,7 +162,7 @@ async def replay(folder: Path, target: Target, args: argparse.Namespace, out=sys
         for p in POLICIES:
             a = tasks[i, p].result()
             note = ""
-            if p == "observe" and a.stalled:
+            if p == "observe" and a.withheld(stall_after):
                 note = "the recorded stall recurs" if h.stalled else "a stall that was not recorded"
                 recur, new = recur + h.stalled, new + (not h.stalled)
             elif p == "observe" and h.stalled:

@@ -34,14 +34,8 @@ def status_line(a: Attempt, timeout: float) -> str:
 
 
 def healthy(a: Attempt, stall_after: float) -> bool:
-    """Upgraded without a stall and without an encoded response. The addon's
-    record says whether it stalled (its clock runs from receipt); the
-    client's clock, which a busy machine slows, only where there is none."""
-    if not a.seen.upgraded or a.content_encoding:
-        return False
-    if a.record is not None:
-        return not a.stalled
-    return a.seen.status_s is not None and a.seen.status_s < stall_after
+    """Upgraded, the status not withheld, the response not encoded."""
+    return a.seen.upgraded and not a.content_encoding and not a.withheld(stall_after)
 
 
 @dataclass
@@ -72,7 +66,7 @@ def _withheld(attempts: Sequence[Attempt], timeout: float) -> str:
 def _failure(attempts: Sequence[Attempt], timeout: float) -> str:
     """Why attempts without the offer failed too."""
     reasons = sorted({status_line(a, timeout) if not a.seen.upgraded or a.seen.error
-                      else f"{a.seen.status}, but stalled" for a in attempts})
+                      else f"{a.seen.status}, but withheld" for a in attempts})
     return "; ".join(reasons)
 
 
@@ -90,7 +84,7 @@ def judge(attempts: Sequence[Attempt], timeout: float, stall_after: float, skipp
             bad = [a for a in plain if not healthy(a, stall_after)]
             other.append(f"over {name}, {_count(len(bad), len(plain))} attempts without accept-encoding failed "
                          f"too ({_failure(bad, timeout)}): not an encoding problem")
-        elif any(not a.seen.upgraded or a.stalled for a in offered):
+        elif any(not a.seen.upgraded or a.withheld(stall_after) for a in offered):
             stalls.append((name, f"{_withheld(offered, timeout)} with the offer, {_fast(plain)} without"))
         elif any(a.content_encoding for a in offered):
             codings = sorted({a.content_encoding for a in offered if a.content_encoding})
