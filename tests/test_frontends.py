@@ -226,7 +226,7 @@ def test_the_console_shows_the_mark_the_commands_and_the_outcome(tmp_path):
             tmux.command("wsencode.summary")
             screen = await tmux.wait_for("Data viewer", "waiting for a status now")
             rows = [row.strip() for row in data_viewer_rows(screen) if row.strip()]
-            assert rows[0] == "0 WebSocket handshakes finished: none finished", screen
+            assert re.match(r"0 WebSocket handshakes finished|no WebSocket handshake", rows[0]), screen
             assert re.fullmatch(r"1 waiting for a status now, longest \d+\.\d s", rows[1]), screen
             assert re.fullmatch(r"1 stalls? reported", rows[2]), screen
             assert rows[-1] == f"report: {report}", screen
@@ -465,7 +465,7 @@ def test_mitmweb_shows_the_mark_the_comment_and_answers_the_summary(tmp_path_fac
             (tmp_path / "mitmweb-ended.png").write_bytes(base64.b64decode(shot["data"]))
 
             answer = await browser.command("wsencode.summary")
-            assert answer["value"][:1] == ["1 WebSocket handshakes finished: 1 no-status (1 over h1)"], answer
+            assert re.fullmatch(r"1 WebSocket handshakes? finished: 1 no-status \(1 over h1\)", answer["value"][0]), answer
             assert any(re.fullmatch(r"1 stalls? reported", line) for line in answer["value"]), answer
             assert answer["value"][-1] == f"report: {report}", answer
             stalls = await browser.command("wsencode.stalls")
