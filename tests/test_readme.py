@@ -97,17 +97,18 @@ def mitmdump_knows():
     options = subprocess.Popen([MITMDUMP, "--options"], stdout=subprocess.PIPE, text=True)
     with taddons.context(ws_encode.WsEncode()) as tctx:
         defaults = {name: tctx.options.default(name) for name in tctx.options.keys()}
+        commands = set(tctx.master.commands.commands)
     help_text, options_text = help_.communicate(timeout=50)[0], options.communicate(timeout=50)[0]
     # (mitmdump --help exits 1 on mitmproxy 12: its text is what counts.)
     assert "usage: mitmdump" in help_text and options.returncode == 0, help_text
     flags = set(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", help_text))
     names = set(re.findall(r"^(\w+):", options_text, re.M)) | set(defaults)
     assert {"ws_encode_policy", "view_filter"} - names == {"view_filter"} and "--mode" in flags, (flags, names)
-    return flags, names, defaults
+    return flags, names, defaults, commands
 
 
 def test_every_set_names_a_real_option(mitmdump_knows):
-    _, names, _ = mitmdump_knows
+    _, names, _, _ = mitmdump_knows
     used = re.findall(r"--set[ =](\w+)=", README)
     assert "ws_encode_report" in used and "ws_encode_policy" in used
     unknown = sorted(set(used) - set(names))
@@ -115,20 +116,27 @@ def test_every_set_names_a_real_option(mitmdump_knows):
 
 
 def test_every_mitmdump_flag_shown_is_one_mitmdump_has(mitmdump_knows):
-    flags, _, _ = mitmdump_knows
+    flags, _, _, _ = mitmdump_knows
     shown = {w.split("=", 1)[0] for c in COMMANDS if is_mitmdump(c) for w in c[1:] if w.startswith("-")}
     assert {"-s", "-p", "--mode", "--set"} <= shown
     assert not shown - flags, f"mitmdump has no {sorted(shown - flags)}"
 
 
 def test_the_options_table_names_exactly_the_addons_options(mitmdump_knows):
-    _, _, defaults = mitmdump_knows
+    _, _, defaults, _ = mitmdump_knows
     table = dict(re.findall(r"^\| `(ws_encode_\w+)` \| (.*?) \|", use_section(), re.M))
     assert set(table) == {n for n in defaults if n.startswith("ws_encode_")}, table
     for name, shown in table.items():
         default = defaults[name]
         default = str(default).lower() if isinstance(default, bool) else default
         assert ("" if shown == "empty" else shown.strip("`")) == default, f"{name}: README {shown}, addon {default!r}"
+
+
+def test_every_wsencode_command_named_is_one_the_addon_has(mitmdump_knows):
+    *_, commands = mitmdump_knows
+    named = set(re.findall(r"\bwsencode\.[a-z.]*[a-z]", README))
+    assert {"wsencode.stalls", "wsencode.summary"} <= named
+    assert not named - commands, f"README.md names commands the addon does not have: {sorted(named - commands)}"
 
 
 class Started(Mitmdump):
