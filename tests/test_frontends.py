@@ -33,7 +33,9 @@ TMUX = shutil.which("tmux")
 MITMPROXY = Path(sys.executable).with_name("mitmproxy")
 MITMWEB = Path(sys.executable).with_name("mitmweb")
 STALL = "1"
-MARK = "⌛"  # the console and mitmweb both render the addon's `:hourglass:` as the emoji
+# The console and mitmweb both turn the addon's `:hourglass:` into the emoji (mitmweb's
+# text holds it; without an emoji font, as Debian's headless Chromium here, it shows as a box).
+MARK = "⌛"
 DEADLINE = 15.0  # seconds any one thing may take to show up on screen
 POLL = 0.2  # between two looks at a screen: neither tmux nor a page has an event to wait on
 
