@@ -97,6 +97,7 @@ class Tmux:
         self.run("new-session", "-d", "-s", "t", "-x", str(self.width), "-y", str(self.height),
                  "env", *(f"{k}={self.env[k]}" for k in ("HOME", "TERM", "LANG", "LC_ALL")), *argv)
         self.started = True
+        self.socket_path = self.run("display-message", "-p", "#{socket_path}").strip()
         # Keep the pane when the program exits, so a crash stays readable.
         self.run("set-option", "-t", "t", "remain-on-exit", "on")
 
@@ -130,6 +131,7 @@ class Tmux:
     def stop(self) -> None:
         if self.started:
             subprocess.run([TMUX, "-L", self.socket, "kill-server"], env=self.env, capture_output=True, timeout=10)
+            Path(self.socket_path).unlink(missing_ok=True)  # tmux leaves it behind
 
 
 def data_viewer_rows(screen: str) -> list[str]:
