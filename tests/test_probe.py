@@ -26,21 +26,22 @@ SPEC_FIELDS = {"event", "ts", "flow_id", "transport", "upstream_transport", "url
                "accept_encoding_client", "accept_encoding_upstream", "waited_s", "status", "upstream_status",
                "client_bytes_before_status", "stuck_in", "received_s", "diagnosis"}
 
+T = r"(?:\d+ ms|\d+\.\d s)"  # a time as the probe prints it: a busy machine can take over a second
 # behaviour -> (exit status, what the verdict must say)
 VERDICTS = {
     Behaviour.HOLD_UNTIL_BODY: (1, r"^verdict: this server withholds the HTTP/2 WebSocket status while "
                                    r"accept-encoding is offered: 0 of 2 attempts got a status in 1\.5 s with the "
-                                   r"offer, both got 200 in \d+ ms without; over HTTP/1\.1 the status came in "
-                                   r"\d+ ms either way$"),
+                                   rf"offer, both got 200 in {T} without; over HTTP/1\.1 the status came in "
+                                   rf"{T} either way$"),
     Behaviour.HOLD_UNTIL_MIN_SIZE: (1, r"^verdict: this server withholds the HTTP/2 WebSocket status while "
                                        r"accept-encoding is offered: 0 of 2 attempts"),
     Behaviour.HOLD_1XX: (1, r"^verdict: this server withholds the HTTP/2 and HTTP/1\.1 WebSocket status while "
                             r"accept-encoding is offered: HTTP/2: 0 of 2 attempts got a status in 1\.5 s with the "
-                            r"offer, both got 200 in \d+ ms without; HTTP/1\.1: 0 of 2 attempts .* both got 101"),
+                            rf"offer, both got 200 in {T} without; HTTP/1\.1: 0 of 2 attempts .* both got 101"),
     Behaviour.ENCODE_UPGRADE: (1, r"^verdict: this server encodes the HTTP/2 and HTTP/1\.1 WebSocket handshake "
                                   r"response while accept-encoding is offered, so its messages arrive compressed: "
                                   r"2 of 2 successful responses carried content-encoding: zstd"),
-    Behaviour.FIXED: (0, r"^verdict: no stall: status in \d+ ms on every attempt$"),
+    Behaviour.FIXED: (0, rf"^verdict: no stall: status in {T} on every attempt$"),
 }
 
 
@@ -106,7 +107,20 @@ def verdicts(lab, bundle):
         runs = {b: pool.submit(lab_probe, *(secret_run if b == Behaviour.HOLD_UNTIL_BODY
                                              else (f"wss://127.0.0.1:{lab[b.value]}/echo",)))
                 for b in VERDICTS}
+        runs[REFUSED] = pool.submit(lab_probe, f"wss://127.0.0.1:{lab[Behaviour.FIXED.value]}/private")
         return {b: run.result() for b, run in runs.items()}
+
+
+REFUSED = "refused"  # the lab's /private, which answers every handshake with 403
+
+
+def test_a_refused_handshake_is_another_failure_not_blamed_on_encoding(verdicts):
+    done = verdicts[REFUSED]
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1] == (
+        "verdict: no stall attributable to encoding, but over HTTP/2, both attempts without accept-encoding "
+        "failed too (refused with 403): not an encoding problem; over HTTP/1.1, both attempts without "
+        "accept-encoding failed too (refused with 403): not an encoding problem")
 
 
 def attempt_lines(out: str) -> list[str]:

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from .attempt import BROWSER_CODINGS, SPEAKERS, Handshake
-from .proxy import Attempt, ProbeProxy, Runner
+from .proxy import Attempt, ProbeProxy, Runner, start_all
 from .target import Target, parse_or_say, reach_and_say
 from .verdict import OTHER, Verdict, judge, status_line
 
@@ -100,13 +100,19 @@ async def probe(target: Target, args: argparse.Namespace, out=sys.stdout) -> int
                            flows=work / "flows.mitm" if args.bundle else None,
                            loopback_only=args.loopback_only, insecure=args.insecure)
         attempts: list[Attempt] = []
-        async with proxy:
+        failed = await start_all([proxy])
+        if failed:
+            say(f"verdict: nothing probed: the probe's own mitmdump did not start: {failed}")
+            return OTHER
+        try:
             runner = Runner(proxy, args.timeout)
             # Started in order, so that attempts taking turns go client-first, then server-first.
             tasks = [asyncio.create_task(runner.run(s)) for s in handshakes(target, transports, args)]
             for next_done in asyncio.as_completed(tasks):
                 attempts.append(await next_done)
                 say(attempt_line(attempts[-1], args.timeout))
+        finally:
+            await proxy.stop()
         verdict = judge(attempts, args.timeout, stall_after, skipped)
         records = proxy.records()
         say()

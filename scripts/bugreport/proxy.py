@@ -54,6 +54,16 @@ class ProbeProxy(Proxy):
         raise RuntimeError("mitmdump did not start:\n" + "\n".join(self.lines))
 
 
+async def start_all(proxies: list[ProbeProxy]) -> str | None:
+    """Start every proxy; if one does not start, stop them all and say why."""
+    results = await asyncio.gather(*(p.start() for p in proxies), return_exceptions=True)
+    failed = [r for r in results if isinstance(r, Exception)]
+    if not failed:
+        return None
+    await asyncio.gather(*(p.stop() for p in proxies))
+    return str(failed[0])
+
+
 @dataclass
 class Attempt:
     shake: Handshake

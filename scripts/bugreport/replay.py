@@ -31,7 +31,7 @@ from wsencode.report import REDACTED, redact_url
 
 from .attempt import Handshake, TRANSPORT_NAMES
 from .probe import add_common, stall_threshold
-from .proxy import Attempt, ProbeProxy, Runner
+from .proxy import Attempt, ProbeProxy, Runner, start_all
 from .reporting import PROBE_KEY, read_flows
 from .target import Target, parse_or_say, reach_and_say
 from .verdict import OTHER, seconds, status_line
@@ -144,7 +144,10 @@ async def replay(folder: Path, target: Target, args: argparse.Namespace, out=sys
         proxies = {p: ProbeProxy(target.upstream, Path(tmp) / f"report-{p}.jsonl", "--set", f"ws_encode_policy={p}",
                                  "--set", f"ws_encode_stall={stall_after}", loopback_only=args.loopback_only,
                                  insecure=args.insecure) for p in POLICIES}
-        await asyncio.gather(*(p.start() for p in proxies.values()))
+        failed = await start_all(list(proxies.values()))
+        if failed:
+            say(f"replay: nothing replayed: its own mitmdump did not start: {failed}")
+            return OTHER
         try:
             runners = {p: Runner(proxy, args.timeout) for p, proxy in proxies.items()}
             tasks = {(i, p): asyncio.create_task(runners[p].run(h.shake))

@@ -63,11 +63,23 @@ def _withheld(attempts: Sequence[Attempt], timeout: float) -> str:
     return text
 
 
-def _failure(attempts: Sequence[Attempt], timeout: float) -> str:
-    """Why attempts without the offer failed too."""
-    reasons = sorted({status_line(a, timeout) if not a.seen.upgraded or a.seen.error
-                      else f"{a.seen.status}, but withheld" for a in attempts})
-    return "; ".join(reasons)
+def _failure(attempts: Sequence[Attempt], timeout: float, stall_after: float) -> str:
+    """Why attempts failed, without their times: 'refused with 403', 'no status in 5 s'."""
+    reasons = []
+    for a in attempts:
+        if a.seen.error:
+            reason = f"failed: {a.seen.error}"
+        elif a.seen.status is None:
+            reason = f"no status in {seconds(timeout)}"
+        elif not a.seen.upgraded:
+            reason = f"refused with {a.seen.status}"
+        elif a.withheld(stall_after):
+            reason = f"status withheld {seconds(stall_after)} or more"
+        else:
+            reason = f"upgraded with content-encoding: {a.content_encoding}"
+        if reason not in reasons:
+            reasons.append(reason)
+    return ", ".join(reasons)
 
 
 def judge(attempts: Sequence[Attempt], timeout: float, stall_after: float, skipped: str = "") -> Verdict:
@@ -83,7 +95,7 @@ def judge(attempts: Sequence[Attempt], timeout: float, stall_after: float, skipp
         if not all(healthy(a, stall_after) for a in plain):
             bad = [a for a in plain if not healthy(a, stall_after)]
             other.append(f"over {name}, {_count(len(bad), len(plain))} attempts without accept-encoding failed "
-                         f"too ({_failure(bad, timeout)}): not an encoding problem")
+                         f"too ({_failure(bad, timeout, stall_after)}): not an encoding problem")
         elif any(not a.seen.upgraded or a.withheld(stall_after) for a in offered):
             stalls.append((name, f"{_withheld(offered, timeout)} with the offer, {_fast(plain)} without"))
         elif any(a.content_encoding for a in offered):
