@@ -89,6 +89,14 @@ def upstream_transport(server: connection.Server) -> str | None:
     return Transport.H1.value
 
 
+def client_transport(f: http.HTTPFlow) -> Transport:
+    """The HTTP version the client really speaks: from its connection, not
+    from what it wrote in the request line."""
+    if f.client_conn.transport_protocol == "udp":
+        return Transport.H3
+    return Transport.H2 if f.client_conn.alpn == b"h2" else Transport.H1
+
+
 def header(headers: http.Headers, name: str) -> str | None:
     value = headers.get(name)
     return None if value is None else printable(value)
@@ -358,7 +366,7 @@ class WsEncode:
             f.websocket = None
 
     def _track(self, f: http.HTTPFlow, received_at: float, adopted: bool = False) -> TrackedHandshake | None:
-        handshake = classify(f.request)
+        handshake = classify(f.request, client_transport(f))
         if handshake is None or not self._matches(f):
             return None
         tracked = self.tracker.received(

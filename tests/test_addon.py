@@ -88,7 +88,10 @@ def clock(addon):
 
 
 def handshake_flow(**headers) -> flow.Flow:
-    return tflow.tflow(req=request(**headers), live=True)
+    f = tflow.tflow(req=request(**headers), live=True)
+    if f.request.http_version == "HTTP/2.0":
+        f.client_conn.alpn = b"h2"
+    return f
 
 
 def arrive(addon, f) -> None:
@@ -345,6 +348,16 @@ def test_a_script_reload_hands_waiting_handshakes_to_the_next_copy(addon, clock,
         deliver(successor, f)
         [record] = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
         assert record["outcome"] == "upgraded" and record["flow_id"] == f.id
+
+
+def test_the_transport_is_the_connection_s_not_the_request_line_s(addon, clock, tmp_path):
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, ws_encode_report=str(tmp_path / "r.jsonl"))
+        spoofed = tflow.tflow(req=request(version="HTTP/2.0"), live=True)  # on an HTTP/1.1 connection
+        arrive(addon, spoofed)
+        deliver(addon, spoofed)
+        record = spoofed.metadata["ws_encode"]
+        assert record["transport"] == "h1" and record["status"] == 101 and record["outcome"] == "upgraded"
 
 
 def test_websocket_filters_match_handshakes(addon, clock):

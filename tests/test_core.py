@@ -292,6 +292,17 @@ def test_no_control_character_survives_redaction(path):
     assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in redacted)
 
 
+def test_redact_url_escapes_lone_surrogates():
+    url = b"http://example.test/\xff\xfe?token=x".decode("utf-8", "surrogateescape")
+    redacted = redact_url(url)
+    redacted.encode("utf-8")  # a flow holding it can be saved
+    assert redacted == "http://example.test/\\udcff\\udcfe?token=REDACTED"
+
+
+def test_redact_url_finds_userinfo_without_a_scheme():
+    assert redact_url("://user:pw@example.test:443/chat?t=1") == f"://{REDACTED}@example.test:443/chat?t={REDACTED}"
+
+
 def test_redact_url_escapes_control_characters():
     assert redact_url("http://example.test/a\nb\x1b[2J") == "http://example.test/a\\x0ab\\x1b[2J"
 

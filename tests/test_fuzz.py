@@ -31,10 +31,9 @@ case that made it. What must hold:
   before any hook quote the request whole; they are counted and printed, and
   left out of the secret check only.
 
-Failures an already reported addon defect explains are collected and raised
-at the end as `KnownDefect`, after everything else has held; the fuzz tests
-are xfail(strict, raises=KnownDefect), so any other failure (a crash, a dead
-connection, a lost or doubled record) still fails them.
+Failures of a kind already found once (and fixed) are collected and raised
+at the end as `KnownDefect`, after everything else has held, so the first
+failure printed is never one of those when something new breaks.
 
 Reproducible: derandomized, no example database, no shrinking (the proxy
 under test is stateful); the falsifying batch is printed as generated.
@@ -341,8 +340,6 @@ def assert_no_crash(md: Mitmdump, known: list[str] | None = None) -> None:
 
 
 LEAKS = "secrets or control characters a client sent reach the log, report or flow file (see tests/test_leaks.py)"
-SCHEMELESS_URL = "a handshake mitmproxy refuses is recorded with a scheme-less URL that keeps userinfo (tests/test_leaks.py)"
-LOG_LEAK = "h2bridge.without_values keeps h2 4.4's quoted header values and raw line feeds (tests/test_leaks.py)"
 SPOOFED_VERSION = (
     "handshake.classify takes the transport from the request line's version: `GET / HTTP/2.0` on an HTTP/1.1 "
     "connection is reported as h2, its 101 as status 200, and a key the upstream's accept does not match turns "
@@ -450,9 +447,6 @@ def cert(tmp_path_factory):
     return h2ws.make_self_signed_cert(tmp_path_factory.mktemp("cert"))
 
 
-@pytest.mark.xfail(strict=True, raises=KnownDefect, reason=f"{SURROGATES}; on mitmproxy 12 also {LOG_LEAK}")
-# (tame cases carry a byte that is not UTF-8 in the path often enough that
-# the surrogate defect shows on both lines)
 def test_fuzz_h2_header_blocks_through_the_rfc8441_bridge(cert, report, tmp_path):
     flows_file = tmp_path / "flows.mitm"
     fuzz(H2Session(cert, report, flows_file), H2_BATCHES, H2_BATCH, "h2", flows_file)
@@ -587,7 +581,6 @@ class H1Session:
         await self.upstream.stop()
 
 
-@pytest.mark.xfail(strict=True, raises=KnownDefect, reason=f"{SURROGATES}; {SPOOFED_VERSION}; {SCHEMELESS_URL}")
 def test_fuzz_h1_handshake_requests(report, tmp_path):
     flows_file = tmp_path / "flows.mitm"
     fuzz(H1Session(report, flows_file), H1_BATCHES, H1_BATCH, "h1", flows_file)
@@ -613,12 +606,6 @@ BAD_CONTENT_LENGTH = (
     "(h2.stream.H2Stream._initialize_content_length, inside receive_data, before the bridge sees the request): "
     "mitmproxy closes the whole client connection, sibling WebSockets included, and logs "
     "'HTTP/2 protocol error: Invalid content-length header: <the value>'"
-)
-FORWARDED_CONTENT_LENGTH = (
-    "the bridge forwards the client's content-length on the upstream extended CONNECT "
-    "(h2bridge.extended_connect_headers -> _h2_headers; UPGRADE_ONLY lacks content-length), then WebSocket "
-    "frames flow on that stream: the upstream's h2 fails the whole upstream connection (InvalidBodyLengthError), "
-    "and mitmproxy closes every WebSocket that was on it (the sibling gets a Close 1000)"
 )
 
 
@@ -650,8 +637,10 @@ def test_h2_bad_content_length_resets_only_its_stream(cert):
     assert "Invalid content-length header" not in md.log
 
 
-@pytest.mark.xfail(strict=True, reason=FORWARDED_CONTENT_LENGTH)
 def test_h2_content_length_on_an_extended_connect_stays_in_the_proxy(cert):
+    """A client's content-length is not forwarded on the upstream extended
+    CONNECT: the WebSocket's frames would overrun it, and the upstream's h2
+    would fail its whole connection, siblings included."""
 
     def close_it(client, sid):
         assert client.status.get(sid) == 200

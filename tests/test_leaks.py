@@ -53,18 +53,6 @@ def h2_checks_field_characters() -> bool:
 
 H2_CHECKS_FIELD_CHARACTERS = h2_checks_field_characters()
 
-# The defects these tests found, as reported; each xfail goes when its fix lands.
-LOG_LEAK = (
-    "h2bridge.without_values: _QUOTED's `.` does not match a line feed, so h2 4.4's "
-    "\"Illegal character '\\n' in header value: b'...'\" keeps the value in clear, and the raw "
-    "LF from chr(c) splits the bridge's 'reset HTTP/2 stream' log line"
-)
-SURROGATES = (
-    "bytes that are not UTF-8 in the target become lone surrogates in flow.metadata['ws_encode']['url']: "
-    "mitmproxy's save addon raises UnicodeEncodeError and the flow is missing from the -w file"
-)
-
-
 def run(coro):
     return asyncio.run(coro)
 
@@ -143,7 +131,7 @@ H1_CASES = {
     ),
     "bytes that are not UTF-8 in the path": (
         handshake(b"/chat\xff\xfe\xc3?token=QUERY-SECRET", (b"Accept-Encoding", b"gzip"), *CREDENTIALS),
-        SURROGATES,
+        None,
     ),
 }
 
@@ -251,7 +239,6 @@ async def command_answers_h2(md: Mitmdump) -> dict:
     return await command_answers(md.port)
 
 
-@pytest.mark.xfail(H2_CHECKS_FIELD_CHARACTERS, strict=True, reason=LOG_LEAK)
 def test_h2_header_values_with_control_characters_stay_out_of_the_log(cert, report, tmp_path):
     flows_file = tmp_path / "flows.mitm"
     outcomes, after, answers, md = run(h2_streams(cert, report, flows_file, H2_SECRET_STREAMS))
@@ -267,7 +254,6 @@ def test_h2_header_values_with_control_characters_stay_out_of_the_log(cert, repo
     assert_clean_log(md)
 
 
-@pytest.mark.xfail(H2_CHECKS_FIELD_CHARACTERS, strict=True, reason=LOG_LEAK)
 def test_h2_accept_encoding_cannot_start_a_log_line(cert, report, tmp_path):
     """On h2 4.1 the value reaches the stall diagnosis (which must escape
     it); on 4.4 the bridge resets the stream and its log line quotes h2's
@@ -311,14 +297,6 @@ def test_h2_path_parameters_and_fragments_are_redacted(cert, report, tmp_path):
     assert not found, "\n".join(found)
 
 
-SCHEMELESS_URL = (
-    "a handshake mitmproxy refuses in validate_request (an invalid header name) still gets a record, with the URL "
-    "from before the reverse-mode rewrite, '://user:...@host:443/...' (no scheme): report.redact_url's urlsplit "
-    "then sees no netloc, so the Host header's userinfo stays"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=SCHEMELESS_URL)
 def test_h1_userinfo_of_a_refused_handshake_is_redacted(report, tmp_path):
     flows_file = tmp_path / "flows.mitm"
 

@@ -68,15 +68,19 @@ from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from .frames import whole_messages_length
 from .handshake import accept_for, classify
+from .report import printable
 
 logger = logging.getLogger("ws_encode")
 
 KNOWN_VERSIONS = ((11, 0), (12, 0), (12, 1), (12, 2), (12, 3))
 
 # Headers that belong to the HTTP/1.1 upgrade and must not appear on HTTP/2.
+# Also content-length: a CONNECT stream's DATA is the tunnel, not a body
+# (RFC 9113 section 8.5), and an upstream h2 that counts it against a
+# length fails its whole connection.
 UPGRADE_ONLY = frozenset(
     {"connection", "upgrade", "keep-alive", "proxy-connection", "transfer-encoding",
-     "sec-websocket-key", "sec-websocket-accept", "host"}
+     "sec-websocket-key", "sec-websocket-accept", "host", "content-length"}
 )
 
 NEEDS_HTTP1 = "ws_encode: the HTTP/2 upstream cannot take this WebSocket (no RFC 8441), retrying over HTTP/1.1"
@@ -152,14 +156,16 @@ def is_websocket_upgrade(request: http.Request) -> bool:
     return handshake is not None and not handshake.malformed
 
 
-_QUOTED = re.compile(r"""b?(['"])((?:\\.|(?!\1).)*)\1""")
+# DOTALL: a quoted value may hold the very line feed h2 complains about.
+_QUOTED = re.compile(r"""b?(['"])((?:\\.|(?!\1).)*)\1""", re.DOTALL)
 PSEUDO_HEADERS = frozenset({":method", ":scheme", ":path", ":authority", ":protocol", ":status"})
 
 
 def without_values(text: str) -> str:
     """h2's messages quote header values, which may be secrets: every quoted
-    string but a pseudo-header's name becomes <value>."""
-    return _QUOTED.sub(lambda m: m.group(0) if m.group(2) in PSEUDO_HEADERS else "<value>", text)
+    string but a pseudo-header's name becomes <value>, and any control
+    character left (an unpaired quote) is escaped, so no log line is split."""
+    return printable(_QUOTED.sub(lambda m: m.group(0) if m.group(2) in PSEUDO_HEADERS else "<value>", text))
 
 
 def client_messages(data: bytes) -> list[tuple[int, bytes, float]]:
@@ -874,7 +880,7 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
 
     def _retry_over_http1(self) -> layer.CommandGenerator[None]:
         self.retried_over_http1 = True
-        yield commands.Log(f"{NEEDS_HTTP1} ({self.flow.request.host})", logging.INFO)
+        yield commands.Log(f"{NEEDS_HTTP1} ({printable(self.flow.request.host)})", logging.INFO)
         key = (id(self.context.client), (self.flow.request.host, self.flow.request.port))
         _http1_only.add(key)
         try:

@@ -142,15 +142,16 @@ def _h1_problems(request: Request) -> Iterable[str]:
             yield problem
 
 
-def classify(request: Request) -> Handshake | None:
+def classify(request: Request, transport: Transport | None = None) -> Handshake | None:
     """The handshake `request` opens, or None if it opens none.
 
     HTTP/1.1: `Upgrade` lists websocket. HTTP/2 and HTTP/3: an extended
     CONNECT with `:protocol: websocket`, which mitmproxy (with ws_encode's
     HTTP/2 bridge) presents as a GET carrying the same upgrade headers, so
-    one rule covers both; the transport comes from the request's version.
+    one rule covers both. The transport is the connection's when the caller
+    knows it (an HTTP/1.1 client can write `HTTP/2.0` in its request line),
+    else the request's version.
     """
     if "websocket" not in _upgrade_protocols(request.headers):
         return None
-    transport = transport_of(request.http_version)
-    return Handshake(transport, tuple(_h1_problems(request)))
+    return Handshake(transport or transport_of(request.http_version), tuple(_h1_problems(request)))

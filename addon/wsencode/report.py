@@ -27,7 +27,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def printable(text: str) -> str:
-    """`text` with every control character written as a visible escape."""
+    """`text` with every control character written as a visible escape, and
+    every lone surrogate too (what bytes that are not UTF-8 decode to in
+    mitmproxy): a flow whose metadata holds one cannot be saved."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text)
 
 
@@ -55,12 +58,18 @@ def redact_url(url: str) -> str:
     Names stay, so a reader can still tell `?token=` from `?room=`.
     """
     # Escaped first: urlsplit would silently drop a tab or line feed.
-    parts = urllib.parse.urlsplit(printable(url))
+    url = printable(url)
+    # A request mitmproxy refused before it knew the scheme reads
+    # "://user:pw@host/...": parse it as scheme-relative, so userinfo is found.
+    prefix = ""
+    if url.startswith("://"):
+        prefix, url = ":", url[1:]
+    parts = urllib.parse.urlsplit(url)
     netloc = parts.netloc
     if "@" in netloc:
         netloc = f"{REDACTED}@{netloc.rsplit('@', 1)[1]}"
     fragment = REDACTED if parts.fragment else ""
-    return urllib.parse.urlunsplit(
+    return prefix + urllib.parse.urlunsplit(
         (parts.scheme, netloc, _redact_path(parts.path), _redact_items(parts.query, "&"), fragment)
     )
 
