@@ -173,6 +173,17 @@ def test_an_ab_result_is_derived_from_the_records_or_given(tmp_path):
     assert "## A/B\n\nthe verdict, as the probe said it\n" in (given / bundle.SUMMARY).read_text()
 
 
+def test_flows_that_are_not_http_are_left_out_and_the_folder_follows_the_umask(tmp_path, flows, records):
+    old = os.umask(0o022)
+    try:
+        out = write_bundle(tmp_path / "b", [tflow.ttcpflow(), *flows], records)
+    finally:
+        os.umask(old)
+    with open(out / bundle.FLOWS, "rb") as f:
+        assert [f.id for f in io.FlowReader(f).stream()] == [f.id for f in flows]
+    assert out.stat().st_mode & 0o777 == 0o755
+
+
 def test_a_non_empty_folder_is_refused_unless_forced(tmp_path, flows, records):
     target = tmp_path / "b"
     target.mkdir()

@@ -24,8 +24,8 @@ import datetime
 import json
 import os
 import platform
+import secrets
 import shutil
-import tempfile
 import urllib.parse
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mitmproxy import http, io
+from mitmproxy.flow import Flow
 
 from .report import REDACTED, printable, redact_url
 
@@ -302,7 +303,7 @@ def check_folder(folder: str | os.PathLike[str], force: bool = False) -> None:
 
 def write_bundle(
     folder: str | os.PathLike[str],
-    flows: Sequence[http.HTTPFlow],
+    flows: Sequence[Flow],
     records: Iterable[Record] | None = None,
     *,
     environment: Mapping[str, str] | None = None,
@@ -312,7 +313,7 @@ def write_bundle(
     title: str = "ws-encode bug report",
     force: bool = False,
 ) -> Path:
-    """Write the bundle of `flows` into `folder` and return its path.
+    """Write the bundle of `flows` (HTTP flows; others are left out) into `folder` and return its path.
 
     `records`: report records (dicts as the addon writes them, with
     `flow_id`); those of other flows are left out, and a flow without any
@@ -326,12 +327,13 @@ def write_bundle(
     folder = Path(folder).expanduser().absolute()
     check_folder(folder, force)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    flows = [f for f in flows if isinstance(f, http.HTTPFlow)]  # TCP, UDP, DNS flows hold no handshake
     counts = Redactions()
     redacted = [redact_flow(f, counts) for f in flows]
     chosen = records_for(flows, records)
     summary = summary_markdown(redacted, chosen, environment or runtime_environment(), options or {},
                                counts, ab, title, notes)
-    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    partial = _sibling(folder, "partial")
     try:
         with open(partial / REPORT, "w", encoding="utf-8") as out:
             out.writelines(json.dumps(r) + "\n" for r in chosen)
@@ -356,7 +358,18 @@ def _move_into_place(partial: Path, folder: Path, force: bool) -> None:
     if not folder.exists() or not any(folder.iterdir()):
         os.replace(partial, folder)  # a rename onto an empty folder replaces it at once
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+    old = _sibling(folder, "old")
     os.replace(folder, old / "bundle")
     os.replace(partial, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _sibling(folder: Path, what: str) -> Path:
+    """A new hidden folder beside `folder` (made with the user's umask, as the bundle's own would be)."""
+    while True:
+        sibling = folder.parent / f".{folder.name}.{what}-{secrets.token_hex(4)}"
+        try:
+            sibling.mkdir()
+            return sibling
+        except FileExistsError:
+            continue
