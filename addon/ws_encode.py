@@ -34,7 +34,7 @@ from wsencode.lifecycle import EndCause, Stage  # noqa: E402
 from wsencode.policy import EncodingPolicy  # noqa: E402
 from wsencode.report import ReportWriter, printable, redact_url, utc_now_iso  # noqa: E402
 from wsencode.stallwatch import Scheduler, StallWatch, Timer  # noqa: E402
-from wsencode.tracker import Record, TrackedHandshake, Tracker  # noqa: E402
+from wsencode.tracker import Record, TrackedHandshake, Tracker, wrap  # noqa: E402
 
 logger = logging.getLogger("ws_encode")
 
@@ -43,6 +43,15 @@ BAD_ACCEPT_STATUS = 502
 PROGRESS_EVERY = 5.0  # at most this many seconds between progress lines while a handshake waits too long
 # The flows that stalled, for the console's and mitmweb's flow list.
 STALLED_FILTER = '~comment "Stall: no status"'
+# What `wsencode.waiting` says a handshake is doing, by where it is.
+DOING = {
+    Stage.CONNECTING: "connecting to the upstream",
+    Stage.TLS: "in TLS with the upstream",
+    Stage.SETTINGS: "waiting for the upstream's SETTINGS",
+    Stage.QUEUED: "queued in the proxy",
+    Stage.INTERCEPTED: "held by interception",
+    Stage.FORWARDED: "waiting for the upstream's status",
+}
 
 
 def parse_stall_seconds(value: str) -> float:
@@ -551,17 +560,22 @@ class WsEncode:
             stage = self._stage(tracked, f, self._sync(tracked, f))
             waited = tracked.progress.waited(now)
             since = "not forwarded" if waited is None else f"forwarded {waited:.1f} s ago"
-            lines.append(f"{tracked.url}  [flow {tracked.flow_id[:8]}]")
-            lines.append(f"    {stage.value}, received {tracked.progress.received(now):.1f} s ago, {since}")
+            lines.append(f"[flow {tracked.flow_id[:8]}] {tracked.url}")
+            lines += wrap(f"{DOING[stage]} ({stage.value}): received {tracked.progress.received(now):.1f} s ago, {since}")
         return lines or ["no WebSocket handshake is waiting for its status"]
 
     @command.command("wsencode.show")
-    def show_stalled(self) -> str:
+    def show_stalled(self) -> Sequence[str]:
         """Limit the flow list to the handshakes that stalled."""
         if "view_filter" not in ctx.options:
-            return f"no flow list here (mitmdump): the stalled flows match {STALLED_FILTER}"
+            return ["no flow list here (mitmdump); the stalled flows match", f"    {STALLED_FILTER}"]
         ctx.options.view_filter = STALLED_FILTER
-        return f"flow list limited to {STALLED_FILTER}; clear the filter to see every flow again"
+        return [
+            "the flow list shows only stalled handshakes now:",
+            f"    view_filter = {STALLED_FILTER}",
+            "to see every flow again, clear view_filter",
+            "    (console: `:set view_filter`; mitmweb: Options)",
+        ]
 
 
 addons = [WsEncode()]

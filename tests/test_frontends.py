@@ -150,7 +150,7 @@ def data_viewer_rows(screen: str) -> list[str]:
 
 def headline_and_sentence(rows: list[str], url: str) -> tuple[str, list[str]]:
     """A `wsencode.stalls` entry: its headline row and the sentence's rows under it."""
-    start = next(i for i, row in enumerate(rows) if row.startswith(url))
+    start = next(i for i, row in enumerate(rows) if row.startswith("[flow ") and row.endswith(url))
     body = []
     for row in rows[start + 1:]:
         if not row.startswith("    "):
@@ -165,10 +165,6 @@ def test_the_console_shows_the_mark_the_commands_and_the_outcome(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     tmux = Tmux(home)
-    # What reads badly but is the addon's to fix (its owner knows): the test
-    # xfails with it once everything else has passed.
-    known_defects: list[str] = []
-
     async def scenario():
         upstream = await withholding_server()
         port = free_port()
@@ -187,22 +183,15 @@ def test_the_console_shows_the_mark_the_commands_and_the_outcome(tmp_path):
             assert row.rstrip().endswith(MARK), screen
             stall = next(r for r in records(report) if r["event"] == "stall")
 
-            # wsencode.stalls: a headline leading with the URL, the sentence wrapped at words.
+            # wsencode.stalls: a headline with the flow and the URL, the sentence wrapped at words.
             tmux.command("wsencode.stalls")
             screen = await tmux.wait_for("Data viewer", "[flow ")
             headline, sentence = headline_and_sentence(data_viewer_rows(screen), upstream_url)
-            assert re.fullmatch(re.escape(upstream_url) + r"  \[flow [0-9a-f]{8}\]", headline), screen
-            assert stall["flow_id"].startswith(headline[-9:-1])
-            assert sentence and all(len(row) <= 76 for row in sentence), screen
+            assert re.fullmatch(r"\[flow [0-9a-f]{8}\] " + re.escape(upstream_url), headline), screen
+            assert stall["flow_id"].startswith(headline[6:14])
+            assert sentence and all(len(row) <= 60 for row in sentence), screen
             joined = " ".join(sentence)
-            if joined != stall["diagnosis"] and re.sub(r"- ", "-", joined) == stall["diagnosis"]:
-                # textwrap breaks at hyphens: "accept-" / "encoding". Everything else
-                # here is checked first; see the end of the test.
-                cuts = [f"{a} / {b}" for a, b in zip(sentence, sentence[1:]) if a.endswith("-")]
-                known_defects.append(f"wsencode.stalls wraps inside hyphenated words: {cuts} "
-                                     "(textwrap.wrap's break_on_hyphens; proposed: break_on_hyphens=False)")
-            else:
-                assert joined == stall["diagnosis"], screen  # every word whole, none lost
+            assert joined == stall["diagnosis"], screen  # every word whole, none lost
             assert "frontend-secret" not in screen
 
             # In an 80-column terminal the data viewer is narrower (80% of the
@@ -214,14 +203,8 @@ def test_the_console_shows_the_mark_the_commands_and_the_outcome(tmp_path):
             screen = await tmux.wait_for("Data viewer", "[flow ")
             rows = data_viewer_rows(screen)
             start = next(i for i, row in enumerate(rows) if row.startswith("    "))
-            words = re.sub(r"- ", "-", " ".join(rows[start:])).split()
-            if words != stall["diagnosis"].split():
-                top = next(line for line in screen.splitlines() if "Data viewer" in line)
-                width = top.index("┐") - top.index("┌") - 1
-                known_defects.append(
-                    f"at 80 columns the data viewer is {width} wide and cuts wsencode.stalls' rows (wrapped at "
-                    f"{max(len(r) for r in sentence) + 4}) mid-word: {[r for r in rows[start:] if r.strip()][:4]} "
-                    f"(proposed: ANSWER_WIDTH = 60)")
+            words = " ".join(rows[start:]).split()
+            assert words == stall["diagnosis"].split(), screen  # at 80 columns too, no word is cut
             tmux.run("resize-window", "-t", "t", "-x", str(tmux.width), "-y", str(tmux.height))
 
             # wsencode.summary: one fact a row.
@@ -265,8 +248,6 @@ def test_the_console_shows_the_mark_the_commands_and_the_outcome(tmp_path):
             await upstream.stop()
 
     asyncio.run(scenario())
-    if known_defects:
-        pytest.xfail("; ".join(known_defects))
 
 
 # -- mitmweb, read by headless Chromium ---------------------------------------
@@ -474,7 +455,7 @@ def test_mitmweb_shows_the_mark_the_comment_and_answers_the_summary(tmp_path_fac
             assert answer["value"][-1] == f"report: {report}", answer
             stalls = await browser.command("wsencode.stalls")
             url = f"http://127.0.0.1:{upstream.port}/echo?token=REDACTED"
-            assert stalls["value"][0].startswith(f"{url}  [flow {stall['flow_id'][:8]}]"), stalls
+            assert stalls["value"][0] == f"[flow {stall['flow_id'][:8]}] {url}", stalls
             assert "frontend-secret" not in json.dumps([answer, stalls]) + report.read_text()
         finally:
             await browser.stop()

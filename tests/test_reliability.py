@@ -315,7 +315,7 @@ def test_mitmdump_says_what_waits_and_sums_up_at_exit(report):
     progress, md = run(scenario())
     summary = [line.split("ws_encode summary: ", 1)[1] for line in md.lines if "ws_encode summary: " in line]
     assert summary[0] == "2 WebSocket handshakes finished: 1 no-status, 1 upgraded (2 over h1)"
-    assert summary[1] == "1 stalls reported"
+    assert summary[1] == "1 stall reported"
     assert summary[-1] == f"report: {report}"
     # Only while a handshake waited too long: no progress line after it ended.
     assert sum("waiting for a status" in line for line in md.lines) >= 1

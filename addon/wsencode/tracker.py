@@ -21,9 +21,21 @@ from .lifecycle import EndCause, HandshakeEnded, Phase, Progress, Stage
 from .policy import EncodingPolicy
 
 REMEMBERED_STALLS = 1000
-ANSWER_WIDTH = 76  # command answers are rows of a console data viewer: wrap at words, not mid-word
+# Command answers are rows of the console's data viewer, which is 62 columns
+# wide in an 80-column terminal: wrap at words, short enough never to be cut.
+ANSWER_WIDTH = 60
 
 Record = dict[str, Any]
+
+
+def wrap(text: str) -> list[str]:
+    """`text` as indented answer rows, broken at spaces only (never inside
+    `accept-encoding`)."""
+    return textwrap.wrap(text, ANSWER_WIDTH, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 @dataclass
@@ -90,22 +102,26 @@ class Summary:
     def lines(self, waiting: int, longest_s: float | None, report: str | None) -> list[str]:
         """The summary a person reads: one fact a line."""
         total = sum(self.outcomes.values())
+        report_line = f"report: {report or 'off (set ws_encode_report)'}"
         if not total and not waiting:
-            return ["no WebSocket handshake seen yet", f"report: {report or 'off (set ws_encode_report)'}"]
+            return ["no WebSocket handshake seen yet", report_line]
         by_outcome = Counter()
         by_transport = Counter()
         for (outcome, transport), n in self.outcomes.items():
             by_outcome[outcome] += n
             by_transport[transport] += n
-        outcomes = ", ".join(f"{n} {o}" for o, n in sorted(by_outcome.items())) or "none finished"
-        transports = ", ".join(f"{n} over {t}" for t, n in sorted(by_transport.items()))
-        lines = [f"{total} WebSocket handshakes finished: {outcomes}" + (f" ({transports})" if transports else "")]
+        if total:
+            outcomes = ", ".join(f"{n} {o}" for o, n in sorted(by_outcome.items()))
+            transports = ", ".join(f"{n} over {t}" for t, n in sorted(by_transport.items()))
+            lines = [f"{plural(total, 'WebSocket handshake')} finished: {outcomes} ({transports})"]
+        else:
+            lines = ["no WebSocket handshake finished yet"]
         if waiting:
             lines.append(f"{waiting} waiting for a status now, longest {longest_s:.1f} s")
-        lines.append(f"{self.stalls} stalls reported")
+        lines.append(f"{plural(self.stalls, 'stall')} reported")
         if self.slowest_s is not None:
             lines.append(f"slowest status: {self.slowest_s:.2f} s, {self.slowest_url}")
-        lines.append(f"report: {report or 'off (set ws_encode_report)'}")
+        lines.append(report_line)
         return lines
 
     def note(self, tracked: TrackedHandshake, now: float) -> None:
@@ -165,8 +181,8 @@ class Tracker:
         """`wsencode.stalls`: each stall as a headline and its sentence, wrapped."""
         lines = []
         for flow_id, (url, text) in reversed(self.stalls.items()):
-            lines.append(f"{url}  [flow {flow_id[:8]}]")
-            lines += textwrap.wrap(text, ANSWER_WIDTH, initial_indent="    ", subsequent_indent="    ")
+            lines.append(f"[flow {flow_id[:8]}] {url}")
+            lines += wrap(text)
         return lines
 
     def stall(self, flow_id: str, stage: Stage, now: float) -> Record | None:
