@@ -13,10 +13,12 @@ adapts mitmproxy's hooks to it.
 """
 
 import asyncio
+import json
 import logging
 import sys
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,10 +27,11 @@ from pathlib import Path
 for _name in [n for n in sys.modules if n == "wsencode" or n.startswith("wsencode.")]:
     del sys.modules[_name]
 
+import mitmproxy.types  # noqa: E402
 from mitmproxy import command, connection, ctx, exceptions, flow, flowfilter, hooks, http, websocket  # noqa: E402
 from mitmproxy.proxy import server_hooks  # noqa: E402
 
-from wsencode import h2bridge  # noqa: E402
+from wsencode import bundle, h2bridge  # noqa: E402
 from wsencode.handshake import Transport, accept_for, classify  # noqa: E402
 from wsencode.lifecycle import EndCause, Stage  # noqa: E402
 from wsencode.policy import EncodingPolicy  # noqa: E402
@@ -39,6 +42,10 @@ from wsencode.tracker import Record, TrackedHandshake, Tracker, wrap  # noqa: E4
 logger = logging.getLogger("ws_encode")
 
 STALL_MARK = ":hourglass:"
+OPTIONS = ("ws_encode_policy", "ws_encode_codings", "ws_encode_stall", "ws_encode_report", "ws_encode_filter",
+           "ws_encode_h2", "ws_encode_bundle")
+# With ws_encode_bundle set, the last handshakes kept for the bundle written at exit.
+BUNDLED_AT_EXIT = 1000
 BAD_ACCEPT_STATUS = 502
 PROGRESS_EVERY = 5.0  # at most this many seconds between progress lines while a handshake waits too long
 # The flows that stalled, for the console's and mitmweb's flow list.
@@ -128,6 +135,9 @@ class WsEncode:
         # Upstream connections being opened, with their client's id: where a
         # handshake waiting for a connection is (TCP or TLS).
         self.opening: weakref.WeakKeyDictionary[connection.Server, str] = weakref.WeakKeyDictionary()
+        # The handshakes the exit bundle will hold (only kept while ws_encode_bundle is set).
+        self.for_bundle: OrderedDict[str, http.HTTPFlow] = OrderedDict()
+        self.bundle_at_exit: str | None = None
         self._configured = False
         # Monotonic seconds; the bridge notes its times with the same clock.
         self.clock = time.monotonic
@@ -170,6 +180,14 @@ class WsEncode:
             "",
             "Only handle WebSocket handshakes matching this mitmproxy filter expression "
             "(empty: all). ~websocket matches handshakes too.",
+        )
+        loader.add_option(
+            "ws_encode_bundle",
+            str,
+            "",
+            "Write a redacted bug-report bundle of the handshakes seen (the last "
+            f"{BUNDLED_AT_EXIT}) into this empty folder when mitmproxy exits (empty: none). "
+            "In the console or mitmweb, the wsencode.bundle command does it for chosen flows.",
         )
         loader.add_option(
             "ws_encode_h2",
@@ -226,6 +244,15 @@ class WsEncode:
                 self.filter = None
         if "ws_encode_report" in updated:
             self._open_report(opts.ws_encode_report)
+        if "ws_encode_bundle" in updated:
+            if opts.ws_encode_bundle:
+                try:
+                    bundle.check_folder(opts.ws_encode_bundle)
+                except bundle.BundleError as e:
+                    raise exceptions.OptionsError(f"ws_encode_bundle: {printable(str(e))}") from None
+            self.bundle_at_exit = opts.ws_encode_bundle or None
+            if not self.bundle_at_exit:
+                self.for_bundle.clear()
         if "ws_encode_h2" in updated:
             self.bridge.install(h2=opts.ws_encode_h2)
 
@@ -252,6 +279,8 @@ class WsEncode:
                 self._end(tracked.flow_id, EndCause.PROXY_STOPPED, now)
             for line in self._summary_lines():
                 logger.info("ws_encode summary: %s", line)
+            if self.bundle_at_exit and self.for_bundle:
+                self._write_bundle(list(self.for_bundle.values()), self.bundle_at_exit)
         else:
             # The script is being reloaded (or removed): the handshakes go
             # on, and the next copy adopts each one when it ends.
@@ -384,6 +413,10 @@ class WsEncode:
             stalled=adopted and f.metadata.get("ws_encode", {}).get("event") == "stall",
         )
         self.flows[f.id] = f
+        if self.bundle_at_exit:
+            self.for_bundle[f.id] = f
+            while len(self.for_bundle) > BUNDLED_AT_EXIT:
+                self.for_bundle.popitem(last=False)
         if handshake.malformed:
             logger.warning("Malformed WebSocket handshake to %s: %s", tracked.url, "; ".join(handshake.problems))
         if not adopted:  # an adopted handshake is answered or ended already
@@ -563,6 +596,36 @@ class WsEncode:
             lines.append(f"[flow {tracked.flow_id[:8]}] {tracked.url}")
             lines += wrap(f"{DOING[stage]} ({stage.value}): received {tracked.progress.received(now):.1f} s ago, {since}")
         return lines or ["no WebSocket handshake is waiting for its status"]
+
+    def _write_bundle(self, flows: Sequence[flow.Flow], folder: str) -> str:
+        options = {name: getattr(ctx.options, name) for name in OPTIONS}
+        try:
+            written = bundle.write_bundle(folder, flows, self._report_records(), options=options)
+        except (bundle.BundleError, OSError) as e:
+            message = f"ws_encode_bundle: not written: {printable(str(e))}"
+            logger.error("%s", message)
+            return message
+        message = f"bug-report bundle of {len(flows)} flows written to {printable(str(written))}"
+        logger.info("%s", message)
+        return message
+
+    def _report_records(self) -> list[Record] | None:
+        """Every record the report holds (a flow keeps only its latest one)."""
+        if self.report is None:
+            return None
+        try:
+            with open(self.report.path, encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        except (OSError, ValueError) as e:
+            logger.warning("ws_encode: the report cannot be read for the bundle (%s); using the flows' records",
+                           printable(str(e)))
+            return None
+
+    @command.command("wsencode.bundle")
+    def bundle_flows(self, flows: Sequence[flow.Flow], folder: mitmproxy.types.Path) -> str:
+        """Write a redacted bug-report bundle of these flows (e.g. @marked) into an empty folder:
+        report.jsonl, flows.mitm and summary.md."""
+        return self._write_bundle(flows, str(folder))
 
     @command.command("wsencode.show")
     def show_stalled(self) -> Sequence[str]:

@@ -458,3 +458,34 @@ def test_summary_and_progress_lines(addon, clock, caplog, tmp_path):
         assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("ws_encode summary")][-1] == (
             f"ws_encode summary: report: {tmp_path / 'r.jsonl'}"
         )
+
+
+def test_wsencode_bundle_writes_a_redacted_bundle_of_the_chosen_flows(addon, clock, tmp_path):
+    flows = view.View()
+    with taddons.context(addon, flows) as tctx:
+        tctx.configure(addon, ws_encode_report=str(tmp_path / "r.jsonl"))
+        f = handshake_flow(authorization="Bearer BUNDLE-SECRET")
+        f.request.path = "/chat;jsessionid=PATH-SECRET?token=QUERY-SECRET"
+        arrive(addon, f)
+        clock.fire_all()
+        deliver(addon, f)
+        flows.add([f])
+        answer = tctx.master.commands.execute(f"wsencode.bundle @all {tmp_path / 'bundle'}")
+        assert answer.startswith("bug-report bundle of 1 flows written to")
+        files = sorted(p.name for p in (tmp_path / "bundle").iterdir())
+        assert files == ["flows.mitm", "report.jsonl", "summary.md"]
+        everything = b"".join(p.read_bytes() for p in (tmp_path / "bundle").iterdir())
+        assert b"SECRET" not in everything
+        events = [json.loads(x)["event"] for x in (tmp_path / "bundle" / "report.jsonl").read_text().splitlines()]
+        assert events == ["stall", "handshake"]  # from the report, not only the flow's latest record
+        again = tctx.master.commands.execute(f"wsencode.bundle @all {tmp_path / 'bundle'}")
+        assert again.startswith("ws_encode_bundle: not written") and "empty" in again
+
+
+def test_a_bundle_at_exit_needs_an_empty_folder(addon, tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, ws_encode_bundle=str(tmp_path / "empty"))
+        with pytest.raises(exceptions.OptionsError, match="ws_encode_bundle"):
+            tctx.configure(addon, ws_encode_bundle=str(tmp_path / "full"))

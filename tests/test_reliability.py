@@ -320,3 +320,25 @@ def test_mitmdump_says_what_waits_and_sums_up_at_exit(report):
     # Only while a handshake waited too long: no progress line after it ended.
     assert sum("waiting for a status" in line for line in md.lines) >= 1
     assert_clean_log(md)
+
+
+def test_mitmdump_writes_a_bundle_at_exit(report, tmp_path):
+    folder = tmp_path / "bug-123"
+
+    async def scenario():
+        server, md = await proxied(Faults(withhold_when_encoded=True), report, "--set", f"ws_encode_bundle={folder}")
+        reader, writer = await asyncio.open_connection("127.0.0.1", md.port)
+        writer.write(upgrade_request("/chat;jsessionid=PATH-SECRET?token=QUERY-SECRET", accept_encoding="gzip",
+                                     cookie="session=COOKIE-SECRET"))
+        await writer.drain()
+        await md.wait_for_record(event="stall")
+        writer.close()
+        await md.wait_for_record(event="handshake")
+        await close(server, md)
+        return md
+
+    md = run(scenario())
+    assert sorted(p.name for p in folder.iterdir()) == ["flows.mitm", "report.jsonl", "summary.md"]
+    assert not any(b"SECRET" in p.read_bytes() for p in folder.iterdir())
+    assert "bug-report bundle of 1 flows written to" in md.log
+    assert_clean_log(md)
