@@ -29,6 +29,7 @@ for _name in [n for n in sys.modules if n == "wsencode" or n.startswith("wsencod
 
 import mitmproxy.types  # noqa: E402
 from mitmproxy import command, connection, ctx, exceptions, flow, flowfilter, hooks, http, websocket  # noqa: E402
+from mitmproxy import log as mitmproxy_log  # noqa: E402
 from mitmproxy.proxy import server_hooks  # noqa: E402
 
 from wsencode import bundle, h2bridge  # noqa: E402
@@ -113,6 +114,22 @@ def client_transport(f: http.HTTPFlow) -> Transport:
     return Transport.H2 if f.client_conn.alpn == b"h2" else Transport.H1
 
 
+def info_shown() -> bool:
+    """Whether an INFO record reaches anyone who shows or keeps it.
+
+    `logger.isEnabledFor(logging.INFO)` is always true in mitmproxy: it sets
+    the root logger to DEBUG, and its bridge to the deprecated `add_log` hook
+    (`log.LegacyLogEvents`, level NOTSET) takes every record and dispatches it
+    to every addon once more. Who shows a record is the other handlers: the
+    terminal at `termlog_verbosity`, mitmweb's and the console's event log,
+    a test's log capture.
+    """
+    return any(
+        h.level <= logging.INFO and not isinstance(h, mitmproxy_log.LegacyLogEvents)
+        for h in logging.getLogger().handlers
+    )
+
+
 def header(headers: http.Headers, name: str) -> str | None:
     value = headers.get(name)
     return None if value is None else printable(value)
@@ -128,6 +145,7 @@ class WsEncode:
         self.tracker = Tracker()
         self.flows: dict[str, http.HTTPFlow] = {}  # the live flow of each tracked handshake
         self.watch: StallWatch | None = None
+        self.updated: list[http.HTTPFlow] = []  # stalled flows whose update hook is due
         # The progress line's timer; its scheduler is injected like the watch's.
         self.schedule_progress: Scheduler | None = None
         self.progress_timer: Timer | None = None
@@ -319,7 +337,9 @@ class WsEncode:
         tracked = self.tracker.get(f.id) or self._adopt(f)
         if tracked is None or f.response is None:
             return
-        bad_accept = not accept_matches(f)
+        # An HTTP/2 upstream's 2xx reaches mitmproxy as a 101 whose accept the
+        # bridge computed itself (facts.upstream_status): nothing to check.
+        bad_accept = self.bridge.facts(f.request).upstream_status is None and not accept_matches(f)
         if bad_accept and tracked.transport is not Transport.H1:
             # The proxy made this key (the client's extended CONNECT has
             # none), so the proxy checks the answer and fails the handshake.
@@ -404,7 +424,9 @@ class WsEncode:
             f.websocket = None
 
     def _track(self, f: http.HTTPFlow, received_at: float, adopted: bool = False) -> TrackedHandshake | None:
-        handshake = classify(f.request, client_transport(f))
+        transport = client_transport(f)
+        known = self.bridge.facts(f.request).handshake  # the bridge's stream classified it already
+        handshake = known if known is not None and known.transport is transport else classify(f.request, transport)
         if handshake is None or not self._matches(f):
             return None
         tracked = self.tracker.received(
@@ -428,7 +450,9 @@ class WsEncode:
         """A handshake an earlier copy of the addon followed (the script was
         reloaded while it waited): follow it from here, so it still gets its
         one record. Its wait counts from the request's arrival."""
-        if "upgrade" not in f.request.headers or not f.live:
+        # (not `"upgrade" in headers`: mitmproxy's Headers raises and catches
+        # a KeyError for every request without one)
+        if not f.live or not f.request.headers.get_all("upgrade"):
             return None  # not a handshake: the common case, kept cheap
         if f.metadata.get("ws_encode", {}).get("event") == "handshake":
             return None
@@ -501,7 +525,18 @@ class WsEncode:
         self._comment(f, text)
         self._write(f, record)
         logger.warning("WebSocket handshake stall on %s: %s", tracked.url, text)
-        ctx.master.addons.trigger(hooks.UpdateHook([f]))
+        # One update hook for all the stalls of this turn of the event loop
+        # (each is a dispatch to every addon), not one per stall.
+        self.updated.append(f)
+        if len(self.updated) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self._send_updates)
+            except RuntimeError:  # no event loop (a test driving the timer by hand)
+                self._send_updates()
+
+    def _send_updates(self) -> None:
+        flows, self.updated = self.updated, []
+        ctx.master.addons.trigger(hooks.UpdateHook(flows))
 
     def _status_delivered(self, tracked: TrackedHandshake, f: http.HTTPFlow, bad_accept: bool) -> None:
         facts = self._sync(tracked, f)
@@ -541,7 +576,7 @@ class WsEncode:
         self._comment(f, record["diagnosis"])
         self._write(f, record)
         quiet = record["outcome"] == "upgraded" and not record["stalled"]
-        if quiet and not logger.isEnabledFor(logging.INFO):
+        if quiet and not info_shown():
             return
         (logger.info if quiet else logger.warning)(
             "WebSocket handshake %s on %s: %s", record["outcome"], record["url"], record["diagnosis"]

@@ -52,7 +52,7 @@ def test_a_page_opens_ten_websockets_on_one_http2_connection(cert, home, report)
         return result, records, h1.received, md
 
     result, records, h1_received, md = asyncio.run(scenario())
-    assert f"/result?open={COUNT}" in result
+    assert f"/result?open={COUNT}" in result, md.log
     assert sum(r.method == "GET" and "upgrade" in r.headers for r in h1_received) == COUNT
     assert {(r["transport"], r["upstream_transport"], r["outcome"]) for r in records} == {("h2", "h1", "upgraded")}
     assert_clean_log(md)

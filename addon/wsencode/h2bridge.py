@@ -67,7 +67,7 @@ from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from .frames import whole_messages_length
-from .handshake import accept_for, classify
+from .handshake import Handshake, accept_for, classify
 from .report import printable
 
 logger = logging.getLogger("ws_encode")
@@ -109,6 +109,9 @@ FORWARDED = "forwarded"  # its headers are written upstream
 class StreamFacts:
     """What the codecs saw of a handshake that mitmproxy's flow cannot show."""
 
+    # The stream's classification of the request, made once for the stream,
+    # the codecs and the addon.
+    handshake: Handshake | None = None
     forwarded_at: float | None = None  # time.monotonic() when the request went upstream
     # One of the stages above; None until the bridge's stream has the handshake.
     stage: str | None = None
@@ -152,7 +155,8 @@ def request_error(sid: int, message: str) -> http_layers.RequestProtocolError:
 
 def is_websocket_upgrade(request: http.Request) -> bool:
     """A well-formed HTTP/1.1-style WebSocket handshake, as the addon classifies it."""
-    handshake = classify(request)
+    facts = _facts.get(request)
+    handshake = facts.handshake if facts is not None and facts.handshake is not None else classify(request)
     return handshake is not None and not handshake.malformed
 
 
@@ -794,8 +798,10 @@ def _unthrottle_websockets(client: connection.Client) -> None:
 
 
 # Upstream connections being opened for a fallback, by (client, address): they
-# must offer only HTTP/1.1, or the upstream would pick HTTP/2 again.
-_http1_only: set[tuple[int, tuple]] = set()
+# must offer only HTTP/1.1, or the upstream would pick HTTP/2 again. Counted:
+# several WebSockets of one client fall back at once, and the first to get
+# its connection must not take the mark from those still connecting.
+_http1_only: collections.Counter[tuple[int, tuple]] = collections.Counter()
 
 
 class WsHttpStream(_stock(http_layers.HttpStream)):
@@ -855,8 +861,10 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
         if isinstance(event, http_layers.ResponseProtocolError) and event.message == NEEDS_HTTP1 and not self.retried_over_http1:
             yield from self._retry_over_http1()
             return
-        if isinstance(event, http_layers.RequestHeaders) and classify(event.request) is not None:
-            facts_for(event.request)  # a handshake this stream will note the forwarding of
+        if isinstance(event, http_layers.RequestHeaders):
+            handshake = classify(event.request)
+            if handshake is not None:  # a handshake this stream will note the forwarding of
+                facts_for(event.request).handshake = handshake
         if isinstance(event, http_layers.ResponseHeaders):
             self.upstream_switched = event.response.status_code == 101
         yield from super()._handle_event(event)
@@ -882,11 +890,13 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
         self.retried_over_http1 = True
         yield commands.Log(f"{NEEDS_HTTP1} ({printable(self.flow.request.host)})", logging.INFO)
         key = (id(self.context.client), (self.flow.request.host, self.flow.request.port))
-        _http1_only.add(key)
+        _http1_only[key] += 1
         try:
             ok = yield from self._connect(GetHttp1Connection)
         finally:
-            _http1_only.discard(key)
+            _http1_only[key] -= 1
+            if not _http1_only[key]:
+                del _http1_only[key]
         if ok:
             yield http_layers.SendHttp(http_layers.RequestHeaders(self.stream_id, self.flow.request, True), self.context.server)
             yield http_layers.SendHttp(http_layers.RequestEndOfMessage(self.stream_id), self.context.server)
