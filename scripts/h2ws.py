@@ -1007,6 +1007,10 @@ class H2WebSocketClient(_H2Endpoint):
             await asyncio.wait_for(self._writer.wait_closed(), timeout)
         except (ConnectionError, ssl.SSLError):
             pass  # the peer dropped the TLS session uncleanly; we are closed either way
+        except asyncio.TimeoutError:
+            # A busy peer (a proxy still discarding what it was pushed) may not
+            # answer our close_notify in time: our side is closed all the same.
+            self._writer.transport.abort()
 
     async def __aenter__(self) -> "H2WebSocketClient":
         # Also usable as `async with await client.connect():`.
