@@ -318,6 +318,10 @@ def test_ordinary_requests_are_untouched(report):
         ("ws_encode_stall", "soon"),
         ("ws_encode_filter", "~q ~~"),
         ("ws_encode_report", "/nonexistent-dir/report.jsonl"),
+        # A CR or LF would start another header line upstream.
+        ("ws_encode_codings", "gzip\rX-Injected: 1"),
+        ("ws_encode_codings", "gzip\nX-Injected: 1"),
+        ("ws_encode_codings", "gzip\x7f"),
     ],
 )
 def test_bad_option_at_startup_refuses_to_start(option, value):
@@ -333,4 +337,5 @@ def test_bad_option_at_startup_refuses_to_start(option, value):
     code, log = run(scenario())
     assert code != 0
     assert f"{option}:" in log
+    assert "X-Injected" not in log
     assert "Traceback" not in log
