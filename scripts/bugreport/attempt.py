@@ -18,7 +18,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message, RejectConnection, Request, TextMessage
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from wslab.clients import BROWSER_CODINGS
+from wslab.clients import BROWSER_CODINGS, h1_event
 
 # Set by the client itself: a user's copy would clash with it or break the upgrade.
 MECHANICS = frozenset({
@@ -114,18 +114,6 @@ async def h2_handshake(port: int, shake: Handshake, timeout: float) -> Seen:
         except (h2ws.WebSocketClosed, asyncio.TimeoutError) as e:
             seen.events.append(type(e).__name__)
     return seen
-
-
-async def h1_event(ws: WSConnection, reader: asyncio.StreamReader, *kinds):
-    """The next wsproto event of one of `kinds`, reading from `reader` as needed."""
-    while True:
-        for event in ws.events():
-            if isinstance(event, kinds):
-                return event
-        data = await reader.read(65536)
-        if not data:
-            raise ConnectionError("closed by the proxy")
-        ws.receive_data(data)
 
 
 async def h1_handshake(port: int, shake: Handshake, timeout: float) -> Seen:

@@ -63,6 +63,18 @@ async def h2_client(port: int, path: str, speaker: str, accept_encoding: str | N
         return seen
 
 
+async def h1_event(ws: WSConnection, reader: asyncio.StreamReader, *kinds):
+    """The next wsproto event of one of `kinds`, reading from `reader` as needed."""
+    while True:
+        for event in ws.events():
+            if isinstance(event, kinds):
+                return event
+        data = await reader.read(65536)
+        if not data:
+            raise ConnectionError("closed by the proxy")
+        ws.receive_data(data)
+
+
 async def h1_client(port: int, path: str, speaker: str, accept_encoding: str | None, give_up: float,
                     gate: asyncio.Semaphore) -> Seen:
     """An HTTP/1.1 upgrade over TLS, with wsproto on an asyncio stream."""
@@ -75,15 +87,8 @@ async def h1_client(port: int, path: str, speaker: str, accept_encoding: str | N
     ws = WSConnection(ConnectionType.CLIENT)
     headers = [(b"accept-encoding", accept_encoding.encode())] if accept_encoding else []
 
-    async def next_event(*kinds):
-        while True:
-            for event in ws.events():
-                if isinstance(event, kinds):
-                    return event
-            data = await reader.read(65536)
-            if not data:
-                raise ConnectionError("closed by the proxy")
-            ws.receive_data(data)
+    def next_event(*kinds):
+        return h1_event(ws, reader, *kinds)
 
     try:
         writer.write(ws.send(Request(host="localhost", target=path, extra_headers=headers)))
