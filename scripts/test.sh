@@ -5,17 +5,28 @@
 #   scripts/test.sh            # both lines (a line with no Python here is skipped, loudly)
 #   scripts/test.sh 11         # one line
 #   scripts/test.sh 12 -k h2   # extra arguments go to pytest
+#
+# Both lines are set up before either runs: some tests (a flow file written on
+# one line must load on the other) use the other line's interpreter.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 lines=(12 11)
 if [[ "${1:-}" =~ ^1[12]$ ]]; then lines=("$1"); shift; fi
 
-ran=0 failed=0
-for line in "${lines[@]}"; do
+failed=0
+declare -A venvs
+for line in 12 11; do  # always both: see above
   venv=$("$root/scripts/venv.sh" "$line")
   status=$?
   if [ "$status" = 3 ]; then echo "== mitmproxy $line: SKIPPED, no suitable Python on this machine"; continue; fi
   [ "$status" = 0 ] || { echo "== mitmproxy $line: setup failed"; failed=1; continue; }
+  venvs[$line]=$venv
+done
+
+ran=0
+for line in "${lines[@]}"; do
+  venv=${venvs[$line]:-}
+  [ -n "$venv" ] || continue
   echo "== mitmproxy $("$venv/bin/python" -c 'import mitmproxy.version as v; print(v.VERSION)') on $("$venv/bin/python" --version)"
   (cd "$root" && "$venv/bin/python" -m pytest -p no:cacheprovider "$@") || failed=1
   ran=$((ran + 1))
