@@ -6,15 +6,20 @@
 #   scripts/test.sh 11         # one line
 #   scripts/test.sh 12 -k h2   # extra arguments go to pytest
 #
-# Both lines are set up before either runs: some tests (a flow file written on
-# one line must load on the other) use the other line's interpreter.
+# Both lines are set up, one after the other, before either runs: pip is not
+# to be run twice at once, and some tests (a flow file written on one line
+# must load on the other) use the other line's interpreter. The lines then
+# run side by side (each is mostly one busy process, and a machine has at
+# least two cores); each one's output is shown whole when it ends.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 lines=(12 11)
 if [[ "${1:-}" =~ ^1[12]$ ]]; then lines=("$1"); shift; fi
 
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
 failed=0
-declare -A venvs
+declare -A venvs pids
 for line in 12 11; do  # always both: see above
   venv=$("$root/scripts/venv.sh" "$line")
   status=$?
@@ -23,13 +28,19 @@ for line in 12 11; do  # always both: see above
   venvs[$line]=$venv
 done
 
-ran=0
 for line in "${lines[@]}"; do
   venv=${venvs[$line]:-}
   [ -n "$venv" ] || continue
-  echo "== mitmproxy $("$venv/bin/python" -c 'import mitmproxy.version as v; print(v.VERSION)') on $("$venv/bin/python" --version)"
-  (cd "$root" && "$venv/bin/python" -m pytest -p no:cacheprovider "$@") || failed=1
-  ran=$((ran + 1))
+  (
+    echo "== mitmproxy $("$venv/bin/python" -c 'import mitmproxy.version as v; print(v.VERSION)') on $("$venv/bin/python" --version)"
+    cd "$root" && exec "$venv/bin/python" -m pytest -p no:cacheprovider "$@"
+  ) > "$logs/$line.log" 2>&1 &
+  pids[$line]=$!
 done
-[ "$ran" -gt 0 ] || { echo "no mitmproxy line could be tested"; exit 1; }
+[ "${#pids[@]}" -gt 0 ] || { echo "no mitmproxy line could be tested"; exit 1; }
+for line in "${lines[@]}"; do
+  [ -n "${pids[$line]:-}" ] || continue
+  wait "${pids[$line]}" || failed=1
+  cat "$logs/$line.log"
+done
 exit "$failed"

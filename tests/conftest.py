@@ -58,8 +58,12 @@ class Mitmdump:
         self.port = int(LISTENING.search(line).group(1))
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, exc_type, exc, tb) -> None:
         await self.stop()
+        if exc_type is not None:
+            # What the proxy said last, in the failed test's captured output:
+            # a hang under load is only explained by it.
+            print(f"--- the last 80 lines of {self.args} ---", *self.lines[-80:], sep="\n")
 
     async def stop(self) -> int:
         assert self._proc
