@@ -32,12 +32,14 @@ from mitmproxy import command, connection, ctx, exceptions, flow, flowfilter, ho
 from mitmproxy import log as mitmproxy_log  # noqa: E402
 from mitmproxy.proxy import server_hooks  # noqa: E402
 
-from wsencode import bundle, h2bridge  # noqa: E402
+from wsencode import bundle  # noqa: E402
+from wsencode.bridge import Bridge  # noqa: E402
 from wsencode.handshake import Transport, accept_for, classify  # noqa: E402
 from wsencode.lifecycle import EndCause, Stage  # noqa: E402
 from wsencode.policy import EncodingPolicy  # noqa: E402
 from wsencode.report import ReportWriter, printable, redact_url, utc_now_iso  # noqa: E402
 from wsencode.stallwatch import Scheduler, StallWatch, Timer  # noqa: E402
+from wsencode.streamfacts import CLIENT, NO_FACTS, StreamFacts  # noqa: E402
 from wsencode.tracker import Record, TrackedHandshake, Tracker, wrap  # noqa: E402
 
 logger = logging.getLogger("ws_encode")
@@ -73,19 +75,24 @@ def parse_stall_seconds(value: str) -> float:
     return seconds
 
 
-def end_cause(f: http.HTTPFlow, facts: h2bridge.StreamFacts) -> EndCause:
-    """Who ended a handshake that got no status: from what the codecs and
-    the connections know, and mitmproxy's error text only where they are
-    silent (a client's stream reset leaves its connection open)."""
+def end_cause(f: http.HTTPFlow, facts: StreamFacts) -> EndCause:
+    """Who ended a handshake that got no status: from what the bridge's
+    stream saw (which side's codec reported the error), else from the
+    connections' state (mitmproxy marks a peer's side closed before it tells
+    the layers), never from the wording of an error."""
     if facts.ended_by_proxy:
         return EndCause.PROXY_RESET
-    if f.error is not None and f.error.msg == flow.Error.KILLED_MESSAGE:
+    if f.error is not None and f.error.msg == flow.Error.KILLED_MESSAGE:  # mitmproxy's own constant
         return EndCause.KILLED
-    if f.client_conn.timestamp_end is not None or (f.error is not None and "client" in f.error.msg.lower()):
+    if facts.ended_by == CLIENT or (facts.ended_by is None and client_closed(f.client_conn)):
         return EndCause.CLIENT_GONE
     if f.server_conn.timestamp_tcp_setup is None:
         return EndCause.UPSTREAM_UNREACHABLE
     return EndCause.UPSTREAM_CLOSED
+
+
+def client_closed(client: connection.Client) -> bool:
+    return client.timestamp_end is not None or not client.state & connection.ConnectionState.CAN_READ
 
 
 def accept_matches(f: http.HTTPFlow) -> bool:
@@ -149,7 +156,7 @@ class WsEncode:
         # The progress line's timer; its scheduler is injected like the watch's.
         self.schedule_progress: Scheduler | None = None
         self.progress_timer: Timer | None = None
-        self.bridge = h2bridge.Bridge()
+        self.bridge = Bridge()
         # Upstream connections being opened, with their client's id: where a
         # handshake waiting for a connection is (TCP or TLS).
         self.opening: weakref.WeakKeyDictionary[connection.Server, str] = weakref.WeakKeyDictionary()
@@ -326,7 +333,7 @@ class WsEncode:
         self.policy.apply_to_request(headers, self.codings)
         tracked.policy = self.policy
         tracked.accept_encoding_upstream = header(headers, "accept-encoding")
-        if self.bridge.facts(f.request) is h2bridge.NO_FACTS:
+        if self.bridge.facts(f.request) is NO_FACTS:
             # No codec follows this request (no bridge, or a stream older
             # than the addon): it goes upstream right after this hook.
             tracked.progress.forwarded_at = self.clock()
@@ -385,8 +392,7 @@ class WsEncode:
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         self.opening[data.server] = data.client.id
-        if self.bridge.installed:
-            h2bridge.offer_http1_only(data.server, data.client)
+        self.bridge.offer_http1_only(data.server)
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         if not data.server.tls:
@@ -459,7 +465,7 @@ class WsEncode:
         waited_wall = max(0.0, time.time() - (f.request.timestamp_start or time.time()))
         return self._track(f, self.clock() - waited_wall, adopted=True)
 
-    def _sync(self, tracked: TrackedHandshake, f: http.HTTPFlow) -> h2bridge.StreamFacts:
+    def _sync(self, tracked: TrackedHandshake, f: http.HTTPFlow) -> StreamFacts:
         """Take what the bridge saw of this handshake (when it really went
         upstream, the client's early bytes) into the core's record of it."""
         facts = self.bridge.facts(f.request)
@@ -470,11 +476,11 @@ class WsEncode:
         tracked.upstream_transport = upstream_transport(f.server_conn)
         return facts
 
-    def _stage(self, tracked: TrackedHandshake, f: http.HTTPFlow, facts: h2bridge.StreamFacts) -> Stage:
+    def _stage(self, tracked: TrackedHandshake, f: http.HTTPFlow, facts: StreamFacts) -> Stage:
         """Where a waiting handshake is now."""
         if f.intercepted:
             return Stage.INTERCEPTED
-        if facts is h2bridge.NO_FACTS:
+        if facts is NO_FACTS:
             return Stage.FORWARDED if tracked.progress.forwarded_at is not None else Stage.QUEUED
         if facts.stage == "connecting":
             address = (f.request.host, f.request.port)

@@ -27,6 +27,9 @@ for line in 12 11; do  # always both: see above
   [ "$status" = 0 ] || { echo "== mitmproxy $line: setup failed"; failed=1; continue; }
   venvs[$line]=$venv
 done
+# mitmproxy 11.1 too (alone, no test dependencies): tests/test_versions.py runs
+# the addon in it. Without a Python for it, that test skips, saying so.
+"$root/scripts/venv.sh" 11.1 >/dev/null || [ "$?" = 3 ] || { echo "== mitmproxy 11.1: setup failed"; failed=1; }
 
 for line in "${lines[@]}"; do
   venv=${venvs[$line]:-}

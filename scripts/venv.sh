@@ -4,6 +4,8 @@
 #   scripts/venv.sh 12   # mitmproxy 12.x on the newest Python >= 3.12 found
 #   scripts/venv.sh 11   # mitmproxy 11.x on Python 3.11 or 3.10
 #   scripts/venv.sh      # 12 if such a Python exists, else 11
+#   scripts/venv.sh 11.1 # mitmproxy 11.1.x alone, on Python >= 3.12: the tests run
+#                        # the addon in it too (tests/test_versions.py)
 #
 # Interpreters are looked for on PATH and in pyenv's versions folder, and each
 # candidate is run before it is trusted: a pyenv shim for a version that is not
@@ -42,7 +44,9 @@ case "$line" in
       spec='mitmproxy>=12,<13' ;;
   11) python=$(find_python 11 10) || { echo "no working Python 3.11 or 3.10 found for mitmproxy 11" >&2; exit 3; }
       spec='mitmproxy>=11,<12' ;;
-  *) echo "usage: $0 [11|12]" >&2; exit 2 ;;
+  11.1) python=$(find_python 14 13 12) || { echo "no working Python >= 3.12 found for mitmproxy 11.1" >&2; exit 3; }
+      spec='mitmproxy>=11.1,<11.2' ;;
+  *) echo "usage: $0 [11|12|11.1]" >&2; exit 2 ;;
 esac
 
 venv="$root/.venv-mitmproxy$line"
@@ -54,7 +58,8 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want_stam
   # (this machine's pip config names local indexes that may not exist; pip warns once per package)
   quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" >&2 || true; }; }
   quiet "$venv/bin/python" -m pip install -q --upgrade pip
-  quiet "$venv/bin/python" -m pip install -q "$spec" "$root[test]"
+  if [ "$line" = 11.1 ]; then quiet "$venv/bin/python" -m pip install -q "$spec"
+  else quiet "$venv/bin/python" -m pip install -q "$spec" "$root[test]"; fi
   echo "$want_stamp" > "$stamp"
 fi
 echo "$venv"

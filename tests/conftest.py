@@ -32,8 +32,9 @@ class Mitmdump:
     (an event) instead of sleeping.
     """
 
-    def __init__(self, *args: str, report: Path | None = None, addon: Path = ADDON):
+    def __init__(self, *args: str, report: Path | None = None, addon: Path = ADDON, mitmdump: Path = MITMDUMP):
         self.args = list(args)
+        self.mitmdump = mitmdump
         self.addon = addon
         self.report = report
         self.lines: list[str] = []
@@ -43,7 +44,7 @@ class Mitmdump:
         self._reader: asyncio.Task | None = None
 
     async def __aenter__(self) -> Mitmdump:
-        cmd = [str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", "0", "-s", str(self.addon), "-s", str(LOOPBACK_ONLY)]
+        cmd = [str(self.mitmdump), "--listen-host", "127.0.0.1", "-p", "0", "-s", str(self.addon), "-s", str(LOOPBACK_ONLY)]
         if self.report:
             cmd += ["--set", f"ws_encode_report={self.report}"]
         self._proc = await asyncio.create_subprocess_exec(
@@ -148,6 +149,22 @@ class Mitmdump:
                     )
                 except asyncio.TimeoutError:
                     pass
+
+
+async def h2_echo_once(md: Mitmdump, text: str, path: str = "/chat", authority: str = "localhost") -> tuple[int, str]:
+    """One RFC 8441 WebSocket through `md`, on a connection of its own: its
+    status and the echo of `text`, then an orderly close."""
+    import h2ws  # (scripts/, on the path above)
+
+    client = h2ws.H2WebSocketClient("127.0.0.1", md.port, server_hostname=authority)
+    await client.connect()
+    ws = await client.open_websocket(path, authority)
+    status = await ws.wait_status(5)
+    await ws.send_text(text)
+    echo = await ws.receive(5)
+    await ws.close()
+    await client.close()
+    return status, echo
 
 
 def assert_clean_log(md: Mitmdump) -> None:

@@ -8,15 +8,16 @@ import logging
 
 import pytest
 import ws_encode
-from mitmproxy import exceptions, flow
+from mitmproxy import connection, exceptions, flow
 from mitmproxy import io as mitmio
 from mitmproxy.addons import view
 from mitmproxy.test import taddons, tflow, tutils
 from test_core import request
 
-from wsencode import h2bridge
+from wsencode.bridge import Bridge
 from wsencode.handshake import accept_for
 from wsencode.stallwatch import StallWatch
+from wsencode.streamfacts import CLIENT, NO_FACTS, UPSTREAM, StreamFacts
 
 
 class ManualClock:
@@ -51,13 +52,13 @@ class ManualClock:
         return fired
 
 
-class FakeBridge(h2bridge.Bridge):
+class FakeBridge(Bridge):
     """The bridge as the addon sees it, without touching mitmproxy's classes."""
 
     def __init__(self, installed: bool = False):
         super().__init__()
         self.installed = installed
-        self.seen: dict[int, h2bridge.StreamFacts] = {}
+        self.seen: dict[int, StreamFacts] = {}
 
     def install(self, h2: bool) -> None:
         pass
@@ -66,7 +67,7 @@ class FakeBridge(h2bridge.Bridge):
         pass
 
     def facts(self, request):
-        return self.seen.get(id(request), h2bridge.NO_FACTS)
+        return self.seen.get(id(request), NO_FACTS)
 
 
 @pytest.fixture
@@ -254,23 +255,34 @@ def test_done_at_shutdown_ends_waiting_handshakes(addon, clock, tmp_path):
         assert record["outcome"] == "no-status" and "proxy stopped" in record["diagnosis"]
 
 
+CLIENT_OPEN, CLIENT_HALF_CLOSED, CLIENT_CLOSED = "open", "half-closed", "closed"
+
+
 @pytest.mark.parametrize(
-    "message,client_closed,connected,ended_by_proxy,cause",
+    "message,client,ended_by,connected,ended_by_proxy,cause",
     [
-        ("peer closed connection", True, True, None, ws_encode.EndCause.CLIENT_GONE),
-        ("stream reset by client (CANCEL)", False, True, None, ws_encode.EndCause.CLIENT_GONE),
-        (flow.Error.KILLED_MESSAGE, False, True, None, ws_encode.EndCause.KILLED),
-        ("server closed connection", False, True, None, ws_encode.EndCause.UPSTREAM_CLOSED),
-        ("Connect call failed", False, False, None, ws_encode.EndCause.UPSTREAM_UNREACHABLE),
-        ("whatever mitmproxy says", False, True, "too much early data", ws_encode.EndCause.PROXY_RESET),
+        # The wording of an error never decides: mitmproxy's HTTP/2 codec says
+        # "stream reset by client" for either peer's reset.
+        ("stream reset by client (CANCEL)", CLIENT_OPEN, CLIENT, True, None, ws_encode.EndCause.CLIENT_GONE),
+        ("stream reset by client (CANCEL)", CLIENT_OPEN, UPSTREAM, True, None, ws_encode.EndCause.UPSTREAM_CLOSED),
+        ("peer closed connection", CLIENT_OPEN, UPSTREAM, True, None, ws_encode.EndCause.UPSTREAM_CLOSED),
+        # Without the bridge's word: the client connection's state.
+        ("peer closed connection", CLIENT_HALF_CLOSED, None, True, None, ws_encode.EndCause.CLIENT_GONE),
+        ("peer closed connection", CLIENT_CLOSED, None, True, None, ws_encode.EndCause.CLIENT_GONE),
+        ("peer closed connection", CLIENT_OPEN, None, True, None, ws_encode.EndCause.UPSTREAM_CLOSED),
+        ("the client said so", CLIENT_OPEN, None, False, None, ws_encode.EndCause.UPSTREAM_UNREACHABLE),
+        (flow.Error.KILLED_MESSAGE, CLIENT_OPEN, None, True, None, ws_encode.EndCause.KILLED),
+        ("whatever mitmproxy says", CLIENT_HALF_CLOSED, CLIENT, True, "too much early data", ws_encode.EndCause.PROXY_RESET),
     ],
 )
-def test_end_cause(message, client_closed, connected, ended_by_proxy, cause):
+def test_end_cause(message, client, ended_by, connected, ended_by_proxy, cause):
     f = handshake_flow()
     f.error = flow.Error(message)
-    f.client_conn.timestamp_end = 5.0 if client_closed else None
+    f.client_conn.state = connection.ConnectionState.CAN_WRITE if client == CLIENT_HALF_CLOSED else (
+        connection.ConnectionState.CLOSED if client == CLIENT_CLOSED else connection.ConnectionState.OPEN)
+    f.client_conn.timestamp_end = 5.0 if client == CLIENT_CLOSED else None
     f.server_conn.timestamp_tcp_setup = 1.0 if connected else None
-    assert ws_encode.end_cause(f, h2bridge.StreamFacts(ended_by_proxy=ended_by_proxy)) is cause
+    assert ws_encode.end_cause(f, StreamFacts(ended_by=ended_by, ended_by_proxy=ended_by_proxy)) is cause
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "inf", "nan", "", "2s"])
@@ -290,7 +302,7 @@ def test_the_stall_clock_starts_when_the_proxy_receives_the_handshake(addon, clo
     with taddons.context(addon) as tctx:
         tctx.configure(addon, ws_encode_stall="2")
         f = handshake_flow()
-        facts = addon.bridge.seen[id(f.request)] = h2bridge.StreamFacts(stage="forwarded", forwarded_at=1001.5)
+        facts = addon.bridge.seen[id(f.request)] = StreamFacts(stage="forwarded", forwarded_at=1001.5)
         arrive(addon, f)  # at 1000
         clock.fire_all()
         record = f.metadata["ws_encode"]
@@ -308,7 +320,7 @@ def test_a_handshake_held_in_the_proxy_stalls_there_without_blaming_the_upstream
     addon.bridge = FakeBridge(installed=True)
     with taddons.context(addon):
         f = handshake_flow(accept_encoding="gzip")
-        addon.bridge.seen[id(f.request)] = h2bridge.StreamFacts(stage=stage)  # followed, not sent
+        addon.bridge.seen[id(f.request)] = StreamFacts(stage=stage)  # followed, not sent
         arrive(addon, f)
         assert clock.fire_all() == 1
         record = f.metadata["ws_encode"]

@@ -12,13 +12,15 @@ import re
 import h2.errors
 import pytest
 import ws_encode
-from conftest import ADDON, ROOT, Mitmdump, assert_clean_log
+from conftest import ADDON, ROOT, Mitmdump, assert_clean_log, h2_echo_once, upgrade_request
+from fault_server import Faults, FaultServer
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http2
 from mitmproxy.test import taddons
 from test_peers import h2ws
 
 from wsencode import h2bridge
+from wsencode.bridge import Bridge
 
 STOCK = {"Http2Server": _http2.Http2Server, "Http2Client": _http2.Http2Client}
 
@@ -38,7 +40,7 @@ def stock_afterwards():
 
 def test_install_swaps_the_classes_and_uninstall_restores_them():
     stream = http_layers.HttpStream
-    bridge = h2bridge.Bridge()
+    bridge = Bridge()
     bridge.install(h2=True)
     bridge.install(h2=True)  # idempotent
     assert current() == {"Http2Server": h2bridge.WsHttp2Server, "Http2Client": h2bridge.WsHttp2Client}
@@ -64,48 +66,61 @@ def test_the_option_and_unloading_drive_the_bridge():
         assert current() == STOCK and http_layers.HttpStream is stream
 
 
-def test_an_unknown_mitmproxy_gets_one_clear_line_and_stays_stock(monkeypatch, caplog):
-    monkeypatch.setattr(h2bridge.mitmproxy_version, "VERSION", "99.1.0")
+def test_this_mitmproxy_has_everything_the_bridge_uses():
+    assert h2bridge.incompatibility() is None
+
+
+def changed_parameters(self, event, extra):  # a flow_done that takes what the bridge does not pass
+    raise AssertionError("never called")
+
+
+class MovedHttpLayer(http_layers.HttpLayer):
+    """As if HttpLayer had moved to a module of its own, importing the
+    classes it makes: its functions would not see the bridge's."""
+
+    def make_stream(self, stream_id):
+        raise AssertionError("never called")
+
+    get_connection = _handle_event = make_stream
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda mp: mp.delattr(_http2, "parse_h2_request_headers"), "_http2.parse_h2_request_headers is missing"),
+    (lambda mp: mp.setattr(http_layers.HttpStream, "flow_done", changed_parameters),
+     "HttpStream.flow_done takes (self, event, extra), not (self)"),
+    (lambda mp: mp.setattr(http_layers, "HttpLayer", MovedHttpLayer), "HttpLayer does not look up HttpStream"),
+])
+def test_changed_internals_are_named_and_nothing_is_replaced(monkeypatch, caplog, change, named):
+    """The bridge probes what it uses, not the version number: a renamed
+    internal, a changed signature, or a class that would not see the
+    replacement each stop it with one line, and mitmproxy stays stock."""
+    change(monkeypatch)
     caplog.set_level(logging.WARNING)
-    bridge = h2bridge.Bridge()
+    stream = http_layers.HttpStream
+    bridge = Bridge()
     bridge.install(h2=True)
     bridge.install(h2=True)
-    assert current() == STOCK and not bridge.installed
+    assert current() == STOCK and http_layers.HttpStream is stream and not bridge.installed
     [line] = [r.getMessage() for r in caplog.records]
-    assert "99.1.0" in line and "HTTP/1.1 WebSocket diagnosis keeps working" in line
-
-
-def test_missing_internals_are_detected(monkeypatch):
-    monkeypatch.delattr(_http2, "parse_h2_request_headers")
-    assert "parse_h2_request_headers" in h2bridge.incompatibility()
+    assert named in line and "HTTP/1.1 WebSocket diagnosis keeps working" in line
 
 
 def test_reloading_the_script_keeps_http2_websockets_working(tmp_path):
     cert = h2ws.make_self_signed_cert(tmp_path)
 
-    async def echo_once(md: Mitmdump, text: str) -> str:
-        client = h2ws.H2WebSocketClient("127.0.0.1", md.port, server_hostname="localhost")
-        await client.connect()
-        ws = await client.open_websocket("/chat", "localhost")
-        await ws.wait_status(5)
-        await ws.send_text(text)
-        reply = await ws.receive(5)
-        await client.close()
-        return reply
-
     async def scenario():
         async with h2ws.H2WebSocketServer(*cert) as upstream:
             async with Mitmdump("--mode", f"reverse:https://127.0.0.1:{upstream.port}", "--ssl-insecure") as md:
-                before = await echo_once(md, "before")
+                before = await h2_echo_once(md, "before")
                 # mitmproxy reloads a script whose file changed.
                 stat = ADDON.stat()
                 os.utime(ADDON, (stat.st_atime, stat.st_mtime + 1))
                 await md.wait_for_count("Loading script", 2, timeout=15)
-                after = await echo_once(md, "after")
+                after = await h2_echo_once(md, "after")
         return before, after, md
 
     before, after, md = asyncio.run(scenario())
-    assert (before, after) == ("before", "after")
+    assert (before, after) == ((200, "before"), (200, "after"))
     assert_clean_log(md)
 
 
@@ -192,4 +207,55 @@ def test_a_stream_the_proxy_resets_itself_is_not_blamed_on_the_upstream(cert, tm
     assert record["outcome"] == "no-status"
     assert "proxy itself reset the stream" in record["diagnosis"] and "before the status" in record["diagnosis"]
     assert "upstream" not in record["diagnosis"]
+    assert_clean_log(md)
+
+
+# Loaded before the addon: mitmproxy with one internal the bridge uses
+# changed, stock mitmproxy itself unaffected.
+CHANGED_INTERNALS = {
+    # A name the bridge imports is gone: the bridge cannot even be loaded.
+    "renamed": "from mitmproxy.proxy.layers.http import _http_h2\n"
+               "del _http_h2.BufferedH2Connection  # (mitmproxy's _http2 keeps its own reference)\n",
+    # A method whose parameters changed: the bridge loads, the probe refuses it.
+    "new parameters": "from mitmproxy.proxy.layers import http\n"
+                      "stock = http.GetHttpConnection.connection_spec_matches\n"
+                      "def connection_spec_matches(self, conn):\n"
+                      "    return stock(self, conn)\n"
+                      "http.GetHttpConnection.connection_spec_matches = connection_spec_matches\n",
+}
+
+
+@pytest.mark.parametrize("change", CHANGED_INTERNALS)
+def test_a_mitmproxy_the_bridge_does_not_fit_keeps_http1_diagnosis(tmp_path, report, change):
+    """One clear line, HTTP/2 as stock mitmproxy has it, and an HTTP/1.1
+    stall still caught and reported."""
+    changed = tmp_path / "changed_internals.py"
+    changed.write_text(CHANGED_INTERNALS[change])
+    cert = h2ws.make_self_signed_cert(tmp_path)
+
+    async def scenario():
+        server = FaultServer(Faults(withhold_when_encoded=True))
+        await server.start()
+        try:
+            async with Mitmdump("--mode", f"reverse:http://127.0.0.1:{server.port}", "-s", str(ADDON),
+                                "--set", "ws_encode_stall=0.3", report=report, addon=changed) as md:
+                reader, writer = await asyncio.open_connection("127.0.0.1", md.port)
+                writer.write(upgrade_request("/chat", accept_encoding="gzip"))
+                await writer.drain()
+                stall = await md.wait_for_record(event="stall")
+                writer.close()
+                client = h2ws.H2WebSocketClient("127.0.0.1", md.port, server_hostname="localhost")
+                await client.connect()
+                enables = client.server_enables_connect_protocol
+                await client.close()
+        finally:
+            await server.stop()
+        return stall, enables, md
+
+    stall, enables, md = asyncio.run(scenario())
+    assert stall["transport"] == "h1" and "encoding layer" in stall["diagnosis"]
+    assert not enables  # stock mitmproxy's HTTP/2: no extended CONNECT
+    [line] = [line for line in md.lines if "ws_encode_h2:" in line]
+    assert "HTTP/1.1 WebSocket diagnosis keeps working" in line
+    assert ("cannot load the bridge" if change == "renamed" else "connection_spec_matches takes (self, conn)") in line
     assert_clean_log(md)

@@ -36,8 +36,12 @@ It is installed by replacing the class names that mitmproxy's HTTP layer
 looks up when it creates a connection or a stream, and uninstalled by putting
 the originals back; connections already open keep the classes they started
 with (the throttle is set on a client connection's handler, found through the
-proxyserver addon, when its first WebSocket asks for a connection). Known to fit mitmproxy 11.0 and 12.0-12.3; on another version, or if the
-names it needs are missing, `install` logs one line and changes nothing.
+proxyserver addon, when its first WebSocket asks for a connection). What it
+uses of mitmproxy is probed first (`incompatibility`: names, parameters, and
+that mitmproxy looks the replaced names up where they are replaced), not the
+version number; tested on mitmproxy 11.0, 11.1 and 12.3. The addon imports
+this module only through `bridge.Bridge`, which says in one line why it
+cannot be used and leaves mitmproxy stock.
 """
 
 from __future__ import annotations
@@ -47,10 +51,12 @@ import collections
 import contextlib
 import copy
 import enum
+import inspect
 import logging
 import os
 import re
 import time
+import types
 import weakref
 from dataclasses import dataclass, field
 
@@ -59,7 +65,6 @@ import h2.events
 import h2.exceptions
 import h2.utilities
 from mitmproxy import connection, ctx, http
-from mitmproxy import version as mitmproxy_version
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http2
@@ -69,10 +74,9 @@ from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 from .frames import whole_messages_length
 from .handshake import Handshake, accept_for, classify
 from .report import printable
+from .streamfacts import CLIENT, CONNECTING, NO_FACTS, QUEUED, SETTINGS, UPSTREAM, StreamFacts
 
 logger = logging.getLogger("ws_encode")
-
-KNOWN_VERSIONS = ((11, 0), (12, 0), (12, 1), (12, 2), (12, 3))
 
 # Headers that belong to the HTTP/1.1 upgrade and must not appear on HTTP/2.
 # Also content-length: a CONNECT stream's DATA is the tunnel, not a body
@@ -84,9 +88,9 @@ UPGRADE_ONLY = frozenset(
 )
 
 NEEDS_HTTP1 = "ws_encode: the HTTP/2 upstream cannot take this WebSocket (no RFC 8441), retrying over HTTP/1.1"
-# What mitmproxy's HttpStream says when an upgraded stream's child layer closes
-# a connection; both versions use this message (12 also has a distinct code).
-PASSTHROUGH_CLOSE = "EOF"
+# mitmproxy 12 marks an upgraded stream's close by its WebSocket layer with a
+# code; 11 has no codes, and only its message ("EOF") tells that close apart.
+_PASSTHROUGH_CLOSE = getattr(getattr(http_layers, "ErrorCode", None), "PASSTHROUGH_CLOSE", None)
 # Client DATA kept while a status is awaited; beyond this the stream is reset.
 MAX_EARLY_BYTES = 1 << 20
 # Bytes of one WebSocket stream that may wait in mitmproxy's send buffer for
@@ -97,43 +101,6 @@ MAX_EARLY_BYTES = 1 << 20
 # windows browsers grant (Chromium: 6 MiB), so a peer that reads only meets
 # it with a burst this big in flight.
 MAX_BUFFERED_BYTES = 16 << 20
-
-# Where a handshake is (StreamFacts.stage), as far as the bridge sees it.
-CONNECTING = "connecting"  # waiting for its upstream connection
-SETTINGS = "settings"  # held for an HTTP/2 upstream's first SETTINGS
-QUEUED = "queued"  # behind an HTTP/2 upstream's MAX_CONCURRENT_STREAMS
-FORWARDED = "forwarded"  # its headers are written upstream
-
-
-@dataclass
-class StreamFacts:
-    """What the codecs saw of a handshake that mitmproxy's flow cannot show."""
-
-    # The stream's classification of the request, made once for the stream,
-    # the codecs and the addon.
-    handshake: Handshake | None = None
-    forwarded_at: float | None = None  # time.monotonic() when the request went upstream
-    # One of the stages above; None until the bridge's stream has the handshake.
-    stage: str | None = None
-    # Why the bridge itself ended the handshake's stream, if it did (no
-    # header values): the addon then blames neither peer.
-    ended_by_proxy: str | None = None
-    upstream_status: int | None = None
-    client_bytes_before_status: int = 0
-    status_with_data: bool = False
-    # Client messages that went upstream before the status, past mitmproxy's
-    # WebSocket layer: (opcode, payload, time.time()), for flow.websocket.
-    early_messages: list[tuple[int, bytes, float]] = field(default_factory=list)
-
-    def waiting(self, stage: str) -> None:
-        """Not (or no longer) written upstream: no stall clock from forwarding."""
-        self.forwarded_at, self.stage = None, stage
-
-    def forwarded(self) -> None:
-        self.forwarded_at, self.stage = time.monotonic(), FORWARDED
-
-
-NO_FACTS = StreamFacts()
 
 # Keyed by the flow's request object, which the stream, the codecs and the
 # flow share; the values hold no reference back to it.
@@ -151,6 +118,25 @@ def response_error(sid: int, message: str) -> http_layers.ResponseProtocolError:
 
 def request_error(sid: int, message: str) -> http_layers.RequestProtocolError:
     return http_layers.RequestProtocolError(sid, message, http_layers.RequestProtocolError.code)
+
+
+@dataclass
+class NeedsHttp1(http_layers.ResponseProtocolError):
+    """The upstream codec to the stream: this WebSocket must go over HTTP/1.1
+    (the upstream has no RFC 8441, or reset the CONNECT with HTTP_1_1_REQUIRED).
+    A type of its own, so the stream never has to read a message to know."""
+
+    @classmethod
+    def on(cls, sid: int) -> NeedsHttp1:
+        return cls(sid, NEEDS_HTTP1, http_layers.ResponseProtocolError.code)
+
+
+def is_passthrough_close(event: http_layers.HttpEvent) -> bool:
+    """Whether mitmproxy's HttpStream is closing one side of an upgraded
+    stream (its WebSocket layer closed that peer's connection)."""
+    if _PASSTHROUGH_CLOSE is not None:
+        return getattr(event, "code", None) is _PASSTHROUGH_CLOSE
+    return getattr(event, "message", None) == "EOF"
 
 
 def is_websocket_upgrade(request: http.Request) -> bool:
@@ -460,7 +446,7 @@ class WsHttp2Server(_http2.Http2Server):
             if ws.ended_early:
                 ws.ended_early = False
                 yield http_layers.ReceiveHttp(http_layers.RequestEndOfMessage(event.stream_id))
-        elif isinstance(event, http_layers.ResponseProtocolError) and event.message == PASSTHROUGH_CLOSE:
+        elif isinstance(event, http_layers.ResponseProtocolError) and is_passthrough_close(event):
             # The WebSocket layer closed the client side: an orderly end of stream.
             if self.is_open_for_us(event.stream_id):
                 self.h2_conn.end_stream(event.stream_id)
@@ -481,9 +467,7 @@ class WsHttp2Server(_http2.Http2Server):
 
     def close_connection(self, msg: str) -> layer.CommandGenerator[None]:
         yield from _close_open_websockets(self, http_layers.RequestEndOfMessage)
-        # Say whose connection it was: the flows' errors otherwise read the
-        # same as an upstream's ("peer closed connection").
-        yield from super().close_connection(f"client connection closed: {msg}")
+        yield from super().close_connection(msg)
 
 
 def _close_open_websockets(codec, end_of_message) -> layer.CommandGenerator[None]:
@@ -546,7 +530,7 @@ class WsHttp2Client(_http2.Http2Client):
                 return
             if self._cannot_take(event):
                 self.refused.add(event.stream_id)
-                yield http_layers.ReceiveHttp(response_error(event.stream_id, NEEDS_HTTP1))
+                yield http_layers.ReceiveHttp(NeedsHttp1.on(event.stream_id))
                 return
         theirs = getattr(event, "stream_id", None)  # mitmproxy renames it when it sends
         yield from super()._handle_event(event)
@@ -592,7 +576,7 @@ class WsHttp2Client(_http2.Http2Client):
         ws = self.websockets.get(event.stream_id) if isinstance(event, http_layers.HttpEvent) else None
         if ws is not None and isinstance(event, http_layers.RequestEndOfMessage):
             return  # the CONNECT stream stays open for the WebSocket
-        if ws is not None and isinstance(event, http_layers.RequestProtocolError) and event.message == PASSTHROUGH_CLOSE:
+        if ws is not None and isinstance(event, http_layers.RequestProtocolError) and is_passthrough_close(event):
             if self.is_open_for_us(event.stream_id):
                 self.h2_conn.end_stream(event.stream_id)
                 yield commands.SendData(self.conn, self.h2_conn.data_to_send())
@@ -685,10 +669,9 @@ class WsHttp2Client(_http2.Http2Client):
 
     def _stream_reset(self, sid: int, ws: UpstreamStream, event: h2.events.StreamReset) -> layer.CommandGenerator[None]:
         if ws.phase is WsPhase.WAITING and event.error_code == h2.errors.ErrorCodes.HTTP_1_1_REQUIRED:
-            message = NEEDS_HTTP1
+            yield from self._stream_gone(sid, ws, NeedsHttp1.on(sid))
         else:
-            message = f"stream reset by server ({_error_name(event.error_code)})"
-        yield from self._stream_gone(sid, ws, message)
+            yield from self._stream_gone(sid, ws, f"stream reset by server ({_error_name(event.error_code)})")
 
     def _reset(
         self, sid: int, ws: UpstreamStream, reason: str, code: int = h2.errors.ErrorCodes.PROTOCOL_ERROR, *, later: bool = False
@@ -700,9 +683,12 @@ class WsHttp2Client(_http2.Http2Client):
         yield commands.SendData(self.conn, self.h2_conn.data_to_send())
         yield from self._stream_gone(sid, ws, reason, later=later)
 
-    def _stream_gone(self, sid: int, ws: UpstreamStream, message: str, *, later: bool = False) -> layer.CommandGenerator[None]:
+    def _stream_gone(
+        self, sid: int, ws: UpstreamStream, error: str | NeedsHttp1, *, later: bool = False
+    ) -> layer.CommandGenerator[None]:
         """The upstream stream ended abnormally: an open WebSocket sees its
-        peer close; a waiting handshake fails (or moves to HTTP/1.1)."""
+        peer close; a waiting handshake fails with `error` (or moves to
+        HTTP/1.1, when that is a NeedsHttp1)."""
         del self.websockets[sid]
         self.streams.pop(sid, None)
         if ws.phase is WsPhase.OPEN:
@@ -710,7 +696,7 @@ class WsHttp2Client(_http2.Http2Client):
         else:
             if ws.relay_from is not None:
                 ws.relay_from.relay_failed()
-            end = response_error(sid, message)
+            end = error if isinstance(error, NeedsHttp1) else response_error(sid, error)
         yield self.backlog.defer(end) if later else http_layers.ReceiveHttp(end)
 
     def close_connection(self, msg: str) -> layer.CommandGenerator[None]:
@@ -762,6 +748,15 @@ class WebSocketAddress(tuple):
     __slots__ = ()
 
 
+class Http1OnlyAddress(WebSocketAddress):
+    """The address of a WebSocket's fallback connection: it must offer only
+    HTTP/1.1, or the upstream would pick HTTP/2 again (`offer_http1_only`).
+    The mark travels with the connection, so several WebSockets of one
+    client falling back at once need no shared bookkeeping."""
+
+    __slots__ = ()
+
+
 _UNTHROTTLED = contextlib.nullcontext()
 
 
@@ -797,13 +792,6 @@ def _unthrottle_websockets(client: connection.Client) -> None:
         handler.max_conns = _Throttle(handler.max_conns.default_factory, handler.max_conns)
 
 
-# Upstream connections being opened for a fallback, by (client, address): they
-# must offer only HTTP/1.1, or the upstream would pick HTTP/2 again. Counted:
-# several WebSockets of one client fall back at once, and the first to get
-# its connection must not take the mark from those still connecting.
-_http1_only: collections.Counter[tuple[int, tuple]] = collections.Counter()
-
-
 class WsHttpStream(_stock(http_layers.HttpStream)):
     """mitmproxy's HTTP stream, which notes where a handshake is, retries a
     WebSocket over HTTP/1.1 when an HTTP/2 upstream cannot take it, and lets
@@ -816,9 +804,9 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
     def make_server_connection(self) -> layer.CommandGenerator[bool]:
         if _facts.get(self.flow.request) is None:
             return (yield from super().make_server_connection())
-        return (yield from self._connect(http_layers.GetHttpConnection))
+        return (yield from self._connect(http_layers.GetHttpConnection, WebSocketAddress))
 
-    def _connect(self, get: type[http_layers.GetHttpConnection]) -> layer.CommandGenerator[bool]:
+    def _connect(self, get: type[http_layers.GetHttpConnection], address: type[WebSocketAddress]) -> layer.CommandGenerator[bool]:
         """mitmproxy's make_server_connection for a handshake: its connection
         is marked as a WebSocket's, and its facts say where it waits."""
         facts = facts_for(self.flow.request)
@@ -826,7 +814,7 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
         _unthrottle_websockets(self.context.client)
         self._forget_finished_connections()
         conn, err = yield get(
-            WebSocketAddress((self.flow.request.host, self.flow.request.port)),
+            address((self.flow.request.host, self.flow.request.port)),
             self.flow.request.scheme == "https",
             self.flow.server_conn.via,
             self.flow.server_conn.transport_protocol,
@@ -858,9 +846,16 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
             del http_layer.connections[conn]
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, http_layers.ResponseProtocolError) and event.message == NEEDS_HTTP1 and not self.retried_over_http1:
+        if isinstance(event, NeedsHttp1) and not self.retried_over_http1:
             yield from self._retry_over_http1()
             return
+        if isinstance(event, (http_layers.RequestProtocolError, http_layers.ResponseProtocolError)):
+            facts = _facts.get(self.flow.request)
+            if facts is not None and facts.ended_by is None and not is_passthrough_close(event):
+                # Whose side failed the stream, by where the error came from:
+                # the client's codec sends request errors, the upstream's
+                # response errors (their messages do not say, and differ by version).
+                facts.ended_by = CLIENT if isinstance(event, http_layers.RequestProtocolError) else UPSTREAM
         if isinstance(event, http_layers.RequestHeaders):
             handshake = classify(event.request)
             if handshake is not None:  # a handshake this stream will note the forwarding of
@@ -889,80 +884,100 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
     def _retry_over_http1(self) -> layer.CommandGenerator[None]:
         self.retried_over_http1 = True
         yield commands.Log(f"{NEEDS_HTTP1} ({printable(self.flow.request.host)})", logging.INFO)
-        key = (id(self.context.client), (self.flow.request.host, self.flow.request.port))
-        _http1_only[key] += 1
-        try:
-            ok = yield from self._connect(GetHttp1Connection)
-        finally:
-            _http1_only[key] -= 1
-            if not _http1_only[key]:
-                del _http1_only[key]
-        if ok:
+        if (yield from self._connect(GetHttp1Connection, Http1OnlyAddress)):
             yield http_layers.SendHttp(http_layers.RequestHeaders(self.stream_id, self.flow.request, True), self.context.server)
             yield http_layers.SendHttp(http_layers.RequestEndOfMessage(self.stream_id), self.context.server)
 
 
-def offer_http1_only(server: connection.Server, client: connection.Client) -> None:
+def offer_http1_only(server: connection.Server) -> None:
     """Called from the addon's server_connect hook: a fallback connection
     offers only HTTP/1.1."""
-    if (id(client), server.address) in _http1_only and not server.alpn_offers:
+    if isinstance(server.address, Http1OnlyAddress) and not server.alpn_offers:
         server.alpn_offers = (b"http/1.1",)
 
 
 # -- installing -------------------------------------------------------------
 
+# What the bridge takes from mitmproxy's HTTP layer, probed before it is
+# installed instead of trusting a version number: mitmproxy's HTTP/2 code
+# changes little between releases, and a release where one of these moved or
+# changed its parameters is one the bridge would break, whatever its number.
+# (owner, name, the parameters it must take, or None for a name only)
+USES = (
+    (_http2, "Http2Server", None), (_http2, "Http2Client", None), (_http2, "Http2Connection", None),
+    (_http2, "parse_h2_request_headers", None), (_http2, "StreamState", None),
+    (_http2.Http2Server, "handle_h2_event", ("self", "event")),
+    (_http2.Http2Server, "_handle_event", ("self", "event")),
+    (_http2.Http2Client, "_handle_event", ("self", "event")),
+    (_http2.Http2Client, "_handle_event2", ("self", "event")),
+    (_http2.Http2Client, "handle_h2_event", ("self", "event")),
+    (_http2.Http2Connection, "close_connection", ("self", "msg")),
+    (http_layers, "HttpStream", None), (http_layers, "HttpLayer", None), (http_layers, "DropStream", None),
+    (http_layers.HttpStream, "make_server_connection", ("self",)),
+    (http_layers.HttpStream, "flow_done", ("self",)),
+    (http_layers.HttpStream, "passthrough", ("self", "event")),
+    (http_layers.HttpStream, "handle_protocol_error", ("self", "event")),
+    (http_layers.HttpStream, "_handle_event", ("self", "event")),
+    (http_layers.GetHttpConnection, "__init__", ("self", "address", "tls", "via", "transport_protocol")),
+    (http_layers.GetHttpConnection, "connection_spec_matches", ("self", "connection")),
+    (BufferedH2Connection, "__init__", None),
+)
+# The names the bridge replaces, and the classes of mitmproxy's that must look
+# them up in the HTTP layer's module when they make a connection or a stream
+# (a `from ... import` of their own would keep the stock class).
+REPLACED = {"HttpStream": ("HttpLayer",), "Http2Server": ("HttpLayer",), "Http2Client": ("HttpLayer", "HttpClient")}
+
+
+def _looks_up(cls: type, name: str) -> bool:
+    functions = [inspect.unwrap(fn) for fn in vars(cls).values() if isinstance(fn, types.FunctionType)]  # (past @expect)
+    return any(fn.__globals__ is vars(http_layers) and name in fn.__code__.co_names for fn in functions)
+
 
 def incompatibility() -> str | None:
     """Why this mitmproxy cannot take the bridge, or None if it can."""
-    major_minor = tuple(int(x) for x in mitmproxy_version.VERSION.split(".")[:2])
-    if major_minor not in KNOWN_VERSIONS:
-        known = ", ".join("%d.%d" % v for v in KNOWN_VERSIONS)
-        return f"mitmproxy {mitmproxy_version.VERSION} is not a version ws_encode knows ({known})"
-    for owner, name in [
-        (http_layers, "Http2Server"), (http_layers, "Http2Client"), (http_layers, "HttpStream"),
-        (_http2.Http2Server, "handle_h2_event"), (_http2.Http2Client, "_handle_event2"),
-        (_http2.Http2Connection, "close_connection"), (http_layers.HttpStream, "make_server_connection"),
-        (http_layers.HttpStream, "flow_done"), (http_layers.HttpStream, "passthrough"),
-        (http_layers, "DropStream"), (_http2, "parse_h2_request_headers"),
-    ]:
-        if getattr(owner, name, None) is None:
-            return f"{getattr(owner, '__name__', owner)}.{name} is missing"
+    for owner, name, parameters in USES:
+        where = f"{getattr(owner, '__name__', owner)}.{name}"
+        found = getattr(owner, name, None)
+        if found is None:
+            return f"{where} is missing"
+        if parameters is not None:
+            try:
+                got = list(inspect.signature(found).parameters.values())
+            except (TypeError, ValueError):
+                return f"{where} has no signature to check"
+            names = tuple(p.name for p in got)
+            required_extra = [p for p in got[len(parameters):] if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+            if names[: len(parameters)] != parameters or required_extra:
+                return f"{where} takes ({', '.join(names)}), not ({', '.join(parameters)})"
+    if "stream_buffers" not in BufferedH2Connection.__init__.__code__.co_names:
+        return "BufferedH2Connection keeps no stream_buffers"
+    for name, users in REPLACED.items():
+        for user in users:
+            if not _looks_up(getattr(http_layers, user), name):
+                return f"{user} does not look up {name} where the bridge replaces it"
     return None
 
 
-class Bridge:
-    """Switches mitmproxy's HTTP layer to the classes above, and back.
+def install(h2: bool) -> str | None:
+    """Put the bridge's classes in place; None if that took, else what did
+    not (and then mitmproxy's own classes are back)."""
+    wanted = {"HttpStream": WsHttpStream,
+              "Http2Server": WsHttp2Server if h2 else _http2.Http2Server,
+              "Http2Client": WsHttp2Client if h2 else _http2.Http2Client}
+    for name, cls in wanted.items():
+        setattr(http_layers, name, cls)
+    wrong = [name for name, cls in wanted.items() if getattr(http_layers, name) is not cls]
+    if wrong:
+        uninstall()
+        return f"replacing {', '.join(wrong)} in mitmproxy's HTTP layer did not take effect"
+    return None
 
-    The stream class stays while the addon is loaded (it changes nothing for
-    a flow that is not a WebSocket); the HTTP/2 codecs follow ws_encode_h2.
-    """
 
-    def __init__(self) -> None:
-        self.installed = False
-        self.refused = False
+def uninstall() -> None:
+    http_layers.HttpStream = _stock(WsHttpStream)
+    http_layers.Http2Server = _http2.Http2Server
+    http_layers.Http2Client = _http2.Http2Client
 
-    def install(self, h2: bool) -> None:
-        problem = incompatibility()
-        if problem:
-            if not self.refused:
-                logger.warning(
-                    "ws_encode_h2: %s; HTTP/2 stays as stock mitmproxy has it (no HTTP/2 "
-                    "WebSockets), HTTP/1.1 WebSocket diagnosis keeps working.", problem
-                )
-                self.refused = True
-            return
-        http_layers.HttpStream = WsHttpStream
-        http_layers.Http2Server = WsHttp2Server if h2 else _http2.Http2Server
-        http_layers.Http2Client = WsHttp2Client if h2 else _http2.Http2Client
-        self.installed = True
 
-    def uninstall(self) -> None:
-        if not self.installed:
-            return
-        http_layers.HttpStream = _stock(WsHttpStream)
-        http_layers.Http2Server = _http2.Http2Server
-        http_layers.Http2Client = _http2.Http2Client
-        self.installed = False
-
-    def facts(self, request: http.Request) -> StreamFacts:
-        return _facts.get(request, NO_FACTS) if self.installed else NO_FACTS
+def facts(request: http.Request) -> StreamFacts:
+    return _facts.get(request, NO_FACTS)

@@ -1,0 +1,57 @@
+"""What the HTTP/2 bridge saw of a handshake that mitmproxy's flow cannot show.
+
+Kept apart from the bridge (`h2bridge`, which reaches into mitmproxy's
+internals and may not load on every mitmproxy) so that the addon can read
+these whether or not the bridge is there.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .handshake import Handshake
+
+# Where a handshake is (StreamFacts.stage), as far as the bridge sees it.
+CONNECTING = "connecting"  # waiting for its upstream connection
+SETTINGS = "settings"  # held for an HTTP/2 upstream's first SETTINGS
+QUEUED = "queued"  # behind an HTTP/2 upstream's MAX_CONCURRENT_STREAMS
+FORWARDED = "forwarded"  # its headers are written upstream
+
+# Whose side ended a stream with an error (StreamFacts.ended_by).
+CLIENT = "client"
+UPSTREAM = "upstream"
+
+
+@dataclass
+class StreamFacts:
+    """What the codecs saw of a handshake that mitmproxy's flow cannot show."""
+
+    # The stream's classification of the request, made once for the stream,
+    # the codecs and the addon.
+    handshake: Handshake | None = None
+    forwarded_at: float | None = None  # time.monotonic() when the request went upstream
+    # One of the stages above; None until the bridge's stream has the handshake.
+    stage: str | None = None
+    # Why the bridge itself ended the handshake's stream, if it did (no
+    # header values): the addon then blames neither peer.
+    ended_by_proxy: str | None = None
+    # CLIENT or UPSTREAM: whose codec reported the error that ended the stream.
+    ended_by: str | None = None
+    upstream_status: int | None = None
+    client_bytes_before_status: int = 0
+    status_with_data: bool = False
+    # Client messages that went upstream before the status, past mitmproxy's
+    # WebSocket layer: (opcode, payload, time.time()), for flow.websocket.
+    early_messages: list[tuple[int, bytes, float]] = field(default_factory=list)
+
+    def waiting(self, stage: str) -> None:
+        """Not (or no longer) written upstream: no stall clock from forwarding."""
+        self.forwarded_at, self.stage = None, stage
+
+    def forwarded(self) -> None:
+        self.forwarded_at, self.stage = time.monotonic(), FORWARDED
+
+
+# What a flow the bridge did not carry has: nothing. Only ever read.
+NO_FACTS = StreamFacts()
