@@ -715,6 +715,11 @@ class ClientWebSocket:
         self._end_our_side()
         await asyncio.wait_for(self._ended.wait(), timeout)
 
+    def half_close(self) -> None:
+        """END_STREAM without a Close frame: our side is done, the peer's
+        is left for it to end."""
+        self._end_our_side()
+
     async def reset(self, code: int = ErrorCodes.CANCEL) -> None:
         """Abort the stream with RST_STREAM."""
         if self._dead_reason:

@@ -49,7 +49,9 @@ class ProxyState:
         gc.collect()
         objects = gc.get_objects()
         layers = [o for o in objects if isinstance(o, HttpLayer)]
+        codecs = [o for o in objects if type(o).__name__ in ("WsHttp2Server", "WsHttp2Client")]  # the bridge's
         state = {
+            "codec_websockets": sum(len(codec.websockets) for codec in codecs),
             "pid": os.getpid(),
             "flows": sum(isinstance(o, http.HTTPFlow) for o in objects) - 1,  # not this request's
             "streams": sum(len(layer.streams) for layer in layers) - 1,
@@ -164,7 +166,33 @@ def test_sixty_websockets_at_once_with_requests_between(cert, probe, kind):
     assert statuses == [200] * count
     assert echoes == [f"to {i}" for i in range(count)]
     assert answers == [(200, b"ok\n" if kind == "http/1.1" else b"ok")] * (count // 10 + 1)
-    assert state["flows"] == state["streams"] == 0 and state["waiting"] == []
+    assert state["flows"] == state["streams"] == state["codec_websockets"] == 0 and state["waiting"] == []
+    assert_clean_log(md)
+
+
+@pytest.mark.parametrize("kind", ["h2", "http/1.1"])
+def test_websockets_the_client_ends_first_are_released(cert, probe, kind):
+    """A client that ends its side first (END_STREAM, no Close frame): the
+    WebSocket layer then closes the proxy's side, after which no event comes
+    for that stream; the codec kept each such WebSocket until the connection
+    closed (found by tests/test_h2codecs.py)."""
+    count = 20
+
+    async def scenario():
+        async with upstream(kind, cert) as url, proxy(url, probe) as md:
+            client = await client_of(md)
+            sockets = [await client.open_websocket(f"/first{i}", AUTHORITY) for i in range(count)]
+            assert [await ws.wait_status(20) for ws in sockets] == [200] * count
+            for ws in sockets:
+                ws.half_close()
+            ended = [await ws.wait_ended(20) for ws in sockets]
+            state = await proxy_state(client)
+            await client.close()
+        return ended, state, md
+
+    ended, state, md = asyncio.run(scenario())
+    assert ended == ["end_stream"] * count
+    assert state["codec_websockets"] == state["flows"] == state["streams"] == 0
     assert_clean_log(md)
 
 
@@ -199,7 +227,7 @@ def test_finished_websockets_are_released(cert, probe, kind):
     before, after, md = asyncio.run(scenario())
     # Nothing of a finished WebSocket is kept: no flow, no stream, and of
     # the HTTP/1.1 upstream connections only those closing right now.
-    assert after["flows"] == after["streams"] == 0 and after["waiting"] == []
+    assert after["flows"] == after["streams"] == after["codec_websockets"] == 0 and after["waiting"] == []
     assert after["connections"] <= before["connections"] + batch
     # mitmproxy alone grew by 14-25 KiB per WebSocket. The bound leaves room
     # for what h2 itself keeps of closed streams (about 100 bytes each, up to

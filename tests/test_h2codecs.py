@@ -763,17 +763,6 @@ def test_early_data_relayed_to_a_connect_reset_with_http_1_1_required_is_kept_fo
 
 # -- what a finished WebSocket leaves in a codec --------------------------------
 
-RETAINED = (
-    "a WebSocket whose peer half-closes first (END_STREAM) and whose WebSocket layer then closes the other side "
-    "stays in the codec's `websockets` until the connection closes: the passthrough-close branch of "
-    "{}._handle_event{} calls h2_conn.end_stream, which closes the h2 stream, but does not pop the entry (only "
-    "handle_h2_event does, on a later h2 event of that stream, and none comes); so each such WebSocket keeps its "
-    "{} for the connection's life, and ConnectionClosed hands the long-finished stream "
-    "an end of message"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=RETAINED.format("WsHttp2Server", "", "ClientSideStream (its StreamFacts and early-data buffers)"))
 def test_a_websocket_the_client_half_closes_first_leaves_nothing_in_the_client_codec():
     """A long-lived HTTP/2 connection carries WebSocket after WebSocket; what
     the codec keeps of each must go when both sides have ended, whichever
@@ -787,7 +776,6 @@ def test_a_websocket_the_client_half_closes_first_leaves_nothing_in_the_client_c
     assert SID not in side.codec.websockets
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=RETAINED.format("WsHttp2Client", "2", "UpstreamStream (its StreamFacts, early messages included)"))
 def test_a_websocket_the_upstream_half_closes_first_leaves_nothing_in_the_upstream_codec():
     """The same on the upstream connection, which many clients' WebSockets share."""
     side = upstream_side()

@@ -451,6 +451,7 @@ class WsHttp2Server(_http2.Http2Server):
             if self.is_open_for_us(event.stream_id):
                 self.h2_conn.end_stream(event.stream_id)
                 yield commands.SendData(self.conn, self.h2_conn.data_to_send())
+            _forget_if_closed(self, event.stream_id)
         else:
             yield from super()._handle_event(event)
             if isinstance(event, http_layers.ResponseData) and self.backlog.over_cap(event.stream_id):
@@ -468,6 +469,15 @@ class WsHttp2Server(_http2.Http2Server):
     def close_connection(self, msg: str) -> layer.CommandGenerator[None]:
         yield from _close_open_websockets(self, http_layers.RequestEndOfMessage)
         yield from super().close_connection(msg)
+
+
+def _forget_if_closed(codec, sid: int) -> None:
+    """After the proxy's end of a WebSocket stream: if the peer had ended its
+    side first, no h2 event will come for that stream any more, so what the
+    codec keeps of it goes now (else at the peer's END_STREAM)."""
+    if codec.is_closed(sid):
+        codec.websockets.pop(sid, None)
+        codec.streams.pop(sid, None)
 
 
 def _close_open_websockets(codec, end_of_message) -> layer.CommandGenerator[None]:
@@ -580,6 +590,7 @@ class WsHttp2Client(_http2.Http2Client):
             if self.is_open_for_us(event.stream_id):
                 self.h2_conn.end_stream(event.stream_id)
                 yield commands.SendData(self.conn, self.h2_conn.data_to_send())
+            _forget_if_closed(self, event.stream_id)
             return
         yield from super()._handle_event2(event)
         if ws is not None and isinstance(event, http_layers.RequestData) and self.backlog.over_cap(event.stream_id):
