@@ -392,11 +392,13 @@ class WsEncode:
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         self.opening[data.server] = data.client.id
-        self.bridge.offer_http1_only(data.server)
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         if not data.server.tls:
             self.opening.pop(data.server, None)
+
+    def tls_start_server(self, tls_start) -> None:
+        self.bridge.offer_http1_only(tls_start.conn)
 
     def tls_established_server(self, data) -> None:
         self.opening.pop(data.conn, None)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+from pathlib import Path
 
 import json
 import re
@@ -89,6 +91,8 @@ class MovedHttpLayer(http_layers.HttpLayer):
     (lambda mp: mp.setattr(http_layers.HttpStream, "flow_done", changed_parameters),
      "HttpStream.flow_done takes (self, event, extra), not (self)"),
     (lambda mp: mp.setattr(http_layers, "HttpLayer", MovedHttpLayer), "HttpLayer does not look up HttpStream"),
+    (lambda mp: mp.delattr(http_layers, "HttpClient"), "http.HttpClient is missing"),
+    (lambda mp: mp.setattr(_http2.Http2Client, "__init__", lambda self, context: None), "Http2Client keeps no stream_queue"),
 ])
 def test_changed_internals_are_named_and_nothing_is_replaced(monkeypatch, caplog, change, named):
     """The bridge probes what it uses, not the version number: a renamed
@@ -105,22 +109,70 @@ def test_changed_internals_are_named_and_nothing_is_replaced(monkeypatch, caplog
     assert named in line and "HTTP/1.1 WebSocket diagnosis keeps working" in line
 
 
+def addon_copy(tmp_path) -> Path:
+    """The addon in a folder of its own, to be changed (and so reloaded) by a
+    test: touching the shared file would reload the addon in every mitmdump
+    of the suite running at the time, the other mitmproxy line's included."""
+    folder = tmp_path / "addon"
+    shutil.copytree(ROOT / "addon", folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return folder / "ws_encode.py"
+
+
+async def reload_script(md: Mitmdump, script: Path) -> None:
+    """mitmproxy reloads a script whose file changed."""
+    loads = sum("Loading script" in line for line in md.lines)
+    stat = script.stat()
+    os.utime(script, (stat.st_atime, stat.st_mtime + 1))
+    await md.wait_for_count("Loading script", loads + 1, timeout=15)
+
+
 def test_reloading_the_script_keeps_http2_websockets_working(tmp_path):
     cert = h2ws.make_self_signed_cert(tmp_path)
+    script = addon_copy(tmp_path)
 
     async def scenario():
         async with h2ws.H2WebSocketServer(*cert) as upstream:
-            async with Mitmdump("--mode", f"reverse:https://127.0.0.1:{upstream.port}", "--ssl-insecure") as md:
+            async with Mitmdump("--mode", f"reverse:https://127.0.0.1:{upstream.port}", "--ssl-insecure",
+                                addon=script) as md:
                 before = await h2_echo_once(md, "before")
-                # mitmproxy reloads a script whose file changed.
-                stat = ADDON.stat()
-                os.utime(ADDON, (stat.st_atime, stat.st_mtime + 1))
-                await md.wait_for_count("Loading script", 2, timeout=15)
+                await reload_script(md, script)
                 after = await h2_echo_once(md, "after")
         return before, after, md
 
     before, after, md = asyncio.run(scenario())
     assert (before, after) == ((200, "before"), (200, "after"))
+    assert_clean_log(md)
+
+
+def test_after_a_reload_a_connection_still_opens_any_number_of_websockets(tmp_path):
+    """mitmproxy lets a client connection have 5 connections to one server;
+    the bridge lets WebSockets past that (each keeps its HTTP/1.1 connection
+    for life). The earlier copy of the module had set that up on a live
+    connection with checks holding its own classes, so after a reload the
+    sixth WebSocket on that connection waited forever (and any test touching
+    the addon's file reloaded it in every mitmdump running then)."""
+    script = addon_copy(tmp_path)
+    count = 8
+
+    async def scenario():
+        server = FaultServer(Faults())
+        await server.start()
+        try:
+            async with Mitmdump("--mode", f"reverse:http://127.0.0.1:{server.port}", addon=script) as md:
+                client = h2ws.H2WebSocketClient("127.0.0.1", md.port, server_hostname="localhost")
+                await client.connect()
+                first = await client.open_websocket("/before", "localhost")
+                assert await first.wait_status(10) == 200
+                await reload_script(md, script)
+                sockets = [await client.open_websocket(f"/after{i}", "localhost") for i in range(count)]
+                statuses = await asyncio.gather(*(ws.wait_status(10) for ws in sockets), return_exceptions=True)
+                await client.close()
+        finally:
+            await server.stop()
+        return statuses, md
+
+    statuses, md = asyncio.run(scenario())
+    assert statuses == [200] * count
     assert_clean_log(md)
 
 
@@ -258,4 +310,96 @@ def test_a_mitmproxy_the_bridge_does_not_fit_keeps_http1_diagnosis(tmp_path, rep
     [line] = [line for line in md.lines if "ws_encode_h2:" in line]
     assert "HTTP/1.1 WebSocket diagnosis keeps working" in line
     assert ("cannot load the bridge" if change == "renamed" else "connection_spec_matches takes (self, conn)") in line
+    assert_clean_log(md)
+
+
+# Loaded after the addon: holds WebSocket handshakes in the request hook
+# until a request for /release arrives (an intercept, or a slow addon).
+HOLD_UNTIL_RELEASED = '''
+import asyncio
+from mitmproxy import http
+
+class HoldUntilReleased:
+    def __init__(self):
+        self.released = None
+
+    async def request(self, flow):
+        if self.released is None:
+            self.released = asyncio.get_running_loop().create_future()
+        if flow.request.path == "/release":
+            self.released.set_result(None)
+            flow.response = http.Response.make(200, b"released")
+        elif flow.request.headers.get("upgrade"):
+            await self.released
+
+addons = [HoldUntilReleased()]
+'''
+
+
+def test_a_client_reset_while_a_hook_holds_the_handshake_is_the_client_giving_up(tmp_path, report):
+    """mitmproxy queues what arrives for a stream while one of its hooks
+    runs, and fires the error hook for it as soon as the hook returns, before
+    the stream handles the event: who ended the stream must be known by then
+    (it was blamed on the upstream, as unreachable)."""
+    hold = tmp_path / "hold_until_released.py"
+    hold.write_text(HOLD_UNTIL_RELEASED)
+
+    async def scenario():
+        server = FaultServer(Faults())
+        await server.start()
+        try:
+            async with Mitmdump("--mode", f"reverse:http://127.0.0.1:{server.port}", "-s", str(hold),
+                                report=report) as md:
+                client = h2ws.H2WebSocketClient("127.0.0.1", md.port, server_hostname="localhost")
+                await client.connect()
+                ws = await client.open_websocket("/held", "localhost")
+                await ws.reset()  # the browser gives up while the request hook still runs
+                # On the same connection, so after the reset: the hook lets go.
+                released = await client.get("/release", "localhost")
+                record = await md.wait_for_record(event="handshake")
+                await client.close()
+        finally:
+            await server.stop()
+        return released, record, server.received, md
+
+    released, record, received, md = asyncio.run(scenario())
+    assert released == (200, b"released")
+    assert record["outcome"] == "no-status" and "client gave up" in record["diagnosis"]
+    assert "unreachable" not in record["diagnosis"] and received == []
+    assert_clean_log(md)
+
+
+# Loaded after the addon: an addon of the user's that chooses what every
+# upstream connection offers.
+OFFERS_H2 = '''
+class OffersH2:
+    def server_connect(self, data):
+        data.server.alpn_offers = (b"h2", b"http/1.1")
+
+addons = [OffersH2()]
+'''
+
+
+def test_the_http1_fallback_offers_http1_whatever_another_addon_chose(tmp_path, cert, report):
+    """A WebSocket to an HTTP/2 upstream without RFC 8441 goes over a separate
+    HTTP/1.1 connection, which must offer only HTTP/1.1 in its TLS handshake.
+    That was set at server_connect, where another addon (or, in upstream-proxy
+    mode, the proxy's connection in place of the origin's) could undo it; the
+    fallback then negotiated HTTP/2 again and failed."""
+    from test_h2_proxy import DualAlpnServer
+
+    offers = tmp_path / "offers_h2.py"
+    offers.write_text(OFFERS_H2)
+
+    async def scenario():
+        async with DualAlpnServer(cert, FaultServer(Faults())) as upstream:
+            async with Mitmdump("--mode", f"reverse:https://127.0.0.1:{upstream.port}", "--ssl-insecure",
+                                "-s", str(offers), report=report) as md:
+                echoed = await h2_echo_once(md, "over HTTP/1.1")
+                record = await md.wait_for_record(event="handshake")
+        return echoed, record, md
+
+    echoed, record, md = asyncio.run(scenario())
+    assert echoed == (200, "over HTTP/1.1")
+    assert record["upstream_transport"] == "h1" and record["upstream_status"] == 101
     assert_clean_log(md)

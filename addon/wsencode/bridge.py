@@ -33,7 +33,7 @@ class Bridge:
         if self.refused:
             return
         module = self._load()
-        problem = module.incompatibility() if module else self.refused
+        problem = self._probe(module) if module else self.refused
         if not problem:
             problem = module.install(h2)
         if problem:
@@ -53,14 +53,23 @@ class Bridge:
         if self.installed and self._module:
             self._module.offer_http1_only(server)
 
+    # Whatever goes wrong in loading or probing the bridge is a mitmproxy it
+    # does not fit, not a reason to fail the addon: so any exception, said in
+    # the one line, with HTTP/1.1 diagnosis left working.
     def _load(self) -> ModuleType | None:
         if self._module is None:
             try:
                 self._module = importlib.import_module(".h2bridge", __package__)
-            except (ImportError, AttributeError) as e:
-                # A name h2bridge takes from mitmproxy at import is gone.
+            except Exception as e:  # e.g. a name h2bridge takes from mitmproxy at import is gone
                 self.refused = f"cannot load the bridge ({type(e).__name__}: {e})"
         return self._module
+
+    @staticmethod
+    def _probe(module: ModuleType) -> str | None:
+        try:
+            return module.incompatibility()
+        except Exception as e:  # an internal changed in a way the probe did not foresee
+            return f"cannot check what the bridge needs ({type(e).__name__}: {e})"
 
     def _refuse(self, problem: str) -> None:
         self.refused = problem

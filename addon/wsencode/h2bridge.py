@@ -757,6 +757,13 @@ class WebSocketAddress(tuple):
     """
 
     __slots__ = ()
+    # Checked by name, not by class: after a script reload, connections made
+    # by the earlier copy of this module carry its classes.
+    ws_encode_websocket = True
+
+
+def is_websocket_address(address) -> bool:
+    return getattr(address, "ws_encode_websocket", False)
 
 
 class Http1OnlyAddress(WebSocketAddress):
@@ -766,6 +773,7 @@ class Http1OnlyAddress(WebSocketAddress):
     client falling back at once need no shared bookkeeping."""
 
     __slots__ = ()
+    ws_encode_http1_only = True
 
 
 _UNTHROTTLED = contextlib.nullcontext()
@@ -786,8 +794,10 @@ class _Throttle(collections.defaultdict):
     and the client's SETTINGS_MAX_CONCURRENT_STREAMS bounds the number.
     """
 
+    ws_encode_throttle = True
+
     def __getitem__(self, address):
-        if isinstance(address, WebSocketAddress):
+        if is_websocket_address(address):
             return _UNTHROTTLED
         return super().__getitem__(address)
 
@@ -799,7 +809,11 @@ def _unthrottle_websockets(client: connection.Client) -> None:
     master = getattr(ctx, "master", None)
     proxyserver = master.addons.get("proxyserver") if master else None
     handler = proxyserver.connections.get(client.id) if proxyserver else None
-    if handler is not None and type(handler.max_conns) is collections.defaultdict:
+    if handler is None or type(handler.max_conns) is _Throttle:
+        return
+    # mitmproxy's own, or an earlier copy's (a script reload) whose checks
+    # still hold that copy's classes.
+    if type(handler.max_conns) is collections.defaultdict or getattr(handler.max_conns, "ws_encode_throttle", False):
         handler.max_conns = _Throttle(handler.max_conns.default_factory, handler.max_conns)
 
 
@@ -850,23 +864,41 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
         finished = [
             conn for conn in http_layer.connections
             if isinstance(conn, connection.Server)
-            and isinstance(conn.address, WebSocketAddress)
+            and is_websocket_address(conn.address)
             and conn.timestamp_end is not None
         ]
         for conn in finished:
             del http_layer.connections[conn]
 
-    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, NeedsHttp1) and not self.retried_over_http1:
-            yield from self._retry_over_http1()
-            return
+    def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, (http_layers.RequestProtocolError, http_layers.ResponseProtocolError)):
-            facts = _facts.get(self.flow.request)
-            if facts is not None and facts.ended_by is None and not is_passthrough_close(event):
-                # Whose side failed the stream, by where the error came from:
-                # the client's codec sends request errors, the upstream's
-                # response errors (their messages do not say, and differ by version).
-                facts.ended_by = CLIENT if isinstance(event, http_layers.RequestProtocolError) else UPSTREAM
+            self._note_ended_by(event)
+        # mitmproxy's own generator, not one wrapped around it: this runs for
+        # every event of every HTTP flow.
+        return super().handle_event(event)
+
+    def _note_ended_by(self, event: http_layers.RequestProtocolError | http_layers.ResponseProtocolError) -> None:
+        """Whose side failed the stream, by where the error came from: the
+        client's codec sends request errors, the upstream's response errors
+        (their messages do not say, and differ by version). Noted as the
+        event arrives, not when the stream handles it: behind a hook still
+        running (an intercepted request, a slow addon) mitmproxy queues the
+        event, and the error hook it then fires must know already."""
+        request = getattr(getattr(self, "flow", None), "request", None)
+        facts = _facts.get(request) if request is not None else None
+        if facts is None or facts.ended_by is not None or is_passthrough_close(event):
+            return
+        if isinstance(event, NeedsHttp1) and not self.retried_over_http1:
+            return  # not an end: the stream retries over HTTP/1.1
+        facts.ended_by = CLIENT if isinstance(event, http_layers.RequestProtocolError) else UPSTREAM
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, NeedsHttp1):
+            if not self.retried_over_http1:
+                yield from self._retry_over_http1()
+                return
+            # (an upstream proxy or another addon chose the ALPN of the fallback connection)
+            event = response_error(event.stream_id, "the HTTP/1.1 fallback connection negotiated HTTP/2 again")
         if isinstance(event, http_layers.RequestHeaders):
             handshake = classify(event.request)
             if handshake is not None:  # a handshake this stream will note the forwarding of
@@ -901,9 +933,12 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
 
 
 def offer_http1_only(server: connection.Server) -> None:
-    """Called from the addon's server_connect hook: a fallback connection
-    offers only HTTP/1.1."""
-    if isinstance(server.address, Http1OnlyAddress) and not server.alpn_offers:
+    """Called from the addon's tls_start_server hook, which runs just before
+    mitmproxy's tlsconfig makes the TLS connection from `alpn_offers`: a
+    fallback connection offers only HTTP/1.1. Not at server_connect, which
+    in upstream-proxy mode sees the proxy's connection instead of the
+    origin's, and after which another addon may choose the offers."""
+    if getattr(server.address, "ws_encode_http1_only", False):
         server.alpn_offers = (b"http/1.1",)
 
 
@@ -931,7 +966,22 @@ USES = (
     (http_layers.HttpStream, "_handle_event", ("self", "event")),
     (http_layers.GetHttpConnection, "__init__", ("self", "address", "tls", "via", "transport_protocol")),
     (http_layers.GetHttpConnection, "connection_spec_matches", ("self", "connection")),
+    (http_layers, "HttpClient", None), (http_layers, "ReceiveHttp", None), (http_layers, "SendHttp", None),
+    (_http2, "parse_h2_response_headers", None),
+    (_http2.StreamState, "HEADERS_RECEIVED", None), (_http2.StreamState, "EXPECTING_HEADERS", None),
+    (_http2.Http2Connection, "is_open_for_us", ("self", "stream_id")),
+    (_http2.Http2Connection, "is_closed", ("self", "stream_id")),
+    (layer.Layer, "handle_event", ("self", "event")),
     (BufferedH2Connection, "__init__", None),
+)
+# Attributes the bridge reads that mitmproxy sets on its instances: each must
+# be assigned in that class's __init__ (or, for `conn`, its base's).
+INSTANCE_ATTRIBUTES = (
+    (BufferedH2Connection, "stream_buffers"),
+    (_http2.Http2Connection, "h2_conn"), (_http2.Http2Connection, "streams"),
+    (_http2.Http2Connection.__mro__[1], "conn"),
+    (_http2.Http2Client, "stream_queue"), (_http2.Http2Client, "their_stream_id"),
+    (http_layers.HttpLayer, "connections"),
 )
 # The names the bridge replaces, and the classes of mitmproxy's that must look
 # them up in the HTTP layer's module when they make a connection or a stream
@@ -960,8 +1010,9 @@ def incompatibility() -> str | None:
             required_extra = [p for p in got[len(parameters):] if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
             if names[: len(parameters)] != parameters or required_extra:
                 return f"{where} takes ({', '.join(names)}), not ({', '.join(parameters)})"
-    if "stream_buffers" not in BufferedH2Connection.__init__.__code__.co_names:
-        return "BufferedH2Connection keeps no stream_buffers"
+    for cls, name in INSTANCE_ATTRIBUTES:
+        if name not in cls.__init__.__code__.co_names:
+            return f"{cls.__name__} keeps no {name}"
     for name, users in REPLACED.items():
         for user in users:
             if not _looks_up(getattr(http_layers, user), name):
@@ -977,7 +1028,11 @@ def install(h2: bool) -> str | None:
               "Http2Client": WsHttp2Client if h2 else _http2.Http2Client}
     for name, cls in wanted.items():
         setattr(http_layers, name, cls)
-    wrong = [name for name, cls in wanted.items() if getattr(http_layers, name) is not cls]
+    # What mitmproxy's HTTP layer will really construct: the names as its
+    # functions look them up (their module's globals).
+    seen = {name: inspect.unwrap(getattr(http_layers, REPLACED[name][0]).__init__).__globals__.get(name)
+            for name in wanted}
+    wrong = [name for name, cls in wanted.items() if seen[name] is not cls]
     if wrong:
         uninstall()
         return f"replacing {', '.join(wrong)} in mitmproxy's HTTP layer did not take effect"
