@@ -153,6 +153,7 @@ class WsEncode:
         self.flows: dict[str, http.HTTPFlow] = {}  # the live flow of each tracked handshake
         self.watch: StallWatch | None = None
         self.updated: list[http.HTTPFlow] = []  # stalled flows whose update hook is due
+        self.responses_held: set[str] = set()  # ids of flows whose status interception holds
         # The progress line's timer; its scheduler is injected like the watch's.
         self.schedule_progress: Scheduler | None = None
         self.progress_timer: Timer | None = None
@@ -360,11 +361,16 @@ class WsEncode:
             # The status reaches the client when the user resumes the flow.
             tracked.progress.upstream_status = f.response.status_code
             tracked.response_held = True
+            self.responses_held.add(f.id)
             return
         self._status_delivered(tracked, f, bad_accept)
 
     def update(self, flows: Sequence[flow.Flow]) -> None:
         # A resumed flow: an intercepted response now goes to the client.
+        # mitmproxy calls this after every hook of every flow (each WebSocket
+        # message too), so it costs nothing while no response is held.
+        if not self.responses_held:
+            return
         for f in flows:
             tracked = self.tracker.get(f.id)
             if tracked is not None and tracked.response_held and not f.intercepted:
@@ -575,6 +581,7 @@ class WsEncode:
 
     def _forget(self, flow_id: str) -> None:
         self.tracker.forget(flow_id)
+        self.responses_held.discard(flow_id)
         self.flows.pop(flow_id, None)
         if self.watch:
             self.watch.disarm(flow_id)

@@ -347,6 +347,7 @@ def test_an_intercepted_handshake_is_held_by_the_user(addon, clock):
         addon.update([f])
         assert f.metadata["ws_encode"]["event"] == "handshake"
         assert f.metadata["ws_encode"]["outcome"] == "upgraded"
+        assert not addon.responses_held  # update is a no-op again
 
 
 def test_a_script_reload_hands_waiting_handshakes_to_the_next_copy(addon, clock, tmp_path):

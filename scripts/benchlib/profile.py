@@ -5,7 +5,7 @@
 
 Loads: h1-handshakes (HTTP/1.1 handshake + echo + close, as goal 1),
 h1-requests, h2-requests, h2-echoes (one HTTP/2 WebSocket, one message at a
-time), h2-handshakes, h1-echoes, and over TLS (wss://, as goal 3 compares)
+time), h2-handshakes, h1-echoes, h1-64k-up (goal 2's 64 KiB messages, client→server), and over TLS (wss://, as goal 3 compares)
 h1-tls-echoes, h1-tls-handshakes. The mitmdump runs the addon as `scripts/bench` does
 (report on, policy observe; `--without` for none). Writes py-spy's collapsed
 stacks to OUT/LOAD.txt and prints:
@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 from benchlib.__main__ import (
-    FULL, Progress, h1_echoes, h1_requests, h1_ws_echo, h2_echoes, h2_handshakes, h2_requests, hold, settle,
+    FULL, Progress, h1_echoes, h1_requests, h1_throughput, h1_ws_echo, h2_echoes, h2_handshakes, h2_requests, hold,
+    settle,
 )
 from benchlib.procs import Mitmdump, Upstreams, die_with_parent
 from mitmdump_proc import ADDON
@@ -131,6 +132,7 @@ LOADS = {
     "h2-echoes": lambda m: h2_echoes(m.ports["h2"], 1000),
     "h2-handshakes": lambda m: h2_handshakes(m.ports["h2"], 200, 8),
     "h1-echoes": lambda m: h1_echoes(m.ports["h1"], 1000, False),
+    "h1-64k-up": lambda m: h1_throughput(m.ports["h1"], "up", 65536, 1500),  # goal 2's 64 KiB client→server
     "h1-tls-echoes": lambda m: h1_echoes(m.ports["h1_tls"], 1000, True),
     "h1-tls-handshakes": lambda m: h1_ws_echo(m.ports["h1_tls"], 200, 8, tls=True, echo=False),
     # goal 4: FULL.held handshakes held by a stalling upstream, opened over FULL.ramp_s
