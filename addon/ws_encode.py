@@ -137,6 +137,29 @@ def info_shown() -> bool:
     )
 
 
+def wire_form(f: http.HTTPFlow, record: Record) -> tuple[str, dict]:
+    """What an HTTP/2 client's handshake was on the wire, as a comment line
+    and metadata. mitmproxy's views show the form its stream and WebSocket
+    layer need (a GET upgrade with a key the proxy made up, a 101); they
+    cannot show an extended CONNECT as one: mitmproxy takes every CONNECT for
+    authority-form, so its URL, its filters and HAR would lose the path."""
+    status, upstream = record["status"], record["upstream_transport"]
+    meta = {"client_sent": "CONNECT :protocol websocket (RFC 8441)", "client_got": status}
+    got = f"→ {status}" if status is not None else "→ no status"
+    line = f"On the wire: HTTP/2 extended CONNECT (:protocol websocket) {got}; shown as a GET upgrade"
+    if upstream == "h1":
+        meta |= {"upstream_sent": "GET Upgrade: websocket (HTTP/1.1)",
+                 "sec_websocket_key_sent": header(f.request.headers, "sec-websocket-key")}
+        line += ", which is what the proxy sent the HTTP/1.1 upstream"
+    elif upstream == "h2":
+        meta["upstream_sent"] = "CONNECT :protocol websocket (RFC 8441)"
+        line += " (the HTTP/2 upstream got the extended CONNECT)"
+    if record["upstream_status"] is not None:
+        meta["upstream_status"] = record["upstream_status"]
+        line += f", answered {record['upstream_status']}"
+    return line + ".", meta
+
+
 def header(headers: http.Headers, name: str) -> str | None:
     value = headers.get(name)
     return None if value is None else printable(value)
@@ -587,8 +610,12 @@ class WsEncode:
             self.watch.disarm(flow_id)
 
     def _finished(self, f: http.HTTPFlow, record: Record) -> None:
+        bridged = self.bridge.facts(f.request) is not NO_FACTS and record["transport"] == Transport.H2.value
         self._forget(f.id)
         self._comment(f, record["diagnosis"])
+        if bridged:
+            line, f.metadata["ws_encode_wire"] = wire_form(f, record)
+            self._comment(f, line)
         self._write(f, record)
         quiet = record["outcome"] == "upgraded" and not record["stalled"]
         if quiet and not info_shown():

@@ -8,6 +8,7 @@ an HTTP/1.1 server for the translation path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 import subprocess
@@ -15,7 +16,8 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, Mitmdump, assert_clean_log
+from conftest import ROOT, Mitmdump, assert_clean_log, h2_echo_once
+from mitmproxy import io as mitmio
 from fault_server import Faults, FaultServer
 from test_peers import h2ws
 
@@ -197,6 +199,44 @@ def test_translation_to_an_http1_upstream(cert, report):
     assert record["transport"] == "h2" and record["upstream_transport"] == "h1"
     assert record["status"] == 200 and record["upstream_status"] == 101
     assert record["client_bytes_before_status"] == 11
+
+
+@pytest.mark.parametrize("upstream_kind", ["http/1.1", "h2"])
+def test_the_flow_says_what_was_on_the_wire(cert, tmp_path, upstream_kind):
+    """mitmproxy's views show an HTTP/2 WebSocket as the GET upgrade and 101
+    its WebSocket layer needs; the comment and the metadata say what the
+    client sent and got, and what the upstream was sent."""
+    flows_file = tmp_path / "flows.mitm"
+
+    async def scenario():
+        async with contextlib.AsyncExitStack() as stack:
+            if upstream_kind == "h2":
+                upstream = await stack.enter_async_context(h2ws.H2WebSocketServer(*cert))
+                url = f"https://127.0.0.1:{upstream.port}"
+            else:
+                upstream = FaultServer(Faults())
+                await upstream.start()
+                stack.push_async_callback(upstream.stop)
+                url = f"http://127.0.0.1:{upstream.port}"
+            async with reverse_to(url, "-w", str(flows_file)) as md:
+                echoed = await h2_echo_once(md, "wire")
+                await md.wait_for("WebSocket connection closed|handshake upgraded", timeout=5)
+        return echoed, md
+
+    echoed, md = run(scenario())
+    assert echoed == (200, "wire")
+    with flows_file.open("rb") as f:
+        [flow] = [x for x in mitmio.FlowReader(f).stream() if x.websocket is not None]
+    wire = flow.metadata["ws_encode_wire"]
+    assert wire["client_sent"] == "CONNECT :protocol websocket (RFC 8441)" and wire["client_got"] == 200
+    assert "On the wire: HTTP/2 extended CONNECT (:protocol websocket) → 200; shown as a GET upgrade" in flow.comment
+    if upstream_kind == "http/1.1":
+        assert wire["sec_websocket_key_sent"] == flow.request.headers["sec-websocket-key"]
+        assert wire["upstream_status"] == 101 and "what the proxy sent the HTTP/1.1 upstream, answered 101" in flow.comment
+    else:
+        assert wire["upstream_sent"] == "CONNECT :protocol websocket (RFC 8441)" and wire["upstream_status"] == 200
+        assert "sec_websocket_key_sent" not in wire and "the HTTP/2 upstream got the extended CONNECT" in flow.comment
+    assert_clean_log(md)
 
 
 def test_wrong_accept_from_http1_upstream_fails_the_handshake(cert, report):
