@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import re
 import shutil
-import subprocess
 import sys
 import time
 

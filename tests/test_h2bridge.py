@@ -283,7 +283,6 @@ def test_a_mitmproxy_the_bridge_does_not_fit_keeps_http1_diagnosis(tmp_path, rep
     stall still caught and reported."""
     changed = tmp_path / "changed_internals.py"
     changed.write_text(CHANGED_INTERNALS[change])
-    cert = h2ws.make_self_signed_cert(tmp_path)
 
     async def scenario():
         server = FaultServer(Faults(withhold_when_encoded=True))

@@ -72,7 +72,7 @@ from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from .frames import whole_messages_length
-from .handshake import Handshake, accept_for, classify
+from .handshake import accept_for, classify
 from .report import printable
 from .streamfacts import CLIENT, CONNECTING, NO_FACTS, QUEUED, SETTINGS, UPSTREAM, StreamFacts
 
