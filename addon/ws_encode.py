@@ -176,7 +176,8 @@ class WsEncode:
         self.flows: dict[str, http.HTTPFlow] = {}  # the live flow of each tracked handshake
         self.watch: StallWatch | None = None
         self.updated: list[http.HTTPFlow] = []  # stalled flows whose update hook is due
-        self.responses_held: set[str] = set()  # ids of flows whose status interception holds
+        # Flows whose status arrived but is held from the client by interception.
+        self.responses_held: set[str] = set()
         # The progress line's timer; its scheduler is injected like the watch's.
         self.schedule_progress: Scheduler | None = None
         self.progress_timer: Timer | None = None
@@ -383,7 +384,6 @@ class WsEncode:
         if f.intercepted:
             # The status reaches the client when the user resumes the flow.
             tracked.progress.upstream_status = f.response.status_code
-            tracked.response_held = True
             self.responses_held.add(f.id)
             return
         self._status_delivered(tracked, f, bad_accept)
@@ -396,12 +396,12 @@ class WsEncode:
             return
         for f in flows:
             tracked = self.tracker.get(f.id)
-            if tracked is not None and tracked.response_held and not f.intercepted:
+            if tracked is not None and f.id in self.responses_held and not f.intercepted:
                 self._status_delivered(tracked, f, not accept_matches(f))
 
     def websocket_start(self, f: http.HTTPFlow) -> None:
         tracked = self.tracker.get(f.id)
-        if tracked is not None and tracked.response_held:
+        if tracked is not None and f.id in self.responses_held:
             self._status_delivered(tracked, f, not accept_matches(f))
         # Messages an HTTP/2 client sent before the status went straight
         # upstream; they belong at the start of the conversation.

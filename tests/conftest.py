@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -150,13 +151,28 @@ class Mitmdump:
                     pass
 
 
-async def h2_echo_once(md: Mitmdump, text: str, path: str = "/chat", authority: str = "localhost") -> tuple[int, str]:
-    """One RFC 8441 WebSocket through `md`, on a connection of its own: its
-    status and the echo of `text`, then an orderly close."""
+def addon_copy(tmp_path: Path) -> Path:
+    """The addon in a folder of its own, to be changed (and so reloaded) by a
+    test: touching the shared file would reload the addon in every mitmdump
+    of the suite running at the time, the other mitmproxy line's included."""
+    folder = tmp_path / "addon"
+    shutil.copytree(ROOT / "addon", folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return folder / "ws_encode.py"
+
+
+async def h2_client(md: Mitmdump, authority: str = "localhost"):
+    """An HTTP/2 client connection to `md`, its SETTINGS exchanged."""
     import h2ws  # (scripts/, on the path above)
 
     client = h2ws.H2WebSocketClient("127.0.0.1", md.port, server_hostname=authority)
     await client.connect()
+    return client
+
+
+async def h2_echo_once(md: Mitmdump, text: str, path: str = "/chat", authority: str = "localhost") -> tuple[int, str]:
+    """One RFC 8441 WebSocket through `md`, on a connection of its own: its
+    status and the echo of `text`, then an orderly close."""
+    client = await h2_client(md, authority)
     ws = await client.open_websocket(path, authority)
     status = await ws.wait_status(5)
     await ws.send_text(text)

@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, Mitmdump, assert_clean_log, h2_echo_once
+from conftest import ROOT, Mitmdump, assert_clean_log, h2_client, h2_echo_once
 from mitmproxy import io as mitmio
 from fault_server import Faults, FaultServer
 from test_peers import h2ws
@@ -40,12 +40,6 @@ def reverse_to(url: str, *options: str, report=None) -> Mitmdump:
         "--mode", f"reverse:{url}", "--ssl-insecure", "--set", f"ws_encode_stall={STALL}", *options,
         report=report,
     )
-
-
-async def h2_client(md: Mitmdump) -> h2ws.H2WebSocketClient:
-    client = h2ws.H2WebSocketClient("127.0.0.1", md.port, server_hostname=AUTHORITY)
-    await client.connect()
-    return client
 
 
 class DualAlpnServer(h2ws.H2WebSocketServer):

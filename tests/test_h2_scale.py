@@ -24,7 +24,7 @@ from pathlib import Path
 
 import h2.errors
 import pytest
-from conftest import ROOT, Mitmdump, assert_clean_log
+from conftest import ROOT, Mitmdump, assert_clean_log, h2_client
 from fault_server import Faults, FaultServer
 from test_h2_proxy import DualAlpnServer
 from test_peers import h2ws
@@ -100,12 +100,6 @@ def proxy(url: str, probe: Path, *options: str) -> Mitmdump:
     )
 
 
-async def client_of(md: Mitmdump) -> h2ws.H2WebSocketClient:
-    client = h2ws.H2WebSocketClient("127.0.0.1", md.port, server_hostname=AUTHORITY)
-    await client.connect()
-    return client
-
-
 async def proxy_state(client: h2ws.H2WebSocketClient) -> dict:
     status, body = await client.get("/__proxy_state__", AUTHORITY)
     assert status == 200
@@ -145,7 +139,7 @@ def test_sixty_websockets_at_once_with_requests_between(cert, probe, kind):
 
     async def scenario():
         async with upstream(kind, cert) as url, proxy(url, probe) as md:
-            client = await client_of(md)
+            client = await h2_client(md)
             sockets, gets = [], []
             for i in range(count):
                 sockets.append(await client.open_websocket(f"/ws{i}", AUTHORITY))
@@ -180,7 +174,7 @@ def test_websockets_the_client_ends_first_are_released(cert, probe, kind):
 
     async def scenario():
         async with upstream(kind, cert) as url, proxy(url, probe) as md:
-            client = await client_of(md)
+            client = await h2_client(md)
             sockets = [await client.open_websocket(f"/first{i}", AUTHORITY) for i in range(count)]
             assert [await ws.wait_status(20) for ws in sockets] == [200] * count
             for ws in sockets:
@@ -210,7 +204,7 @@ def test_finished_websockets_are_released(cert, probe, kind):
 
     async def scenario():
         async with upstream(kind, cert) as url, proxy(url, probe) as md:
-            client = await client_of(md)
+            client = await h2_client(md)
             for r in range(warmup // batch):
                 await echo_round(client, batch, f"/w{r}-")
             before = await proxy_state(client)
@@ -247,7 +241,7 @@ def test_a_client_that_does_not_read_is_reset_alone(cert, probe):
 
     async def scenario():
         async with upstream("h2", cert) as url, proxy(url, probe) as md:
-            client = await client_of(md)
+            client = await h2_client(md)
             healthy = [await client.open_websocket(f"/healthy{i}", AUTHORITY) for i in range(3)]
             assert [await ws.wait_status(10) for ws in healthy] == [200] * 3
             before = await proxy_state(client)
@@ -261,7 +255,7 @@ def test_a_client_that_does_not_read_is_reset_alone(cert, probe):
                 await ws.send_text(f"still {i}")
             echoes = [await ws.receive(10) for ws in healthy]
             get = await client.get("/plain", AUTHORITY)
-            other = await client_of(md)
+            other = await h2_client(md)
             await echo_round(other, 3, "/other")
             await other.close()
             await asyncio.gather(*(ws.close(timeout=10) for ws in healthy))
@@ -288,7 +282,7 @@ def test_an_upstream_that_does_not_read_is_reset_alone(cert, probe):
 
     async def scenario():
         async with upstream("h2", cert) as url, proxy(url, probe) as md:
-            client = await client_of(md)
+            client = await h2_client(md)
             deaf = await client.open_websocket("/deaf?deaf", AUTHORITY)
             other = await client.open_websocket("/other", AUTHORITY)
             assert [await deaf.wait_status(10), await other.wait_status(10)] == [200, 200]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import json
@@ -14,7 +13,7 @@ import re
 import h2.errors
 import pytest
 import ws_encode
-from conftest import ADDON, ROOT, Mitmdump, assert_clean_log, h2_echo_once, upgrade_request
+from conftest import ADDON, ROOT, Mitmdump, addon_copy, assert_clean_log, h2_echo_once, upgrade_request
 from fault_server import Faults, FaultServer
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http2
@@ -107,15 +106,6 @@ def test_changed_internals_are_named_and_nothing_is_replaced(monkeypatch, caplog
     assert current() == STOCK and http_layers.HttpStream is stream and not bridge.installed
     [line] = [r.getMessage() for r in caplog.records]
     assert named in line and "HTTP/1.1 WebSocket diagnosis keeps working" in line
-
-
-def addon_copy(tmp_path) -> Path:
-    """The addon in a folder of its own, to be changed (and so reloaded) by a
-    test: touching the shared file would reload the addon in every mitmdump
-    of the suite running at the time, the other mitmproxy line's included."""
-    folder = tmp_path / "addon"
-    shutil.copytree(ROOT / "addon", folder, ignore=shutil.ignore_patterns("__pycache__"))
-    return folder / "ws_encode.py"
 
 
 async def reload_script(md: Mitmdump, script: Path) -> None:

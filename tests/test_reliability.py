@@ -14,10 +14,10 @@ import shutil
 import ssl
 
 import pytest
-from conftest import ROOT, Mitmdump, assert_clean_log, raw_exchange, upgrade_request
+from conftest import Mitmdump, addon_copy, assert_clean_log, h2_client, raw_exchange, upgrade_request
 from fault_server import Faults, FaultServer
 from test_h1_proxy import close, proxied
-from test_h2_proxy import AUTHORITY, STALL, cert, h2_client, reverse_to  # noqa: F401 (cert is a fixture)
+from test_h2_proxy import AUTHORITY, STALL, cert, reverse_to  # noqa: F401 (cert is a fixture)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -253,9 +253,7 @@ class AnswersOnCue(FaultServer):
 def test_a_script_reload_keeps_one_record_per_handshake(tmp_path, report):
     """The addon's file changes while a handshake waits: mitmproxy reloads it,
     and the handshake still gets exactly one record, from the new copy."""
-    addon_dir = tmp_path / "addon"
-    shutil.copytree(ROOT / "addon", addon_dir, ignore=shutil.ignore_patterns("__pycache__"))
-    script = addon_dir / "ws_encode.py"
+    script = addon_copy(tmp_path)
 
     async def scenario():
         server = AnswersOnCue()

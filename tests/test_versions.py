@@ -14,7 +14,7 @@ import asyncio
 import subprocess
 
 import pytest
-from conftest import ROOT, Mitmdump, assert_clean_log, h2_echo_once
+from conftest import ROOT, Mitmdump, assert_clean_log, h2_client, h2_echo_once
 from fault_server import Faults, FaultServer
 from test_peers import h2ws
 
@@ -36,12 +36,6 @@ def mitmdump(request):
 @pytest.fixture(scope="module")
 def cert(tmp_path_factory):
     return h2ws.make_self_signed_cert(tmp_path_factory.mktemp("cert"))
-
-
-async def h2_client(md: Mitmdump) -> h2ws.H2WebSocketClient:
-    client = h2ws.H2WebSocketClient("127.0.0.1", md.port, server_hostname=AUTHORITY)
-    await client.connect()
-    return client
 
 
 def test_an_http2_stall_is_caught_and_reported(mitmdump, cert, report):

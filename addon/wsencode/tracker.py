@@ -50,7 +50,6 @@ class TrackedHandshake:
     accept_encoding_upstream: str | None
     upstream_transport: str | None = None
     stage: Stage = Stage.QUEUED  # where it was last seen
-    response_held: bool = False  # the status arrived, but interception holds it from the client
 
     @property
     def transport(self) -> Transport:
