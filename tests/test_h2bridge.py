@@ -166,6 +166,36 @@ def test_after_a_reload_a_connection_still_opens_any_number_of_websockets(tmp_pa
     assert_clean_log(md)
 
 
+def test_after_a_reload_the_record_keeps_what_a_connection_from_before_saw(tmp_path):
+    """A connection made before a reload keeps the earlier copy's codecs,
+    which noted what they saw in that copy's module-level table, out of the
+    new copy's sight: its records said no data came before the status and
+    missed the status arriving with the first data."""
+    cert = h2ws.make_self_signed_cert(tmp_path)
+    script = addon_copy(tmp_path)
+    report = tmp_path / "report.jsonl"
+
+    async def scenario():
+        async with h2ws.H2WebSocketServer(*cert, withhold_status_when_encoding=True) as upstream:
+            async with Mitmdump("--mode", f"reverse:https://127.0.0.1:{upstream.port}", "--ssl-insecure",
+                                "--set", "ws_encode_stall=0.2", addon=script, report=report) as md:
+                client = h2ws.H2WebSocketClient("127.0.0.1", md.port, server_hostname="localhost")
+                await client.connect()
+                await reload_script(md, script)
+                ws = await client.open_websocket("/chat", "localhost", headers=[("accept-encoding", "gzip")])
+                await md.wait_for_record(event="stall")
+                await ws.send_text("first")
+                status = await ws.wait_status(5)
+                await client.close()
+                return status, await md.wait_for_record(event="handshake"), md
+
+    status, record, md = asyncio.run(scenario())
+    assert status == 200
+    assert record["client_bytes_before_status"] == len(b"first") + 6  # a masked 5-byte text frame
+    assert "together with the first response data" in record["diagnosis"]
+    assert_clean_log(md)
+
+
 COMMAND_ANSWERS = ROOT / "tests" / "command_answers.py"
 
 

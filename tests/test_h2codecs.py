@@ -32,6 +32,7 @@ from wsproto.frame_protocol import FrameProtocol
 
 from wsencode import h2bridge
 from wsencode.handshake import accept_for
+from wsencode.streamfacts import facts_of
 
 ENABLE_CONNECT_PROTOCOL = h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL
 SID = 1  # the stream id of the first request, on either connection
@@ -342,7 +343,7 @@ def test_client_data_before_the_status_is_handed_over_after_the_101():
     assert not side.from_peer().http
     side.peer.send_data(SID, second)
     assert not side.from_peer().http
-    assert h2bridge.facts(request).client_bytes_before_status == len(first + second)
+    assert facts_of(request).client_bytes_before_status == len(first + second)
     out = side(http_layers.ResponseHeaders(SID, switching(request), end_stream=False))
     assert not out.http
     out = side(http_layers.ResponseEndOfMessage(SID))
@@ -502,7 +503,7 @@ def test_a_websocket_waits_for_the_upstreams_first_settings_and_goes_out_as_exte
     request = websocket_request()
     out = hand_upgrade(side, request)
     assert not out.peer and not out.http
-    assert h2bridge.facts(request).stage == h2bridge.SETTINGS
+    assert facts_of(request).stage == h2bridge.SETTINGS
     plain = http.Request.make("GET", "https://upstream.test/plain", headers={"host": "upstream.test"})
     out = side(http_layers.RequestHeaders(7, plain, end_stream=True))
     (sent_plain,) = out.of(h2.events.RequestReceived)
@@ -520,7 +521,7 @@ def test_a_websocket_waits_for_the_upstreams_first_settings_and_goes_out_as_exte
     assert fields[b"sec-websocket-version"] == b"13" and fields[b"origin"] == b"https://upstream.test"
     for name in (b"connection", b"upgrade", b"sec-websocket-key", b"content-length", b"host"):
         assert name not in fields, name
-    assert h2bridge.facts(request).forwarded_at is not None
+    assert facts_of(request).forwarded_at is not None
     assert not out.http
 
 
@@ -575,7 +576,7 @@ def test_a_2xx_reaches_the_stream_as_a_101_with_the_accept_for_its_key():
     assert response.headers["upgrade"] == "websocket" and response.headers["connection"] == "Upgrade"
     assert response.headers["sec-websocket-protocol"] == "chat"
     assert isinstance(end, http_layers.ResponseEndOfMessage) and end.stream_id == THEIRS
-    assert h2bridge.facts(request).upstream_status == 200
+    assert facts_of(request).upstream_status == 200
 
 
 def test_a_status_read_together_with_the_first_data_is_noted():
@@ -584,13 +585,13 @@ def test_a_status_read_together_with_the_first_data_is_noted():
     addon's diagnosis of a stall reads it)."""
     side = upstream_side()
     alone, _ = accepted(side)
-    assert h2bridge.facts(alone).status_with_data is False
+    assert facts_of(alone).status_with_data is False
     side = upstream_side()
     together, connect = connect_sent(side)
     side.peer.send_headers(connect.stream_id, [(b":status", b"200")])
     side.peer.send_data(connect.stream_id, b"\x81\x02hi")
     assert [type(e) for e in side.from_peer().http] == [http_layers.ResponseHeaders, http_layers.ResponseEndOfMessage, http_layers.ResponseData]
-    assert h2bridge.facts(together).status_with_data is True
+    assert facts_of(together).status_with_data is True
 
 
 def test_after_the_101_websocket_data_flows_both_ways_on_the_open_connect_stream():
@@ -736,7 +737,7 @@ def test_early_client_data_goes_upstream_in_whole_messages_once_the_connect_is_o
 
     upstream.peer.send_headers(up_sid, [(b":status", b"200")])
     headers, end = upstream.from_peer().http
-    assert [(opcode, payload) for opcode, payload, _ in h2bridge.facts(request).early_messages] == [(1, b"hello")]
+    assert [(opcode, payload) for opcode, payload, _ in facts_of(request).early_messages] == [(1, b"hello")]
     out = client(headers, end)
     assert status_of(out.of(h2.events.ResponseReceived, SID)[0]) == 200
     # Only the part that never went upstream is handed to the WebSocket layer.

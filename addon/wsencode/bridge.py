@@ -16,7 +16,7 @@ from types import ModuleType
 
 from mitmproxy import connection, http
 
-from .streamfacts import NO_FACTS, StreamFacts
+from .streamfacts import NO_FACTS, StreamFacts, facts_of
 
 logger = logging.getLogger("ws_encode")
 
@@ -46,8 +46,11 @@ class Bridge:
             self._module.uninstall()
         self.installed = False
 
-    def facts(self, request: http.Request) -> StreamFacts:
-        return self._module.facts(request) if self.installed and self._module else NO_FACTS
+    @staticmethod
+    def facts(request: http.Request) -> StreamFacts:
+        """What the bridge noted of this flow's handshake (also one carried
+        before a reload or before it was turned off), else NO_FACTS."""
+        return facts_of(request) or NO_FACTS
 
     def offer_http1_only(self, server: connection.Server) -> None:
         if self.installed and self._module:

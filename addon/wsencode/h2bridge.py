@@ -57,7 +57,6 @@ import os
 import re
 import time
 import types
-import weakref
 from dataclasses import dataclass, field
 
 import h2.errors
@@ -74,7 +73,7 @@ from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 from .frames import whole_messages_length
 from .handshake import accept_for, classify
 from .report import printable
-from .streamfacts import CLIENT, CONNECTING, NO_FACTS, QUEUED, SETTINGS, UPSTREAM, StreamFacts
+from .streamfacts import CLIENT, CONNECTING, QUEUED, SETTINGS, UPSTREAM, StreamFacts, facts_for, facts_of
 
 logger = logging.getLogger("ws_encode")
 
@@ -101,15 +100,6 @@ MAX_EARLY_BYTES = 1 << 20
 # windows browsers grant (Chromium: 6 MiB), so a peer that reads only meets
 # it with a burst this big in flight.
 MAX_BUFFERED_BYTES = 16 << 20
-
-# Keyed by the flow's request object, which the stream, the codecs and the
-# flow share; the values hold no reference back to it.
-_facts: weakref.WeakKeyDictionary[http.Request, StreamFacts] = weakref.WeakKeyDictionary()
-
-
-def facts_for(request: http.Request) -> StreamFacts:
-    return _facts.setdefault(request, StreamFacts())
-
 
 def response_error(sid: int, message: str) -> http_layers.ResponseProtocolError:
     # mitmproxy 12 wants an ErrorCode, 11 an int status; both keep a class default.
@@ -141,7 +131,7 @@ def is_passthrough_close(event: http_layers.HttpEvent) -> bool:
 
 def is_websocket_upgrade(request: http.Request) -> bool:
     """A well-formed HTTP/1.1-style WebSocket handshake, as the addon classifies it."""
-    facts = _facts.get(request)
+    facts = facts_of(request)
     handshake = facts.handshake if facts is not None and facts.handshake is not None else classify(request)
     return handshake is not None and not handshake.malformed
 
@@ -242,11 +232,6 @@ class UpstreamStream:
     key: str  # the Sec-WebSocket-Key the 101 given to mitmproxy must answer
     relay_from: ClientSideStream | None = None
     phase: WsPhase = WsPhase.WAITING
-
-
-# The client side of each translated WebSocket while it waits for its status,
-# by its flow's request, so that the upstream codec can find its early DATA.
-_waiting_clients: weakref.WeakKeyDictionary[http.Request, ClientSideStream] = weakref.WeakKeyDictionary()
 
 
 class _CountedDeque(collections.deque):
@@ -394,7 +379,8 @@ class WsHttp2Server(_http2.Http2Server):
                 trailers=None, timestamp_start=time.time(), timestamp_end=None,
             )
             ws = ClientSideStream(facts_for(request))
-            self.websockets[sid] = _waiting_clients[request] = ws
+            ws.facts.waiting_client = ws
+            self.websockets[sid] = ws
             self.streams[sid] = _http2.StreamState.HEADERS_RECEIVED
             # A CONNECT stream never ends its request; the upgrade request does at its headers.
             yield http_layers.ReceiveHttp(http_layers.RequestHeaders(sid, request, end_stream=True))
@@ -460,6 +446,7 @@ class WsHttp2Server(_http2.Http2Server):
     def _send_success(self, event: http_layers.ResponseHeaders) -> layer.CommandGenerator[None]:
         ws = self.websockets[event.stream_id]
         ws.phase = WsPhase.OPEN
+        ws.facts.waiting_client = None
         ws.relay_accepted()  # from now on the WebSocket layer carries the client's data
         if self.is_open_for_us(event.stream_id):
             headers = [(b":status", b"200"), *_h2_headers(event.response.headers)]
@@ -547,7 +534,7 @@ class WsHttp2Client(_http2.Http2Client):
         if isinstance(event, http_layers.RequestHeaders) and any(e is event for e in self.stream_queue.get(theirs, ())):
             # Queued behind the server's MAX_CONCURRENT_STREAMS; _send_connect
             # says when it really goes.
-            facts = _facts.get(event.request)
+            facts = facts_of(event.request)
             if facts is not None:
                 facts.waiting(QUEUED)
         if self.held and (self.settings_received or self.closed):
@@ -606,7 +593,7 @@ class WsHttp2Client(_http2.Http2Client):
         )
         # The request is really on its way now (it may have waited for SETTINGS).
         ws.facts.forwarded()
-        client_side = _waiting_clients.get(event.request)
+        client_side = ws.facts.waiting_client
         if client_side is not None and client_side.phase is WsPhase.WAITING:
             # What an HTTP/2 client sent before the status goes upstream now,
             # and whatever follows goes straight here (see WsHttp2Server).
@@ -827,7 +814,7 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
     upstream_switched = False
 
     def make_server_connection(self) -> layer.CommandGenerator[bool]:
-        if _facts.get(self.flow.request) is None:
+        if facts_of(self.flow.request) is None:
             return (yield from super().make_server_connection())
         return (yield from self._connect(http_layers.GetHttpConnection, WebSocketAddress))
 
@@ -885,7 +872,7 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
         running (an intercepted request, a slow addon) mitmproxy queues the
         event, and the error hook it then fires must know already."""
         request = getattr(getattr(self, "flow", None), "request", None)
-        facts = _facts.get(request) if request is not None else None
+        facts = facts_of(request)
         if facts is None or facts.ended_by is not None or is_passthrough_close(event):
             return
         if isinstance(event, NeedsHttp1) and not self.retried_over_http1:
@@ -1043,7 +1030,3 @@ def uninstall() -> None:
     http_layers.HttpStream = _stock(WsHttpStream)
     http_layers.Http2Server = _http2.Http2Server
     http_layers.Http2Client = _http2.Http2Client
-
-
-def facts(request: http.Request) -> StreamFacts:
-    return _facts.get(request, NO_FACTS)

@@ -3,12 +3,19 @@
 Kept apart from the bridge (`h2bridge`, which reaches into mitmproxy's
 internals and may not load on every mitmproxy) so that the addon can read
 these whether or not the bridge is there.
+
+The facts travel with the flow's request object, which the client's codec
+makes, the stream owns and the upstream's codec is handed: no table on the
+side. They are looked up by an attribute name, not a class, so that after a
+script reload the new copy of the addon still reads what the codecs of
+connections made before it note (they keep the earlier copy's classes).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from .handshake import Handshake
 
@@ -44,6 +51,10 @@ class StreamFacts:
     # Client messages that went upstream before the status, past mitmproxy's
     # WebSocket layer: (opcode, payload, time.time()), for flow.websocket.
     early_messages: list[tuple[int, bytes, float]] = field(default_factory=list)
+    # The client's side of an extended CONNECT while it waits for its status
+    # (h2bridge.ClientSideStream): where an HTTP/2 upstream's codec takes the
+    # DATA the client sends before it.
+    waiting_client: Any = None
 
     def waiting(self, stage: str) -> None:
         """Not (or no longer) written upstream: no stall clock from forwarding."""
@@ -55,3 +66,19 @@ class StreamFacts:
 
 # What a flow the bridge did not carry has: nothing. Only ever read.
 NO_FACTS = StreamFacts()
+
+_ATTRIBUTE = "ws_encode_facts"
+
+
+def facts_of(request: object) -> StreamFacts | None:
+    """The facts the bridge noted on this request, if it carried it."""
+    return getattr(request, _ATTRIBUTE, None)
+
+
+def facts_for(request: object) -> StreamFacts:
+    """The request's facts, made on first use."""
+    facts = facts_of(request)
+    if facts is None:
+        facts = StreamFacts()
+        setattr(request, _ATTRIBUTE, facts)
+    return facts
