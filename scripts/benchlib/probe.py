@@ -5,8 +5,11 @@
 Answers one command a line, with one JSON line, on 127.0.0.1:PORT:
 `sizes` (after a garbage collection) gives the length of every container the
 ws_encode addon keeps (its attributes, one level into its helper objects, and
-the module-level ones of the `wsencode` package). It hooks no flow event, so
-it costs nothing per flow.
+the module-level ones of the `wsencode` package); `unload PATH` and `load PATH`
+take the script at PATH out of mitmproxy's `scripts` option and put it back
+(so one process measures itself with and without the addon), and answer
+whether the addon is loaded now and the options it left set. It hooks no flow
+event, so it costs nothing per flow.
 """
 
 from __future__ import annotations
@@ -76,9 +79,12 @@ class Probe:
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             command = (await reader.readline()).decode().strip()
-            if command == "sizes":
+            name, _, argument = command.partition(" ")
+            if name == "sizes":
                 addon = find_addon()
                 answer = {"addon": addon is not None, "sizes": structure_sizes(addon) if addon else {}}
+            elif name in ("load", "unload"):
+                answer = await self._scripts(argument, name == "load")
             else:
                 answer = {"error": f"unknown command {command!r}"}
             writer.write(json.dumps(answer).encode() + b"\n")
@@ -87,6 +93,21 @@ class Probe:
             pass
         finally:
             writer.close()
+
+    @staticmethod
+    async def _scripts(path: str, load: bool) -> dict[str, Any]:
+        from mitmproxy import ctx
+
+        scripts = [s for s in ctx.options.scripts if s != path]
+        # mitmproxy's script loader loads and unloads as the option changes,
+        # a load finishing on a later turn of the event loop.
+        ctx.options.update(scripts=[*scripts, path] if load else scripts)
+        for _ in range(500):
+            if (find_addon() is not None) is load:
+                break
+            await asyncio.sleep(0.01)
+        options = {k: ctx.options.deferred.get(k, getattr(ctx.options, k, None)) for k in ("ws_encode_report", "ws_encode_policy")}
+        return {"addon": find_addon() is not None, "options": {k: str(v) for k, v in options.items()}}
 
     def done(self) -> None:
         if self.server:

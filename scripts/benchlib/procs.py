@@ -139,6 +139,12 @@ class Mitmdump:
         writer.close()
         return json.loads(answer)
 
+    async def use_addon(self, loaded: bool) -> None:
+        """Load or unload the addon in this running mitmdump (started with it)."""
+        answer = await self.query(f"{'load' if loaded else 'unload'} {self.addon_path}")
+        if answer.get("addon") is not loaded:
+            raise SystemExit(f"mitmdump ({self.name}) did not {'load' if loaded else 'unload'} the addon: {answer}")
+
     async def stop(self) -> None:
         if self.proc and self.proc.returncode is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -174,6 +180,12 @@ class Upstreams:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    async def use_addon(self, loaded: bool) -> None:
+        """Load or unload the addon in this running mitmdump (started with it)."""
+        answer = await self.query(f"{'load' if loaded else 'unload'} {self.addon_path}")
+        if answer.get("addon") is not loaded:
+            raise SystemExit(f"mitmdump ({self.name}) did not {'load' if loaded else 'unload'} the addon: {answer}")
 
     async def stop(self) -> None:
         if self.proc and self.proc.returncode is None:
