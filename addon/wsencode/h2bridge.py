@@ -492,7 +492,7 @@ class BatchRecordingH2Connection(BufferedH2Connection):
     arrive together with data (mitmproxy runs the flow's hooks before the
     rest of a read is processed)."""
 
-    last_batch: list[h2.events.Event] = []
+    last_batch: list[h2.events.Event] | tuple[()] = ()  # (immutable until the first read)
 
     def receive_data(self, data: bytes) -> list[h2.events.Event]:
         self.last_batch = super().receive_data(data)
