@@ -624,6 +624,27 @@ class H2WebSocketServer:
 _STREAM_DONE = object()  # sentinel in the message queue: no more messages
 
 
+class DualAlpnServer(H2WebSocketServer):
+    """HTTP/2 without RFC 8441 (unless asked) and HTTP/1.1 WebSockets on one
+    port, chosen by ALPN: what a browser falls back from and to. `h1` serves
+    the HTTP/1.1 connections (fault_server.FaultServer)."""
+
+    def __init__(self, cert, h1, enable_connect_protocol: bool = False, **options):
+        super().__init__(*cert, enable_connect_protocol=enable_connect_protocol, **options)
+        self.h1 = h1
+
+    def _ssl_context(self):
+        context = super()._ssl_context()
+        context.set_alpn_protocols(["h2", "http/1.1"])
+        return context
+
+    async def _handle_client(self, reader, writer):
+        if writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1":
+            await self.h1._serve(reader, writer)
+        else:
+            await super()._handle_client(reader, writer)
+
+
 class ClientWebSocket:
     """One WebSocket on an H2WebSocketClient connection.
 

@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from mitmproxy import http
+from mitmproxy.test import tflow, tutils
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "addon" / "ws_encode.py"
 # Loaded into every test proxy: it refuses any upstream that is not loopback.
 LOOPBACK_ONLY = ROOT / "scripts" / "loopback_only.py"
-sys.path[:0] = [str(ROOT / "addon"), str(ROOT / "scripts")]
-# Imported first: the script resets the `wsencode` package when it is
+# addon/ and scripts/ are on the import path by pyproject.toml's pytest
+# `pythonpath`. Imported first: the script resets the `wsencode` package when it is
 # (re)imported, so tests and addon then share the same module objects.
 import ws_encode  # noqa: E402,F401
+import h2ws  # noqa: E402
+from fault_server import FaultServer  # noqa: E402
 
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 LISTENING = re.compile(r"listening at (?:\[?[\d.:a-f]+\]?):(\d+)")
@@ -162,7 +169,6 @@ def addon_copy(tmp_path: Path) -> Path:
 
 async def h2_client(md: Mitmdump, authority: str = "localhost"):
     """An HTTP/2 client connection to `md`, its SETTINGS exchanged."""
-    import h2ws  # (scripts/, on the path above)
 
     client = h2ws.H2WebSocketClient("127.0.0.1", md.port, server_hostname=authority)
     await client.connect()
@@ -180,6 +186,61 @@ async def h2_echo_once(md: Mitmdump, text: str, path: str = "/chat", authority: 
     await ws.close()
     await client.close()
     return status, echo
+
+
+# The stall threshold of the proxies reverse_to and proxied start, and the
+# authority their HTTP/2 clients ask for.
+STALL = 0.5
+AUTHORITY = "localhost"
+
+
+def reverse_to(url: str, *options: str, report=None) -> Mitmdump:
+    """A mitmdump in reverse mode to `url` (not started)."""
+    return Mitmdump(
+        "--mode", f"reverse:{url}", "--ssl-insecure", "--set", f"ws_encode_stall={STALL}", *options,
+        report=report,
+    )
+
+
+async def proxied(faults, report, *options: str):
+    """A started fault_server.FaultServer with `faults` and a started mitmdump
+    in front of it; end both with close_proxied."""
+    server = FaultServer(faults)
+    await server.start()
+    md = Mitmdump(
+        "--mode", f"reverse:http://127.0.0.1:{server.port}",
+        "--set", f"ws_encode_stall={STALL}",
+        *options,
+        report=report,
+    )
+    await md.__aenter__()
+    return server, md
+
+
+async def close_proxied(server, md: Mitmdump) -> None:
+    await md.stop()
+    await server.stop()
+
+
+# The other mitmproxy line's environment, by this one's major version.
+OTHER_VENVS = {"12": ROOT / ".venv-mitmproxy11", "11": ROOT / ".venv-mitmproxy12"}
+READ_FLOWS = "import sys; from mitmproxy import io; print(len(list(io.FlowReader(open(sys.argv[1], 'rb')).stream())))"
+
+
+def flows_read_by_each_line(path: Path) -> dict[str, str]:
+    """How many flows each mitmproxy line reads from the flow file at `path`
+    (this one, and the other one where it is set up), by its Python; a
+    reader that fails answers its error instead."""
+    from mitmproxy.version import VERSION
+
+    other = OTHER_VENVS[VERSION.split(".")[0]] / "bin" / "python"
+    if not other.exists() and os.environ.get("CI"):
+        pytest.fail(f"{other} is missing: the other mitmproxy line must read the file too")
+    counts = {}
+    for python in [sys.executable, *([str(other)] if other.exists() else [])]:
+        done = subprocess.run([python, "-c", READ_FLOWS, str(path)], capture_output=True, text=True, timeout=60)
+        counts[python] = done.stdout.strip() if done.returncode == 0 else done.stderr
+    return counts
 
 
 def assert_clean_log(md: Mitmdump) -> None:
@@ -208,6 +269,24 @@ async def raw_exchange(port: int, request: bytes, timeout: float) -> bytes:
     return bytes(got)
 
 
+def handshake_request(method="GET", version="HTTP/1.1", **headers) -> http.Request:
+    """A WebSocket handshake request object (mitmproxy's test request); a header
+    given as None is left out, `_` in a name stands for `-`."""
+    base = {
+        "upgrade": "websocket",
+        "connection": "Upgrade",
+        "sec-websocket-key": base64.b64encode(b"0123456789abcdef").decode(),
+        "sec-websocket-version": "13",
+    }
+    base.update({k.replace("_", "-"): v for k, v in headers.items()})
+    req = tutils.treq(method=method.encode(), http_version=version.encode())
+    req.headers.clear()
+    for k, v in base.items():
+        if v is not None:
+            req.headers[k] = v
+    return req
+
+
 def upgrade_request(path: str = "/chat", **headers: str) -> bytes:
     """An HTTP/1.1 WebSocket handshake; keyword headers use _ for -, None drops one."""
     base = {
@@ -225,6 +304,19 @@ def upgrade_request(path: str = "/chat", **headers: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+@pytest.fixture(scope="session")
+def cert(tmp_path_factory):
+    """A self-signed certificate for localhost and 127.0.0.1: (cert file, key file)."""
+    return h2ws.make_self_signed_cert(tmp_path_factory.mktemp("cert"))
+
+
+@pytest.fixture
+def home(tmp_path_factory):
+    """A short folder for Chromium's HOME and TMPDIR: its singleton socket
+    lives there, and a Unix socket path must stay under 108 bytes."""
+    return tmp_path_factory.mktemp("c")
+
+
 @pytest.fixture
 def report(tmp_path: Path) -> Path:
     return tmp_path / "report.jsonl"
@@ -239,3 +331,68 @@ def unused_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         yield s.getsockname()[1]
+
+
+# -- bundles: flows and records as the addon makes them, and scripts/replay --
+
+# What the tools in scripts/ are run with (also the width their output is written for).
+SCRIPTS_ENV = dict(os.environ, PYTHONPATH=str(ROOT / "scripts"), COLUMNS="200")
+
+# Each secret is unique, so finding any of them anywhere in the bundle is a leak.
+SECRETS = {
+    "cookie": "cookie-value-c00k1e",
+    "set-cookie": "set-cookie-value-5e7",
+    "authorization": "Bearer auth-value-a07h",
+    "proxy-authorization": "Basic proxy-auth-value-9x",
+    "token": "token-value-70ken",
+    "jsessionid": "jsession-value-j5e55",
+    "userinfo": "userinfo-pw-u5er",
+    "referer": "referer-token-r3f",
+    "fragment": "fragment-value-fr4g",
+}
+
+
+def handshake_flow(path: str, h2: bool = False) -> http.HTTPFlow:
+    """A WebSocket handshake carrying every kind of secret, answered with a set-cookie."""
+    f = tflow.tflow(resp=True)
+    request = f.request
+    request.path = path
+    request.authority = f"alice:{SECRETS['userinfo']}@example.com:443" if h2 else ""
+    request.http_version = "HTTP/2.0" if h2 else "HTTP/1.1"
+    request.method = "CONNECT" if h2 else "GET"
+    request.headers.clear()
+    request.headers.update({
+        "host": f"alice:{SECRETS['userinfo']}@example.com",
+        "upgrade": "websocket", "connection": "Upgrade", "sec-websocket-version": "13",
+        "accept-encoding": "gzip, deflate, br, zstd",
+        "cookie": f"sid={SECRETS['cookie']}",
+        "authorization": SECRETS["authorization"],
+        "proxy-authorization": SECRETS["proxy-authorization"],
+        "referer": f"https://bob:{SECRETS['userinfo']}@example.com/app?next={SECRETS['referer']}",
+        "origin": "https://example.com",
+        "x-kept": "kept-value",
+    })
+    request.headers.add("cookie", f"other={SECRETS['cookie']}")
+    f.response.status_code = 200 if h2 else 101
+    f.response.headers.clear()
+    f.response.headers["set-cookie"] = f"sid={SECRETS['set-cookie']}; Secure"
+    f.response.headers["location"] = f"/next?token={SECRETS['token']}"
+    return f
+
+
+def record(f: http.HTTPFlow, event: str, **fields) -> dict:
+    base = {
+        "event": event, "ts": "2026-12-01T18:43:46.206+00:00", "flow_id": f.id, "transport": "h2",
+        "upstream_transport": "h2", "url": "https://example.com/echo/x", "policy": "observe",
+        "accept_encoding_client": "gzip, deflate, br, zstd", "accept_encoding_upstream": "gzip, deflate, br, zstd",
+        "waited_s": 5.976, "status": None, "upstream_status": None, "client_bytes_before_status": 0,
+        "stuck_in": "forwarded", "received_s": 6.015, "diagnosis": "No status: the client gave up.",
+    }
+    if event == "handshake":
+        base.update(outcome="no-status", stalled=True, content_encoding=None)
+    return {**base, **fields}
+
+
+def replay(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bugreport.replay", *args], capture_output=True, text=True,
+                          timeout=90, env=SCRIPTS_ENV)

@@ -7,12 +7,12 @@ import json
 import logging
 
 import pytest
+from conftest import handshake_request as request
 import ws_encode
 from mitmproxy import connection, exceptions, flow
 from mitmproxy import io as mitmio
 from mitmproxy.addons import view
 from mitmproxy.test import taddons, tflow, tutils
-from test_core import request
 
 from wsencode.bridge import Bridge
 from wsencode.handshake import accept_for

@@ -11,24 +11,14 @@ it waits, and `strip` makes it open.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import signal
-import urllib.parse
 
-import pytest
 from conftest import Mitmdump, assert_clean_log
+from peers import chromium
 from fault_server import Faults, FaultServer
-from test_h2_proxy import DualAlpnServer
-from test_peers import h2ws
+from h2ws import DualAlpnServer
+import h2ws
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.timeout(120),
-    pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package chromium)"),
-]
+pytestmark = chromium.MARKS
 
 STALL = 1.0
 
@@ -45,40 +35,6 @@ fetch(base + "/warmup", {{mode: "no-cors", credentials: "include"}}).then(() => 
 </script>"""
 
 
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory):
-    return h2ws.make_self_signed_cert(tmp_path_factory.mktemp("cert"))
-
-
-async def chromium(proxy_port: int, page: str, home) -> asyncio.subprocess.Process:
-    env = dict(os.environ, HOME=str(home), TMPDIR=str(home))
-    return await asyncio.create_subprocess_exec(
-        CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-        "--no-first-run", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--ignore-certificate-errors",
-        f"--proxy-server=http://127.0.0.1:{proxy_port}", "--proxy-bypass-list=<-loopback>",
-        # Every name but loopback is not found, even if something resolves locally.
-        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
-        f"--user-data-dir={home / 'profile'}",
-        "data:text/html," + urllib.parse.quote(page),
-        env=env, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        start_new_session=True,
-    )
-
-
-async def stop(proc: asyncio.subprocess.Process) -> None:
-    # Chromium's renderers and helpers are in its own process group, which
-    # this test started; its crash handlers leave the group and exit by themselves.
-    if proc.returncode is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        await asyncio.wait_for(proc.wait(), 10)
-    except asyncio.TimeoutError:
-        os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
-
-
 def browse(cert, home, report, policy: str, withhold: bool, upstream=None, *options: str):
     async def scenario():
         async with upstream or h2ws.H2WebSocketServer(*cert, withhold_status_when_encoding=withhold) as upstream_:
@@ -86,7 +42,7 @@ def browse(cert, home, report, policy: str, withhold: bool, upstream=None, *opti
                 "--ssl-insecure", "--set", f"ws_encode_policy={policy}", "--set", f"ws_encode_stall={STALL}",
                 *options, report=report,
             ) as md:
-                browser = await chromium(md.port, PAGE.format(port=upstream_.port), home)
+                browser = await chromium.start(chromium.page(PAGE.format(port=upstream_.port)), home, md.port)
                 try:
                     if withhold and policy == "observe":
                         stall = await md.wait_for_record(event="stall", timeout=60)
@@ -96,17 +52,10 @@ def browse(cert, home, report, policy: str, withhold: bool, upstream=None, *opti
                         result = await md.wait_for(r"/result\?", timeout=60)
                     handshake = None if stall else await md.wait_for_record(event="handshake", policy=policy)
                 finally:
-                    await stop(browser)
+                    await chromium.stop(browser)
             return stall, result, handshake, upstream_.requests, md
 
     return asyncio.run(scenario())
-
-
-@pytest.fixture
-def home(tmp_path_factory):
-    """A short folder for Chromium's HOME and TMPDIR: its singleton socket
-    lives there, and a Unix socket path must stay under 108 bytes."""
-    return tmp_path_factory.mktemp("c")
 
 
 def test_chromium_takes_rfc8441_through_the_proxy(cert, home, report):

@@ -15,8 +15,10 @@ import asyncio
 from conftest import Mitmdump, assert_clean_log
 from fault_server import Faults, FaultServer
 # The same marks (browser, timeout, skipped without Chromium) and fixtures.
-from test_browser import cert, chromium, home, pytestmark, stop  # noqa: F401
-from test_h2_proxy import DualAlpnServer
+from peers import chromium
+from h2ws import DualAlpnServer
+
+pytestmark = chromium.MARKS
 
 COUNT = 10
 
@@ -38,17 +40,17 @@ fetch(base + "/warmup", {{mode: "no-cors", credentials: "include"}}).then(() => 
 </script>"""
 
 
-def test_a_page_opens_ten_websockets_on_one_http2_connection(cert, home, report):  # noqa: F811 (fixtures)
+def test_a_page_opens_ten_websockets_on_one_http2_connection(cert, home, report):
     async def scenario():
         h1 = FaultServer(Faults())
         async with DualAlpnServer(cert, h1) as origin:
             async with Mitmdump("--ssl-insecure", report=report) as md:
-                browser = await chromium(md.port, PAGE.format(port=origin.port, count=COUNT), home)
+                browser = await chromium.start(chromium.page(PAGE.format(port=origin.port, count=COUNT)), home, md.port)
                 try:
                     result = await md.wait_for(r"/result\?", timeout=60)
                     records = [await md.wait_for_record(event="handshake", url=f"https://127.0.0.1:{origin.port}/ws{i}") for i in range(COUNT)]
                 finally:
-                    await stop(browser)
+                    await chromium.stop(browser)
         return result, records, h1.received, md
 
     result, records, h1_received, md = asyncio.run(scenario())

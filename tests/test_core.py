@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 
 import pytest
+from conftest import handshake_request as request
 from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy.test import tutils
@@ -19,23 +19,6 @@ from wsencode.lifecycle import TRANSITIONS, EndCause, HandshakeEnded, Phase, Pro
 from wsencode.policy import EncodingPolicy
 from wsencode.report import REDACTED, redact_url
 
-GOOD_KEY = base64.b64encode(b"0123456789abcdef").decode()
-
-
-def request(method="GET", version="HTTP/1.1", **headers):
-    base = {
-        "upgrade": "websocket",
-        "connection": "Upgrade",
-        "sec-websocket-key": GOOD_KEY,
-        "sec-websocket-version": "13",
-    }
-    base.update({k.replace("_", "-"): v for k, v in headers.items()})
-    req = tutils.treq(method=method.encode(), http_version=version.encode())
-    req.headers.clear()
-    for k, v in base.items():
-        if v is not None:
-            req.headers[k] = v
-    return req
 
 
 # -- classification -------------------------------------------------------

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from conftest import ADDON, LISTENING, LOOPBACK_ONLY, Mitmdump, assert_clean_log, upgrade_request
 from fault_server import Faults, FaultServer
-from test_browser import CHROMIUM
+from peers.chromium import CHROMIUM
 
 TMUX = shutil.which("tmux")
 MITMPROXY = Path(sys.executable).with_name("mitmproxy")

@@ -57,7 +57,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from leakcheck import CONTROL, TIME_STAMP, flow_texts, flows_in, leaks, log_leaks, strings
 from rawh2 import RawH2, extended_connect
-from test_peers import h2ws
+import h2ws
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
 pytestmark = pytest.mark.timeout(300)
@@ -445,11 +445,6 @@ def fuzz(session, batches: int, batch_size: int, transport: str, flows_file) -> 
     assert_no_crash(session.md, known)
     check_leaks(session.md, flows_file, known)
     raise_known(known)
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory):
-    return h2ws.make_self_signed_cert(tmp_path_factory.mktemp("cert"))
 
 
 def test_fuzz_h2_header_blocks_through_the_rfc8441_bridge(cert, report, tmp_path):

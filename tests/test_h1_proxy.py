@@ -12,34 +12,15 @@ import time
 
 import pytest
 import websockets
-from conftest import Mitmdump, assert_clean_log, raw_exchange, upgrade_request
-from fault_server import Faults, FaultServer
+from conftest import STALL, Mitmdump, assert_clean_log, close_proxied, proxied, raw_exchange, upgrade_request
+from fault_server import Faults
 
 pytestmark = pytest.mark.timeout(60)
 
-STALL = 0.5
 
 
 def run(coro):
     return asyncio.run(coro)
-
-
-async def proxied(faults: Faults, report, *options: str):
-    server = FaultServer(faults)
-    await server.start()
-    md = Mitmdump(
-        "--mode", f"reverse:http://127.0.0.1:{server.port}",
-        "--set", f"ws_encode_stall={STALL}",
-        *options,
-        report=report,
-    )
-    await md.__aenter__()
-    return server, md
-
-
-async def close(server: FaultServer, md: Mitmdump) -> None:
-    await md.stop()
-    await server.stop()
 
 
 def test_observe_reports_stall_while_client_waits(report):
@@ -56,7 +37,7 @@ def test_observe_reports_stall_while_client_waits(report):
         line = await md.wait_for("stall")
         writer.close()
         end = await md.wait_for_record(event="handshake")
-        await close(server, md)
+        await close_proxied(server, md)
         return stall, seen, line, end, md
 
     stall, seen, line, end, md = run(scenario())
@@ -87,7 +68,7 @@ def test_strip_removes_accept_encoding_and_the_handshake_completes(report):
             await ws.send("hello")
             echo = await ws.recv()
         record = await md.wait_for_record(event="handshake")
-        await close(server, md)
+        await close_proxied(server, md)
         return echo, record, server.received, md
 
     echo, record, received, md = run(scenario())
@@ -112,7 +93,7 @@ def test_inject_provokes_the_stall_upstream(report):
         stall = await md.wait_for_record(event="stall")
         await got
         await md.wait_for_record(event="handshake")
-        await close(server, md)
+        await close_proxied(server, md)
         return stall, server.received
 
     stall, received = run(scenario())
@@ -157,7 +138,7 @@ def test_101_with_content_encoding(report, policy):
         server, md = await proxied(Faults(content_encoding="gzip"), report, "--set", f"ws_encode_policy={policy}")
         head = await raw_exchange(md.port, upgrade_request(), timeout=5)
         record = await md.wait_for_record(event="handshake")
-        await close(server, md)
+        await close_proxied(server, md)
         return head, record
 
     head, record = run(scenario())
@@ -172,7 +153,7 @@ def test_rejected_upgrade(report):
         server, md = await proxied(Faults(status=403), report)
         head = await raw_exchange(md.port, upgrade_request(), timeout=5)
         record = await md.wait_for_record(event="handshake")
-        await close(server, md)
+        await close_proxied(server, md)
         return head, record
 
     head, record = run(scenario())
@@ -186,7 +167,7 @@ def test_upstream_reset_during_wait(report):
         server, md = await proxied(Faults(reset=True), report)
         head = await raw_exchange(md.port, upgrade_request(accept_encoding="gzip"), timeout=5)
         record = await md.wait_for_record(event="handshake")
-        await close(server, md)
+        await close_proxied(server, md)
         return head, record, md
 
     head, record, md = run(scenario())
@@ -231,7 +212,7 @@ def test_malformed_handshake_is_reported_and_other_flows_pass(report, headers, p
         # The next, well-formed handshake on the same proxy is unaffected.
         head = await raw_exchange(md.port, upgrade_request("/next"), timeout=5)
         good = await md.wait_for_record(event="handshake", url=bad["url"].replace("/chat", "/next"))
-        await close(server, md)
+        await close_proxied(server, md)
         return bad, head, good, md
 
     bad, head, good, md = run(scenario())
@@ -247,7 +228,7 @@ def test_connection_list_with_keep_alive_is_a_clean_handshake(report):
         server, md = await proxied(Faults(), report)
         head = await raw_exchange(md.port, upgrade_request(Connection="keep-alive, Upgrade"), timeout=5)
         record = await md.wait_for_record(event="handshake")
-        await close(server, md)
+        await close_proxied(server, md)
         return head, record
 
     head, record = run(scenario())
@@ -268,7 +249,7 @@ def test_secrets_never_reach_report_or_log(report):
         )
         await raw_exchange(md.port, request, timeout=STALL + 0.5)
         await md.wait_for_record(event="handshake")
-        await close(server, md)
+        await close_proxied(server, md)
         return report.read_text(), md.log
 
     text, log = run(scenario())
@@ -286,7 +267,7 @@ def test_filter_limits_which_handshakes_are_handled(report):
         await raw_exchange(md.port, upgrade_request("/ignored", accept_encoding="gzip"), timeout=5)
         await raw_exchange(md.port, upgrade_request("/watched", accept_encoding="gzip"), timeout=5)
         record = await md.wait_for_record(event="handshake")
-        await close(server, md)
+        await close_proxied(server, md)
         return record, server.received, md.records()
 
     record, received, records = run(scenario())
@@ -301,7 +282,7 @@ def test_ordinary_requests_are_untouched(report):
         head = await raw_exchange(
             md.port, b"GET /plain HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n", timeout=5
         )
-        await close(server, md)
+        await close_proxied(server, md)
         return head, server.received, md.records()
 
     head, received, records = run(scenario())

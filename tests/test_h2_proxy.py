@@ -15,51 +15,18 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, Mitmdump, assert_clean_log, h2_client, h2_echo_once
+from conftest import AUTHORITY, ROOT, STALL, assert_clean_log, h2_client, h2_echo_once, reverse_to
 from mitmproxy import io as mitmio
 from fault_server import Faults, FaultServer
-from test_peers import h2ws
+import h2ws
+from h2ws import DualAlpnServer
 
 pytestmark = pytest.mark.timeout(90)
 
-STALL = 0.5
-AUTHORITY = "localhost"
 
 
 def run(coro):
     return asyncio.run(coro)
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory):
-    return h2ws.make_self_signed_cert(tmp_path_factory.mktemp("cert"))
-
-
-def reverse_to(url: str, *options: str, report=None) -> Mitmdump:
-    return Mitmdump(
-        "--mode", f"reverse:{url}", "--ssl-insecure", "--set", f"ws_encode_stall={STALL}", *options,
-        report=report,
-    )
-
-
-class DualAlpnServer(h2ws.H2WebSocketServer):
-    """HTTP/2 without RFC 8441 and HTTP/1.1 WebSockets on one port, chosen by
-    ALPN: what a browser falls back from and to."""
-
-    def __init__(self, cert, h1: FaultServer, enable_connect_protocol: bool = False, **options):
-        super().__init__(*cert, enable_connect_protocol=enable_connect_protocol, **options)
-        self.h1 = h1
-
-    def _ssl_context(self):
-        context = super()._ssl_context()
-        context.set_alpn_protocols(["h2", "http/1.1"])
-        return context
-
-    async def _handle_client(self, reader, writer):
-        if writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1":
-            await self.h1._serve(reader, writer)
-        else:
-            await super()._handle_client(reader, writer)
 
 
 def test_h2_upstream_echo_close_and_other_requests(cert, report):

@@ -26,8 +26,8 @@ import h2.errors
 import pytest
 from conftest import ROOT, Mitmdump, assert_clean_log, h2_client
 from fault_server import Faults, FaultServer
-from test_h2_proxy import DualAlpnServer
-from test_peers import h2ws
+from h2ws import DualAlpnServer
+import h2ws
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -64,11 +64,6 @@ addons = [ProxyState()]
 
 # Upstreams a WebSocket from an HTTP/2 client can meet, by what they speak.
 UPSTREAMS = ["http/1.1", "h2 without RFC 8441", "h2"]
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory):
-    return h2ws.make_self_signed_cert(tmp_path_factory.mktemp("cert"))
 
 
 @pytest.fixture

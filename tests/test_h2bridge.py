@@ -18,7 +18,8 @@ from fault_server import Faults, FaultServer
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http2
 from mitmproxy.test import taddons
-from test_peers import h2ws
+import h2ws
+from h2ws import DualAlpnServer
 
 from wsencode import h2bridge
 from wsencode.bridge import Bridge
@@ -197,11 +198,6 @@ def test_after_a_reload_the_record_keeps_what_a_connection_from_before_saw(tmp_p
 
 
 COMMAND_ANSWERS = ROOT / "tests" / "command_answers.py"
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory):
-    return h2ws.make_self_signed_cert(tmp_path_factory.mktemp("cert"))
 
 
 async def waiting(client: h2ws.H2WebSocketClient) -> dict[str, str]:
@@ -405,7 +401,6 @@ def test_the_http1_fallback_offers_http1_whatever_another_addon_chose(tmp_path, 
     That was set at server_connect, where another addon (or, in upstream-proxy
     mode, the proxy's connection in place of the origin's) could undo it; the
     fallback then negotiated HTTP/2 again and failed."""
-    from test_h2_proxy import DualAlpnServer
 
     offers = tmp_path / "offers_h2.py"
     offers.write_text(OFFERS_H2)

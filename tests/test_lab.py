@@ -15,7 +15,7 @@ import h2.events
 import h2ws
 import pytest
 from conftest import ROOT, Mitmdump, assert_clean_log
-from test_browser import CHROMIUM, home, stop  # noqa: F401  (home is a fixture)
+from peers import chromium
 
 from wslab import haproxy
 from wslab.app import ERROR_PAGE, GREETING
@@ -27,11 +27,6 @@ from wslab.server import LabServer
 
 CODINGS = ("zstd", "br", "gzip")
 BROWSER = "gzip, deflate, br, zstd"
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory):
-    return h2ws.make_self_signed_cert(tmp_path_factory.mktemp("cert"))
 
 
 @pytest.mark.parametrize("offer, chosen", [
@@ -215,31 +210,14 @@ def test_the_lab_script_sets_itself_up_and_lists_the_behaviours():
 
 # -- a browser ----------------------------------------------------------------
 
-async def open_in_chromium(url: str, home) -> asyncio.subprocess.Process:
-    """Headless Chromium on `url` with tests/test_browser.py's flags, no proxy setting
-    (the proxy, when there is one, is a reverse proxy at `url`)."""
-    env = dict(os.environ, HOME=str(home), TMPDIR=str(home))
-    return await asyncio.create_subprocess_exec(
-        CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-        "--no-first-run", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--ignore-certificate-errors",
-        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
-        f"--user-data-dir={home / 'profile'}", url,
-        env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
-    )
-
-
-@pytest.mark.browser
-@pytest.mark.timeout(120)
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package chromium)")
-def test_chromium_opens_greet_directly_and_through_the_proxy(cert, home, tmp_path_factory, report):  # noqa: F811
+@chromium.needs_chromium
+def test_chromium_opens_greet_directly_and_through_the_proxy(cert, home, tmp_path_factory, report):
     async def browse(server: LabServer, url: str, home) -> str:
-        browser = await open_in_chromium(url, home)
+        browser = await chromium.start(url, home)
         try:
             return await asyncio.wait_for(server.app.results.get(), 60)
         finally:
-            await stop(browser)
+            await chromium.stop(browser)
 
     async def scenario():
         async with lab("hold-until-body", cert) as server:

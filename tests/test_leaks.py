@@ -25,7 +25,7 @@ from conftest import Mitmdump, assert_clean_log
 from fault_server import Faults, FaultServer
 from leakcheck import COMMAND_ANSWERS, FAKE_LINE, command_answers, everything_leaked, flows_in
 from rawh2 import RawH2, extended_connect
-from test_peers import h2ws
+import h2ws
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -188,11 +188,6 @@ def test_h1_userinfo_in_a_kept_host_header_is_redacted(report, tmp_path):
 
 
 # -- HTTP/2 -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory):
-    return h2ws.make_self_signed_cert(tmp_path_factory.mktemp("cert"))
 
 
 def reverse_h2(port: int, report, flows_file, *options: str) -> Mitmdump:

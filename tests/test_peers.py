@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import os
 import select
 import shutil
@@ -17,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h2ws
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,30 +26,11 @@ AUTHORITY = "localhost"
 STARTUP_TIMEOUT = 10.0
 
 
-def _load_h2ws():
-    # scripts/ is not a package, so load the file directly.  Registering it
-    # in sys.modules means every test module shares one copy, and with it the
-    # same exception classes for pytest.raises().
-    if "h2ws" in sys.modules:
-        return sys.modules["h2ws"]
-    spec = importlib.util.spec_from_file_location("h2ws", H2WS_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["h2ws"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-h2ws = _load_h2ws()
 
 
 # --------------------------------------------------------------------------
 # Fixtures
 # --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory):
-    return h2ws.make_self_signed_cert(tmp_path_factory.mktemp("cert"))
 
 
 def _read_line(proc: subprocess.Popen, timeout: float) -> str:

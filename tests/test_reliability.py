@@ -14,10 +14,11 @@ import shutil
 import ssl
 
 import pytest
-from conftest import Mitmdump, addon_copy, assert_clean_log, h2_client, raw_exchange, upgrade_request
+from conftest import (
+    AUTHORITY, STALL, Mitmdump, addon_copy, assert_clean_log, close_proxied, h2_client, proxied, raw_exchange, reverse_to,
+    upgrade_request,
+)
 from fault_server import Faults, FaultServer
-from test_h1_proxy import close, proxied
-from test_h2_proxy import AUTHORITY, STALL, cert, reverse_to  # noqa: F401 (cert is a fixture)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -123,7 +124,7 @@ def test_an_intercepted_handshake_is_a_stall_held_by_interception(report, tmp_pa
         stall = await md.wait_for_record(event="stall")
         writer.close()
         end = await md.wait_for_record(event="handshake")
-        await close(server, md)
+        await close_proxied(server, md)
         return stall, end, server.received, md
 
     stall, end, received, md = run(scenario())
@@ -139,7 +140,7 @@ def test_a_wrong_accept_from_an_http1_upstream_is_diagnosed(report):
         server, md = await proxied(Faults(wrong_accept=True), report)
         head = await raw_exchange(md.port, upgrade_request(), timeout=5)
         record = await md.wait_for_record(event="handshake")
-        await close(server, md)
+        await close_proxied(server, md)
         return head, record
 
     head, record = run(scenario())
@@ -155,7 +156,7 @@ def test_upgrade_websocket_twice_is_named_for_what_it_is(report):
         request = upgrade_request().replace(b"Upgrade: websocket\r\n", b"Upgrade: websocket\r\nUpgrade: websocket\r\n")
         await raw_exchange(md.port, request, timeout=5)
         record = await md.wait_for_record(event="handshake")
-        await close(server, md)
+        await close_proxied(server, md)
         return record
 
     record = run(scenario())
@@ -171,7 +172,7 @@ def test_a_client_that_leaves_at_once_gets_its_record(report):
             writer.write(upgrade_request(accept_encoding="gzip"))
             writer.close()
         await md.wait_for_count(r"WebSocket handshake no-status", 5)
-        await close(server, md)
+        await close_proxied(server, md)
         return md.records(), md
 
     records, md = run(scenario())
@@ -189,7 +190,7 @@ def test_websocket_filters_match_handshakes_in_mitmdump(report):
         await md.wait_for_record(event="handshake")
         await raw_exchange(md.port, upgrade_request("/chat"), timeout=5)
         await md.wait_for_count(r"WebSocket handshake upgraded", 2)
-        await close(server, md)
+        await close_proxied(server, md)
         return md.records()
 
     records = run(scenario())
@@ -205,7 +206,7 @@ def test_a_report_file_that_vanishes_is_created_again(report):
         await raw_exchange(md.port, upgrade_request("/two"), timeout=5)
         await md.wait_for("removed or replaced")
         second = md.records()
-        await close(server, md)
+        await close_proxied(server, md)
         return second, md
 
     second, md = run(scenario())
@@ -229,7 +230,7 @@ def test_a_report_folder_that_vanishes_is_said_once_loudly(tmp_path):
         folder.mkdir()
         await raw_exchange(md.port, upgrade_request("/five"), timeout=5)
         await md.wait_for("records were lost")
-        await close(server, md)
+        await close_proxied(server, md)
         return md
 
     md = run(scenario())
@@ -291,7 +292,7 @@ def test_mitmdump_says_what_waits_and_sums_up_at_exit(report):
         await md.wait_for_record(event="handshake")
         await raw_exchange(md.port, upgrade_request("/fine"), timeout=5)
         await md.wait_for_count(r"WebSocket handshake (upgraded|no-status)", 2)
-        await close(server, md)
+        await close_proxied(server, md)
         return progress, md
 
     progress, md = run(scenario())
@@ -316,7 +317,7 @@ def test_mitmdump_writes_a_bundle_at_exit(report, tmp_path):
         await md.wait_for_record(event="stall")
         writer.close()
         await md.wait_for_record(event="handshake")
-        await close(server, md)
+        await close_proxied(server, md)
         return md
 
     md = run(scenario())

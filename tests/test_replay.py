@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 from mitmproxy.test import tflow
-from test_bundle import handshake_flow, record
-from test_probe import replay
+from conftest import handshake_flow, record, replay
 
 from bugreport.replay import recorded, speaker_of, without_redacted
 from bugreport.target import Target

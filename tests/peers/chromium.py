@@ -1,0 +1,63 @@
+"""Headless Chromium as a test peer, started in a process group of its own
+and stopped by it; every name but loopback resolves to not-found, since a
+browser makes background requests of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+# For a test module that runs Chromium (pytestmark); `needs_chromium` for one test.
+MARKS = [
+    pytest.mark.browser,
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package chromium)"),
+]
+
+
+def needs_chromium(test):
+    for mark in MARKS:
+        test = mark(test)
+    return test
+
+
+def page(html: str) -> str:
+    """A URL that is the page `html` itself."""
+    return "data:text/html," + urllib.parse.quote(html)
+
+
+async def start(url: str, home: Path, proxy_port: int | None = None) -> asyncio.subprocess.Process:
+    """Chromium on `url`, through the proxy at 127.0.0.1:`proxy_port` if given
+    (loopback included), its HOME, TMPDIR and profile in `home`."""
+    env = dict(os.environ, HOME=str(home), TMPDIR=str(home))
+    proxy = [f"--proxy-server=http://127.0.0.1:{proxy_port}", "--proxy-bypass-list=<-loopback>"] if proxy_port else []
+    return await asyncio.create_subprocess_exec(
+        CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--ignore-certificate-errors", *proxy,
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
+        f"--user-data-dir={home / 'profile'}", url,
+        env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+async def stop(proc: asyncio.subprocess.Process) -> None:
+    # Chromium's renderers and helpers are in its own process group, which
+    # the test started; its crash handlers leave the group and exit by themselves.
+    if proc.returncode is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), 10)
+    except asyncio.TimeoutError:
+        os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
