@@ -63,7 +63,7 @@ import h2ws
 import mitmproxy.version
 
 from benchlib.clients import H1Requests, H1WebSocket
-from benchlib.procs import Mitmdump, Upstreams, die_with_parent
+from benchlib.procs import EMPTY_SCRIPT, Mitmdump, Upstreams, die_with_parent
 from mitmdump_proc import ADDON
 
 ENCODINGS = [("accept-encoding", "gzip, deflate, br, zstd")]
@@ -299,39 +299,42 @@ def h1_throughput(port: int, direction: str, size: int, n: int):
     return run
 
 
-# The batches `alternate` runs with the addon loaded, and without it.
-ADDON_LOADED = {"with": True, "without": False}
+# The batches `alternate` runs with the addon loaded, without it, and with
+# only a script that has no hooks (what any script costs mitmproxy).
+EMPTY = "empty script"
+LOADED = {"with": lambda proc: proc.addon_path, "without": lambda proc: None, EMPTY: lambda proc: EMPTY_SCRIPT}
 
 
 async def alternate(procs: dict[str, Mitmdump], works: dict[str, Callable], pairs: int,
                     progress: Progress, label: str) -> dict[str, list[dict]]:
     """`pairs` rounds of one batch per entry of `works` (run on procs[key]),
-    the order reversed every other round; a "with" or "without" batch first
-    loads or unloads the addon in its mitmdump."""
+    the order reversed every other round; a "with", "without" or EMPTY batch
+    first loads what it names in its mitmdump (and unloads the rest)."""
     keys = list(works)
     results: dict[str, list[dict]] = {k: [] for k in keys}
     for i in range(pairs):
         order = keys if i % 2 == 0 else keys[::-1]
         for key in order:
             progress.step(f"{label}: {key}, round {i + 1}/{pairs}")
-            if key in ADDON_LOADED:
-                await procs[key].use_addon(ADDON_LOADED[key])
+            if key in LOADED:
+                await procs[key].use(LOADED[key](procs[key]))
             results[key].append(await batch(procs[key], works[key]))
     return results
 
 
 def cpu_ratio_figure(goal: int, key: str, title: str, target: float, runs: dict[str, list[dict]], unit_name: str) -> Figure:
-    with_, without = runs["with"], runs["without"]
+    with_, without, empty = runs["with"], runs["without"], runs[EMPTY]
     ratios = [ratio(a["cpu_s"], b["cpu_s"]) for a, b in zip(with_, without)]
+    floor = [ratio(a["cpu_s"], b["cpu_s"]) for a, b in zip(empty, without)]
     per = lambda rs: median([1000 * r["cpu_s"] / r["count"] for r in rs])  # noqa: E731
     rate = lambda rs: median([r["count"] / r["wall_s"] for r in rs])  # noqa: E731
     n = with_[0]["count"]
     return Figure(
         goal, key, title, median(ratios), "x", "<=", target,
         f"median of {len(ratios)} pairs x {n} {unit_name}; CPU {per(with_):.3f} vs {per(without):.3f} ms each; "
-        f"{rate(with_):.0f} vs {rate(without):.0f}/s",
-        {"ratios": ratios, "with": with_, "without": without,
-         "cpu_ms_each_with": per(with_), "cpu_ms_each_without": per(without),
+        f"{rate(with_):.0f} vs {rate(without):.0f}/s; a script with no hooks ÷ without: {median(floor):.3f}x",
+        {"ratios": ratios, "empty_script_ratios": floor, "with": with_, "without": without, "empty_script": empty,
+         "cpu_ms_each_with": per(with_), "cpu_ms_each_without": per(without), "cpu_ms_each_empty_script": per(empty),
          "rate_with": rate(with_), "rate_without": rate(without)},
     )
 
@@ -582,12 +585,12 @@ def load_average() -> float:
 async def run(p: Params, quick: bool, addon: Path) -> dict[str, Any]:
     started = datetime.datetime.now(datetime.timezone.utc)
     load_start = load_average()
-    steps = 6 * p.pairs + 8 * p.tp_pairs + 6 * p.g3_pairs + (11 if quick else 12)
+    steps = 9 * p.pairs + 12 * p.tp_pairs + 6 * p.g3_pairs + (11 if quick else 12)
     progress = Progress(steps)
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="ws-encode-bench-") as tmp:
         report = Path(tmp) / "report.jsonl"
-        progress.step("starting upstreams and two mitmdumps")
+        progress.step("starting the upstreams and the mitmdumps")
         upstreams = await Upstreams(tmp).start()
         targets = {"h1": f"http://127.0.0.1:{upstreams.ports['h1']}",
                    "h1_tls": f"https://127.0.0.1:{upstreams.ports['h1_tls']}",
@@ -595,7 +598,7 @@ async def run(p: Params, quick: bool, addon: Path) -> dict[str, Any]:
                    "h2_hold": f"https://127.0.0.1:{upstreams.ports['h2_hold']}"}
         options = {"ws_encode_report": str(report), "ws_encode_policy": "observe", "ws_encode_stall": f"{p.stall:g}"}
         with_ = Mitmdump("proxy", targets, True, options, addon)
-        procs = {"with": with_, "without": with_}
+        procs = {"with": with_, "without": with_, EMPTY: with_}
         # Fresh ones for goal 5's resident memory, started now (they idle until then).
         fresh = {kind: rss_mitmdump(kind, upstreams, {**options, "ws_encode_report": str(Path(tmp) / f"{kind}.jsonl")}, addon)
                  for kind in (RSS_KINDS[:2] if quick else RSS_KINDS)}
@@ -640,16 +643,18 @@ async def run(p: Params, quick: bool, addon: Path) -> dict[str, Any]:
                     rates = {k: [r["count"] / r["wall_s"] / 1e6 for r in runs[k]] for k in runs}
                     cpu = {k: median([r["cpu_s"] / r["count"] * 1e9 for r in runs[k]]) for k in runs}
                     ratios = [ratio(a, b) for a, b in zip(rates["with"], rates["without"])]
+                    floor = [ratio(a, b) for a, b in zip(rates[EMPTY], rates["without"])]
                     arrow = "client→server" if direction == "up" else "server→client"
                     figures.append(Figure(
                         2, f"g2_{size // 1024}k_{direction}_throughput_ratio",
                         f"{size // 1024} KiB messages {arrow}: throughput with ÷ without", median(ratios), "x", ">=", 0.99,
                         f"median of {len(ratios)} pairs x {n} messages; {median(rates['with']):.1f} vs "
                         f"{median(rates['without']):.1f} MB/s; CPU per byte with ÷ without "
-                        f"{ratio(cpu['with'], cpu['without']):.3f}",
-                        {"ratios": ratios, "mb_per_s_with": rates["with"], "mb_per_s_without": rates["without"],
+                        f"{ratio(cpu['with'], cpu['without']):.3f}; a script with no hooks ÷ without: "
+                        f"{median(floor):.3f}x",
+                        {"ratios": ratios, "empty_script_ratios": floor, "mb_per_s_with": rates["with"], "mb_per_s_without": rates["without"],
                          "cpu_ns_per_byte_with": cpu["with"], "cpu_ns_per_byte_without": cpu["without"],
-                         "with": runs["with"], "without": runs["without"]}))
+                         "with": runs["with"], "without": runs["without"], "empty_script": runs[EMPTY]}))
 
             # Goal 3 (all with the addon), and from here on the addon stays loaded.
             await with_.use_addon(True)

@@ -62,6 +62,13 @@ def find_addon() -> Any:
     return None
 
 
+def script_loaded(path: str) -> bool:
+    from mitmproxy import ctx
+
+    loader = ctx.master.addons.get("scriptloader")
+    return any(script.fullpath == path and script.ns is not None for script in loader.addons)
+
+
 class Probe:
     def __init__(self) -> None:
         self.server: asyncio.AbstractServer | None = None
@@ -103,11 +110,12 @@ class Probe:
         # a load finishing on a later turn of the event loop.
         ctx.options.update(scripts=[*scripts, path] if load else scripts)
         for _ in range(500):
-            if (find_addon() is not None) is load:
+            if script_loaded(path) is load:
                 break
             await asyncio.sleep(0.01)
         options = {k: ctx.options.deferred.get(k, getattr(ctx.options, k, None)) for k in ("ws_encode_report", "ws_encode_policy")}
-        return {"addon": find_addon() is not None, "options": {k: str(v) for k, v in options.items()}}
+        return {"loaded": script_loaded(path), "addon": find_addon() is not None,
+                "options": {k: str(v) for k, v in options.items()}}
 
     def done(self) -> None:
         if self.server:

@@ -15,6 +15,8 @@ from pathlib import Path
 from mitmdump_proc import ADDON, LOOPBACK_ONLY, MITMDUMP
 
 PROBE = Path(__file__).resolve().parent / "probe.py"
+# A script with one addon and no hooks: what any script costs mitmproxy.
+EMPTY_SCRIPT = Path(__file__).resolve().parent / "empty_script.py"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1
 
@@ -139,11 +141,22 @@ class Mitmdump:
         writer.close()
         return json.loads(answer)
 
+    async def use(self, script: Path | None) -> None:
+        """Of the addon and EMPTY_SCRIPT, have `script` loaded (None: neither)
+        in this running mitmdump (started with the addon)."""
+        for path in (self.addon_path, EMPTY_SCRIPT):
+            if path != script:
+                await self._script(path, False)
+        if script is not None:
+            await self._script(script, True)
+
     async def use_addon(self, loaded: bool) -> None:
-        """Load or unload the addon in this running mitmdump (started with it)."""
-        answer = await self.query(f"{'load' if loaded else 'unload'} {self.addon_path}")
-        if answer.get("addon") is not loaded:
-            raise SystemExit(f"mitmdump ({self.name}) did not {'load' if loaded else 'unload'} the addon: {answer}")
+        await self.use(self.addon_path if loaded else None)
+
+    async def _script(self, path: Path, load: bool) -> None:
+        answer = await self.query(f"{'load' if load else 'unload'} {path}")
+        if answer.get("loaded") is not load:
+            raise SystemExit(f"mitmdump ({self.name}) did not {'load' if load else 'unload'} {path}: {answer}")
 
     async def stop(self) -> None:
         if self.proc and self.proc.returncode is None:
@@ -180,12 +193,6 @@ class Upstreams:
     @property
     def pid(self) -> int:
         return self.proc.pid
-
-    async def use_addon(self, loaded: bool) -> None:
-        """Load or unload the addon in this running mitmdump (started with it)."""
-        answer = await self.query(f"{'load' if loaded else 'unload'} {self.addon_path}")
-        if answer.get("addon") is not loaded:
-            raise SystemExit(f"mitmdump ({self.name}) did not {'load' if loaded else 'unload'} the addon: {answer}")
 
     async def stop(self) -> None:
         if self.proc and self.proc.returncode is None:
