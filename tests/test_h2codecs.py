@@ -22,6 +22,8 @@ import h2.errors
 import h2.events
 import h2.settings
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from mitmproxy import connection, http, options
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy import commands, events
@@ -32,7 +34,7 @@ from wsproto.frame_protocol import FrameProtocol
 
 from wsencode import h2bridge
 from wsencode.handshake import accept_for
-from wsencode.streamfacts import facts_of
+from wsencode.streamfacts import StreamFacts, facts_of
 
 ENABLE_CONNECT_PROTOCOL = h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL
 SID = 1  # the stream id of the first request, on either connection
@@ -805,3 +807,41 @@ def test_a_websocket_the_proxy_half_closes_first_leaves_nothing_in_either_codec(
     assert http_layers.ResponseEndOfMessage in [type(e) for e in upstream.from_peer().http]
     assert 1 not in upstream.codec.websockets
     assert not upstream(events.ConnectionClosed(upstream.conn)).http
+
+
+# -- the client side's phases (h2bridge.CLIENT_TRANSITIONS) -----------------
+
+
+@given(st.lists(st.sampled_from(list(h2bridge.ClientStep)), max_size=12))
+def test_the_client_side_moves_only_as_its_table_says(steps):
+    ws = h2bridge.ClientSideStream(StreamFacts())
+    ws.facts.waiting_client = ws
+    for step in steps:
+        before = ws.phase
+        if step is h2bridge.ClientStep.UPSTREAM_HAS_CONNECT:
+            took = ws.relay_to(object(), 1)  # as the upstream codec takes that step
+        else:
+            took = ws.step(step)
+        assert ws.phase is h2bridge.CLIENT_TRANSITIONS.get((before, step), before)
+        assert took is ((before, step) in h2bridge.CLIENT_TRANSITIONS)
+        # A relay target only while relaying, and the upstream finds the client side until the status.
+        assert (ws.relay is not None) is (ws.phase is h2bridge.ClientPhase.RELAYING)
+        assert (ws.facts.waiting_client is ws) is ws.phase.before_status
+
+
+def test_what_was_relayed_goes_back_when_the_upstream_fails_and_is_recorded_when_it_answers():
+    ws = h2bridge.ClientSideStream(StreamFacts())
+    first, second = masked_text("first"), masked_text("second")
+    assert ws.relay_to(object(), 1)
+    ws.relayed += first
+    ws.early += second
+    assert ws.step(h2bridge.ClientStep.UPSTREAM_FAILED)
+    assert ws.phase is h2bridge.ClientPhase.WAITING and bytes(ws.early) == first + second and not ws.relayed
+    assert ws.relay_to(object(), 3)
+    ws.relayed += bytes(ws.early)
+    ws.early.clear()
+    assert ws.step(h2bridge.ClientStep.UPSTREAM_ANSWERED)
+    assert [(opcode, payload) for opcode, payload, _ in ws.facts.early_messages] == [(1, b"first"), (1, b"second")]
+    assert not ws.relayed and ws.relay is None
+    assert not ws.step(h2bridge.ClientStep.UPSTREAM_ANSWERED)  # a second answer changes nothing
+    assert ws.step(h2bridge.ClientStep.STATUS_SENT) and ws.is_open

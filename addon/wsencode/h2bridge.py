@@ -13,7 +13,8 @@ mitmproxy's own HTTP stream and WebSocket layers run unchanged:
   ends the stream with END_STREAM. DATA the client sends before the status
   goes straight to an HTTP/2 upstream that has the CONNECT (whole frames
   only), and is otherwise kept and handed to the WebSocket layer after the
-  status.
+  status (the client side's phases and their one table: `ClientPhase`,
+  `CLIENT_TRANSITIONS`).
 - upstream over HTTP/2 (`WsHttp2Client`): a WebSocket upgrade waits for the
   server's first SETTINGS (RFC 8441 section 3) and goes out as an extended
   CONNECT if the server advertises 0x8; its 2xx comes back to the stream as a
@@ -46,14 +47,12 @@ cannot be used and leaves mitmproxy stock.
 
 from __future__ import annotations
 
-import base64
 import collections
 import contextlib
 import copy
 import enum
 import inspect
 import logging
-import os
 import re
 import time
 import types
@@ -69,6 +68,7 @@ from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http2
 from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
+from wsproto.utilities import generate_nonce
 
 from .frames import whole_messages_length
 from .handshake import accept_for, classify
@@ -194,8 +194,40 @@ def _h2_headers(fields: http.Headers) -> list[tuple[bytes, bytes]]:
 
 
 class WsPhase(enum.Enum):
+    """An upstream CONNECT stream's phase."""
+
     WAITING = enum.auto()  # for the status
     OPEN = enum.auto()
+
+
+class ClientPhase(enum.Enum):
+    """Where the client's side of an extended CONNECT is, which decides where
+    the DATA it sends goes."""
+
+    WAITING = enum.auto()  # for the status: kept, for after it
+    RELAYING = enum.auto()  # an HTTP/2 upstream has the CONNECT: whole messages go to it (and are kept, in case)
+    ANSWERED = enum.auto()  # that upstream answered; its status is on its way through the stream: kept
+    OPEN = enum.auto()  # the status is sent: mitmproxy's WebSocket layer carries it
+
+    @property
+    def before_status(self) -> bool:
+        return self is not ClientPhase.OPEN
+
+
+class ClientStep(enum.Enum):
+    UPSTREAM_HAS_CONNECT = enum.auto()  # WsHttp2Client sent it
+    UPSTREAM_ANSWERED = enum.auto()  # with any status
+    UPSTREAM_FAILED = enum.auto()  # reset the CONNECT or went away: the WebSocket may go elsewhere next
+    STATUS_SENT = enum.auto()  # to the client
+
+
+CLIENT_TRANSITIONS: dict[tuple[ClientPhase, ClientStep], ClientPhase] = {
+    (ClientPhase.WAITING, ClientStep.UPSTREAM_HAS_CONNECT): ClientPhase.RELAYING,
+    (ClientPhase.RELAYING, ClientStep.UPSTREAM_ANSWERED): ClientPhase.ANSWERED,
+    (ClientPhase.RELAYING, ClientStep.UPSTREAM_FAILED): ClientPhase.WAITING,
+    (ClientPhase.WAITING, ClientStep.STATUS_SENT): ClientPhase.OPEN,  # (an HTTP/1.1 upstream: nothing relayed)
+    (ClientPhase.ANSWERED, ClientStep.STATUS_SENT): ClientPhase.OPEN,
+}
 
 
 @dataclass
@@ -203,25 +235,43 @@ class ClientSideStream:
     """A client's extended CONNECT stream, on the client-facing connection."""
 
     facts: StreamFacts
-    phase: WsPhase = WsPhase.WAITING
+    phase: ClientPhase = ClientPhase.WAITING
     early: bytearray = field(default_factory=bytearray)  # client DATA kept for after the status
     ended_early: bool = False  # client END_STREAM before the status
-    # Where early client DATA goes once an HTTP/2 upstream has the CONNECT:
-    # (upstream connection, stream id), set by WsHttp2Client._send_connect.
-    relay: tuple[connection.Connection, int] | None = None
-    # What went that way, kept until the upstream accepts: if it resets the
+    # While RELAYING: the (upstream connection, stream id) whole messages go to,
+    # and what went there, kept until the upstream answers: if it resets the
     # CONNECT instead, the bytes go to wherever the WebSocket goes next.
+    relay: tuple[connection.Connection, int] | None = None
     relayed: bytearray = field(default_factory=bytearray)
 
-    def relay_accepted(self) -> None:
-        self.relay = None
-        self.facts.early_messages += client_messages(self.relayed)
-        self.relayed.clear()
+    def step(self, step: ClientStep) -> bool:
+        """Take `step` if CLIENT_TRANSITIONS has it from this phase; a step
+        that does not apply (a second answer, say) changes nothing."""
+        after = CLIENT_TRANSITIONS.get((self.phase, step))
+        if after is None:
+            return False
+        self.phase = after
+        if after is not ClientPhase.RELAYING:
+            self.relay = None
+        if step is ClientStep.UPSTREAM_ANSWERED:
+            self.facts.early_messages += client_messages(self.relayed)
+            self.relayed.clear()
+        elif step is ClientStep.UPSTREAM_FAILED:
+            self.early[:0] = self.relayed
+            self.relayed.clear()
+        elif after is ClientPhase.OPEN:
+            self.facts.waiting_client = None  # no upstream will look for it now
+        return True
 
-    def relay_failed(self) -> None:
-        self.relay = None
-        self.early[:0] = self.relayed
-        self.relayed.clear()
+    @property
+    def is_open(self) -> bool:
+        return self.phase is ClientPhase.OPEN
+
+    def relay_to(self, upstream: connection.Connection, sid: int) -> bool:
+        if not self.step(ClientStep.UPSTREAM_HAS_CONNECT):
+            return False
+        self.relay = (upstream, sid)
+        return True
 
 
 @dataclass
@@ -232,6 +282,10 @@ class UpstreamStream:
     key: str  # the Sec-WebSocket-Key the 101 given to mitmproxy must answer
     relay_from: ClientSideStream | None = None
     phase: WsPhase = WsPhase.WAITING
+
+    @property
+    def is_open(self) -> bool:
+        return self.phase is WsPhase.OPEN
 
 
 class _CountedDeque(collections.deque):
@@ -314,17 +368,17 @@ class WsHttp2Server(_http2.Http2Server):
         if ws is None:
             return (yield from super().handle_h2_event(event))
         sid = event.stream_id
-        if ws.phase is WsPhase.WAITING and isinstance(event, h2.events.DataReceived):
+        if ws.phase.before_status and isinstance(event, h2.events.DataReceived):
             yield from self._early_data(sid, ws, event)
             return False
-        if ws.phase is WsPhase.WAITING and isinstance(event, h2.events.StreamEnded):
+        if ws.phase.before_status and isinstance(event, h2.events.StreamEnded):
             ws.ended_early = True
             return False
         if isinstance(event, h2.events.TrailersReceived):
             # Only DATA may follow on a CONNECT stream (RFC 9113 section 8.5).
             yield from self._reset(sid, "trailers on a WebSocket stream")
             return False
-        if ws.phase is WsPhase.OPEN and isinstance(event, h2.events.StreamReset):
+        if ws.phase is ClientPhase.OPEN and isinstance(event, h2.events.StreamReset):
             # After the upgrade a reset is the peer going away, which is what
             # the WebSocket layer understands; as an error it would crash it.
             del self.websockets[sid]
@@ -372,7 +426,7 @@ class WsHttp2Server(_http2.Http2Server):
         else:
             fields["upgrade"] = "websocket"
             fields["connection"] = "Upgrade"
-            fields["sec-websocket-key"] = base64.b64encode(os.urandom(16)).decode()
+            fields["sec-websocket-key"] = generate_nonce().decode()
             request = http.Request(
                 host=host, port=port, method=b"GET", scheme=scheme, authority=authority,
                 path=path, http_version=b"HTTP/2.0", headers=fields, content=None,
@@ -396,7 +450,7 @@ class WsHttp2Server(_http2.Http2Server):
             ws.facts.ended_by_proxy = reason
         if self.streams.pop(sid, None) is not None:
             # The WebSocket layer understands only the peer going away.
-            end = http_layers.RequestEndOfMessage(sid) if ws is not None and ws.phase is WsPhase.OPEN else request_error(sid, reason)
+            end = http_layers.RequestEndOfMessage(sid) if ws is not None and ws.phase is ClientPhase.OPEN else request_error(sid, reason)
             yield self.backlog.defer(end) if later else http_layers.ReceiveHttp(end)
         yield commands.SendData(self.conn, self.h2_conn.data_to_send())
 
@@ -415,7 +469,7 @@ class WsHttp2Server(_http2.Http2Server):
                 # HTTP/2 has no 101; stock mitmproxy crashes trying to send one.
                 event = response_error(event.stream_id, "upstream switched protocols on a request that did not ask for a WebSocket")
             yield from super()._handle_event(event)
-        elif ws.phase is WsPhase.WAITING:
+        elif ws.phase.before_status:
             if isinstance(event, http_layers.ResponseHeaders) and event.response.status_code == 101:
                 yield from self._send_success(event)
             else:
@@ -445,9 +499,7 @@ class WsHttp2Server(_http2.Http2Server):
 
     def _send_success(self, event: http_layers.ResponseHeaders) -> layer.CommandGenerator[None]:
         ws = self.websockets[event.stream_id]
-        ws.phase = WsPhase.OPEN
-        ws.facts.waiting_client = None
-        ws.relay_accepted()  # from now on the WebSocket layer carries the client's data
+        ws.step(ClientStep.STATUS_SENT)  # from now on the WebSocket layer carries the client's data
         if self.is_open_for_us(event.stream_id):
             headers = [(b":status", b"200"), *_h2_headers(event.response.headers)]
             self.h2_conn.send_headers(event.stream_id, headers, end_stream=False)
@@ -470,7 +522,7 @@ def _forget_if_closed(codec, sid: int) -> None:
 def _close_open_websockets(codec, end_of_message) -> layer.CommandGenerator[None]:
     """A connection going away ends its open WebSockets as their peer closing."""
     for sid, ws in list(codec.websockets.items()):
-        if ws.phase is WsPhase.OPEN and codec.streams.pop(sid, None) is not None:
+        if ws.is_open and codec.streams.pop(sid, None) is not None:
             yield http_layers.ReceiveHttp(end_of_message(sid))
     codec.websockets.clear()
 
@@ -594,7 +646,7 @@ class WsHttp2Client(_http2.Http2Client):
         # The request is really on its way now (it may have waited for SETTINGS).
         ws.facts.forwarded()
         client_side = ws.facts.waiting_client
-        if client_side is not None and client_side.phase is WsPhase.WAITING:
+        if client_side is not None and client_side.relay_to(self.conn, self.their_stream_id[sid]):
             # What an HTTP/2 client sent before the status goes upstream now,
             # and whatever follows goes straight here (see WsHttp2Server).
             whole = whole_messages_length(client_side.early)
@@ -603,7 +655,6 @@ class WsHttp2Client(_http2.Http2Client):
                 del client_side.early[:whole]
                 client_side.relayed += data
                 self.h2_conn.send_data(sid, data)
-            client_side.relay = (self.conn, self.their_stream_id[sid])
             ws.relay_from = client_side
         yield commands.SendData(self.conn, self.h2_conn.data_to_send())
 
@@ -631,7 +682,7 @@ class WsHttp2Client(_http2.Http2Client):
     def _status(self, sid: int, ws: UpstreamStream, event: h2.events.ResponseReceived) -> layer.CommandGenerator[bool]:
         if ws.relay_from is not None:
             # Whatever the answer, the rest goes through mitmproxy's stream.
-            ws.relay_from.relay_accepted()
+            ws.relay_from.step(ClientStep.UPSTREAM_ANSWERED)
         try:
             status, fields = _http2.parse_h2_response_headers(event.headers)
         except ValueError:
@@ -693,7 +744,7 @@ class WsHttp2Client(_http2.Http2Client):
             end = http_layers.ResponseEndOfMessage(sid)
         else:
             if ws.relay_from is not None:
-                ws.relay_from.relay_failed()
+                ws.relay_from.step(ClientStep.UPSTREAM_FAILED)
             end = error if isinstance(error, NeedsHttp1) else response_error(sid, error)
         yield self.backlog.defer(end) if later else http_layers.ReceiveHttp(end)
 
@@ -701,7 +752,7 @@ class WsHttp2Client(_http2.Http2Client):
         self.closed = True
         for ws in self.websockets.values():
             if ws.phase is WsPhase.WAITING and ws.relay_from is not None:
-                ws.relay_from.relay_failed()
+                ws.relay_from.step(ClientStep.UPSTREAM_FAILED)
         yield from _close_open_websockets(self, http_layers.ResponseEndOfMessage)
         yield from super().close_connection(msg)
 

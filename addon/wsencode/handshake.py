@@ -13,10 +13,11 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
+
+from wsproto.utilities import generate_accept_token
 
 from .report import printable
 
@@ -93,12 +94,11 @@ class Handshake:
 
 
 # RFC 6455 section 1.3: the GUID the accept hash is computed with.
-WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 def accept_for(key: str) -> str:
     """The Sec-WebSocket-Accept a server must answer `key` with."""
-    return base64.b64encode(hashlib.sha1(key.strip().encode() + WEBSOCKET_GUID).digest()).decode()
+    return generate_accept_token(key.strip().encode()).decode()
 
 
 def _key_problem(headers: Headers) -> str | None:
