@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode
 from wsproto.utilities import generate_accept_token
 
+from wsmessages import Messages
+
 
 @dataclass
 class Faults:
@@ -116,22 +118,17 @@ class FaultServer:
 
     async def _echo(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> None:
         proto = FrameProtocol(client=False, extensions=[])
-        message: list[bytes | str] = []
+        messages = Messages(proto)
         while True:
-            proto.receive_bytes(data)
-            for frame in proto.received_frames():
-                if frame.opcode is Opcode.CLOSE:
+            for item in messages.receive(data):
+                if isinstance(item, (str, bytes)):
+                    writer.write(proto.send_data(item, fin=True))
+                elif item.opcode is Opcode.CLOSE:
                     writer.write(proto.close(CloseReason.NORMAL_CLOSURE))
                     await writer.drain()
                     return
-                if frame.opcode is Opcode.PING:
-                    writer.write(proto.pong(frame.payload))
-                elif frame.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONTINUATION):
-                    message.append(frame.payload)
-                    if frame.message_finished:
-                        whole = "".join(message) if isinstance(message[0], str) else b"".join(message)
-                        message = []
-                        writer.write(proto.send_data(whole, fin=True))
+                elif item.opcode is Opcode.PING:
+                    writer.write(proto.pong(item.payload))
             await writer.drain()
             data = await reader.read(65536)
             if not data:

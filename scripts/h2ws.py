@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from h2.errors import ErrorCodes
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
+from wsmessages import Messages
 
 __all__ = [
     "ClientWebSocket",
@@ -309,9 +310,9 @@ class _ServerWebSocket:
     def __init__(self, stream_id: int, withheld_status: Optional[Headers]) -> None:
         self.stream_id = stream_id
         self.frames = FrameProtocol(client=False, extensions=[])
+        self.messages = Messages(self.frames)
         # The response headers a buffering encoder is sitting on, if any.
         self.withheld_status = withheld_status
-        self.message_parts: list[Message] = []
         self.close_received = False
         # Opened with ?deaf: its DATA is never read or acknowledged, so its
         # window closes (an upstream that does not read).
@@ -466,26 +467,18 @@ class _ServerConnection(_H2Endpoint):
     def _on_websocket_data(self, ws: _ServerWebSocket, data: bytes) -> None:
         if ws.close_received:
             return  # RFC 6455: nothing after a Close frame means anything
-        ws.frames.receive_bytes(data)
         try:
-            for frame in ws.frames.received_frames():
-                self._on_frame(ws, frame)
+            for item in ws.messages.receive(data):
+                self._on_received(ws, item)
                 if ws.close_received:
                     return
         except ParseFailed as exc:
             ws.close_received = True
             self._send_websocket(ws, ws.frames.close(exc.code, str(exc)), end_stream=True)
 
-    def _on_frame(self, ws: _ServerWebSocket, frame) -> None:
-        # wsproto's message decoder reports continuation frames with the
-        # message's opcode and decodes TEXT payloads to str.
-        if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
-            ws.message_parts.append(frame.payload)
-            if frame.message_finished:
-                joiner = "" if frame.opcode is Opcode.TEXT else b""
-                message = joiner.join(ws.message_parts)
-                ws.message_parts.clear()
-                self._send_websocket(ws, ws.frames.send_data(message))
+    def _on_received(self, ws: _ServerWebSocket, frame) -> None:
+        if isinstance(frame, (str, bytes)):  # a whole message
+            self._send_websocket(ws, ws.frames.send_data(frame))
         elif frame.opcode is Opcode.PING:
             self._send_websocket(ws, ws.frames.pong(frame.payload))
         elif frame.opcode is Opcode.CLOSE:
@@ -664,7 +657,7 @@ class ClientWebSocket:
         self.ended_with: Optional[str] = None
         self.close_code: Optional[int] = None  # from the peer's Close frame
         self._frames = FrameProtocol(client=True, extensions=[])
-        self._message_parts: list[Message] = []
+        self._received = Messages(self._frames)
         self._messages: asyncio.Queue = asyncio.Queue()
         self._pongs: asyncio.Queue = asyncio.Queue()
         self._status_known = asyncio.Event()
@@ -800,10 +793,9 @@ class ClientWebSocket:
         if self.status is None or not 200 <= self.status < 300:
             self.response_body += data  # a rejection body, not WebSocket frames
             return
-        self._frames.receive_bytes(data)
         try:
-            for frame in self._frames.received_frames():
-                self._on_frame(frame)
+            for item in self._received.receive(data):
+                self._on_received(item)
         except ParseFailed as exc:
             self.events.append(f"parse_failed:{exc}")
             self._close_received.set()
@@ -812,14 +804,10 @@ class ClientWebSocket:
                 self._close_sent = True
                 self._send_now(self._frames.close(exc.code, str(exc)), end_stream=True)
 
-    def _on_frame(self, frame) -> None:
-        if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
-            self._message_parts.append(frame.payload)
-            if frame.message_finished:
-                joiner = "" if frame.opcode is Opcode.TEXT else b""
-                self._messages.put_nowait(joiner.join(self._message_parts))
-                self._message_parts.clear()
-                self.events.append("message")
+    def _on_received(self, frame) -> None:
+        if isinstance(frame, (str, bytes)):  # a whole message
+            self._messages.put_nowait(frame)
+            self.events.append("message")
         elif frame.opcode is Opcode.PING:
             if not self._end_sent:  # after our END_STREAM the pong has no way out
                 self._send_now(self._frames.pong(frame.payload))

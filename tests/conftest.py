@@ -167,6 +167,16 @@ def addon_copy(tmp_path: Path) -> Path:
     return folder / "ws_encode.py"
 
 
+async def reload_script(md: Mitmdump, script: Path) -> None:
+    """Change the script's file and wait until mitmproxy has loaded it again
+    (it watches the file's mtime)."""
+    loading = re.escape(f"Loading script {script}")
+    loads = sum(bool(re.search(loading, line)) for line in md.lines)
+    stat = script.stat()
+    os.utime(script, (stat.st_atime, stat.st_mtime + 1))
+    await md.wait_for_count(loading, loads + 1, timeout=15)
+
+
 async def h2_client(md: Mitmdump, authority: str = "localhost"):
     """An HTTP/2 client connection to `md`, its SETTINGS exchanged."""
 

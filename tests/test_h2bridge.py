@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from pathlib import Path
 
 import json
 import re
@@ -13,7 +11,7 @@ import re
 import h2.errors
 import pytest
 import ws_encode
-from conftest import ADDON, ROOT, Mitmdump, addon_copy, assert_clean_log, h2_echo_once, upgrade_request
+from conftest import ADDON, ROOT, Mitmdump, addon_copy, assert_clean_log, h2_echo_once, reload_script, upgrade_request
 from fault_server import Faults, FaultServer
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http2
@@ -107,14 +105,6 @@ def test_changed_internals_are_named_and_nothing_is_replaced(monkeypatch, caplog
     assert current() == STOCK and http_layers.HttpStream is stream and not bridge.installed
     [line] = [r.getMessage() for r in caplog.records]
     assert named in line and "HTTP/1.1 WebSocket diagnosis keeps working" in line
-
-
-async def reload_script(md: Mitmdump, script: Path) -> None:
-    """mitmproxy reloads a script whose file changed."""
-    loads = sum("Loading script" in line for line in md.lines)
-    stat = script.stat()
-    os.utime(script, (stat.st_atime, stat.st_mtime + 1))
-    await md.wait_for_count("Loading script", loads + 1, timeout=15)
 
 
 def test_reloading_the_script_keeps_http2_websockets_working(tmp_path):

@@ -10,6 +10,8 @@ import ssl
 
 from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode
 
+from wsmessages import Messages
+
 READ = 1 << 18
 TIMEOUT = 30
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="  # any 16 bytes in base64 will do
@@ -70,7 +72,7 @@ class H1WebSocket:
         self.reader, self.writer = reader, writer
         self.proto = FrameProtocol(client=True, extensions=[])
         self.messages: list = []
-        self._parts: list = []
+        self._received = Messages(self.proto)
 
     @classmethod
     async def start(cls, port: int, path: str, tls: bool = False, headers: bytes = b"") -> H1WebSocket:
@@ -106,15 +108,11 @@ class H1WebSocket:
             data = await asyncio.wait_for(self.reader.read(READ), TIMEOUT)
             if not data:
                 raise ConnectionError("closed before a message")
-            self.proto.receive_bytes(data)
-            for frame in self.proto.received_frames():
-                if frame.opcode is Opcode.CLOSE:
+            for item in self._received.receive(data):
+                if isinstance(item, (str, bytes)):
+                    self.messages.append(item)
+                elif item.opcode is Opcode.CLOSE:
                     self.messages.append(CLOSED)
-                elif frame.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONTINUATION):
-                    self._parts.append(frame.payload)
-                    if frame.message_finished:
-                        parts, self._parts = self._parts, []
-                        self.messages.append("".join(parts) if isinstance(parts[0], str) else b"".join(parts))
         message = self.messages.pop(0)
         if message is CLOSED:
             raise ConnectionError("closed by the peer")

@@ -27,6 +27,8 @@ import h2ws
 from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode
 from wsproto.utilities import generate_accept_token
 
+from wsmessages import Messages
+
 READ = 1 << 18
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok"
 
@@ -76,30 +78,25 @@ async def websocket(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
                 await writer.drain()
         await writer.drain()
     received = 0
-    message: list = []
+    messages = Messages(proto)
     while True:
         data = await reader.read(READ)
         if not data:
             return
-        proto.receive_bytes(data)
-        for frame in proto.received_frames():
-            if frame.opcode is Opcode.CLOSE:
+        for item in messages.receive(data):
+            if isinstance(item, (str, bytes)):
+                if sink is None:
+                    writer.write(proto.send_data(item, fin=True))
+                else:
+                    received += 1
+                    if received == sink:
+                        writer.write(proto.send_data("done", fin=True))
+            elif item.opcode is Opcode.CLOSE:
                 writer.write(proto.close(CloseReason.NORMAL_CLOSURE))
                 await writer.drain()
                 return
-            if frame.opcode is Opcode.PING:
-                writer.write(proto.pong(frame.payload))
-            elif frame.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONTINUATION):
-                message.append(frame.payload)
-                if frame.message_finished:
-                    whole = "".join(message) if isinstance(message[0], str) else b"".join(message)
-                    message = []
-                    if sink is None:
-                        writer.write(proto.send_data(whole, fin=True))
-                    else:
-                        received += 1
-                        if received == sink:
-                            writer.write(proto.send_data("done", fin=True))
+            elif item.opcode is Opcode.PING:
+                writer.write(proto.pong(item.payload))
         await writer.drain()
 
 
