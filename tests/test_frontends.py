@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -19,7 +20,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,12 +42,22 @@ POLL = 0.2  # between two looks at a screen: neither tmux nor a page has an even
 pytestmark = pytest.mark.timeout(60)
 
 
-def free_port() -> int:
-    """A port that was free a moment ago: mitmproxy's console and mitmweb's
-    UI do not say which port they got when given 0."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on, from /proc: mitmweb, given port
+    0 for its UI, says port 0."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # an fd closed meanwhile
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 async def withholding_server() -> FaultServer:
@@ -167,14 +177,14 @@ def test_the_console_shows_the_mark_the_commands_and_the_outcome(tmp_path):
     tmux = Tmux(home)
     async def scenario():
         upstream = await withholding_server()
-        port = free_port()
         upstream_url = f"http://127.0.0.1:{upstream.port}/echo?token=REDACTED"
         try:
             tmux.start(str(MITMPROXY), "-s", str(ADDON), "-s", str(LOOPBACK_ONLY),
-                       "--listen-host", "127.0.0.1", "-p", str(port),
+                       "--listen-host", "127.0.0.1", "-p", "0",
                        "--mode", f"reverse:http://127.0.0.1:{upstream.port}",
                        "--set", f"ws_encode_stall={STALL}", "--set", f"ws_encode_report={report}")
-            await tmux.wait_for(f"[127.0.0.1:{port}]")  # the status bar: listening
+            # The status bar shows the address the proxy is bound to once it is.
+            port = int(re.search(r"\[127\.0\.0\.1:(\d+)\]", flat(await tmux.wait_for("[127.0.0.1:"))).group(1))
             client = await open_stalling_handshake(port)
 
             # The flow list marks the handshake ⌛ once it stalls.
@@ -394,10 +404,9 @@ class Mitmweb(Mitmdump):
     def __init__(self, upstream: str, report: Path, home: Path):
         # The Comment column is not among mitmweb's default columns: add it.
         columns = ["tls", "icon", "path", "method", "status", "size", "time", "comment"]
-        self.web_port = free_port()
         self.home = home
         super().__init__(
-            "--mode", f"reverse:{upstream}", "--web-host", "127.0.0.1", "--web-port", str(self.web_port),
+            "--mode", f"reverse:{upstream}", "--web-host", "127.0.0.1", "--web-port", "0",
             "--set", "web_open_browser=false", *(a for c in columns for a in ("--set", f"web_columns={c}")),
             "--set", f"ws_encode_stall={STALL}", report=report,
         )
@@ -413,7 +422,9 @@ class Mitmweb(Mitmdump):
         self.port = int(LISTENING.search(await self.wait_for(LISTENING, timeout=20)).group(1))
         # mitmweb 12 prints its UI's URL with a fresh token (?token=...); 11 needs none.
         line = await self.wait_for("Web server listening at http://")
-        self.url = re.search(r"(http://\S+)", line).group(1)
+        # It says port 0, as it was given: the UI's is the other one it listens on.
+        [web_port] = listening_ports(self._proc.pid) - {self.port}
+        self.url = re.search(r"(http://\S+)", line).group(1).replace("127.0.0.1:0/", f"127.0.0.1:{web_port}/", 1)
         return self
 
 
