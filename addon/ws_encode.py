@@ -39,7 +39,7 @@ from wsencode.lifecycle import EndCause, Stage  # noqa: E402
 from wsencode.policy import EncodingPolicy  # noqa: E402
 from wsencode.report import ReportWriter, printable, redact_url, utc_now_iso  # noqa: E402
 from wsencode.stallwatch import Scheduler, StallWatch, Timer  # noqa: E402
-from wsencode.streamfacts import CLIENT, NO_FACTS, StreamFacts  # noqa: E402
+from wsencode.streamfacts import CLIENT, CONNECTING, NO_FACTS, StreamFacts  # noqa: E402
 from wsencode.tracker import Record, TrackedHandshake, Tracker, wrap  # noqa: E402
 
 logger = logging.getLogger("ws_encode")
@@ -513,7 +513,7 @@ class WsEncode:
             return Stage.INTERCEPTED
         if facts is NO_FACTS:
             return Stage.FORWARDED if tracked.progress.forwarded_at is not None else Stage.QUEUED
-        if facts.stage == "connecting":
+        if facts.stage == CONNECTING:
             address = (f.request.host, f.request.port)
             for server, client_id in list(self.opening.items()):
                 if client_id == f.client_conn.id and server.address == address:
