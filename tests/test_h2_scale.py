@@ -201,6 +201,31 @@ def test_websockets_the_client_ends_first_are_released(cert, probe, kind):
     assert_clean_log(md)
 
 
+def test_handshakes_the_client_resets_while_waiting_are_released(cert, probe):
+    """A client that gives up on a withheld status (RST_STREAM): mitmproxy
+    resets the upstream CONNECT for it, after which no event comes for that
+    stream, and the upstream codec kept every such handshake until the
+    connection closed (found by tests/test_h2codecs.py)."""
+    count = 20
+
+    async def scenario():
+        async with upstream("h2", cert, withhold_status_when_encoding=True) as url, \
+                proxy(url, probe, "--set", "ws_encode_stall=0.2") as md:
+            client = await h2_client(md)
+            sockets = [await client.open_websocket(f"/given-up{i}", AUTHORITY, headers=[("accept-encoding", "gzip")])
+                       for i in range(count)]
+            await md.wait_for_count("WebSocket handshake stall on", count, timeout=20)  # all of them upstream
+            for ws in sockets:
+                await ws.reset()
+            state = await released_state(client)
+            await client.close()
+        return state, md
+
+    state, md = asyncio.run(scenario())
+    assert state["codec_websockets"] == state["flows"] == state["streams"] == 0 and state["waiting"] == []
+    assert_clean_log(md)
+
+
 @pytest.mark.parametrize("kind", ["h2", "http/1.1"])
 def test_finished_websockets_are_released(cert, probe, kind):
     """3,000 WebSockets one after another on one connection left 3,000 live

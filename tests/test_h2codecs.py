@@ -845,3 +845,15 @@ def test_what_was_relayed_goes_back_when_the_upstream_fails_and_is_recorded_when
     assert not ws.relayed and ws.relay is None
     assert not ws.step(h2bridge.ClientStep.UPSTREAM_ANSWERED)  # a second answer changes nothing
     assert ws.step(h2bridge.ClientStep.STATUS_SENT) and ws.is_open
+
+
+def test_a_handshake_the_client_side_fails_while_waiting_leaves_nothing_in_the_upstream_codec():
+    """The client resets its stream, or sends trailers on it, before the
+    status: the stream sends the upstream codec an error, which resets the
+    CONNECT; no h2 event comes for that stream afterwards, so the codec kept
+    it until its connection closed."""
+    side = upstream_side()
+    connect_sent(side)
+    out = side(http_layers.RequestProtocolError(THEIRS, "trailers on a WebSocket stream", http_layers.RequestProtocolError.code))
+    assert out.of(h2.events.StreamReset, 1)
+    assert 1 not in side.codec.websockets

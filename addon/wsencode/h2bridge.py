@@ -632,6 +632,10 @@ class WsHttp2Client(_http2.Http2Client):
             _forget_if_closed(self, event.stream_id)
             return
         yield from super()._handle_event2(event)
+        if ws is not None and isinstance(event, http_layers.RequestProtocolError):
+            # mitmproxy reset the CONNECT for the stream (the client failed
+            # it): no h2 event will come for it any more.
+            _forget_if_closed(self, event.stream_id)
         if ws is not None and isinstance(event, http_layers.RequestData) and self.backlog.over_cap(event.stream_id):
             yield from self._reset(event.stream_id, ws, not_reading("upstream"), h2.errors.ErrorCodes.CANCEL, later=True)
 
