@@ -90,7 +90,7 @@ class Mitmdump:
             await self._reader
         return self._proc.returncode
 
-    async def _let_closing_connections_finish(self, timeout: float = 1.0) -> None:
+    async def _let_closing_connections_finish(self, timeout: float = 0.3) -> None:
         """mitmproxy 11 prints a traceback when it is stopped while it is still
         closing a client's connection (its handler task is cancelled under
         asyncio's callback): a client that has just closed is let go first.
