@@ -378,7 +378,7 @@ class WsHttp2Server(_http2.Http2Server):
             # Only DATA may follow on a CONNECT stream (RFC 9113 section 8.5).
             yield from self._reset(sid, "trailers on a WebSocket stream")
             return False
-        if ws.phase is ClientPhase.OPEN and isinstance(event, h2.events.StreamReset):
+        if ws.is_open and isinstance(event, h2.events.StreamReset):
             # After the upgrade a reset is the peer going away, which is what
             # the WebSocket layer understands; as an error it would crash it.
             del self.websockets[sid]
@@ -450,7 +450,7 @@ class WsHttp2Server(_http2.Http2Server):
             ws.facts.ended_by_proxy = reason
         if self.streams.pop(sid, None) is not None:
             # The WebSocket layer understands only the peer going away.
-            end = http_layers.RequestEndOfMessage(sid) if ws is not None and ws.phase is ClientPhase.OPEN else request_error(sid, reason)
+            end = http_layers.RequestEndOfMessage(sid) if ws is not None and ws.is_open else request_error(sid, reason)
             yield self.backlog.defer(end) if later else http_layers.ReceiveHttp(end)
         yield commands.SendData(self.conn, self.h2_conn.data_to_send())
 
@@ -744,7 +744,7 @@ class WsHttp2Client(_http2.Http2Client):
         HTTP/1.1, when that is a NeedsHttp1)."""
         del self.websockets[sid]
         self.streams.pop(sid, None)
-        if ws.phase is WsPhase.OPEN:
+        if ws.is_open:
             end = http_layers.ResponseEndOfMessage(sid)
         else:
             if ws.relay_from is not None:

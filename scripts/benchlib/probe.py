@@ -8,8 +8,8 @@ ws_encode addon keeps (its attributes, one level into its helper objects, and
 the module-level ones of the `wsencode` package); `unload PATH` and `load PATH`
 take the script at PATH out of mitmproxy's `scripts` option and put it back
 (so one process measures itself with and without the addon), and answer
-whether the addon is loaded now and the options it left set. It hooks no flow
-event, so it costs nothing per flow.
+whether that script is loaded now. It hooks no flow event, so it costs
+nothing per flow.
 """
 
 from __future__ import annotations
@@ -113,9 +113,7 @@ class Probe:
             if script_loaded(path) is load:
                 break
             await asyncio.sleep(0.01)
-        options = {k: ctx.options.deferred.get(k, getattr(ctx.options, k, None)) for k in ("ws_encode_report", "ws_encode_policy")}
-        return {"loaded": script_loaded(path), "addon": find_addon() is not None,
-                "options": {k: str(v) for k, v in options.items()}}
+        return {"loaded": script_loaded(path)}
 
     def done(self) -> None:
         if self.server:
