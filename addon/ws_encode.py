@@ -32,12 +32,12 @@ from mitmproxy import command, connection, ctx, exceptions, flow, flowfilter, ho
 from mitmproxy import log as mitmproxy_log  # noqa: E402
 from mitmproxy.proxy import server_hooks  # noqa: E402
 
-from wsencode import bundle  # noqa: E402
+from wsencode import bundle, wireform  # noqa: E402
 from wsencode.bridge import Bridge  # noqa: E402
 from wsencode.handshake import Transport, accept_for, classify  # noqa: E402
 from wsencode.lifecycle import EndCause, Stage  # noqa: E402
 from wsencode.policy import EncodingPolicy  # noqa: E402
-from wsencode.report import ReportWriter, printable, redact_url, utc_now_iso  # noqa: E402
+from wsencode.report import ReportWriter, printable, redact_path, redact_url, utc_now_iso  # noqa: E402
 from wsencode.stallwatch import Scheduler, StallWatch, Timer  # noqa: E402
 from wsencode.streamfacts import CLIENT, CONNECTING, NO_FACTS, StreamFacts  # noqa: E402
 from wsencode.tracker import Record, TrackedHandshake, Tracker, wrap  # noqa: E402
@@ -137,20 +137,21 @@ def info_shown() -> bool:
     )
 
 
-def wire_form(f: http.HTTPFlow, record: Record) -> tuple[str, dict]:
-    """What an HTTP/2 client's handshake was on the wire, as a comment line
-    and metadata. mitmproxy's views show the form its stream and WebSocket
-    layer need (a GET upgrade with a key the proxy made up, a 101); they
-    cannot show an extended CONNECT as one: mitmproxy takes every CONNECT for
-    authority-form, so its URL, its filters and HAR would lose the path."""
+def wire_form(f: http.HTTPFlow, record: Record, key_sent: str | None, shown: bool) -> tuple[str, dict]:
+    """What an HTTP/2 client's handshake was on the wire and where the proxy
+    translated it, as a comment line and metadata. `shown`: the flow itself
+    now has the wire form (the bridge's stream carried it); else it keeps
+    the GET upgrade and 101 mitmproxy's stream ran."""
     status, upstream = record["status"], record["upstream_transport"]
     meta = {"client_sent": "CONNECT :protocol websocket (RFC 8441)", "client_got": status}
     got = f"→ {status}" if status is not None else "→ no status"
-    line = f"On the wire: HTTP/2 extended CONNECT (:protocol websocket) {got}; shown as a GET upgrade"
+    # The path is what mitmproxy's views leave out of a CONNECT's URL.
+    path = redact_path(f.request.path) or "/"
+    line = f"On the wire: HTTP/2 extended CONNECT (:protocol websocket) {path} {got}"
+    line += "; the proxy ran it as a GET upgrade" if shown else "; shown as the GET upgrade the proxy ran"
     if upstream == "h1":
-        meta |= {"upstream_sent": "GET Upgrade: websocket (HTTP/1.1)",
-                 "sec_websocket_key_sent": header(f.request.headers, "sec-websocket-key")}
-        line += ", which is what the proxy sent the HTTP/1.1 upstream"
+        meta |= {"upstream_sent": "GET Upgrade: websocket (HTTP/1.1)", "sec_websocket_key_sent": key_sent}
+        line += f", and sent the HTTP/1.1 upstream that GET (Sec-WebSocket-Key {key_sent})"
     elif upstream == "h2":
         meta["upstream_sent"] = "CONNECT :protocol websocket (RFC 8441)"
         line += " (the HTTP/2 upstream got the extended CONNECT)"
@@ -610,11 +611,17 @@ class WsEncode:
             self.watch.disarm(flow_id)
 
     def _finished(self, f: http.HTTPFlow, record: Record) -> None:
-        bridged = self.bridge.facts(f.request) is not NO_FACTS and record["transport"] == Transport.H2.value
+        facts = self.bridge.facts(f.request)
         self._forget(f.id)
         self._comment(f, record["diagnosis"])
-        if bridged:
-            line, f.metadata["ws_encode_wire"] = wire_form(f, record)
+        if facts is not NO_FACTS and record["transport"] == Transport.H2.value:
+            key_sent = header(f.request.headers, "sec-websocket-key")
+            # Only the bridge's stream (which classified the request) gives
+            # mitmproxy's code the translated form back while it runs.
+            shown = facts.handshake is not None
+            if shown:
+                facts.translation = wireform.show_wire_form(f)
+            line, f.metadata["ws_encode_wire"] = wire_form(f, record, key_sent, shown)
             self._comment(f, line)
         self._write(f, record)
         quiet = record["outcome"] == "upgraded" and not record["stalled"]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ADDON, LISTENING, LOOPBACK_ONLY, Mitmdump, assert_clean_log, upgrade_request
+import h2ws
 from fault_server import Faults, FaultServer
 from peers.chromium import CHROMIUM
 
@@ -144,6 +145,25 @@ class Tmux:
             Path(self.socket_path).unlink(missing_ok=True)  # tmux leaves it behind
 
 
+@pytest.fixture
+def tmux(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    tmux = Tmux(home)
+    yield tmux
+    tmux.stop()
+
+
+async def start_console(tmux: Tmux, upstream: FaultServer, report: Path) -> int:
+    """The console with the addon, in reverse mode to `upstream`; the port it listens on."""
+    tmux.start(str(MITMPROXY), "-s", str(ADDON), "-s", str(LOOPBACK_ONLY),
+               "--listen-host", "127.0.0.1", "-p", "0",
+               "--mode", f"reverse:http://127.0.0.1:{upstream.port}",
+               "--set", f"ws_encode_stall={STALL}", "--set", f"ws_encode_report={report}")
+    # The status bar shows the address the proxy is bound to once it is.
+    return int(re.search(r"\[127\.0\.0\.1:(\d+)\]", flat(await tmux.wait_for("[127.0.0.1:"))).group(1))
+
+
 def data_viewer_rows(screen: str) -> list[str]:
     """The rows inside the console's "Data viewer" box, without the frame."""
     lines = screen.splitlines()
@@ -170,21 +190,13 @@ def headline_and_sentence(rows: list[str], url: str) -> tuple[str, list[str]]:
 
 
 @pytest.mark.skipif(TMUX is None, reason="tmux is not installed (Debian package tmux): the console test needs it")
-def test_the_console_shows_the_mark_the_commands_and_the_outcome(tmp_path):
+def test_the_console_shows_the_mark_the_commands_and_the_outcome(tmux, tmp_path):
     report = tmp_path / "report.jsonl"
-    home = tmp_path / "home"
-    home.mkdir()
-    tmux = Tmux(home)
     async def scenario():
         upstream = await withholding_server()
         upstream_url = f"http://127.0.0.1:{upstream.port}/echo?token=REDACTED"
         try:
-            tmux.start(str(MITMPROXY), "-s", str(ADDON), "-s", str(LOOPBACK_ONLY),
-                       "--listen-host", "127.0.0.1", "-p", "0",
-                       "--mode", f"reverse:http://127.0.0.1:{upstream.port}",
-                       "--set", f"ws_encode_stall={STALL}", "--set", f"ws_encode_report={report}")
-            # The status bar shows the address the proxy is bound to once it is.
-            port = int(re.search(r"\[127\.0\.0\.1:(\d+)\]", flat(await tmux.wait_for("[127.0.0.1:"))).group(1))
+            port = await start_console(tmux, upstream, report)
             client = await open_stalling_handshake(port)
 
             # The flow list marks the handshake ⌛ once it stalls.
@@ -254,7 +266,6 @@ def test_the_console_shows_the_mark_the_commands_and_the_outcome(tmp_path):
             assert MARK in screen.splitlines()[1], screen  # the detail's title row keeps the mark
             assert "Traceback" not in screen
         finally:
-            tmux.stop()
             await upstream.stop()
 
     asyncio.run(scenario())
@@ -262,6 +273,76 @@ def test_the_console_shows_the_mark_the_commands_and_the_outcome(tmp_path):
 
 # -- mitmweb, read by headless Chromium ---------------------------------------
 
+
+
+@pytest.mark.skipif(TMUX is None, reason="tmux is not installed (Debian package tmux): the console test needs it")
+def test_the_console_shows_http2_websockets_as_they_were_on_the_wire(tmux, tmp_path):
+    """Over HTTP/2 the client sends an extended CONNECT and gets a 200: once
+    a handshake has its outcome, its flow in the list and its detail say so,
+    the stalled one keeps its mark, and the comment says where the proxy
+    translated."""
+    report = tmp_path / "report.jsonl"
+
+    async def scenario():
+        upstream = await withholding_server()
+        clients = []
+        try:
+            port = await start_console(tmux, upstream, report)
+            for _ in range(2):
+                clients.append(h2ws.H2WebSocketClient("127.0.0.1", port, server_hostname="localhost"))
+                await clients[-1].connect()
+            opened = await clients[0].open_websocket("/open", "localhost")
+            assert await opened.wait_status(DEADLINE) == 200
+            stalling = await clients[1].open_websocket(
+                "/stalls?token=frontend-secret", "localhost", headers=[("accept-encoding", "gzip, br")])
+            screen = await tmux.wait_for(MARK)
+            # While it waits, the stalled flow is the GET upgrade mitmproxy's stream runs.
+            assert re.search(r"GET .*/stalls.*" + MARK, screen), screen
+            await stalling.reset()
+            end = await wait_for_record(report, "no-status")
+            # The list: both CONNECTs (a narrow method column), each with its
+            # path in a column of its own; the WebSocket answered 200, the
+            # stalled one keeps its mark.
+            screen = await tmux.wait_for("no-status")
+            rows = [line for line in screen.splitlines() if re.search(r" CON(NECT|…) ", line)]
+            assert len(rows) == 2 and "GET" not in screen, screen
+            assert "/open" in rows[0] and re.search(r" 200 ", rows[0]) and MARK not in rows[0], screen
+            assert "/stalls" in rows[1] and MARK in rows[1], screen
+
+            # The stalled flow's request is the extended CONNECT, :protocol first.
+            tmux.keys("Down")
+            tmux.keys("Enter")
+            screen = await tmux.wait_for("Flow Details", ":protocol", "accept-encoding")
+            assert "CONNECT" in screen and "sec-websocket-key" not in screen and "upgrade" not in screen.lower(), screen
+            tmux.keys("Right")
+            tmux.keys("Right")
+            screen = await tmux.wait_for("Comment:", "On the wire")
+            comment = flat(screen.split("Comment:", 1)[1].split("Metadata:", 1)[0])
+            assert comment.startswith("Stall: no status") and end["diagnosis"] in comment, screen
+            wire = comment[comment.index("On the wire:"):]
+            assert re.fullmatch(re.escape(
+                "On the wire: HTTP/2 extended CONNECT (:protocol websocket) /stalls?token=REDACTED → no status; "
+                "the proxy ran it as a GET upgrade, and sent the HTTP/1.1 upstream that GET (Sec-WebSocket-Key "
+            ) + r"[A-Za-z0-9+/]{22}==\)\.", wire), screen
+            assert "frontend-secret" not in comment and "Traceback" not in screen
+        finally:
+            for client in clients:
+                await client.close()
+            await upstream.stop()
+
+    asyncio.run(scenario())
+
+
+async def wait_for_record(report: Path, outcome: str) -> dict:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE
+    while True:
+        found = [r for r in records(report) if r.get("outcome") == outcome]
+        if found:
+            return found[0]
+        if loop.time() > deadline:
+            raise AssertionError(f"no {outcome} record in {records(report)}")
+        await asyncio.sleep(POLL)
 
 def above_four(fd: int) -> int:
     """`fd` moved to a number above 4 (closed at exec unless passed on), so
@@ -468,6 +549,25 @@ def test_mitmweb_shows_the_mark_the_comment_and_answers_the_summary(tmp_path_fac
             url = f"http://127.0.0.1:{upstream.port}/echo?token=REDACTED"
             assert stalls["value"][0] == f"[flow {stall['flow_id'][:8]}] {url}", stalls
             assert "frontend-secret" not in json.dumps([answer, stalls]) + report.read_text()
+
+            # An HTTP/2 WebSocket's row is the extended CONNECT its client sent, answered 200.
+            h2_client = h2ws.H2WebSocketClient("127.0.0.1", web.port, server_hostname="localhost")
+            await h2_client.connect()
+            ws = await h2_client.open_websocket("/over-h2", "localhost")
+            assert await ws.wait_status(DEADLINE) == 200
+            text = await browser.wait_for_text("/over-h2", "On the wire")
+            row = next(line for line in text.splitlines() if "/over-h2" in line)
+            # (mitmweb's method column says WSS for any WebSocket)
+            assert re.search(r"\tWSS\t200\t", row) and "On the wire: HTTP/2 extended CONNECT" in row, text
+            # Its detail: the request line and :protocol first among the headers.
+            await browser.evaluate(
+                "for (const type of ['mousedown', 'click']) [...document.querySelectorAll('tr')]"
+                ".find(r => r.innerText.includes('/over-h2')).dispatchEvent(new MouseEvent(type, {bubbles: true}))"
+            )
+            text = await browser.wait_for_text(":protocol:")
+            assert re.search(r"CONNECT\s+\S+/over-h2\s+HTTP/2\.0\s+:protocol:?\s+websocket", text), text
+            assert "sec-websocket-key" not in text, text
+            await h2_client.close()
         finally:
             await browser.stop()
             await web.stop()

@@ -8,6 +8,7 @@ an HTTP/1.1 server for the translation path.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import re
 import shutil
@@ -163,9 +164,10 @@ def test_translation_to_an_http1_upstream(cert, report):
 
 @pytest.mark.parametrize("upstream_kind", ["http/1.1", "h2"])
 def test_the_flow_says_what_was_on_the_wire(cert, tmp_path, upstream_kind):
-    """mitmproxy's views show an HTTP/2 WebSocket as the GET upgrade and 101
-    its WebSocket layer needs; the comment and the metadata say what the
-    client sent and got, and what the upstream was sent."""
+    """Once it is answered, an HTTP/2 WebSocket's flow is what the client
+    sent and got (CONNECT with :protocol, 200), in mitmdump's output and the
+    flow file alike; the comment and the metadata say where the proxy
+    translated, and what the upstream was sent."""
     flows_file = tmp_path / "flows.mitm"
 
     async def scenario():
@@ -187,15 +189,28 @@ def test_the_flow_says_what_was_on_the_wire(cert, tmp_path, upstream_kind):
     assert echoed == (200, "wire")
     with flows_file.open("rb") as f:
         [flow] = [x for x in mitmio.FlowReader(f).stream() if x.websocket is not None]
+    request, response = flow.request, flow.response
+    assert (request.method, request.path, request.http_version) == ("CONNECT", "/chat", "HTTP/2.0")
+    assert request.headers.fields[0] == (b":protocol", b"websocket")
+    assert not {"upgrade", "connection", "sec-websocket-key"} & {k.lower() for k in request.headers}
+    assert (response.status_code, response.reason, response.http_version) == (200, "", "HTTP/2.0")
+    assert not {"upgrade", "connection", "sec-websocket-accept"} & {k.lower() for k in response.headers}
+    assert [m.text for m in flow.websocket.messages] == ["wire", "wire"]
+    # mitmdump's own lines for the flow, printed at the response hook after the addon's
+    assert any(re.search(r": CONNECT 127\.0\.0\.1:\d+ HTTP/2\.0$", x) for x in md.lines)
+    assert any(re.search(r"<< HTTP/2\.0 200 ", x) for x in md.lines)
     wire = flow.metadata["ws_encode_wire"]
     assert wire["client_sent"] == "CONNECT :protocol websocket (RFC 8441)" and wire["client_got"] == 200
-    assert "On the wire: HTTP/2 extended CONNECT (:protocol websocket) → 200; shown as a GET upgrade" in flow.comment
+    line = next(x for x in flow.comment.splitlines() if x.startswith("On the wire:"))
+    assert line.startswith("On the wire: HTTP/2 extended CONNECT (:protocol websocket) /chat → 200; the proxy ran it as a GET upgrade")
     if upstream_kind == "http/1.1":
-        assert wire["sec_websocket_key_sent"] == flow.request.headers["sec-websocket-key"]
-        assert wire["upstream_status"] == 101 and "what the proxy sent the HTTP/1.1 upstream, answered 101" in flow.comment
+        key = wire["sec_websocket_key_sent"]
+        assert len(base64.b64decode(key)) == 16 and wire["upstream_status"] == 101
+        assert line.endswith(f", and sent the HTTP/1.1 upstream that GET (Sec-WebSocket-Key {key}), answered 101.")
     else:
         assert wire["upstream_sent"] == "CONNECT :protocol websocket (RFC 8441)" and wire["upstream_status"] == 200
-        assert "sec_websocket_key_sent" not in wire and "the HTTP/2 upstream got the extended CONNECT" in flow.comment
+        assert "sec_websocket_key_sent" not in wire
+        assert line.endswith(" (the HTTP/2 upstream got the extended CONNECT), answered 200.")
     assert_clean_log(md)
 
 

@@ -36,7 +36,7 @@ from typing import Any
 from mitmproxy import http, io
 from mitmproxy.flow import Flow
 
-from .report import REDACTED, printable, redact_url
+from .report import REDACTED, printable, redact_path, redact_url
 
 REPORT = "report.jsonl"
 FLOWS = "flows.mitm"
@@ -80,7 +80,7 @@ class Redactions:
 def _redact_url_like(value: str, counts: Redactions) -> str:
     """A header value or request target that may hold a URL (or be a bare path)."""
     if value.startswith("/"):
-        redacted = redact_url("x://h" + value)[len("x://h"):]
+        redacted = redact_path(value)
     else:
         redacted = redact_url(value)
     if redacted != printable(value):

@@ -74,17 +74,9 @@ from .frames import whole_messages_length
 from .handshake import accept_for, classify
 from .report import printable
 from .streamfacts import CLIENT, CONNECTING, QUEUED, SETTINGS, UPSTREAM, StreamFacts, facts_for, facts_of
+from .wireform import UPGRADE_ONLY, Translation
 
 logger = logging.getLogger("ws_encode")
-
-# Headers that belong to the HTTP/1.1 upgrade and must not appear on HTTP/2.
-# Also content-length: a CONNECT stream's DATA is the tunnel, not a body
-# (RFC 9113 section 8.5), and an upstream h2 that counts it against a
-# length fails its whole connection.
-UPGRADE_ONLY = frozenset(
-    {"connection", "upgrade", "keep-alive", "proxy-connection", "transfer-encoding",
-     "sec-websocket-key", "sec-websocket-accept", "host", "content-length"}
-)
 
 NEEDS_HTTP1 = "ws_encode: the HTTP/2 upstream cannot take this WebSocket (no RFC 8441), retrying over HTTP/1.1"
 # mitmproxy 12 marks an upgraded stream's close by its WebSocket layer with a
@@ -867,6 +859,7 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
     ws_encode_bridge = True
     retried_over_http1 = False
     upstream_switched = False
+    facts: StreamFacts | None = None  # a handshake's, once the stream has classified its request
 
     def make_server_connection(self) -> layer.CommandGenerator[bool]:
         if facts_of(self.flow.request) is None:
@@ -915,9 +908,12 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
     def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, (http_layers.RequestProtocolError, http_layers.ResponseProtocolError)):
             self._note_ended_by(event)
+        stream_commands = super().handle_event(event)
+        if self.facts is not None and self.facts.translation is not None:
+            return translated_while_running(stream_commands, self.facts.translation)
         # mitmproxy's own generator, not one wrapped around it: this runs for
         # every event of every HTTP flow.
-        return super().handle_event(event)
+        return stream_commands
 
     def _note_ended_by(self, event: http_layers.RequestProtocolError | http_layers.ResponseProtocolError) -> None:
         """Whose side failed the stream, by where the error came from: the
@@ -926,8 +922,7 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
         event arrives, not when the stream handles it: behind a hook still
         running (an intercepted request, a slow addon) mitmproxy queues the
         event, and the error hook it then fires must know already."""
-        request = getattr(getattr(self, "flow", None), "request", None)
-        facts = facts_of(request)
+        facts = self.facts
         if facts is None or facts.ended_by is not None or is_passthrough_close(event):
             return
         if isinstance(event, NeedsHttp1) and not self.retried_over_http1:
@@ -945,6 +940,7 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
             handshake = classify(event.request)
             if handshake is not None:  # a handshake this stream will note the forwarding of
                 facts_for(event.request).handshake = handshake
+            self.facts = facts_of(event.request)  # (also the client codec's, for any extended CONNECT)
         if isinstance(event, http_layers.ResponseHeaders):
             self.upstream_switched = event.response.status_code == 101
         yield from super()._handle_event(event)
@@ -972,6 +968,28 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
         if (yield from self._connect(GetHttp1Connection, Http1OnlyAddress)):
             yield http_layers.SendHttp(http_layers.RequestHeaders(self.stream_id, self.flow.request, True), self.context.server)
             yield http_layers.SendHttp(http_layers.RequestEndOfMessage(self.stream_id), self.context.server)
+
+
+def translated_while_running(stream_commands: layer.CommandGenerator[None], translation: Translation) -> layer.CommandGenerator[None]:
+    """A flow that shows its wire form (CONNECT, 200) has the GET and 101
+    mitmproxy's stream was written for whenever the stream's code runs, and
+    the wire form whenever anything else may read it: while a hook the
+    stream started is out (mitmproxy may run a hook as soon as it is
+    yielded), and once the stream returns. Commands other than hooks are
+    carried out before the stream resumes, by code that expects the
+    translated form too (the client's codec sends the 101 as a 200)."""
+    try:
+        while True:
+            translation.translate()
+            try:
+                command = next(stream_commands)
+            except StopIteration:
+                return
+            if isinstance(command, commands.StartHook):
+                translation.show_wire_form()
+            yield command
+    finally:
+        translation.show_wire_form()
 
 
 def offer_http1_only(server: connection.Server) -> None:

@@ -74,6 +74,14 @@ def redact_url(url: str) -> str:
     )
 
 
+def redact_path(target: str) -> str:
+    """A request target (path and query) redacted as `redact_url` does."""
+    return redact_url(_SOME_ORIGIN + target)[len(_SOME_ORIGIN):]
+
+
+_SOME_ORIGIN = "x://h"
+
+
 def utc_now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 

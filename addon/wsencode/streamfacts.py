@@ -55,6 +55,10 @@ class StreamFacts:
     # (h2bridge.ClientSideStream): where an HTTP/2 upstream's codec takes the
     # DATA the client sends before it.
     waiting_client: Any = None
+    # Set once the flow shows its wire form (wireform.Translation): what the
+    # bridge's stream gives mitmproxy's code back while it runs. Only on a
+    # handshake that stream classified (`handshake` set).
+    translation: Any = None
 
     def waiting(self, stage: str) -> None:
         """Not (or no longer) written upstream: no stall clock from forwarding."""

@@ -20,9 +20,10 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from wslab.clients import BROWSER_CODINGS, h1_event
 
-# Set by the client itself: a user's copy would clash with it or break the upgrade.
+# Set by the client itself: a user's copy would clash with it or break the
+# upgrade. (":protocol": a recorded HTTP/2 flow shows its extended CONNECT's.)
 MECHANICS = frozenset({
-    "host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+    ":protocol", "host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
     "sec-websocket-protocol", "accept-encoding", "content-length", "transfer-encoding", "keep-alive",
     "proxy-connection", "te",
 })

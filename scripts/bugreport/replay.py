@@ -27,7 +27,7 @@ from pathlib import Path
 from mitmproxy import http
 
 from wsencode import bundle
-from wsencode.report import REDACTED, redact_url
+from wsencode.report import REDACTED, redact_path
 
 from .attempt import Handshake, TRANSPORT_NAMES
 from .probe import add_common, stall_threshold
@@ -159,7 +159,7 @@ async def replay(folder: Path, target: Target, args: argparse.Namespace, out=sys
     for i, h in enumerate(handshakes):
         shake = h.shake
         say()
-        say(f"{i + 1}. {shake.label}  {redact_url('x://h' + shake.path)[5:]}  [recorded flow {h.flow.id[:8]}]")
+        say(f"{i + 1}. {shake.label}  {redact_path(shake.path)}  [recorded flow {h.flow.id[:8]}]")
         recorded_outcome = h.end["outcome"] + (" ⌛" if h.stalled else "")
         say(f"   {'recorded':<9}{record_line(h.end):<36}{recorded_outcome}")
         for p in POLICIES:
