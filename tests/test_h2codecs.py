@@ -1114,20 +1114,17 @@ def test_what_a_reading_peer_takes_no_longer_counts_toward_the_send_buffer_cap(o
     assert ws.sent(b"\0").of(h2.events.StreamReset)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the end of a WebSocket whose upstream stream the bridge resets for not reading is deferred to a "
-    "Wakeup; if the upstream connection closes first, close_connection forgets the stream and the "
-    "codec's done state swallows the Wakeup, so the stream never hears its upstream leave"
-))
-def test_an_upstream_closing_before_the_stream_hears_of_its_reset_still_ends_the_websocket():
-    """The deferred end must not be lost when the upstream connection goes
-    away on the same turn of the event loop: the client's WebSocket would
-    stay open, its messages going nowhere, until the client leaves."""
-    ws = open_upstream_websocket()
+@EITHER_SIDE
+def test_a_peer_closing_before_the_stream_hears_of_its_reset_still_ends_the_websocket(open_websocket):
+    """The deferred end must not be lost when the peer's connection goes
+    away on the same turn of the event loop (a closed codec takes no
+    Wakeup): the other side's WebSocket would stay open, its messages going
+    nowhere, until that side leaves."""
+    ws = open_websocket()
     at_the_cap(ws)
     (wakeup,) = ws.sent(b"\0").wakeups
     heard = ws.side(events.ConnectionClosed(ws.side.conn)).http + ws.side(events.Wakeup(wakeup)).http
-    assert [(type(e), e.stream_id) for e in heard] == [(http_layers.ResponseEndOfMessage, THEIRS)]
+    assert [(type(e), e.stream_id) for e in heard] == [(ws.peer_leaving, ws.sid)]
 
 
 # -- the client side's phases (h2bridge.CLIENT_TRANSITIONS) -----------------

@@ -325,6 +325,13 @@ class Backlog:
     def due(self, event: events.Event) -> http_layers.HttpEvent | None:
         return self.later.pop(event.command, None) if isinstance(event, events.Wakeup) else None
 
+    def due_now(self) -> layer.CommandGenerator[None]:
+        """Every deferred event, handed over now: the connection is closing,
+        and a closed codec takes no Wakeup."""
+        later, self.later = self.later, {}
+        for event in later.values():
+            yield http_layers.ReceiveHttp(event)
+
 
 def not_reading(peer: str) -> str:
     return f"the {peer} does not read: more than {MAX_BUFFERED_BYTES} bytes waited for its flow-control window"
@@ -498,6 +505,7 @@ class WsHttp2Server(_http2.Http2Server):
             yield commands.SendData(self.conn, self.h2_conn.data_to_send())
 
     def close_connection(self, msg: str) -> layer.CommandGenerator[None]:
+        yield from self.backlog.due_now()
         yield from _close_open_websockets(self, http_layers.RequestEndOfMessage)
         yield from super().close_connection(msg)
 
@@ -749,6 +757,7 @@ class WsHttp2Client(_http2.Http2Client):
         for ws in self.websockets.values():
             if ws.phase is WsPhase.WAITING and ws.relay_from is not None:
                 ws.relay_from.step(ClientStep.UPSTREAM_FAILED)
+        yield from self.backlog.due_now()
         yield from _close_open_websockets(self, http_layers.ResponseEndOfMessage)
         yield from super().close_connection(msg)
 
