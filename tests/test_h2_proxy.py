@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import re
 import shutil
 import sys
@@ -168,7 +169,7 @@ def test_the_flow_says_what_was_on_the_wire(cert, tmp_path, upstream_kind):
     sent and got (CONNECT with :protocol, 200), in mitmdump's output and the
     flow file alike; the comment and the metadata say where the proxy
     translated, and what the upstream was sent."""
-    flows_file = tmp_path / "flows.mitm"
+    flows_file, har_file = tmp_path / "flows.mitm", tmp_path / "flows.har"
 
     async def scenario():
         async with contextlib.AsyncExitStack() as stack:
@@ -180,7 +181,7 @@ def test_the_flow_says_what_was_on_the_wire(cert, tmp_path, upstream_kind):
                 await upstream.start()
                 stack.push_async_callback(upstream.stop)
                 url = f"http://127.0.0.1:{upstream.port}"
-            async with reverse_to(url, "-w", str(flows_file)) as md:
+            async with reverse_to(url, "-w", str(flows_file), "--set", f"hardump={har_file}") as md:
                 echoed = await h2_echo_once(md, "wire")
                 await md.wait_for("WebSocket connection closed|handshake upgraded", timeout=5)
         return echoed, md
@@ -196,6 +197,10 @@ def test_the_flow_says_what_was_on_the_wire(cert, tmp_path, upstream_kind):
     assert (response.status_code, response.reason, response.http_version) == (200, "", "HTTP/2.0")
     assert not {"upgrade", "connection", "sec-websocket-accept"} & {k.lower() for k in response.headers}
     assert [m.text for m in flow.websocket.messages] == ["wire", "wire"]
+    # HAR, written at exit: mitmproxy's form of a CONNECT's URL (the authority)
+    [entry] = json.loads(har_file.read_text())["log"]["entries"]
+    assert (entry["request"]["method"], entry["response"]["status"], entry["_resourceType"]) == ("CONNECT", 200, "websocket")
+    assert {"name": ":protocol", "value": "websocket"} in entry["request"]["headers"]
     # mitmdump's own lines for the flow, printed at the response hook after the addon's
     assert any(re.search(r": CONNECT 127\.0\.0\.1:\d+ HTTP/2\.0$", x) for x in md.lines)
     assert any(re.search(r"<< HTTP/2\.0 200 ", x) for x in md.lines)
