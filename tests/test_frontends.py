@@ -550,16 +550,23 @@ def test_mitmweb_shows_the_mark_the_comment_and_answers_the_summary(tmp_path_fac
             assert stalls["value"][0] == f"[flow {stall['flow_id'][:8]}] {url}", stalls
             assert "frontend-secret" not in json.dumps([answer, stalls]) + report.read_text()
 
-            # An HTTP/2 WebSocket's row is the extended CONNECT its client sent, answered 200.
+            # An HTTP/2 handshake that stalls and is given up: once it has its
+            # outcome, its detail is the extended CONNECT its client sent; its
+            # row keeps the mark, and the comment says where the proxy translated.
             h2_client = h2ws.H2WebSocketClient("127.0.0.1", web.port, server_hostname="localhost")
             await h2_client.connect()
-            ws = await h2_client.open_websocket("/over-h2", "localhost")
-            assert await ws.wait_status(DEADLINE) == 200
+            ws = await h2_client.open_websocket("/over-h2", "localhost", headers=[("accept-encoding", "br")])
+            await web.wait_for_record(event="stall", transport="h2")
+            await ws.reset()
+            await web.wait_for_record(event="handshake", transport="h2")
             text = await browser.wait_for_text("/over-h2", "On the wire")
-            row = next(line for line in text.splitlines() if "/over-h2" in line)
-            # (mitmweb's method column says WSS for any WebSocket)
-            assert re.search(r"\tWSS\t200\t", row) and "On the wire: HTTP/2 extended CONNECT" in row, text
-            # Its detail: the request line and :protocol first among the headers.
+            lines = text.splitlines()
+            at = next(i for i, line in enumerate(lines) if "/over-h2" in line)
+            row = lines[at]
+            assert re.search(r"Stall: no status .* No status: the client gave up .* On the wire: HTTP/2 extended "
+                             r"CONNECT \(:protocol websocket\) /over-h2 → no status; the proxy ran it as a GET upgrade",
+                             flat(row)), text
+            assert MARK in lines[at - 1] + row, text  # the mark, in its row (the icon cell comes first)
             await browser.evaluate(
                 "for (const type of ['mousedown', 'click']) [...document.querySelectorAll('tr')]"
                 ".find(r => r.innerText.includes('/over-h2')).dispatchEvent(new MouseEvent(type, {bubbles: true}))"
