@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import os
+import types
 from dataclasses import dataclass, field
 
 import h2.config
@@ -1128,6 +1129,20 @@ def test_a_peer_closing_before_the_stream_hears_of_its_reset_still_ends_the_webs
 
 
 # -- the client side's phases (h2bridge.CLIENT_TRANSITIONS) -----------------
+
+
+@given(st.lists(st.sampled_from(list(h2bridge.RouteStep)), max_size=6))
+def test_a_handshakes_route_upstream_moves_only_as_its_table_says(steps):
+    """One retry over HTTP/1.1, and only before the upstream switched protocols."""
+    stream = types.SimpleNamespace(ws_route=h2bridge.Route.FIRST)
+    retries = 0
+    for step in steps:
+        before = stream.ws_route
+        took = h2bridge.WsHttpStream.ws_step(stream, step)
+        assert stream.ws_route is h2bridge.ROUTE_TRANSITIONS.get((before, step), before)
+        assert took is ((before, step) in h2bridge.ROUTE_TRANSITIONS)
+        retries += took and step is h2bridge.RouteStep.NEEDS_HTTP1
+    assert retries <= 1
 
 
 @given(st.lists(st.sampled_from(list(h2bridge.ClientStep)), max_size=12))

@@ -860,15 +860,35 @@ def _unthrottle_websockets(client: connection.Client) -> None:
         handler.max_conns = _Throttle(handler.max_conns.default_factory, handler.max_conns)
 
 
+class Route(enum.Enum):
+    """Where a handshake's stream has it upstream."""
+
+    FIRST = enum.auto()  # on the connection mitmproxy chose
+    HTTP1 = enum.auto()  # on an HTTP/1.1 connection of its own: the HTTP/2 upstream could not take it
+    SWITCHED = enum.auto()  # the upstream switched protocols: its stream carries the WebSocket
+
+
+class RouteStep(enum.Enum):
+    NEEDS_HTTP1 = enum.auto()  # the upstream codec's NeedsHttp1
+    SWITCHED_PROTOCOLS = enum.auto()  # a 101 reached the stream
+
+
+ROUTE_TRANSITIONS: dict[tuple[Route, RouteStep], Route] = {
+    (Route.FIRST, RouteStep.NEEDS_HTTP1): Route.HTTP1,
+    (Route.FIRST, RouteStep.SWITCHED_PROTOCOLS): Route.SWITCHED,
+    (Route.HTTP1, RouteStep.SWITCHED_PROTOCOLS): Route.SWITCHED,
+}
+
+
 class WsHttpStream(_stock(http_layers.HttpStream)):
     """mitmproxy's HTTP stream, which notes where a handshake is, retries a
     WebSocket over HTTP/1.1 when an HTTP/2 upstream cannot take it, and lets
     the HTTP layer drop the stream when its WebSocket is over."""
 
     ws_encode_bridge = True
-    retried_over_http1 = False
-    upstream_switched = False
-    facts: StreamFacts | None = None  # a handshake's, once the stream has classified its request
+    # (ws_ names: attributes of a subclass of mitmproxy's, kept off its names)
+    ws_route = Route.FIRST  # its one table: ROUTE_TRANSITIONS
+    ws_facts: StreamFacts | None = None  # a handshake's, once the stream has classified its request
 
     def make_server_connection(self) -> layer.CommandGenerator[bool]:
         if facts_of(self.flow.request) is None:
@@ -918,8 +938,8 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
         if isinstance(event, (http_layers.RequestProtocolError, http_layers.ResponseProtocolError)):
             self._note_ended_by(event)
         stream_commands = super().handle_event(event)
-        if self.facts is not None and self.facts.translation is not None:
-            return translated_while_running(stream_commands, self.facts.translation)
+        if self.ws_facts is not None and self.ws_facts.translation is not None:
+            return translated_while_running(stream_commands, self.ws_facts.translation)
         # mitmproxy's own generator, not one wrapped around it: this runs for
         # every event of every HTTP flow.
         return stream_commands
@@ -931,16 +951,16 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
         event arrives, not when the stream handles it: behind a hook still
         running (an intercepted request, a slow addon) mitmproxy queues the
         event, and the error hook it then fires must know already."""
-        facts = self.facts
+        facts = self.ws_facts
         if facts is None or facts.ended_by is not None or is_passthrough_close(event):
             return
-        if isinstance(event, NeedsHttp1) and not self.retried_over_http1:
+        if isinstance(event, NeedsHttp1) and self.ws_route is Route.FIRST:
             return  # not an end: the stream retries over HTTP/1.1
         facts.ended_by = CLIENT if isinstance(event, http_layers.RequestProtocolError) else UPSTREAM
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, NeedsHttp1):
-            if not self.retried_over_http1:
+            if self.ws_step(RouteStep.NEEDS_HTTP1):
                 yield from self._retry_over_http1()
                 return
             # (an upstream proxy or another addon chose the ALPN of the fallback connection)
@@ -949,10 +969,17 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
             handshake = classify(event.request)
             if handshake is not None:  # a handshake this stream will note the forwarding of
                 facts_for(event.request).handshake = handshake
-            self.facts = facts_of(event.request)  # (also the client codec's, for any extended CONNECT)
-        if isinstance(event, http_layers.ResponseHeaders):
-            self.upstream_switched = event.response.status_code == 101
+            self.ws_facts = facts_of(event.request)  # (also the client codec's, for any extended CONNECT)
+        if isinstance(event, http_layers.ResponseHeaders) and event.response.status_code == 101:
+            self.ws_step(RouteStep.SWITCHED_PROTOCOLS)
         yield from super()._handle_event(event)
+
+    def ws_step(self, step: RouteStep) -> bool:
+        """Take `step` if ROUTE_TRANSITIONS has it from this route."""
+        after = ROUTE_TRANSITIONS.get((self.ws_route, step))
+        if after is not None:
+            self.ws_route = after
+        return after is not None
 
     def passthrough(self, event: events.Event) -> layer.CommandGenerator[None]:
         yield from super().passthrough(event)
@@ -966,13 +993,12 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
 
     def flow_done(self) -> layer.CommandGenerator[None]:
         yield from super().flow_done()
-        if self.upstream_switched and self.flow.response.status_code != 101:
+        if self.ws_route is Route.SWITCHED and self.flow.response.status_code != 101:
             # The upstream switched protocols but the flow did not (an addon
             # failed the handshake): nothing will use that upstream stream.
             yield http_layers.SendHttp(request_error(self.stream_id, "handshake failed in the proxy"), self.context.server)
 
     def _retry_over_http1(self) -> layer.CommandGenerator[None]:
-        self.retried_over_http1 = True
         yield commands.Log(f"{NEEDS_HTTP1} ({printable(self.flow.request.host)})", logging.INFO)
         if (yield from self._connect(GetHttp1Connection, Http1OnlyAddress)):
             yield http_layers.SendHttp(http_layers.RequestHeaders(self.stream_id, self.flow.request, True), self.context.server)
