@@ -219,6 +219,70 @@ def test_the_flow_says_what_was_on_the_wire(cert, tmp_path, upstream_kind):
     assert_clean_log(md)
 
 
+LATER_ADDON = """
+import asyncio
+
+
+class AfterWsEncode:
+    # Loaded after ws_encode: at the response hook it sees the wire form,
+    # and it holds the status or fails the handshake.
+
+    def response(self, flow):
+        if flow.websocket is None:
+            return
+        flow.comment += f"\\nseen at response: {flow.request.method} {flow.response.status_code}"
+        if FAIL:
+            flow.response.status_code = 403
+        if HOLD:
+            flow.intercept()
+            asyncio.get_running_loop().call_later(0.3, flow.resume)
+
+
+addons = [AfterWsEncode()]
+"""
+
+
+@pytest.mark.parametrize("hold,fail", [(True, False), (False, True)], ids=["holds the status", "fails the handshake"])
+def test_an_addon_after_the_wire_form_sees_it_and_may_hold_or_fail_the_handshake(cert, tmp_path, report, hold, fail):
+    """From ws-encode's response hook on the flow shows CONNECT/200; a later
+    addon holding the response (an intercept) or changing its status still
+    gets what it asked for: the status reaches the client when resumed, or
+    the client gets the 403."""
+    script, flows_file = tmp_path / "after.py", tmp_path / "flows.mitm"
+    script.write_text(f"HOLD, FAIL = {hold}, {fail}\n" + LATER_ADDON)
+
+    async def scenario():
+        async with h2ws.H2WebSocketServer(*cert) as upstream:
+            async with reverse_to(f"https://127.0.0.1:{upstream.port}", "-s", str(script), "-w", str(flows_file),
+                                  report=report) as md:
+                client = await h2_client(md)
+                ws = await client.open_websocket("/chat", AUTHORITY)
+                status = await ws.wait_status(5)
+                echo = None
+                if status == 200:
+                    await ws.send_text("held")
+                    echo = await ws.receive(5)
+                    await ws.close()
+                else:
+                    await ws.wait_ended(5)
+                await client.close()
+                await md.wait_for("client disconnect", timeout=5)
+            return status, echo, md
+
+    status, echo, md = run(scenario())
+    with flows_file.open("rb") as f:
+        [flow] = [x for x in mitmio.FlowReader(f).stream() if x.request.path == "/chat"]
+    assert "seen at response: CONNECT 200" in flow.comment
+    if hold:
+        assert (status, echo) == (200, "held")
+        assert (flow.request.method, flow.response.status_code) == ("CONNECT", 200)
+        assert [m.text for m in flow.websocket.messages] == ["held", "held"]
+    else:
+        assert (status, echo) == (403, None)
+        assert (flow.request.method, flow.response.status_code) == ("CONNECT", 403)
+    assert_clean_log(md)
+
+
 def test_wrong_accept_from_http1_upstream_fails_the_handshake(cert, report):
     async def scenario():
         upstream = FaultServer(Faults(wrong_accept=True))
