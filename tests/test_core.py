@@ -9,10 +9,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy.test import tutils
 
+import wsproto
+import wsproto.events
 from wsproto.frame_protocol import FrameProtocol
 
 from wsencode import diagnosis
-from wsencode.frames import whole_messages_length
+from wsencode.frames import client_messages, whole_messages_length
 from wsencode.h2bridge import without_values
 from wsencode.handshake import Transport, classify, tokens
 from wsencode.lifecycle import TRANSITIONS, EndCause, HandshakeEnded, Phase, Progress, Stage
@@ -348,6 +350,29 @@ def test_whole_messages_length_finds_where_no_message_is_half_sent(messages, mas
         boundaries.append(len(stream))
     cut = data.draw(st.integers(0, len(stream)))
     assert whole_messages_length(stream[:cut]) == max(b for b in boundaries if b <= cut)
+
+
+@given(st.lists(st.tuples(st.booleans(), st.lists(st.text(max_size=300), min_size=1, max_size=3)), max_size=4),
+       st.booleans())
+def test_client_messages_are_the_whole_messages_a_client_sent(messages, then_half):
+    """Text or binary messages in masked fragments with pings between, as a
+    client writes them, come back whole and in order; a message still half
+    sent is not one yet."""
+    client = wsproto.Connection(wsproto.ConnectionType.CLIENT)
+    stream, expected = b"", []
+    for binary, fragments in messages:
+        for i, text in enumerate(fragments):
+            data = text.encode() if binary else text
+            last = i == len(fragments) - 1
+            event = wsproto.events.BytesMessage(data, message_finished=last) if binary else \
+                wsproto.events.TextMessage(data, message_finished=last)
+            stream += client.send(event)
+            if not last:
+                stream += client.send(wsproto.events.Ping(b"p"))
+        expected.append((2 if binary else 1, "".join(fragments).encode()))
+    if then_half:
+        stream += client.send(wsproto.events.TextMessage("unfinished", message_finished=False))
+    assert [(opcode, payload) for opcode, payload, _ in client_messages(stream)] == expected
 
 
 def test_a_compressed_frame_ends_what_may_go_upstream_raw():

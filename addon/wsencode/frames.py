@@ -1,13 +1,22 @@
-"""WebSocket message boundaries (RFC 6455 section 5), without unmasking payloads.
+"""WebSocket messages a client sent before its handshake's status.
 
-Bytes a client sends before the handshake's status may be passed upstream
-raw; mitmproxy's WebSocket layer takes over after the status and must start
-where no message is half sent, so only whole messages are passed on.
+Those bytes may be passed upstream raw; mitmproxy's WebSocket layer takes
+over after the status and must start where no message is half sent, so only
+whole messages are passed on (`whole_messages_length`: RFC 6455 section 5's
+frame headers, read without unmasking the payloads, since wsproto does not
+say where in the bytes a message ends). What they held is recorded as
+messages, decoded by wsproto as mitmproxy's WebSocket layer decodes them
+(`client_messages`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+
+import wsproto
+from wsproto.events import CloseConnection, Message, TextMessage
+from wsproto.frame_protocol import Opcode
 
 CONTINUATION = 0x0
 
@@ -48,3 +57,22 @@ def whole_messages_length(data: bytes) -> int:
         if not in_message:
             whole = end
     return whole
+
+
+def client_messages(data: bytes) -> list[tuple[int, bytes, float]]:
+    """The whole messages in a client's (masked) frames, as (opcode, payload,
+    time); control frames are not messages, and bytes wsproto cannot parse
+    end the record (they went upstream as they were)."""
+    conn = wsproto.Connection(wsproto.ConnectionType.SERVER)
+    conn.receive_data(data)
+    messages, parts = [], []
+    for event in conn.events():
+        if isinstance(event, CloseConnection):
+            break
+        if isinstance(event, Message):
+            parts.append(event.data.encode() if isinstance(event, TextMessage) else bytes(event.data))
+            if event.message_finished:
+                opcode = Opcode.TEXT if isinstance(event, TextMessage) else Opcode.BINARY
+                messages.append((int(opcode), b"".join(parts), time.time()))
+                parts = []
+    return messages

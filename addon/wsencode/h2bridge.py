@@ -67,10 +67,9 @@ from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http2
 from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
-from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 from wsproto.utilities import generate_nonce
 
-from .frames import whole_messages_length
+from .frames import client_messages, whole_messages_length
 from .handshake import accept_for, classify
 from .report import printable
 from .streamfacts import CLIENT, CONNECTING, QUEUED, SETTINGS, UPSTREAM, StreamFacts, facts_for, facts_of
@@ -138,25 +137,6 @@ def without_values(text: str) -> str:
     string but a pseudo-header's name becomes <value>, and any control
     character left (an unpaired quote) is escaped, so no log line is split."""
     return printable(_QUOTED.sub(lambda m: m.group(0) if m.group(2) in PSEUDO_HEADERS else "<value>", text))
-
-
-def client_messages(data: bytes) -> list[tuple[int, bytes, float]]:
-    """The whole messages in masked client frames, as (opcode, payload, time)."""
-    frames = FrameProtocol(client=False, extensions=[])
-    frames.receive_bytes(data)
-    messages, opcode, parts = [], None, []
-    try:
-        for frame in frames.received_frames():
-            if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
-                opcode = frame.opcode
-            if frame.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONTINUATION):
-                parts.append(frame.payload.encode() if isinstance(frame.payload, str) else bytes(frame.payload))
-                if frame.message_finished:
-                    messages.append((int(opcode), b"".join(parts), time.time()))
-                    parts = []
-    except ParseFailed:
-        pass  # the upstream got the bytes as they were; only the record is shorter
-    return messages
 
 
 def malformed(headers: list[tuple[bytes, bytes]], trailers: bool) -> str | None:
