@@ -190,7 +190,7 @@ class WsEncode:
         self.for_bundle: OrderedDict[str, http.HTTPFlow] = OrderedDict()
         self.bundle_at_exit: str | None = None
         self._configured = False
-        # Monotonic seconds; the bridge notes its times with the same clock.
+        # Monotonic seconds; the bridge notes its times on it too (StreamFacts.clock).
         self.clock = time.monotonic
 
     # -- options ---------------------------------------------------------
@@ -463,10 +463,13 @@ class WsEncode:
 
     def _track(self, f: http.HTTPFlow, received_at: float, adopted: bool = False) -> TrackedHandshake | None:
         transport = client_transport(f)
-        known = self.bridge.facts(f.request).handshake  # the bridge's stream classified it already
+        facts = self.bridge.facts(f.request)
+        known = facts.handshake  # the bridge's stream classified it already
         handshake = known if known is not None and known.transport is transport else classify(f.request, transport)
         if handshake is None or not self._matches(f):
             return None
+        if facts is not NO_FACTS:
+            facts.clock = self.clock  # the bridge notes this handshake's times on the addon's clock
         tracked = self.tracker.received(
             f.id, handshake, received_at, self.policy, redact_url(f.request.pretty_url),
             header(f.request.headers, "accept-encoding"),

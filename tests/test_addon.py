@@ -315,6 +315,22 @@ def test_the_stall_clock_starts_when_the_proxy_receives_the_handshake(addon, clo
         assert f.metadata["ws_encode"]["stuck_in"] == "done"
 
 
+def test_the_bridge_notes_a_handshakes_times_on_the_addons_clock(addon, clock):
+    """The addon gives the bridge's facts its clock when it starts to follow
+    a handshake: what the bridge notes later (the forwarding) is on it."""
+    addon.bridge = FakeBridge(installed=True)
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, ws_encode_stall="2")
+        f = handshake_flow()
+        facts = addon.bridge.seen[id(f.request)] = StreamFacts(stage="connecting")
+        arrive(addon, f)  # at 1000
+        clock.now = 1001.25
+        facts.forwarded()  # as the bridge's stream does once it has the upstream connection
+        assert facts.forwarded_at == 1001.25
+        clock.fire_all()
+        assert f.metadata["ws_encode"]["waited_s"] == 0.75
+
+
 @pytest.mark.parametrize("stage", ["settings", "queued"])
 def test_a_handshake_held_in_the_proxy_stalls_there_without_blaming_the_upstream(addon, clock, stage):
     addon.bridge = FakeBridge(installed=True)

@@ -14,6 +14,7 @@ connections made before it note (they keep the earlier copy's classes).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,7 @@ class StreamFacts:
     # The stream's classification of the request, made once for the stream,
     # the codecs and the addon.
     handshake: Handshake | None = None
-    forwarded_at: float | None = None  # time.monotonic() when the request went upstream
+    forwarded_at: float | None = None  # clock() when the request went upstream
     # One of the stages above; None until the bridge's stream has the handshake.
     stage: str | None = None
     # Why the bridge itself ended the handshake's stream, if it did (no
@@ -59,13 +60,17 @@ class StreamFacts:
     # bridge's stream gives mitmproxy's code back while it runs. Only on a
     # handshake that stream classified (`handshake` set).
     translation: Any = None
+    # The addon's clock, which it gives the facts when it starts to follow
+    # the handshake (before anything goes upstream), so that the times the
+    # bridge notes are on the clock the addon measures with.
+    clock: Callable[[], float] = time.monotonic
 
     def waiting(self, stage: str) -> None:
         """Not (or no longer) written upstream: no stall clock from forwarding."""
         self.forwarded_at, self.stage = None, stage
 
     def forwarded(self) -> None:
-        self.forwarded_at, self.stage = time.monotonic(), FORWARDED
+        self.forwarded_at, self.stage = self.clock(), FORWARDED
 
 
 # What a flow the bridge did not carry has: nothing. Only ever read.
