@@ -34,12 +34,15 @@ from mitmproxy.proxy import server_hooks  # noqa: E402
 
 from wsencode import bundle, wireform  # noqa: E402
 from wsencode.bridge import Bridge  # noqa: E402
-from wsencode.handshake import Transport, accept_for, classify  # noqa: E402
+from wsencode.flowview import (  # noqa: E402
+    accept_matches, client_transport, end_cause, header, stage_of, upstream_transport,
+)
+from wsencode.handshake import Transport, classify  # noqa: E402
 from wsencode.lifecycle import EndCause, Stage  # noqa: E402
 from wsencode.policy import EncodingPolicy  # noqa: E402
-from wsencode.report import ReportWriter, printable, redact_path, redact_url, utc_now_iso  # noqa: E402
+from wsencode.report import ReportWriter, printable, redact_url, utc_now_iso  # noqa: E402
 from wsencode.stallwatch import Scheduler, StallWatch, Timer  # noqa: E402
-from wsencode.streamfacts import CLIENT, CONNECTING, NO_FACTS, StreamFacts  # noqa: E402
+from wsencode.streamfacts import NO_FACTS, StreamFacts  # noqa: E402
 from wsencode.tracker import Record, TrackedHandshake, Tracker, wrap  # noqa: E402
 
 logger = logging.getLogger("ws_encode")
@@ -75,52 +78,6 @@ def parse_stall_seconds(value: str) -> float:
     return seconds
 
 
-def end_cause(f: http.HTTPFlow, facts: StreamFacts) -> EndCause:
-    """Who ended a handshake that got no status: from what the bridge's
-    stream saw (which side's codec reported the error), else from the
-    connections' state (mitmproxy marks a peer's side closed before it tells
-    the layers), never from the wording of an error."""
-    if facts.ended_by_proxy:
-        return EndCause.PROXY_RESET
-    if f.error is not None and f.error.msg == flow.Error.KILLED_MESSAGE:  # mitmproxy's own constant
-        return EndCause.KILLED
-    if facts.ended_by == CLIENT or (facts.ended_by is None and client_closed(f.client_conn)):
-        return EndCause.CLIENT_GONE
-    if f.server_conn.timestamp_tcp_setup is None:
-        return EndCause.UPSTREAM_UNREACHABLE
-    return EndCause.UPSTREAM_CLOSED
-
-
-def client_closed(client: connection.Client) -> bool:
-    return client.timestamp_end is not None or not client.state & connection.ConnectionState.CAN_READ
-
-
-def accept_matches(f: http.HTTPFlow) -> bool:
-    """False only for a 101 whose accept hash does not answer the request's key."""
-    if f.response is None or f.response.status_code != 101:
-        return True
-    key = f.request.headers.get("sec-websocket-key", "")
-    return f.response.headers.get("sec-websocket-accept", "").strip() == accept_for(key)
-
-
-def upstream_transport(server: connection.Server) -> str | None:
-    if server.timestamp_tcp_setup is None:
-        return None
-    if server.alpn == b"h2":
-        return Transport.H2.value
-    if server.alpn and server.alpn.startswith(b"h3"):
-        return Transport.H3.value
-    return Transport.H1.value
-
-
-def client_transport(f: http.HTTPFlow) -> Transport:
-    """The HTTP version the client really speaks: from its connection, not
-    from what it wrote in the request line."""
-    if f.client_conn.transport_protocol == "udp":
-        return Transport.H3
-    return Transport.H2 if f.client_conn.alpn == b"h2" else Transport.H1
-
-
 def info_shown() -> bool:
     """Whether an INFO record reaches anyone who shows or keeps it.
 
@@ -135,35 +92,6 @@ def info_shown() -> bool:
         h.level <= logging.INFO and not isinstance(h, mitmproxy_log.LegacyLogEvents)
         for h in logging.getLogger().handlers
     )
-
-
-def wire_form(f: http.HTTPFlow, record: Record, key_sent: str | None, shown: bool) -> tuple[str, dict]:
-    """What an HTTP/2 client's handshake was on the wire and where the proxy
-    translated it, as a comment line and metadata. `shown`: the flow itself
-    now has the wire form (the bridge's stream carried it); else it keeps
-    the GET upgrade and 101 mitmproxy's stream ran."""
-    status, upstream = record["status"], record["upstream_transport"]
-    meta = {"client_sent": "CONNECT :protocol websocket (RFC 8441)", "client_got": status}
-    got = f"→ {status}" if status is not None else "→ no status"
-    # The path is what mitmproxy's views leave out of a CONNECT's URL.
-    path = redact_path(f.request.path) or "/"
-    line = f"On the wire: HTTP/2 extended CONNECT (:protocol websocket) {path} {got}"
-    line += "; the proxy ran it as a GET upgrade" if shown else "; shown as the GET upgrade the proxy ran"
-    if upstream == "h1":
-        meta |= {"upstream_sent": "GET Upgrade: websocket (HTTP/1.1)", "sec_websocket_key_sent": key_sent}
-        line += f", and sent the HTTP/1.1 upstream that GET (Sec-WebSocket-Key {key_sent})"
-    elif upstream == "h2":
-        meta["upstream_sent"] = "CONNECT :protocol websocket (RFC 8441)"
-        line += " (the HTTP/2 upstream got the extended CONNECT)"
-    if record["upstream_status"] is not None:
-        meta["upstream_status"] = record["upstream_status"]
-        line += f", answered {record['upstream_status']}"
-    return line + ".", meta
-
-
-def header(headers: http.Headers, name: str) -> str | None:
-    value = headers.get(name)
-    return None if value is None else printable(value)
 
 
 class WsEncode:
@@ -513,17 +441,7 @@ class WsEncode:
 
     def _stage(self, tracked: TrackedHandshake, f: http.HTTPFlow, facts: StreamFacts) -> Stage:
         """Where a waiting handshake is now."""
-        if f.intercepted:
-            return Stage.INTERCEPTED
-        if facts is NO_FACTS:
-            return Stage.FORWARDED if tracked.progress.forwarded_at is not None else Stage.QUEUED
-        if facts.stage == CONNECTING:
-            address = (f.request.host, f.request.port)
-            for server, client_id in list(self.opening.items()):
-                if client_id == f.client_conn.id and server.address == address:
-                    return Stage.TLS if server.timestamp_tcp_setup is not None else Stage.CONNECTING
-            return Stage.CONNECTING
-        return Stage(facts.stage) if facts.stage else Stage.QUEUED
+        return stage_of(f, facts, tracked.progress.forwarded_at is not None, self.opening)
 
     def _keep_progress(self) -> None:
         """While handshakes wait, a line every few seconds says how many and
@@ -624,7 +542,7 @@ class WsEncode:
             shown = facts.handshake is not None
             if shown:
                 facts.translation = wireform.show_wire_form(f)
-            line, f.metadata["ws_encode_wire"] = wire_form(f, record, key_sent, shown)
+            line, f.metadata["ws_encode_wire"] = wireform.described(f.request.path, record, key_sent, shown)
             self._comment(f, line)
         self._write(f, record)
         quiet = record["outcome"] == "upgraded" and not record["stalled"]

@@ -14,6 +14,7 @@ from mitmproxy import io as mitmio
 from mitmproxy.addons import view
 from mitmproxy.test import taddons, tflow, tutils
 
+from wsencode import flowview
 from wsencode.bridge import Bridge
 from wsencode.handshake import accept_for
 from wsencode.stallwatch import StallWatch
@@ -282,7 +283,7 @@ def test_end_cause(message, client, ended_by, connected, ended_by_proxy, cause):
         connection.ConnectionState.CLOSED if client == CLIENT_CLOSED else connection.ConnectionState.OPEN)
     f.client_conn.timestamp_end = 5.0 if client == CLIENT_CLOSED else None
     f.server_conn.timestamp_tcp_setup = 1.0 if connected else None
-    assert ws_encode.end_cause(f, StreamFacts(ended_by=ended_by, ended_by_proxy=ended_by_proxy)) is cause
+    assert flowview.end_cause(f, StreamFacts(ended_by=ended_by, ended_by_proxy=ended_by_proxy)) is cause
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "inf", "nan", "", "2s"])

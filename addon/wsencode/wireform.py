@@ -20,9 +20,13 @@ Pure mitmproxy data objects; no proxy internals.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from mitmproxy import http
+
+from .report import redact_path
 
 # Headers that belong to an HTTP/1.1 upgrade and are not sent on HTTP/2: the
 # client's codec leaves them out of the 200 it sends, and the upstream's out
@@ -85,3 +89,26 @@ def show_wire_form(f: http.HTTPFlow) -> Translation:
             [(k, v) for k, v in upgraded.headers.fields if k.lower().decode("latin-1") not in UPGRADE_ONLY]
         )
     return Translation(request, upgraded)
+
+
+def described(path: str, record: Mapping[str, Any], key_sent: str | None, shown: bool) -> tuple[str, dict]:
+    """What an HTTP/2 client's handshake to `path` was on the wire and where
+    the proxy translated it, as a comment line and metadata, from its
+    record. `shown`: the flow itself has the wire form now; else it keeps
+    the GET upgrade and 101 mitmproxy's stream ran."""
+    status, upstream = record["status"], record["upstream_transport"]
+    meta = {"client_sent": "CONNECT :protocol websocket (RFC 8441)", "client_got": status}
+    got = f"→ {status}" if status is not None else "→ no status"
+    # The path is what mitmproxy's views leave out of a CONNECT's URL.
+    line = f"On the wire: HTTP/2 extended CONNECT (:protocol websocket) {redact_path(path) or '/'} {got}"
+    line += "; the proxy ran it as a GET upgrade" if shown else "; shown as the GET upgrade the proxy ran"
+    if upstream == "h1":
+        meta |= {"upstream_sent": "GET Upgrade: websocket (HTTP/1.1)", "sec_websocket_key_sent": key_sent}
+        line += f", and sent the HTTP/1.1 upstream that GET (Sec-WebSocket-Key {key_sent})"
+    elif upstream == "h2":
+        meta["upstream_sent"] = "CONNECT :protocol websocket (RFC 8441)"
+        line += " (the HTTP/2 upstream got the extended CONNECT)"
+    if record["upstream_status"] is not None:
+        meta["upstream_status"] = record["upstream_status"]
+        line += f", answered {record['upstream_status']}"
+    return line + ".", meta

@@ -1,0 +1,88 @@
+"""A handshake as the addon reads it off mitmproxy's flow and connections,
+in the core's terms: the transports, whether an accept answers its key, who
+ended it, where it waits.
+
+The addon class hands these to the core (`tracker`); they read mitmproxy's
+objects and change nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from mitmproxy import connection, flow, http
+
+from .handshake import Transport, accept_for
+from .lifecycle import EndCause, Stage
+from .report import printable
+from .streamfacts import CLIENT, CONNECTING, NO_FACTS, StreamFacts
+
+
+def client_transport(f: http.HTTPFlow) -> Transport:
+    """The HTTP version the client really speaks: from its connection, not
+    from what it wrote in the request line."""
+    if f.client_conn.transport_protocol == "udp":
+        return Transport.H3
+    return Transport.H2 if f.client_conn.alpn == b"h2" else Transport.H1
+
+
+def upstream_transport(server: connection.Server) -> str | None:
+    if server.timestamp_tcp_setup is None:
+        return None
+    if server.alpn == b"h2":
+        return Transport.H2.value
+    if server.alpn and server.alpn.startswith(b"h3"):
+        return Transport.H3.value
+    return Transport.H1.value
+
+
+def accept_matches(f: http.HTTPFlow) -> bool:
+    """False only for a 101 whose accept hash does not answer the request's key."""
+    if f.response is None or f.response.status_code != 101:
+        return True
+    key = f.request.headers.get("sec-websocket-key", "")
+    return f.response.headers.get("sec-websocket-accept", "").strip() == accept_for(key)
+
+
+def header(headers: http.Headers, name: str) -> str | None:
+    """A header's value with control characters escaped, as records keep it."""
+    value = headers.get(name)
+    return None if value is None else printable(value)
+
+
+def end_cause(f: http.HTTPFlow, facts: StreamFacts) -> EndCause:
+    """Who ended a handshake that got no status: from what the bridge's
+    stream saw (which side's codec reported the error), else from the
+    connections' state (mitmproxy marks a peer's side closed before it tells
+    the layers), never from the wording of an error."""
+    if facts.ended_by_proxy:
+        return EndCause.PROXY_RESET
+    if f.error is not None and f.error.msg == flow.Error.KILLED_MESSAGE:  # mitmproxy's own constant
+        return EndCause.KILLED
+    if facts.ended_by == CLIENT or (facts.ended_by is None and client_closed(f.client_conn)):
+        return EndCause.CLIENT_GONE
+    if f.server_conn.timestamp_tcp_setup is None:
+        return EndCause.UPSTREAM_UNREACHABLE
+    return EndCause.UPSTREAM_CLOSED
+
+
+def client_closed(client: connection.Client) -> bool:
+    return client.timestamp_end is not None or not client.state & connection.ConnectionState.CAN_READ
+
+
+def stage_of(f: http.HTTPFlow, facts: StreamFacts, forwarded: bool,
+             opening: Mapping[connection.Server, str]) -> Stage:
+    """Where a waiting handshake is now. `forwarded`: the addon saw it go
+    upstream (a flow the bridge does not carry); `opening`: the upstream
+    connections being opened, with their client's id."""
+    if f.intercepted:
+        return Stage.INTERCEPTED
+    if facts is NO_FACTS:
+        return Stage.FORWARDED if forwarded else Stage.QUEUED
+    if facts.stage == CONNECTING:
+        address = (f.request.host, f.request.port)
+        for server, client_id in list(opening.items()):
+            if client_id == f.client_conn.id and server.address == address:
+                return Stage.TLS if server.timestamp_tcp_setup is not None else Stage.CONNECTING
+        return Stage.CONNECTING
+    return Stage(facts.stage) if facts.stage else Stage.QUEUED
