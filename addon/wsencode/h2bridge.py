@@ -992,19 +992,20 @@ def translated_while_running(stream_commands: layer.CommandGenerator[None], tran
     stream started is out (mitmproxy may run a hook as soon as it is
     yielded), and once the stream returns. Commands other than hooks are
     carried out before the stream resumes, by code that expects the
-    translated form too (the client's codec sends the 101 as a 200)."""
+    translated form too (the client's codec sends the 101 as a 200); one
+    may call back into the stream, whose inner run leaves the form to this
+    outer one (`Translation.enter`, `leave`)."""
+    translation.enter()
     try:
-        while True:
-            translation.translate()
-            try:
-                command = next(stream_commands)
-            except StopIteration:
-                return
+        for command in stream_commands:
             if isinstance(command, commands.StartHook):
                 translation.show_wire_form()
-            yield command
+                yield command
+                translation.translate()
+            else:
+                yield command
     finally:
-        translation.show_wire_form()
+        translation.leave()
 
 
 def offer_http1_only(server: connection.Server) -> None:

@@ -57,6 +57,20 @@ class Translation:
 
     request: http.Request
     response: http.Response | None  # the 101 the stream upgraded on, shown as a 200
+    # How many runs of the stream's code are on the stack: it can call back
+    # into the stream (a codec handing it an event), and only the outermost
+    # run's end shows the wire form again.
+    running: int = 0
+
+    def enter(self) -> None:
+        self.running += 1
+        if self.running == 1:
+            self.translate()
+
+    def leave(self) -> None:
+        self.running -= 1
+        if self.running == 0:
+            self.show_wire_form()
 
     def translate(self) -> None:
         if self.request.data.method == _CONNECT:
