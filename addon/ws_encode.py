@@ -103,6 +103,9 @@ class WsEncode:
         self.report: ReportWriter | None = None
         self.tracker = Tracker()
         self.flows: dict[str, http.HTTPFlow] = {}  # the live flow of each tracked handshake
+        # The tracked handshakes of each client connection (by its id), for
+        # its disconnect: without a scan of every tracked flow per disconnect.
+        self.of_client: dict[str, set[str]] = {}
         self.watch: StallWatch | None = None
         self.updated: list[http.HTTPFlow] = []  # stalled flows whose update hook is due
         # Flows whose status arrived but is held from the client by interception.
@@ -371,7 +374,7 @@ class WsEncode:
         # Backstop: mitmproxy normally reports a client leaving mid-handshake
         # through the error hook; this catches any flow it did not.
         now = self.clock()
-        for flow_id in [i for i, f in self.flows.items() if f.client_conn is client]:
+        for flow_id in list(self.of_client.get(client.id, ())):
             self._end(flow_id, EndCause.CLIENT_GONE, now)
 
     # -- following a handshake -------------------------------------------
@@ -404,6 +407,7 @@ class WsEncode:
             stalled=adopted and f.metadata.get("ws_encode", {}).get("event") == "stall",
         )
         self.flows[f.id] = f
+        self.of_client.setdefault(f.client_conn.id, set()).add(f.id)
         if self.bundle_at_exit:
             self.for_bundle[f.id] = f
             while len(self.for_bundle) > BUNDLED_AT_EXIT:
@@ -527,7 +531,12 @@ class WsEncode:
     def _forget(self, flow_id: str) -> None:
         self.tracker.forget(flow_id)
         self.responses_held.discard(flow_id)
-        self.flows.pop(flow_id, None)
+        f = self.flows.pop(flow_id, None)
+        if f is not None:
+            ids = self.of_client[f.client_conn.id]
+            ids.discard(flow_id)
+            if not ids:
+                del self.of_client[f.client_conn.id]
         if self.watch:
             self.watch.disarm(flow_id)
 
