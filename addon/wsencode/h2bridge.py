@@ -23,9 +23,12 @@ mitmproxy's own HTTP stream and WebSocket layers run unchanged:
   upgrade as it is; nothing to do here.
 - an HTTP/2 upstream that does not advertise 0x8, or resets the CONNECT with
   HTTP_1_1_REQUIRED: the stream (`WsHttpStream`) opens a separate HTTP/1.1
-  connection for that WebSocket, as browsers do. `WsHttpStream` also notes
-  where a handshake waits and when it really goes upstream, which starts the
-  stall clock (`StreamFacts.stage`, `forwarded_at`).
+  connection for that WebSocket, as browsers do (its route upstream and its
+  one table: `Route`, `ROUTE_TRANSITIONS`). `WsHttpStream` also notes where a
+  handshake waits and when it really goes upstream (`StreamFacts.stage`,
+  `forwarded_at`), and once the addon shows a flow as it was on the wire
+  (CONNECT, 200: `wireform`), gives mitmproxy's code the GET and 101 back
+  while it runs (`translated_while_running`).
 - many WebSockets on one HTTP/2 connection: their upstream connections go
   past mitmproxy's per-server throttle (`_Throttle`); a finished WebSocket's
   stream, and its closed HTTP/1.1 upstream connection, are dropped; and a
