@@ -109,7 +109,7 @@ class WsEncode:
         self.watch: StallWatch | None = None
         self.updated: list[http.HTTPFlow] = []  # stalled flows whose update hook is due
         # Flows whose status arrived but is held from the client by interception.
-        self.responses_held: set[str] = set()
+        self.responses_held: dict[str, bool] = {}  # (whether its accept answered the key wrongly)
         # The progress line's timer; its scheduler is injected like the watch's.
         self.schedule_progress: Scheduler | None = None
         self.progress_timer: Timer | None = None
@@ -296,45 +296,46 @@ class WsEncode:
             tracked.progress.forwarded_at = self.clock()
 
     def response(self, f: http.HTTPFlow) -> None:
-        # The response goes to the client right after this hook (unless it
-        # is intercepted): that is when the client has its status.
         tracked = self.tracker.get(f.id) or self._adopt(f)
         if tracked is None or f.response is None:
             return
+        facts = self.bridge.facts(f.request)
         # An HTTP/2 upstream's 2xx reaches mitmproxy as a 101 whose accept the
         # bridge computed itself (facts.upstream_status): nothing to check.
-        bad_accept = self.bridge.facts(f.request).upstream_status is None and not accept_matches(f)
+        bad_accept = facts.upstream_status is None and not accept_matches(f)
+        # As mitmproxy got it, before the flow may show what the client gets.
+        tracked.progress.upstream_status = facts.upstream_status or f.response.status_code
         if bad_accept and tracked.transport is not Transport.H1:
             # The proxy made this key (the client's extended CONNECT has
             # none), so the proxy checks the answer and fails the handshake.
-            tracked.progress.upstream_status = f.response.status_code
             f.response = http.Response.make(
                 BAD_ACCEPT_STATUS,
                 "ws_encode: the upstream answered the WebSocket handshake with a wrong Sec-WebSocket-Accept\n",
             )
             f.websocket = None
-        if f.intercepted:
-            # The status reaches the client when the user resumes the flow.
-            tracked.progress.upstream_status = f.response.status_code
-            self.responses_held.add(f.id)
-            return
-        self._status_delivered(tracked, f, bad_accept)
+        self._show_wire_form(f, tracked, facts)  # before the addons after this one, and mitmdump's output
+        # The response goes to the client once every addon has had it, unless
+        # one of them intercepts it (mitmproxy's console and mitmweb
+        # intercept after every script): the update hook mitmproxy runs
+        # right after the response hooks says which (`f.intercepted`), and
+        # so does the one it runs when a user resumes the flow.
+        self.responses_held[f.id] = bad_accept
 
     def update(self, flows: Sequence[flow.Flow]) -> None:
-        # A resumed flow: an intercepted response now goes to the client.
         # mitmproxy calls this after every hook of every flow (each WebSocket
         # message too), so it costs nothing while no response is held.
         if not self.responses_held:
             return
         for f in flows:
-            tracked = self.tracker.get(f.id)
-            if tracked is not None and f.id in self.responses_held and not f.intercepted:
-                self._status_delivered(tracked, f, not accept_matches(f))
+            self._deliver_unless_intercepted(f)
+
+    def _deliver_unless_intercepted(self, f: http.HTTPFlow) -> None:
+        tracked = self.tracker.get(f.id)
+        if tracked is not None and f.id in self.responses_held and not f.intercepted:
+            self._status_delivered(tracked, f, self.responses_held.pop(f.id))
 
     def websocket_start(self, f: http.HTTPFlow) -> None:
-        tracked = self.tracker.get(f.id)
-        if tracked is not None and f.id in self.responses_held:
-            self._status_delivered(tracked, f, not accept_matches(f))
+        self._deliver_unless_intercepted(f)  # (the update hook comes first; in case it did not)
         # Messages an HTTP/2 client sent before the status went straight
         # upstream; they belong at the start of the conversation.
         early = self.bridge.facts(f.request).early_messages
@@ -530,7 +531,7 @@ class WsEncode:
 
     def _forget(self, flow_id: str) -> None:
         self.tracker.forget(flow_id)
-        self.responses_held.discard(flow_id)
+        self.responses_held.pop(flow_id, None)
         f = self.flows.pop(flow_id, None)
         if f is not None:
             ids = self.of_client[f.client_conn.id]
@@ -540,18 +541,32 @@ class WsEncode:
         if self.watch:
             self.watch.disarm(flow_id)
 
+    @staticmethod
+    def _show_wire_form(f: http.HTTPFlow, tracked: TrackedHandshake | None,
+                        facts: StreamFacts) -> wireform.Translation | None:
+        """Show an HTTP/2 client's handshake as it was on the wire, from its
+        outcome on (its status, else its end); the translation that keeps
+        mitmproxy's stream running, if the flow shows that form."""
+        if facts.translation is None and facts.handshake is not None and (
+            tracked is None or tracked.transport is Transport.H2
+        ):
+            # Only the bridge's stream (which classified the request) gives
+            # mitmproxy's code the translated form back while it runs.
+            facts.translation = wireform.show_wire_form(f)
+        return facts.translation
+
     def _finished(self, f: http.HTTPFlow, record: Record) -> None:
         facts = self.bridge.facts(f.request)
         self._forget(f.id)
         self._comment(f, record["diagnosis"])
         if facts is not NO_FACTS and record["transport"] == Transport.H2.value:
             key_sent = header(f.request.headers, "sec-websocket-key")
-            # Only the bridge's stream (which classified the request) gives
-            # mitmproxy's code the translated form back while it runs.
-            shown = facts.handshake is not None
-            if shown:
-                facts.translation = wireform.show_wire_form(f)
-            line, f.metadata["ws_encode_wire"] = wireform.described(f.request.path, record, key_sent, shown)
+            translation = self._show_wire_form(f, None, facts)  # (one without a status: from its end on)
+            if translation is not None:
+                key_sent = translation.key_sent
+            line, f.metadata["ws_encode_wire"] = wireform.described(
+                f.request.path, record, key_sent, shown=translation is not None
+            )
             self._comment(f, line)
         self._write(f, record)
         quiet = record["outcome"] == "upgraded" and not record["stalled"]

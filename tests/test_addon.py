@@ -109,8 +109,11 @@ def respond(f, status=101) -> None:
 
 
 def deliver(addon, f, status=101) -> None:
+    """The status arrives: the response hook, then the update hook mitmproxy
+    runs after every hook of a flow (the response goes out after it)."""
     respond(f, status)
     addon.response(f)
+    addon.update([f])
 
 
 def test_options_have_the_spec_defaults(addon):
@@ -365,6 +368,24 @@ def test_an_intercepted_handshake_is_held_by_the_user(addon, clock):
         assert f.metadata["ws_encode"]["event"] == "handshake"
         assert f.metadata["ws_encode"]["outcome"] == "upgraded"
         assert not addon.responses_held  # update is a no-op again
+
+
+def test_a_response_an_addon_after_this_one_intercepts_is_held_too(addon, clock):
+    """mitmproxy's console and mitmweb intercept after every script: the
+    status reaches the client only when the user resumes the flow."""
+    with taddons.context(addon):
+        f = handshake_flow()
+        arrive(addon, f)
+        respond(f)
+        addon.response(f)
+        f.intercept()  # the console's intercept addon, after this one
+        addon.update([f])  # as mitmproxy runs it right after the response hooks
+        assert "ws_encode" not in f.metadata  # no outcome while the client waits
+        clock.fire_all()
+        assert f.metadata["ws_encode"]["stuck_in"] == "intercepted"
+        f.resume()
+        addon.update([f])
+        assert f.metadata["ws_encode"]["outcome"] == "upgraded" and f.metadata["ws_encode"]["stalled"]
 
 
 def test_a_script_reload_hands_waiting_handshakes_to_the_next_copy(addon, clock, tmp_path):

@@ -235,7 +235,7 @@ class AfterWsEncode:
             flow.response.status_code = 403
         if HOLD:
             flow.intercept()
-            asyncio.get_running_loop().call_later(0.3, flow.resume)
+            asyncio.get_running_loop().call_later(HOLD_S, flow.resume)
 
 
 addons = [AfterWsEncode()]
@@ -245,11 +245,12 @@ addons = [AfterWsEncode()]
 @pytest.mark.parametrize("hold,fail", [(True, False), (False, True)], ids=["holds the status", "fails the handshake"])
 def test_an_addon_after_the_wire_form_sees_it_and_may_hold_or_fail_the_handshake(cert, tmp_path, report, hold, fail):
     """From ws-encode's response hook on the flow shows CONNECT/200; a later
-    addon holding the response (an intercept) or changing its status still
-    gets what it asked for: the status reaches the client when resumed, or
-    the client gets the 403."""
+    addon holding the response (an intercept, as the console's and mitmweb's
+    come after every script) or changing its status still gets what it asked
+    for: the status reaches the client when resumed, a stall held by
+    interception is reported meanwhile; or the client gets the 403."""
     script, flows_file = tmp_path / "after.py", tmp_path / "flows.mitm"
-    script.write_text(f"HOLD, FAIL = {hold}, {fail}\n" + LATER_ADDON)
+    script.write_text(f"HOLD, FAIL, HOLD_S = {hold}, {fail}, {2 * STALL}\n" + LATER_ADDON)
 
     async def scenario():
         async with h2ws.H2WebSocketServer(*cert) as upstream:
@@ -273,13 +274,19 @@ def test_an_addon_after_the_wire_form_sees_it_and_may_hold_or_fail_the_handshake
     with flows_file.open("rb") as f:
         [flow] = [x for x in mitmio.FlowReader(f).stream() if x.request.path == "/chat"]
     assert "seen at response: CONNECT 200" in flow.comment
+    records = [json.loads(line) for line in report.read_text().splitlines()]
     if hold:
         assert (status, echo) == (200, "held")
         assert (flow.request.method, flow.response.status_code) == ("CONNECT", 200)
         assert [m.text for m in flow.websocket.messages] == ["held", "held"]
+        stall, end = records
+        assert stall["event"] == "stall" and stall["stuck_in"] == "intercepted"
+        assert end["outcome"] == "upgraded" and end["stalled"] and end["received_s"] >= 2 * STALL
     else:
         assert (status, echo) == (403, None)
         assert (flow.request.method, flow.response.status_code) == ("CONNECT", 403)
+        [end] = records
+        assert end["outcome"] == "rejected" and end["status"] == 403
     assert_clean_log(md)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from .report import redact_path
+from .report import printable, redact_path
 
 # Headers that belong to an HTTP/1.1 upgrade and are not sent on HTTP/2: the
 # client's codec leaves them out of the 200 it sends, and the upstream's out
@@ -57,6 +57,7 @@ class Translation:
 
     request: http.Request
     response: http.Response | None  # the 101 the stream upgraded on, shown as a 200
+    key_sent: str | None  # the Sec-WebSocket-Key the translated GET carried, as records keep it
     # How many runs of the stream's code are on the stack: it can call back
     # into the stream (a codec handing it an event), and only the outermost
     # run's end shows the wire form again.
@@ -89,6 +90,7 @@ def show_wire_form(f: http.HTTPFlow) -> Translation:
     """Show an extended CONNECT's flow as the client sent and got it; returns
     what mitmproxy's stream needs back while it runs."""
     request = f.request
+    key_sent = request.headers.get("sec-websocket-key")
     request.data.method = _CONNECT
     for name in ADDED_TO_REQUEST:
         request.headers.pop(name, None)
@@ -102,7 +104,7 @@ def show_wire_form(f: http.HTTPFlow) -> Translation:
         upgraded.headers = http.Headers(
             [(k, v) for k, v in upgraded.headers.fields if k.lower().decode("latin-1") not in UPGRADE_ONLY]
         )
-    return Translation(request, upgraded)
+    return Translation(request, upgraded, None if key_sent is None else printable(key_sent))
 
 
 def described(path: str, record: Mapping[str, Any], key_sent: str | None, shown: bool) -> tuple[str, dict]:
