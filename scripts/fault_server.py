@@ -19,10 +19,10 @@ import asyncio
 import signal
 from dataclasses import dataclass, field
 
-from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode
+from wsproto.connection import ConnectionType
 from wsproto.utilities import generate_accept_token
 
-from wsmessages import Messages
+from wsmessages import MessageConnection
 
 
 @dataclass
@@ -117,19 +117,13 @@ class FaultServer:
         await self._echo(reader, writer, early)
 
     async def _echo(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> None:
-        proto = FrameProtocol(client=False, extensions=[])
-        messages = Messages(proto)
+        connection = MessageConnection(ConnectionType.SERVER)
         while True:
-            for item in messages.receive(data):
-                if isinstance(item, (str, bytes)):
-                    writer.write(proto.send_data(item, fin=True))
-                elif item.opcode is Opcode.CLOSE:
-                    writer.write(proto.close(CloseReason.NORMAL_CLOSURE))
-                    await writer.drain()
-                    return
-                elif item.opcode is Opcode.PING:
-                    writer.write(proto.pong(item.payload))
+            for event in connection.messages(data):
+                writer.write(connection.send_data(event) if isinstance(event, (str, bytes)) else connection.answer(event))
             await writer.drain()
+            if connection.closed_by is not None:
+                return
             data = await reader.read(65536)
             if not data:
                 return

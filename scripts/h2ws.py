@@ -50,8 +50,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from h2.errors import ErrorCodes
-from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
-from wsmessages import Messages
+from wsproto.connection import ConnectionState, ConnectionType
+from wsproto.events import CloseConnection, Event, Ping, Pong
+from wsmessages import CLOSE_UNSENT, MessageConnection
 
 __all__ = [
     "ClientWebSocket",
@@ -309,11 +310,9 @@ class _ServerWebSocket:
 
     def __init__(self, stream_id: int, withheld_status: Optional[Headers]) -> None:
         self.stream_id = stream_id
-        self.frames = FrameProtocol(client=False, extensions=[])
-        self.messages = Messages(self.frames)
+        self.connection = MessageConnection(ConnectionType.SERVER)
         # The response headers a buffering encoder is sitting on, if any.
         self.withheld_status = withheld_status
-        self.close_received = False
         # Opened with ?deaf: its DATA is never read or acknowledged, so its
         # window closes (an upstream that does not read).
         self.deaf = False
@@ -450,7 +449,7 @@ class _ServerConnection(_H2Endpoint):
     async def _push(self, ws: _ServerWebSocket, total: int) -> None:
         """Send `total` bytes of binary messages, as fast as the peer takes
         them (its windows, then TCP), while the WebSocket lasts."""
-        frame = bytes(ws.frames.send_data(bytes(PUSH_MESSAGE_SIZE)))
+        frame = ws.connection.send_data(bytes(PUSH_MESSAGE_SIZE))
         for _ in range(0, total, PUSH_MESSAGE_SIZE):
             if self._websockets.get(ws.stream_id) is not ws or self.connection_lost.is_set():
                 return
@@ -465,26 +464,13 @@ class _ServerConnection(_H2Endpoint):
     # -- WebSocket echo ------------------------------------------------------
 
     def _on_websocket_data(self, ws: _ServerWebSocket, data: bytes) -> None:
-        if ws.close_received:
-            return  # RFC 6455: nothing after a Close frame means anything
-        try:
-            for item in ws.messages.receive(data):
-                self._on_received(ws, item)
-                if ws.close_received:
-                    return
-        except ParseFailed as exc:
-            ws.close_received = True
-            self._send_websocket(ws, ws.frames.close(exc.code, str(exc)), end_stream=True)
-
-    def _on_received(self, ws: _ServerWebSocket, frame) -> None:
-        if isinstance(frame, (str, bytes)):  # a whole message
-            self._send_websocket(ws, ws.frames.send_data(frame))
-        elif frame.opcode is Opcode.PING:
-            self._send_websocket(ws, ws.frames.pong(frame.payload))
-        elif frame.opcode is Opcode.CLOSE:
-            ws.close_received = True
-            code, _reason = frame.payload
-            self._send_websocket(ws, ws.frames.close(code), end_stream=True)
+        for event in ws.connection.messages(data):
+            if isinstance(event, (str, bytes)):  # a whole message
+                self._send_websocket(ws, ws.connection.send_data(event))
+            elif isinstance(event, Ping):
+                self._send_websocket(ws, ws.connection.answer(event))
+            elif isinstance(event, CloseConnection):  # the peer's, or bytes that are not frames
+                self._send_websocket(ws, ws.connection.answer(event), end_stream=True)
 
     def _send_websocket(self, ws: _ServerWebSocket, data: bytes, end_stream: bool = False) -> None:
         self._release_status(ws)
@@ -656,14 +642,12 @@ class ClientWebSocket:
         self.events: list[str] = []
         self.ended_with: Optional[str] = None
         self.close_code: Optional[int] = None  # from the peer's Close frame
-        self._frames = FrameProtocol(client=True, extensions=[])
-        self._received = Messages(self._frames)
+        self._frames = MessageConnection(ConnectionType.CLIENT)  # the WebSocket (tests send parts through it)
         self._messages: asyncio.Queue = asyncio.Queue()
         self._pongs: asyncio.Queue = asyncio.Queue()
         self._status_known = asyncio.Event()
         self._close_received = asyncio.Event()
         self._ended = asyncio.Event()
-        self._close_sent = False
         self._end_sent = False
         # Set once nothing can be sent any more (a reset or connection loss);
         # the peer's END_STREAM alone still lets us send.
@@ -688,22 +672,21 @@ class ClientWebSocket:
         return self.ended_with
 
     async def send_text(self, text: str, timeout: float = DEFAULT_TIMEOUT) -> None:
-        await self._send_frames([self._frames.send_data(text)], timeout)
+        await self._send_parts([text], timeout)
 
     async def send_bytes(self, data: bytes, timeout: float = DEFAULT_TIMEOUT) -> None:
-        await self._send_frames([self._frames.send_data(bytes(data))], timeout)
+        await self._send_parts([bytes(data)], timeout)
 
     async def send_fragmented(self, parts: list[Message], timeout: float = DEFAULT_TIMEOUT) -> None:
         """Send one message as len(parts) frames (all str or all bytes)."""
         if not parts:
             raise ValueError("a fragmented message needs at least one part")
-        last = len(parts) - 1
-        frames = [self._frames.send_data(part, fin=i == last) for i, part in enumerate(parts)]
-        await self._send_frames(frames, timeout)
+        await self._send_parts(parts, timeout)
 
     async def ping(self, payload: bytes = b"", timeout: float = DEFAULT_TIMEOUT) -> bytes:
         """Send a Ping and return the payload of the next Pong."""
-        await self._send_frames([self._frames.ping(payload)], timeout)
+        self._check_sendable()
+        await self._send_frames([self._frames.send(Ping(payload))], timeout)
         return await asyncio.wait_for(self._pongs.get(), timeout)
 
     async def receive(self, timeout: float = DEFAULT_TIMEOUT) -> Message:
@@ -722,9 +705,9 @@ class ClientWebSocket:
         """
         if self._dead_reason:
             return  # reset or connection gone: nothing left to close
-        if not self._close_sent:
-            self._close_sent = True
-            await self._send_frames([self._frames.close(code)], timeout)
+        if self._frames.state in CLOSE_UNSENT:
+            self._check_sendable()
+            await self._send_frames([self._frames.send(CloseConnection(code))], timeout)
         await _wait_first(self._close_received, self._ended, timeout=timeout)
         self._end_our_side()
         await asyncio.wait_for(self._ended.wait(), timeout)
@@ -748,11 +731,20 @@ class ClientWebSocket:
 
     # -- sending helpers ----------------------------------------------------
 
-    async def _send_frames(self, frames: list, timeout: float) -> None:
+    async def _send_parts(self, parts: list[Message], timeout: float) -> None:
+        """One message in len(parts) frames."""
+        self._check_sendable()
+        last = len(parts) - 1
+        await self._send_frames([self._frames.send_data(part, fin=i == last) for i, part in enumerate(parts)], timeout)
+
+    def _check_sendable(self) -> None:
         if self._dead_reason:
             raise self._ended_error("before sending")
         if self._end_sent:
             raise WebSocketClosed(f"stream {self.stream_id}: END_STREAM already sent")
+
+    async def _send_frames(self, frames: list[bytes], timeout: float) -> None:
+        self._check_sendable()
         box = None
         for frame in frames:
             box = self._client._send_soon(self.stream_id, bytes(frame))
@@ -793,35 +785,29 @@ class ClientWebSocket:
         if self.status is None or not 200 <= self.status < 300:
             self.response_body += data  # a rejection body, not WebSocket frames
             return
-        try:
-            for item in self._received.receive(data):
-                self._on_received(item)
-        except ParseFailed as exc:
-            self.events.append(f"parse_failed:{exc}")
-            self._close_received.set()
-            self._messages.put_nowait(_STREAM_DONE)
-            if not self._close_sent:
-                self._close_sent = True
-                self._send_now(self._frames.close(exc.code, str(exc)), end_stream=True)
+        for event in self._frames.messages(data):
+            self._on_received(event)
 
-    def _on_received(self, frame) -> None:
-        if isinstance(frame, (str, bytes)):  # a whole message
-            self._messages.put_nowait(frame)
+    def _on_received(self, event: Union[Message, Event]) -> None:
+        if isinstance(event, (str, bytes)):  # a whole message
+            self._messages.put_nowait(event)
             self.events.append("message")
-        elif frame.opcode is Opcode.PING:
+        elif isinstance(event, Ping):
             if not self._end_sent:  # after our END_STREAM the pong has no way out
-                self._send_now(self._frames.pong(frame.payload))
-        elif frame.opcode is Opcode.PONG:
-            self._pongs.put_nowait(bytes(frame.payload))
-        elif frame.opcode is Opcode.CLOSE:
-            self.close_code = int(frame.payload[0])
-            self.events.append(f"close:{self.close_code}")
+                self._send_now(self._frames.answer(event))
+        elif isinstance(event, Pong):
+            self._pongs.put_nowait(bytes(event.payload))
+        elif isinstance(event, CloseConnection):
+            if self._frames.state in (ConnectionState.REMOTE_CLOSING, ConnectionState.CLOSED):
+                self.close_code = int(event.code)
+                self.events.append(f"close:{self.close_code}")
+            else:  # wsproto's word on bytes that are not frames
+                self.events.append(f"parse_failed:{event.reason}")
             self._close_received.set()
             self._messages.put_nowait(_STREAM_DONE)
-            if not self._close_sent:
-                # The peer started the closing handshake: answer and finish.
-                self._close_sent = True
-                self._send_now(self._frames.close(self.close_code), end_stream=True)
+            if self._frames.state in CLOSE_UNSENT:
+                # The peer started the closing handshake (or broke the protocol): answer and finish.
+                self._send_now(self._frames.answer(event), end_stream=True)
 
     def _on_end(self) -> None:
         self._on_ended("end_stream")

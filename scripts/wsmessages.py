@@ -1,35 +1,64 @@
-"""Whole WebSocket messages out of wsproto's frame protocol, for the peers
+"""wsproto's WebSocket connection with whole messages, for the peers
 (h2ws, fault_server, the bench's clients and upstreams).
 
-wsproto's FrameProtocol gives frames; a message may span several (it reports
-a continuation with its message's opcode, and a text payload decoded to str
-part by part). `Messages` puts them back together: feed it bytes, and it
-yields each whole message (str or bytes) and each control frame as it is.
+wsproto's Connection (the one mitmproxy wraps) masks what a client sends,
+answers nothing by itself and keeps the closing handshake's state; it hands
+a message over as it comes, part by part (TextMessage or BytesMessage, the
+last with message_finished). `MessageConnection.messages` puts the parts back
+together.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from wsproto.frame_protocol import Frame, FrameProtocol, Opcode
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import CloseConnection, Event, Message, Ping
 
-DATA = (Opcode.TEXT, Opcode.BINARY, Opcode.CONTINUATION)
+# A Close may still go out: none was sent (wsproto's rule for sending one).
+CLOSE_UNSENT = (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING)
 
 
-class Messages:
-    def __init__(self, frames: FrameProtocol) -> None:
-        self.frames = frames
+class MessageConnection(Connection):
+    """wsproto's Connection after the handshake, as a client or a server."""
+
+    def __init__(self, role: ConnectionType) -> None:
+        super().__init__(role)
+        self.closed_by: CloseConnection | None = None  # what ended receiving
         self._parts: list[str | bytes] = []
 
-    def receive(self, data: bytes) -> Iterator[str | bytes | Frame]:
-        """Whole messages and control frames in `data` and what came before it.
-        Raises wsproto's ParseFailed for bytes that are not WebSocket frames."""
-        self.frames.receive_bytes(data)
-        for frame in self.frames.received_frames():
-            if frame.opcode not in DATA:
-                yield frame
+    def messages(self, data: bytes) -> Iterator[str | bytes | Event]:
+        """Whole messages (str or bytes) and the other events (Ping, Pong,
+        CloseConnection) in `data` and what came before it, up to a
+        CloseConnection: the peer's Close (the state is then REMOTE_CLOSING
+        or CLOSED), or wsproto's word on bytes that are not frames (its code,
+        such as 1002, and why; the state unchanged). Nothing after that means anything."""
+        if self.closed_by is not None:
+            return
+        self.receive_data(data)
+        for event in self.events():
+            if isinstance(event, CloseConnection):
+                self.closed_by = event
+                yield event
+                return
+            if not isinstance(event, Message):
+                yield event
                 continue
-            self._parts.append(frame.payload)
-            if frame.message_finished:
+            self._parts.append(event.data)
+            if event.message_finished:
                 parts, self._parts = self._parts, []
                 yield ("" if isinstance(parts[0], str) else b"").join(parts)
+
+    def send_data(self, data: str | bytes, fin: bool = True) -> bytes:
+        """A text (str) or binary message, or a part of one (fin=False)."""
+        return self.send(Message(data=data, message_finished=fin))
+
+    def answer(self, event: Event) -> bytes:
+        """What answers a control event: a Pong to a Ping while the connection
+        is open, a Close to the Close that ended receiving (`closed_by`)
+        unless ours went out already, nothing to a Pong."""
+        if isinstance(event, Ping) and self.state is ConnectionState.OPEN:
+            return self.send(event.response())
+        if isinstance(event, CloseConnection) and self.state in CLOSE_UNSENT:
+            return self.send(event.response())
+        return b""

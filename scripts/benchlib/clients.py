@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode
+from wsproto.connection import ConnectionType
+from wsproto.events import CloseConnection
+from wsproto.frame_protocol import CloseReason
 
-from wsmessages import Messages
+from wsmessages import CLOSE_UNSENT, MessageConnection
 
 READ = 1 << 18
 TIMEOUT = 30
@@ -70,9 +72,8 @@ class H1WebSocket:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
-        self.proto = FrameProtocol(client=True, extensions=[])
+        self.connection = MessageConnection(ConnectionType.CLIENT)
         self.messages: list = []
-        self._received = Messages(self.proto)
 
     @classmethod
     async def start(cls, port: int, path: str, tls: bool = False, headers: bytes = b"") -> H1WebSocket:
@@ -98,7 +99,7 @@ class H1WebSocket:
         return sock
 
     def send(self, data) -> None:
-        self.writer.write(self.proto.send_data(data, fin=True))
+        self.writer.write(self.connection.send_data(data))
 
     async def drain(self) -> None:
         await self.writer.drain()
@@ -108,10 +109,10 @@ class H1WebSocket:
             data = await asyncio.wait_for(self.reader.read(READ), TIMEOUT)
             if not data:
                 raise ConnectionError("closed before a message")
-            for item in self._received.receive(data):
-                if isinstance(item, (str, bytes)):
-                    self.messages.append(item)
-                elif item.opcode is Opcode.CLOSE:
+            for event in self.connection.messages(data):
+                if isinstance(event, (str, bytes)):
+                    self.messages.append(event)
+                elif isinstance(event, CloseConnection):
                     self.messages.append(CLOSED)
         message = self.messages.pop(0)
         if message is CLOSED:
@@ -125,14 +126,14 @@ class H1WebSocket:
     async def close(self) -> None:
         """The closing handshake, then the connection."""
         try:
-            self.writer.write(self.proto.close(CloseReason.NORMAL_CLOSURE))
-            while True:
+            if self.connection.state in CLOSE_UNSENT:
+                self.writer.write(self.connection.send(CloseConnection(CloseReason.NORMAL_CLOSURE)))
+            while self.connection.closed_by is None:
                 data = await asyncio.wait_for(self.reader.read(READ), TIMEOUT)
                 if not data:
                     break
-                self.proto.receive_bytes(data)
-                if any(f.opcode is Opcode.CLOSE for f in self.proto.received_frames()):
-                    break
+                for _ in self.connection.messages(data):
+                    pass  # messages still on their way, dropped
         except (ConnectionError, asyncio.TimeoutError):
             pass
         finally:

@@ -24,10 +24,10 @@ import ssl
 import sys
 
 import h2ws
-from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode
+from wsproto.connection import ConnectionType
 from wsproto.utilities import generate_accept_token
 
-from wsmessages import Messages
+from wsmessages import MessageConnection
 
 READ = 1 << 18
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok"
@@ -66,37 +66,31 @@ async def serve_h1(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
 
 
 async def websocket(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: str) -> None:
-    proto = FrameProtocol(client=False, extensions=[])
+    connection = MessageConnection(ConnectionType.SERVER)
     parts = target.strip("/").split("/")
     sink = int(parts[1]) if parts[0] == "sink" else None
     if parts[0] == "source":
         count, size = int(parts[1]), int(parts[2])
         payload = b"s" * size
         for i in range(count):
-            writer.write(proto.send_data(payload, fin=True))
+            writer.write(connection.send_data(payload))
             if i % 16 == 15:
                 await writer.drain()
         await writer.drain()
     received = 0
-    messages = Messages(proto)
-    while True:
+    while connection.closed_by is None:
         data = await reader.read(READ)
         if not data:
             return
-        for item in messages.receive(data):
-            if isinstance(item, (str, bytes)):
-                if sink is None:
-                    writer.write(proto.send_data(item, fin=True))
-                else:
-                    received += 1
-                    if received == sink:
-                        writer.write(proto.send_data("done", fin=True))
-            elif item.opcode is Opcode.CLOSE:
-                writer.write(proto.close(CloseReason.NORMAL_CLOSURE))
-                await writer.drain()
-                return
-            elif item.opcode is Opcode.PING:
-                writer.write(proto.pong(item.payload))
+        for event in connection.messages(data):
+            if not isinstance(event, (str, bytes)):
+                writer.write(connection.answer(event))
+            elif sink is None:
+                writer.write(connection.send_data(event))
+            else:
+                received += 1
+                if received == sink:
+                    writer.write(connection.send_data("done"))
         await writer.drain()
 
 
