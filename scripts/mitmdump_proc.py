@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -25,3 +26,18 @@ async def start_reverse_proxy(upstream: str, *options: str) -> tuple[asyncio.sub
         if m := LISTENING.search(line):
             return proc, int(m.group(1))
     raise SystemExit("mitmdump did not start")
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports on 127.0.0.1 that nothing listens on (bound together, then
+    released), for a mitmdump with several modes: mitmproxy refuses two
+    servers on 127.0.0.1:0, and proxies here bind to 127.0.0.1 only. Since
+    another process may take one meanwhile, callers start again with others
+    when mitmdump does not come up; a single-mode mitmdump takes port 0
+    instead (`start_reverse_proxy`, `LISTENING`)."""
+    sockets = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
+    try:
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()

@@ -26,8 +26,8 @@ LOOPBACK_ONLY = ROOT / "scripts" / "loopback_only.py"
 # `pythonpath`. Imported first: the script resets the `wsencode` package when it is
 # (re)imported, so tests and addon then share the same module objects.
 import ws_encode  # noqa: E402,F401
-import h2ws  # noqa: E402
-from fault_server import FaultServer  # noqa: E402
+from wspeers import h2ws  # noqa: E402
+from wspeers.fault_server import FaultServer  # noqa: E402
 
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 LISTENING = re.compile(r"listening at (?:\[?[\d.:a-f]+\]?):(\d+)")

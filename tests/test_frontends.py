@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 from conftest import ADDON, LISTENING, LOOPBACK_ONLY, Mitmdump, assert_clean_log, upgrade_request
-import h2ws
-from fault_server import Faults, FaultServer
+from wspeers import h2ws
+from wspeers.fault_server import Faults, FaultServer
 from peers.chromium import CHROMIUM
 
 TMUX = shutil.which("tmux")

@@ -3,12 +3,12 @@
 - HTTP/2: generated header blocks, each an extended CONNECT more or less
   (RFC 8441), sent raw (h2 with client-side validation off) as many streams
   on one connection, beside a well-formed WebSocket stream that must keep
-  echoing; the upstream is the RFC 8441 server of scripts/h2ws.py.
+  echoing; the upstream is the RFC 8441 server of scripts/wspeers/h2ws.py.
 - HTTP/1.1: raw bytes of generated handshake requests (awkward token lists,
   repeated headers, NUL/CR/DEL/non-ASCII bytes, folded and huge values, odd
   methods, targets with ;params, #fragments, userinfo), many connections at a
   time, each batch followed by a well-formed handshake that must still work;
-  the upstream is scripts/fault_server.py.
+  the upstream is scripts/wspeers/fault_server.py.
 
 Each case carries its number in `accept-encoding` (`x-case-N`), which the
 report keeps (`accept_encoding_client`), so every record is matched to the
@@ -51,13 +51,13 @@ from dataclasses import dataclass, field
 
 import pytest
 from conftest import Mitmdump, upgrade_request
-from fault_server import Faults, FaultServer
+from wspeers.fault_server import Faults, FaultServer
 import mitmproxy.version
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from leakcheck import CONTROL, TIME_STAMP, flow_texts, flows_in, leaks, log_leaks, strings
 from rawh2 import RawH2, extended_connect
-import h2ws
+from wspeers import h2ws
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
 pytestmark = pytest.mark.timeout(300)

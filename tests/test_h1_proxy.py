@@ -13,7 +13,7 @@ import time
 import pytest
 import websockets
 from conftest import STALL, Mitmdump, assert_clean_log, close_proxied, proxied, raw_exchange, upgrade_request
-from fault_server import Faults
+from wspeers.fault_server import Faults
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,6 +1,6 @@
 """HTTP/2 WebSockets (RFC 8441) through a real mitmdump running the addon.
 
-Clients and the fault server are built from h2 + wsproto (scripts/h2ws.py);
+Clients and the fault server are built from h2 + wsproto (scripts/wspeers/h2ws.py);
 upstreams include mitmproxy-independent servers (Node's http2, hypercorn) and
 an HTTP/1.1 server for the translation path.
 """
@@ -19,9 +19,9 @@ import time
 import pytest
 from conftest import AUTHORITY, ROOT, STALL, assert_clean_log, h2_client, h2_echo_once, reverse_to
 from mitmproxy import io as mitmio
-from fault_server import Faults, FaultServer
-import h2ws
-from h2ws import DualAlpnServer
+from wspeers.fault_server import Faults, FaultServer
+from wspeers import h2ws
+from wspeers.h2ws import DualAlpnServer
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import h2.errors
 import pytest
 from conftest import ROOT, Mitmdump, assert_clean_log, h2_client
-from fault_server import Faults, FaultServer
-from h2ws import DualAlpnServer
-import h2ws
+from wspeers.fault_server import Faults, FaultServer
+from wspeers.h2ws import DualAlpnServer
+from wspeers import h2ws
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,12 +12,12 @@ import h2.errors
 import pytest
 import ws_encode
 from conftest import ADDON, ROOT, Mitmdump, addon_copy, assert_clean_log, h2_echo_once, reload_script, upgrade_request
-from fault_server import Faults, FaultServer
+from wspeers.fault_server import Faults, FaultServer
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http2
 from mitmproxy.test import taddons
-import h2ws
-from h2ws import DualAlpnServer
+from wspeers import h2ws
+from wspeers.h2ws import DualAlpnServer
 
 from wsencode import h2bridge
 from wsencode.bridge import Bridge

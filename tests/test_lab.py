@@ -12,7 +12,7 @@ import sys
 import urllib.parse
 
 import h2.events
-import h2ws
+from wspeers import h2ws
 import pytest
 from conftest import ROOT, Mitmdump, assert_clean_log
 from peers import chromium

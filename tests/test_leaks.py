@@ -22,10 +22,10 @@ import h2.exceptions
 import h2.utilities
 import pytest
 from conftest import Mitmdump, assert_clean_log
-from fault_server import Faults, FaultServer
+from wspeers.fault_server import Faults, FaultServer
 from leakcheck import COMMAND_ANSWERS, FAKE_LINE, command_answers, everything_leaked, flows_in
 from rawh2 import RawH2, extended_connect
-import h2ws
+from wspeers import h2ws
 
 pytestmark = pytest.mark.timeout(60)
 

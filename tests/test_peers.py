@@ -1,6 +1,6 @@
 """Tests for the RFC 8441 test peers themselves, without any proxy in between.
 
-The client from scripts/h2ws.py is run against the Python server from the same
+The client from scripts/wspeers/h2ws.py is run against the Python server from the same
 module and against tests/peers/node_h2_ws_server.js (an independent
 implementation on Node's http2), so the peers can be trusted when the
 ws-encode tests put mitmproxy between them.
@@ -16,11 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h2ws
+from wspeers import h2ws
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-H2WS_PATH = ROOT / "scripts" / "h2ws.py"
+# The RFC 8441 peers as a person runs them: `PYTHONPATH=scripts python -m wspeers.h2ws ...`.
+H2WS = [sys.executable, "-m", "wspeers.h2ws"]
+SCRIPTS_ON_PATH = {**os.environ, "PYTHONPATH": str(ROOT / "scripts")}
 NODE_SERVER = ROOT / "tests" / "peers" / "node_h2_ws_server.js"
 AUTHORITY = "localhost"
 STARTUP_TIMEOUT = 10.0
@@ -341,7 +343,7 @@ def test_server_stop_ends_open_websockets(cert):
 
 def _cli(*args: str, timeout: float = 15) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(H2WS_PATH), *args], capture_output=True, text=True, timeout=timeout
+        [*H2WS, *args], capture_output=True, text=True, timeout=timeout, env=SCRIPTS_ON_PATH
     )
 
 
@@ -357,10 +359,10 @@ def test_cli_help(command):
 def test_cli_client_reports_the_stall(cert):
     certfile, keyfile = cert
     server = subprocess.Popen(
-        [sys.executable, str(H2WS_PATH), "server", "--port", "0", "--withhold",
-         "--cert", certfile, "--key", keyfile],
+        [*H2WS, "server", "--port", "0", "--withhold", "--cert", certfile, "--key", keyfile],
         stdout=subprocess.PIPE,
         text=True,
+        env=SCRIPTS_ON_PATH,
     )
     try:
         line = _read_line(server, STARTUP_TIMEOUT)

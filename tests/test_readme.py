@@ -18,7 +18,7 @@ import shlex
 import signal
 import subprocess
 
-import h2ws
+from wspeers import h2ws
 import mitmproxy.version
 import pytest
 import ws_encode

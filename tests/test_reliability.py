@@ -18,7 +18,7 @@ from conftest import (
     AUTHORITY, STALL, Mitmdump, addon_copy, assert_clean_log, close_proxied, h2_client, proxied, raw_exchange, reload_script,
     reverse_to, upgrade_request,
 )
-from fault_server import Faults, FaultServer
+from wspeers.fault_server import Faults, FaultServer
 
 pytestmark = pytest.mark.timeout(60)
 

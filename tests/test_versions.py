@@ -15,8 +15,8 @@ import subprocess
 
 import pytest
 from conftest import ROOT, Mitmdump, assert_clean_log, h2_client, h2_echo_once
-from fault_server import Faults, FaultServer
-import h2ws
+from wspeers.fault_server import Faults, FaultServer
+from wspeers import h2ws
 
 VENVS = {"11.1": ROOT / ".venv-mitmproxy11.1"}
 AUTHORITY = "localhost"

@@ -2,7 +2,7 @@
 
 - `__main__`: the run, the table and the JSON;
 - `upstream`: the servers behind the proxies, in their own process;
-- `clients`: minimal HTTP/1.1 and WebSocket clients (HTTP/2 is `scripts/h2ws.py`'s);
+- `clients`: minimal HTTP/1.1 and WebSocket clients (HTTP/2 is `scripts/wspeers/h2ws.py`'s);
 - `procs`: mitmdump processes and what /proc says about them;
 - `probe`: a mitmdump script that answers, on a loopback socket, how full the
   addon's structures are;

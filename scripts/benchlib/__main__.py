@@ -59,7 +59,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-import h2ws
+from wspeers import h2ws
 import mitmproxy.version
 
 from benchlib.clients import H1Requests, H1WebSocket

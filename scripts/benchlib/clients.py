@@ -12,7 +12,7 @@ from wsproto.connection import ConnectionType
 from wsproto.events import CloseConnection
 from wsproto.frame_protocol import CloseReason
 
-from wsmessages import CLOSE_UNSENT, MessageConnection
+from wspeers.messages import CLOSE_UNSENT, MessageConnection
 
 READ = 1 << 18
 TIMEOUT = 30

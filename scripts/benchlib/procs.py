@@ -7,12 +7,11 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import sys
 from collections import deque
 from pathlib import Path
 
-from mitmdump_proc import ADDON, LOOPBACK_ONLY, MITMDUMP
+from mitmdump_proc import ADDON, LOOPBACK_ONLY, MITMDUMP, free_ports
 
 PROBE = Path(__file__).resolve().parent / "probe.py"
 # A script with one addon and no hooks: what any script costs mitmproxy.
@@ -43,19 +42,6 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS")
-
-
-def free_ports(count: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Mitmdump:

@@ -23,11 +23,11 @@ import json
 import ssl
 import sys
 
-import h2ws
+from wspeers import h2ws
 from wsproto.connection import ConnectionType
 from wsproto.utilities import generate_accept_token
 
-from wsmessages import MessageConnection
+from wspeers.messages import MessageConnection
 
 READ = 1 << 18
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok"

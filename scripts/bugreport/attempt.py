@@ -13,7 +13,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 
-import h2ws
+from wspeers import h2ws
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message, RejectConnection, Request, TextMessage
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError

@@ -10,12 +10,13 @@ runs, off for real users).
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from mitmdump_proc import ADDON, LOOPBACK_ONLY, MITMDUMP
-from wslab.proxy import Proxy, free_ports
+from mitmdump_proc import ADDON, LISTENING, LOOPBACK_ONLY, MITMDUMP
+from wslab.proxy import Proxy
 
 from . import attempt
 from .attempt import Handshake, Seen
@@ -36,21 +37,24 @@ class ProbeProxy(Proxy):
     def port(self) -> int:
         return self.ports["target"]
 
-    async def start(self, attempts: int = 3) -> ProbeProxy:
-        for _ in range(attempts):
-            (port,) = free_ports(1)
-            self.ports = {"target": port}
-            self.lines = []
-            self._proc = await asyncio.create_subprocess_exec(
-                str(MITMDUMP), "--listen-host", "127.0.0.1", "--mode", f"reverse:{self.upstreams['target']}",
-                "-p", str(port), "--set", "flow_detail=0", *self.guards, "-s", str(ADDON),
-                "--set", f"ws_encode_report={self.report}", *self.options,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            )
-            self._reader = asyncio.create_task(self._read())
-            if await self._until(lambda: any("listening at" in line for line in self.lines), 30):
-                return self
-            await self.stop()  # most likely the port was taken meanwhile: try another
+    async def start(self) -> ProbeProxy:
+        """mitmdump on a port of the system's choice (0), as it says once it listens."""
+        self.lines = []
+        self._proc = await asyncio.create_subprocess_exec(
+            str(MITMDUMP), "--listen-host", "127.0.0.1", "--mode", f"reverse:{self.upstreams['target']}",
+            "-p", "0", "--set", "flow_detail=0", *self.guards, "-s", str(ADDON),
+            "--set", f"ws_encode_report={self.report}", *self.options,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        self._reader = asyncio.create_task(self._read())
+
+        def listening() -> re.Match | None:
+            return next((m for line in self.lines if (m := LISTENING.search(line.encode()))), None)
+
+        if await self._until(listening, 30):
+            self.ports = {"target": int(listening().group(1))}
+            return self
+        await self.stop()
         raise RuntimeError("mitmdump did not start:\n" + "\n".join(self.lines))
 
 

@@ -14,7 +14,7 @@ import sys
 import urllib.parse
 from dataclasses import dataclass
 
-import h2ws
+from wspeers import h2ws
 
 from wsencode.report import redact_url
 

@@ -8,7 +8,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
-import h2ws
+from wspeers import h2ws
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message, RejectConnection, Request, TextMessage
 
@@ -37,7 +37,7 @@ def _judge(got, speaker: str) -> str:
 
 async def h2_client(port: int, path: str, speaker: str, accept_encoding: str | None, give_up: float,
                     gate: asyncio.Semaphore) -> Seen:
-    """RFC 8441 over the proxy's HTTP/2 (scripts/h2ws.py)."""
+    """RFC 8441 over the proxy's HTTP/2 (scripts/wspeers/h2ws.py)."""
     headers = [("accept-encoding", accept_encoding)] if accept_encoding else []
     async with gate:  # TLS handshakes a few at a time: mitmproxy spends milliseconds of CPU on each
         client = await h2ws.H2WebSocketClient("127.0.0.1", port, server_hostname="localhost").connect()

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import h2ws
+from wspeers import h2ws
 
 from .encoders import HELP, MIN_SIZE, Behaviour
 from .server import LabServer, quiet_hypercorn_stream_errors

@@ -18,7 +18,7 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h2ws
+from wspeers import h2ws
 from mitmdump_proc import ADDON
 
 from . import haproxy

@@ -6,11 +6,10 @@ import asyncio
 import json
 import re
 import signal
-import socket
 import urllib.parse
 from pathlib import Path
 
-from mitmdump_proc import ADDON, LOOPBACK_ONLY, MITMDUMP
+from mitmdump_proc import ADDON, LOOPBACK_ONLY, MITMDUMP, free_ports
 
 
 async def terminate(proc: asyncio.subprocess.Process | None, timeout: float = 10) -> None:
@@ -23,16 +22,6 @@ async def terminate(proc: asyncio.subprocess.Process | None, timeout: float = 10
     except asyncio.TimeoutError:
         proc.kill()
         await proc.wait()
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports on 127.0.0.1 that nothing listens on (bound together, then released)."""
-    sockets = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
-    try:
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class Proxy:

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // RFC 8441 (WebSockets over HTTP/2) echo server built on Node's own http2
-// module, as a second, independent implementation next to scripts/h2ws.py.
+// module, as a second, independent implementation next to scripts/wspeers/h2ws.py.
 //
 // Usage: node node_h2_ws_server.js <port|0> <cert.pem> <key.pem>
 // Listens on 127.0.0.1 and prints "listening <port>" once ready.

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from wsproto.connection import ConnectionType
 from wsproto.utilities import generate_accept_token
 
-from wsmessages import MessageConnection
+from .messages import MessageConnection
 
 
 @dataclass

@@ -52,7 +52,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from h2.errors import ErrorCodes
 from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import CloseConnection, Event, Ping, Pong
-from wsmessages import CLOSE_UNSENT, MessageConnection
+from .messages import CLOSE_UNSENT, MessageConnection
 
 __all__ = [
     "ClientWebSocket",
