@@ -105,7 +105,7 @@ class WsEncode:
         self.flows: dict[str, http.HTTPFlow] = {}  # the live flow of each tracked handshake
         # The tracked handshakes of each client connection (by its id), for
         # its disconnect: without a scan of every tracked flow per disconnect.
-        self.of_client: dict[str, set[str]] = {}
+        self.of_client: dict[str, list[str]] = {}
         self.watch: StallWatch | None = None
         self.updated: list[http.HTTPFlow] = []  # stalled flows whose update hook is due
         # Flows whose status arrived but is held from the client by interception.
@@ -408,7 +408,9 @@ class WsEncode:
             stalled=adopted and f.metadata.get("ws_encode", {}).get("event") == "stall",
         )
         self.flows[f.id] = f
-        self.of_client.setdefault(f.client_conn.id, set()).add(f.id)
+        of_client = self.of_client.setdefault(f.client_conn.id, [])
+        if f.id not in of_client:
+            of_client.append(f.id)
         if self.bundle_at_exit:
             self.for_bundle[f.id] = f
             while len(self.for_bundle) > BUNDLED_AT_EXIT:
@@ -535,7 +537,7 @@ class WsEncode:
         f = self.flows.pop(flow_id, None)
         if f is not None:
             ids = self.of_client[f.client_conn.id]
-            ids.discard(flow_id)
+            ids.remove(flow_id)
             if not ids:
                 del self.of_client[f.client_conn.id]
         if self.watch:

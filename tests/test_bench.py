@@ -21,7 +21,8 @@ FIGURES = {
     4: ["g4_h1_stall_reported_once", "g4_h1_stall_lateness_p99_ms",
         "g4_h2_stall_reported_once", "g4_h2_stall_lateness_p99_ms"],
     5: ["g5_structures_left_after_run", "g5_structures_left_after_stalls", "g5_rss_h2_vs_h1",
-        "g5_h1_bytes_per_tracked_handshake", "g5_h2_bytes_per_tracked_handshake"],
+        "g5_h1_bytes_per_tracked_handshake", "g5_h2_bytes_per_tracked_handshake",
+        "g5_h1_structures_left_after_cycled", "g5_h2_structures_left_after_cycled"],
 }
 
 
@@ -80,6 +81,8 @@ def test_figures_are_sane(quick_run):
         memory = by_key[f"g5_{transport}_bytes_per_tracked_handshake"]
         assert 0 < memory["value"] < 1 << 20
         assert memory["detail"]["tracked"] == params["mem_tracked"]
+        # not speed: every handshake that ended left nothing behind in the addon
+        assert by_key[f"g5_{transport}_structures_left_after_cycled"]["value"] == 0, memory["detail"]["sizes_after_cycled"]
     rss = by_key["g5_rss_h2_vs_h1"]["detail"]["rss"]
     assert all(r["websockets"] == params["rss_websockets"] and r["rss_after"] > 0 for r in rss.values())
     # The smoke run's few HTTP/2 WebSockets may not grow mitmdump's resident

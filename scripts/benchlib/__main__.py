@@ -723,12 +723,17 @@ async def run(p: Params, quick: bool, addon: Path) -> dict[str, Any]:
 
         for m in mem:
             name = "HTTP/1.1" if m["transport"] == "h1" else "HTTP/2"
+            left = left_over(m["sizes_after_cycled"], {}, False)
             figures.append(Figure(
                 5, f"g5_{m['transport']}_bytes_per_tracked_handshake", f"{name}: the addon's bytes per tracked handshake",
                 m["bytes_per_tracked_handshake"], "B", "<=", 2048,
                 f"tracemalloc, {m['tracked']} waiting at once; after they end and {m['cycled']} more: "
-                f"{m['bytes_left_after_cycled'] / 1024:.0f} KiB left, structures "
-                f"{left_over(m['sizes_after_cycled'], {}, False) or 'empty'}", m))
+                f"{m['bytes_left_after_cycled'] / 1024:.0f} KiB left, structures {left or 'empty'}", m))
+            figures.append(Figure(
+                5, f"g5_{m['transport']}_structures_left_after_cycled",
+                f"{name}: entries left in the addon's structures after {m['cycled']} more", sum(left.values()), "",
+                "==", 0, f"the same test context, after the {m['tracked']} tracked at once and {m['cycled']} more "
+                f"ended: {left or 'all back to empty'}", {"left": left}))
     progress.finish()
     finished = datetime.datetime.now(datetime.timezone.utc)
     return {

@@ -32,6 +32,7 @@ _addon_path = Path(os.environ.get("BENCH_ADDON", str(ADDON))).resolve()
 sys.path.insert(0, str(_addon_path.parent))
 ws_encode = importlib.import_module(_addon_path.stem)
 from mitmproxy import http  # noqa: E402
+from mitmproxy.hooks import UpdateHook  # noqa: E402
 from mitmproxy.proxy.layers.http import _hooks as hooks  # noqa: E402
 from mitmproxy.test import taddons, tflow, tutils  # noqa: E402
 
@@ -62,9 +63,12 @@ def answer(flow: http.HTTPFlow) -> None:
 
 
 async def run(tctx, addon, hook_types, flows) -> None:
+    """Each hook for each flow, and after each the update hook, as mitmproxy
+    runs them (addonmanager.handle_lifecycle)."""
     for flow in flows:
         for hook in hook_types:
             await tctx.master.addons.invoke_addon(addon, hook(flow))
+            await tctx.master.addons.invoke_addon(addon, UpdateHook([flow]))
 
 
 def modules() -> dict:
