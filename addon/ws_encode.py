@@ -313,7 +313,8 @@ class WsEncode:
                 "ws_encode: the upstream answered the WebSocket handshake with a wrong Sec-WebSocket-Accept\n",
             )
             f.websocket = None
-        self._show_wire_form(f, tracked, facts)  # before the addons after this one, and mitmdump's output
+        if tracked.transport is Transport.H2:
+            self._show_wire_form(f, facts)  # before the addons after this one, and mitmdump's output
         # The response goes to the client once every addon has had it, unless
         # one of them intercepts it (mitmproxy's console and mitmweb
         # intercept after every script): the update hook mitmproxy runs
@@ -505,10 +506,8 @@ class WsEncode:
         ctx.master.addons.trigger(hooks.UpdateHook(flows))
 
     def _status_delivered(self, tracked: TrackedHandshake, f: http.HTTPFlow, bad_accept: bool) -> None:
-        facts = self._sync(tracked, f)
+        facts = self._sync(tracked, f)  # (the upstream's status is noted at the response hook)
         status = f.response.status_code
-        progress = tracked.progress
-        progress.upstream_status = facts.upstream_status or progress.upstream_status or status
         content_encoding = header(f.response.headers, "content-encoding")  # as the upstream sent it
         if status == 101 or 200 <= status < 300:
             self.policy.apply_to_success(f.response.headers)
@@ -544,14 +543,11 @@ class WsEncode:
             self.watch.disarm(flow_id)
 
     @staticmethod
-    def _show_wire_form(f: http.HTTPFlow, tracked: TrackedHandshake | None,
-                        facts: StreamFacts) -> wireform.Translation | None:
+    def _show_wire_form(f: http.HTTPFlow, facts: StreamFacts) -> wireform.Translation | None:
         """Show an HTTP/2 client's handshake as it was on the wire, from its
         outcome on (its status, else its end); the translation that keeps
         mitmproxy's stream running, if the flow shows that form."""
-        if facts.translation is None and facts.handshake is not None and (
-            tracked is None or tracked.transport is Transport.H2
-        ):
+        if facts.translation is None and facts.handshake is not None:
             # Only the bridge's stream (which classified the request) gives
             # mitmproxy's code the translated form back while it runs.
             facts.translation = wireform.show_wire_form(f)
@@ -563,7 +559,7 @@ class WsEncode:
         self._comment(f, record["diagnosis"])
         if facts is not NO_FACTS and record["transport"] == Transport.H2.value:
             key_sent = header(f.request.headers, "sec-websocket-key")
-            translation = self._show_wire_form(f, None, facts)  # (one without a status: from its end on)
+            translation = self._show_wire_form(f, facts)  # (one without a status: from its end on)
             if translation is not None:
                 key_sent = translation.key_sent
             line, f.metadata["ws_encode_wire"] = wireform.described(

@@ -26,7 +26,8 @@ from typing import Any
 
 from mitmproxy import http
 
-from .report import printable, redact_path
+from .flowview import header
+from .report import redact_path
 
 # Headers that belong to an HTTP/1.1 upgrade and are not sent on HTTP/2: the
 # client's codec leaves them out of the 200 it sends, and the upstream's out
@@ -90,7 +91,7 @@ def show_wire_form(f: http.HTTPFlow) -> Translation:
     """Show an extended CONNECT's flow as the client sent and got it; returns
     what mitmproxy's stream needs back while it runs."""
     request = f.request
-    key_sent = request.headers.get("sec-websocket-key")
+    key_sent = header(request.headers, "sec-websocket-key")
     request.data.method = _CONNECT
     for name in ADDED_TO_REQUEST:
         request.headers.pop(name, None)
@@ -104,7 +105,7 @@ def show_wire_form(f: http.HTTPFlow) -> Translation:
         upgraded.headers = http.Headers(
             [(k, v) for k, v in upgraded.headers.fields if k.lower().decode("latin-1") not in UPGRADE_ONLY]
         )
-    return Translation(request, upgraded, None if key_sent is None else printable(key_sent))
+    return Translation(request, upgraded, key_sent)
 
 
 def described(path: str, record: Mapping[str, Any], key_sent: str | None, shown: bool) -> tuple[str, dict]:
