@@ -92,10 +92,13 @@ def test_tokens_never_contain_separators_or_blanks(values):
 
 @given(st.dictionaries(st.sampled_from(["upgrade", "connection", "sec-websocket-key",
                                         "sec-websocket-version", "accept-encoding"]),
-                       st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=30)))
+                       st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30)))
 def test_classify_never_raises(headers):
+    # Any character: a key that is not ASCII once made base64 raise (in the
+    # bridge's stream, which ended the client's connection).
     req = tutils.treq()
     req.headers.clear()
+    req.headers["upgrade"] = "websocket"  # (so the rest is read; drawn, it is replaced)
     for k, v in headers.items():
         req.headers[k] = v
     hs = classify(req)

@@ -200,6 +200,8 @@ BAD_HANDSHAKES = {
     "short key": ({"Sec-WebSocket-Key": "c2hvcnQ="}, "decodes to 5 bytes"),
     "wrong version": ({"Sec-WebSocket-Version": "8"}, "Sec-WebSocket-Version is not 13"),
     "h2c and websocket": ({"Upgrade": "h2c, websocket"}, "other protocols"),
+    # base64 of ASCII only: a UTF-8 character in the key made classification raise.
+    "key not ascii": ({"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ\u00e9="}, "Sec-WebSocket-Key is not base64"),
 }
 
 

@@ -11,7 +11,6 @@ for a strictly valid handshake, so the addon cannot use it (nor the
 from __future__ import annotations
 
 import base64
-import binascii
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,9 +38,10 @@ def transport_of(http_version: str) -> Transport:
 
 
 class Headers(Protocol):
-    def get(self, key: str, default: str | None = None) -> str | None: ...
+    """The part of `mitmproxy.http.Headers` classification needs: its raw
+    fields, read in one pass (each lookup by name is a pass of its own)."""
 
-    def get_all(self, key: str) -> list[str]: ...
+    fields: tuple[tuple[bytes, bytes], ...]
 
 
 class Request(Protocol):
@@ -50,6 +50,23 @@ class Request(Protocol):
     method: str
     http_version: str
     headers: Headers
+
+
+# The headers a handshake is read from, by their lowercase names.
+_UPGRADE, _CONNECTION, _KEY, _VERSION = b"upgrade", b"connection", b"sec-websocket-key", b"sec-websocket-version"
+_READ = frozenset({_UPGRADE, _CONNECTION, _KEY, _VERSION})
+
+
+def _handshake_headers(headers: Headers) -> dict[bytes, list[str]]:
+    """Each of the headers a handshake is read from that `headers` has, with
+    all its values in order, decoded as mitmproxy decodes them: one pass over
+    the fields for every request, most of which are not handshakes."""
+    found: dict[bytes, list[str]] = {}
+    for name, value in headers.fields:
+        name = name.lower()
+        if name in _READ:
+            found.setdefault(name, []).append(value.decode("utf-8", "surrogateescape"))
+    return found
 
 
 def tokens(values: Iterable[str]) -> list[str]:
@@ -61,9 +78,9 @@ def tokens(values: Iterable[str]) -> list[str]:
     return [t.strip().lower() for v in values for t in v.split(",") if t.strip()]
 
 
-def _upgrade_protocols(headers: Headers) -> list[str]:
+def _upgrade_protocols(values: Iterable[str]) -> list[str]:
     # `websocket/13` style versions are allowed by RFC 9110; compare the name only.
-    return [t.split("/", 1)[0] for t in tokens(headers.get_all("upgrade"))]
+    return [t.split("/", 1)[0] for t in tokens(values)]
 
 
 @dataclass(frozen=True)
@@ -101,43 +118,40 @@ def accept_for(key: str) -> str:
     return generate_accept_token(key.strip().encode()).decode()
 
 
-def _key_problem(headers: Headers) -> str | None:
-    keys = headers.get_all("sec-websocket-key")
+def _key_problem(keys: list[str]) -> str | None:
     if not keys:
         return "Sec-WebSocket-Key is missing"
     if len(keys) > 1:
         return "Sec-WebSocket-Key is repeated"
     try:
         raw = base64.b64decode(keys[0].strip(), validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a character that is not ASCII
         return "Sec-WebSocket-Key is not base64"
     if len(raw) != 16:
         return f"Sec-WebSocket-Key decodes to {len(raw)} bytes, not 16"
     return None
 
 
-def _version_problem(headers: Headers) -> str | None:
-    version = headers.get("sec-websocket-version")
-    if version is None:
+def _version_problem(versions: list[str]) -> str | None:
+    if not versions:
         return "Sec-WebSocket-Version is missing"
-    if version.strip() != "13":
+    if ", ".join(versions).strip() != "13":  # (a repeated one, joined as mitmproxy's Headers.get does, is not 13)
         return "Sec-WebSocket-Version is not 13"
     return None
 
 
-def _h1_problems(request: Request) -> Iterable[str]:
-    if request.method.upper() != "GET":
-        yield f"the method is {printable(request.method[:16])}, not GET"
-    if "upgrade" not in tokens(request.headers.get_all("connection")):
+def _h1_problems(method: str, headers: dict[bytes, list[str]], protocols: list[str]) -> Iterable[str]:
+    if method.upper() != "GET":
+        yield f"the method is {printable(method[:16])}, not GET"
+    if "upgrade" not in tokens(headers.get(_CONNECTION, ())):
         yield "Connection does not list upgrade"
-    protocols = _upgrade_protocols(request.headers)
     if any(p != "websocket" for p in protocols):
         yield "Upgrade offers other protocols besides websocket"
     elif len(protocols) > 1:
         # Servers (and mitmproxy, which then never sees a WebSocket) compare
         # the whole Upgrade value to "websocket".
         yield "Upgrade names websocket more than once"
-    for problem in (_key_problem(request.headers), _version_problem(request.headers)):
+    for problem in (_key_problem(headers.get(_KEY, [])), _version_problem(headers.get(_VERSION, []))):
         if problem:
             yield problem
 
@@ -152,6 +166,9 @@ def classify(request: Request, transport: Transport | None = None) -> Handshake 
     knows it (an HTTP/1.1 client can write `HTTP/2.0` in its request line),
     else the request's version.
     """
-    if "websocket" not in _upgrade_protocols(request.headers):
+    headers = _handshake_headers(request.headers)
+    protocols = _upgrade_protocols(headers.get(_UPGRADE, ()))
+    if "websocket" not in protocols:
         return None
-    return Handshake(transport or transport_of(request.http_version), tuple(_h1_problems(request)))
+    problems = tuple(_h1_problems(request.method, headers, protocols))
+    return Handshake(transport or transport_of(request.http_version), problems)
