@@ -331,7 +331,7 @@ def upgrade_request(path: str = "/chat", **headers: str) -> bytes:
         match = next((k for k in base if k.lower() == name.lower()), name)
         base[match] = value
     lines = [f"GET {path} HTTP/1.1"] + [f"{k}: {v}" for k, v in base.items() if v is not None]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")  # ("\udcff": the byte 0xff)
 
 
 @pytest.fixture(scope="session")

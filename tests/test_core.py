@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 
 import pytest
 from conftest import handshake_request as request
@@ -16,7 +18,7 @@ from wsproto.frame_protocol import FrameProtocol
 from wsencode import diagnosis
 from wsencode.frames import client_messages, whole_messages_length
 from wsencode.h2bridge import without_values
-from wsencode.handshake import Transport, classify, tokens
+from wsencode.handshake import Transport, accept_for, classify, tokens
 from wsencode.lifecycle import TRANSITIONS, EndCause, HandshakeEnded, Phase, Progress, Stage
 from wsencode.policy import EncodingPolicy
 from wsencode.report import REDACTED, redact_url
@@ -104,6 +106,13 @@ def test_classify_never_raises(headers):
     hs = classify(req)
     if hs is not None:
         assert all(isinstance(p, str) for p in hs.problems)
+
+
+def test_accept_for_a_key_of_any_bytes():
+    # mitmproxy decodes a byte that is not UTF-8 to a lone surrogate; the
+    # accept is the hash of the bytes the client sent.
+    assert accept_for("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 section 1.3
+    assert accept_for("\udcff") == base64.b64encode(hashlib.sha1(b"\xff258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()).decode()
 
 
 # -- lifecycle ------------------------------------------------------------

@@ -202,6 +202,7 @@ BAD_HANDSHAKES = {
     "h2c and websocket": ({"Upgrade": "h2c, websocket"}, "other protocols"),
     # base64 of ASCII only: a UTF-8 character in the key made classification raise.
     "key not ascii": ({"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ\u00e9="}, "Sec-WebSocket-Key is not base64"),
+    "key not utf-8": ({"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ\udcff="}, "Sec-WebSocket-Key is not base64"),
 }
 
 

@@ -517,7 +517,7 @@ def extended_connect_headers(request: http.Request) -> list[tuple[bytes, bytes]]
         (b":protocol", b"websocket"),
         (b":scheme", request.scheme.encode() or b"https"),
         (b":path", request.data.path),
-        (b":authority", authority.encode()),
+        (b":authority", authority.encode("utf-8", "surrogateescape")),  # (as mitmproxy decoded the Host header)
         *_h2_headers(request.headers),
     ]
 

@@ -114,8 +114,9 @@ class Handshake:
 
 
 def accept_for(key: str) -> str:
-    """The Sec-WebSocket-Accept a server must answer `key` with."""
-    return generate_accept_token(key.strip().encode()).decode()
+    """The Sec-WebSocket-Accept a server must answer `key` with (`key` as
+    mitmproxy decodes it: bytes that are not UTF-8 are lone surrogates)."""
+    return generate_accept_token(key.strip().encode("utf-8", "surrogateescape")).decode()
 
 
 def _key_problem(keys: list[str]) -> str | None:
