@@ -21,7 +21,7 @@ from wsencode.h2bridge import without_values
 from wsencode.handshake import Transport, accept_for, classify, tokens
 from wsencode.lifecycle import TRANSITIONS, EndCause, HandshakeEnded, Phase, Progress, Stage
 from wsencode.policy import EncodingPolicy
-from wsencode.report import REDACTED, redact_url
+from wsencode.report import REDACTED, _redact_parsed, redact_url
 
 
 
@@ -314,6 +314,26 @@ def test_redact_url_escapes_control_characters():
 def test_no_query_value_survives(pairs):
     url = "http://example.test/p?" + "&".join(f"{k}=SECRET{v}" for k, v in pairs)
     assert "SECRET" not in redact_url(url)
+
+
+# URLs from the pieces that matter to a parser: delimiters, brackets, spaces,
+# controls, non-ASCII (a fullwidth number sign NFKC makes "#"), surrogates.
+URL_PIECES = ["a", "Z", "0", ".", "-", "_", "~", ":", "@", "%", "%2F", "/", "//", "?", "#", ";", "&", "=", "[", "]",
+              "!", "+", ",", "'", " ", "\t", "\n", "\\", "\u00e9", "\uff03", "\x00", "\x85", "\udcff", "token", "80"]
+url_parts = st.lists(st.sampled_from(URL_PIECES), max_size=8).map("".join)
+
+
+@given(st.sampled_from(["http", "https", "ws", "HTTP", "x", "", "h2c+x"]), url_parts, url_parts, url_parts)
+def test_a_plain_url_is_redacted_as_the_full_parse_does(scheme, host, path, query):
+    # redact_url takes a shortcut for URLs with nothing to escape; whatever
+    # it answers, the parse would have too, and neither ever raises.
+    for url in (f"{scheme}://{host}/{path}?{query}", f"{scheme}://{host}{path}", f"{scheme}://example.test:8443/{path}?{query}"):
+        assert redact_url(url) == _redact_parsed(url)
+
+
+def test_a_host_urlsplit_refuses_is_still_redacted():
+    assert redact_url("http://[abc/chat?token=x") == f"http://%5Babc/chat?token={REDACTED}"
+    assert redact_url("http://a\uff03b/chat?token=x") == f"http://a%EF%BC%83b/chat?token={REDACTED}"
 
 
 # -- policy ---------------------------------------------------------------

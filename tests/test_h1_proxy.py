@@ -226,6 +226,22 @@ def test_malformed_handshake_is_reported_and_other_flows_pass(report, headers, p
     assert_clean_log(md)
 
 
+def test_a_host_header_that_makes_no_url_still_gets_its_record(report):
+    # urlsplit refuses an unbalanced bracket ("Invalid IPv6 URL"): the
+    # handshake went untracked, with an addon error in the log.
+    async def scenario():
+        server, md = await proxied(Faults(), report, "--set", "keep_host_header=true")  # (what a URL shows)
+        head = await raw_exchange(md.port, upgrade_request("/chat?token=x", Host="[example.test"), timeout=5)
+        record = await md.wait_for_record(event="handshake")
+        await close_proxied(server, md)
+        return head, record, md
+
+    head, record, md = run(scenario())
+    assert head.startswith(b"HTTP/1.1 101") and record["outcome"] == "upgraded"
+    assert record["url"] == "http://%5Bexample.test/chat?token=REDACTED"
+    assert_clean_log(md)
+
+
 def test_connection_list_with_keep_alive_is_a_clean_handshake(report):
     async def scenario():
         server, md = await proxied(Faults(), report)

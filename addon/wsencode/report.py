@@ -51,12 +51,30 @@ def _redact_path(path: str) -> str:
     return "/".join(segments)
 
 
+# A URL with nothing to escape or redact but its query values (a lowercase
+# scheme, a host and port, a path of printable ASCII without path parameters,
+# no fragment): what every handshake's URL is, and what the parse below gives
+# back as it was, query aside (tests/test_core.py checks both ways agree).
+_PLAIN_URL = re.compile(
+    r"(?P<base>[a-z][a-z0-9+.-]*://[A-Za-z0-9._~:-]+(?:/[A-Za-z0-9._~!$&'()*+,=:@%/-]*)?)"
+    r"(?:\?(?P<query>[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*))?"
+)
+
+
 def redact_url(url: str) -> str:
     """`url` with every query value, path-parameter value, fragment and any
     userinfo replaced by REDACTED, and control characters escaped.
 
     Names stay, so a reader can still tell `?token=` from `?room=`.
     """
+    plain = _PLAIN_URL.fullmatch(url)
+    if plain is None:
+        return _redact_parsed(url)
+    query = _redact_items(plain["query"] or "", "&")
+    return f"{plain['base']}?{query}" if query else plain["base"]
+
+
+def _redact_parsed(url: str) -> str:
     # Escaped first: urlsplit would silently drop a tab or line feed.
     url = printable(url)
     # A request mitmproxy refused before it knew the scheme reads
@@ -64,7 +82,13 @@ def redact_url(url: str) -> str:
     prefix = ""
     if url.startswith("://"):
         prefix, url = ":", url[1:]
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        # A host urlsplit refuses ("Invalid IPv6 URL" for an unbalanced
+        # bracket, a non-ASCII one NFKC turns into a delimiter): a client's
+        # Host header can be anything. Percent-encoded, nothing is refused.
+        parts = urllib.parse.urlsplit(urllib.parse.quote(url, safe=_ASCII_BUT_BRACKETS))
     netloc = parts.netloc
     if "@" in netloc:
         netloc = f"{REDACTED}@{netloc.rsplit('@', 1)[1]}"
@@ -72,6 +96,9 @@ def redact_url(url: str) -> str:
     return prefix + urllib.parse.urlunsplit(
         (parts.scheme, netloc, _redact_path(parts.path), _redact_items(parts.query, "&"), fragment)
     )
+
+
+_ASCII_BUT_BRACKETS = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in "[]")
 
 
 def redact_path(target: str) -> str:
