@@ -35,7 +35,7 @@ from mitmproxy.proxy import server_hooks  # noqa: E402
 from wsencode import bundle, wireform  # noqa: E402
 from wsencode.bridge import Bridge  # noqa: E402
 from wsencode.flowview import (  # noqa: E402
-    accept_matches, client_transport, end_cause, header, stage_of, upstream_transport,
+    accept_matches, client_transport, end_cause, header, stage_of, upstream_transport, value_of,
 )
 from wsencode.handshake import Transport, classify  # noqa: E402
 from wsencode.lifecycle import EndCause, Stage  # noqa: E402
@@ -429,7 +429,7 @@ class WsEncode:
         one record. Its wait counts from the request's arrival."""
         # (not `"upgrade" in headers`: mitmproxy's Headers raises and catches
         # a KeyError for every request without one)
-        if not f.live or not f.request.headers.get_all("upgrade"):
+        if not f.live or value_of(f.request.headers, "upgrade") is None:
             return None  # not a handshake: the common case, kept cheap
         if f.metadata.get("ws_encode", {}).get("event") == "handshake":
             return None

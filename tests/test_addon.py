@@ -7,9 +7,11 @@ import json
 import logging
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from conftest import handshake_request as request
 import ws_encode
-from mitmproxy import connection, exceptions, flow
+from mitmproxy import connection, exceptions, flow, http
 from mitmproxy import io as mitmio
 from mitmproxy.addons import view
 from mitmproxy.test import taddons, tflow, tutils
@@ -287,6 +289,13 @@ def test_end_cause(message, client, ended_by, connected, ended_by_proxy, cause):
     f.client_conn.timestamp_end = 5.0 if client == CLIENT_CLOSED else None
     f.server_conn.timestamp_tcp_setup = 1.0 if connected else None
     assert flowview.end_cause(f, StreamFacts(ended_by=ended_by, ended_by_proxy=ended_by_proxy)) is cause
+
+
+@given(st.lists(st.tuples(st.sampled_from([b"Content-Encoding", b"content-encoding", b"CONTENT-ENCODING", b"x"]),
+                          st.binary(max_size=6)), max_size=5))
+def test_value_of_is_what_mitmproxys_headers_get_answers(fields):
+    headers = http.Headers(fields)
+    assert flowview.value_of(headers, "content-encoding") == headers.get("content-encoding")
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "inf", "nan", "", "2s"])

@@ -40,14 +40,23 @@ def accept_matches(f: http.HTTPFlow) -> bool:
     """False only for a 101 whose accept hash does not answer the request's key."""
     if f.response is None or f.response.status_code != 101:
         return True
-    key = f.request.headers.get("sec-websocket-key", "")
-    return f.response.headers.get("sec-websocket-accept", "").strip() == accept_for(key)
+    key = value_of(f.request.headers, "sec-websocket-key") or ""
+    return (value_of(f.response.headers, "sec-websocket-accept") or "").strip() == accept_for(key)
 
 
 def header(headers: http.Headers, name: str) -> str | None:
     """A header's value with control characters escaped, as records keep it."""
-    value = headers.get(name)
+    value = value_of(headers, name)
     return None if value is None else printable(value)
+
+
+def value_of(headers: http.Headers, name: str) -> str | None:
+    """`headers.get(name)`: its values joined, decoded as mitmproxy does; in a
+    pass of its own over the fields (mitmproxy's makes three calls a field,
+    and a handshake's hooks look up five headers)."""
+    key = name.encode()
+    values = [value for field, value in headers.fields if field.lower() == key]
+    return b", ".join(values).decode("utf-8", "surrogateescape") if values else None
 
 
 def end_cause(f: http.HTTPFlow, facts: StreamFacts) -> EndCause:
