@@ -324,7 +324,11 @@ class WsEncode:
 
     def update(self, flows: Sequence[flow.Flow]) -> None:
         # mitmproxy calls this after every hook of every flow (each WebSocket
-        # message too), so it costs nothing while no response is held.
+        # message too), so it costs nothing while no stall is due and no
+        # response is held. A busy event loop runs the stall timer late; its
+        # hooks, meanwhile, keep coming.
+        if self.watch is not None:
+            self.watch.fire_due()
         if not self.responses_held:
             return
         for f in flows:
@@ -474,7 +478,7 @@ class WsEncode:
 
     def _stall_watch(self) -> StallWatch:
         if self.watch is None:
-            self.watch = StallWatch(asyncio.get_running_loop().call_later)
+            self.watch = StallWatch(asyncio.get_running_loop().call_later, self.clock)
         return self.watch
 
     def _on_stall(self, flow_id: str) -> None:
@@ -539,7 +543,7 @@ class WsEncode:
             ids.remove(flow_id)
             if not ids:
                 del self.of_client[f.client_conn.id]
-        if self.watch:
+        if self.watch is not None:
             self.watch.disarm(flow_id)
 
     @staticmethod

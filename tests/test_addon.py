@@ -84,7 +84,7 @@ def addon():
 def clock(addon):
     clock = ManualClock()
     addon.clock = clock
-    addon.watch = StallWatch(clock.schedule)
+    addon.watch = StallWatch(clock.schedule, clock)
     # Progress ticks are kept apart, so fire_all runs stall timers only.
     addon.ticks = ManualClock()
     addon.schedule_progress = addon.ticks.schedule
