@@ -317,6 +317,50 @@ def handshake_request(method="GET", version="HTTP/1.1", **headers) -> http.Reque
     return req
 
 
+class ManualClock:
+    """Time and a scheduler (as the event loop's `call_later`), both driven by
+    the test: `advance` runs the timers due by a time, each late by `lag` (a
+    busy event loop), and `fire_all` every one, moving time to each."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+        self.pending: list[list] = []  # [due, callback, cancelled]
+
+    def __call__(self) -> float:
+        return self.now
+
+    def schedule(self, delay, callback):
+        entry = [self.now + delay, callback, False]
+        self.pending.append(entry)
+
+        class Handle:
+            def cancel(self_inner):
+                entry[2] = True
+
+        return Handle()
+
+    @property
+    def live(self) -> list[list]:
+        return [e for e in self.pending if not e[2]]
+
+    def advance(self, to: float, lag: float = 0.0) -> int:
+        fired = 0
+        while due := [e for e in self.live if e[0] + lag <= to]:
+            entry = min(due, key=lambda e: e[0])
+            entry[2] = True
+            self.now = max(self.now, entry[0] + lag)
+            entry[1]()
+            fired += 1
+        self.now = max(self.now, to)
+        return fired
+
+    def fire_all(self) -> int:
+        fired = 0
+        while self.live:
+            fired += self.advance(min(e[0] for e in self.live))
+        return fired
+
+
 def upgrade_request(path: str = "/chat", **headers: str) -> bytes:
     """An HTTP/1.1 WebSocket handshake; keyword headers use _ for -, None drops one."""
     base = {

@@ -9,6 +9,7 @@ import logging
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from conftest import ManualClock
 from conftest import handshake_request as request
 import ws_encode
 from mitmproxy import connection, exceptions, flow, http
@@ -21,38 +22,6 @@ from wsencode.bridge import Bridge
 from wsencode.handshake import accept_for
 from wsencode.stallwatch import StallWatch
 from wsencode.streamfacts import CLIENT, NO_FACTS, UPSTREAM, StreamFacts
-
-
-class ManualClock:
-    """Time for the addon and a scheduler for its StallWatch, both driven by
-    the test: `fire_all` moves time to each pending timer and runs it."""
-
-    def __init__(self):
-        self.now = 1000.0
-        self.pending: list[list] = []  # [due, callback, cancelled]
-
-    def __call__(self) -> float:
-        return self.now
-
-    def schedule(self, delay, callback):
-        entry = [self.now + delay, callback, False]
-        self.pending.append(entry)
-
-        class Handle:
-            def cancel(self_inner):
-                entry[2] = True
-
-        return Handle()
-
-    def fire_all(self) -> int:
-        fired = 0
-        while live := [e for e in self.pending if not e[2]]:
-            entry = min(live, key=lambda e: e[0])
-            entry[2] = True
-            self.now = max(self.now, entry[0])
-            entry[1]()
-            fired += 1
-        return fired
 
 
 class FakeBridge(Bridge):

@@ -2,47 +2,14 @@
 
 from __future__ import annotations
 
+from conftest import ManualClock
 from hypothesis import given
 from hypothesis import strategies as st
 from wsencode.stallwatch import StallWatch
 
 
-class Loop:
-    """A clock and a scheduler; `advance` runs the timers that come due, late
-    by `lag` (a busy event loop)."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.timers: list[list] = []  # [due, callback, live]
-
-    def __call__(self) -> float:
-        return self.now
-
-    def schedule(self, delay, callback):
-        entry = [self.now + delay, callback, True]
-        self.timers.append(entry)
-
-        class Handle:
-            def cancel(self_inner):
-                entry[2] = False
-
-        return Handle()
-
-    @property
-    def live(self) -> list[list]:
-        return [t for t in self.timers if t[2]]
-
-    def advance(self, to: float, lag: float = 0.0) -> None:
-        while (due := [t for t in self.live if t[0] + lag <= to]):
-            timer = min(due, key=lambda t: t[0])
-            timer[2] = False
-            self.now = max(self.now, timer[0] + lag)
-            timer[1]()
-        self.now = max(self.now, to)
-
-
 def watch_and_fired():
-    loop = Loop()
+    loop = ManualClock(now=100.0)
     fired: list[tuple[str, float]] = []
     watch = StallWatch(loop.schedule, loop)
     on = lambda key: lambda: fired.append((key, loop.now))  # noqa: E731
