@@ -75,6 +75,9 @@ def test_figures_are_sane(quick_run):
         assert 0 <= detail["reported_exactly_once"] <= params["held"]
         assert detail["healthy_handshakes"] > 0
         assert -1000 * params["stall"] <= detail["lateness_ms"]["p50"] <= detail["lateness_ms"]["p99"]
+        loop = detail["event_loop"]  # what mitmdump's own event loop and collector did meanwhile
+        assert loop["ticks"] > 0 and 0 <= loop["loop_late_ms"]["p50"] <= loop["loop_late_ms"]["max"]
+        assert set(loop["gc"]) == {"gen0", "gen1", "gen2"}
     for key in ("g5_structures_left_after_run", "g5_structures_left_after_stalls"):
         assert by_key[key]["value"] >= 0 and by_key[key]["detail"]["sizes"], by_key[key]
     for transport in ("h1", "h2"):

@@ -396,6 +396,7 @@ async def hold(proc: Mitmdump, report: Path, transport: str, p: Params, progress
     stop = asyncio.Event()
     healthy = asyncio.ensure_future(healthy_traffic(proc, stop, transport))
     loop = asyncio.get_running_loop()
+    await proc.query("pauses start")
     progress.step(f"goal 4: {n} {transport} handshakes held, opening over {p.ramp_s:g} s")
     per_conn = 50
     if transport == "h2":
@@ -421,6 +422,7 @@ async def hold(proc: Mitmdump, report: Path, transport: str, p: Params, progress
             break
         await asyncio.sleep(0.1)
     await asyncio.sleep(p.stall)  # time for a stall to be reported twice
+    pauses = await proc.query("pauses stop")
     stop.set()
     traffic = await healthy
     for sock in h1_socks:
@@ -456,14 +458,17 @@ async def hold(proc: Mitmdump, report: Path, transport: str, p: Params, progress
         f"{once}/{n} stalls reported exactly once ({len(stalls) - len(per_path)} repeats, "
         f"{n - len(per_path)} missing); lateness ({clock} - stall) p50 {percentile(late_addon, 50):.0f}, max "
         f"{max(late_addon, default=float('nan')):.0f} ms, median by tenth of the sends {by_decile}; outside p99 {percentile(late_outside, 99):.0f} ms; "
-        f"{traffic['healthy_handshakes']} healthy meanwhile, {healthy_stalls} of them reported as stalls",
+        f"{traffic['healthy_handshakes']} healthy meanwhile, {healthy_stalls} of them reported as stalls; "
+        f"meanwhile mitmdump's event loop ran a 10 ms timer late by p99 {pauses['loop_late_ms']['p99']:.0f}, "
+        f"max {pauses['loop_late_ms']['max']:.0f} ms, and its garbage collector's longest pause was "
+        f"{max(g['max_ms'] for g in pauses['gc'].values()):.0f} ms ({pauses['gc']['gen2']['count']} full collections)",
         {"held": n, "reported_exactly_once": once, "stall_records": len(stalls), "missing": n - len(per_path),
          "healthy_reported_as_stall": healthy_stalls, "healthy_stuck_in": healthy_stuck, **traffic,
          "lateness_ms": {"p50": percentile(late_addon, 50), "p99": p99, "max": max(late_addon, default=None)},
          "lateness_outside_ms": {"p50": percentile(late_outside, 50), "p99": percentile(late_outside, 99),
                                  "max": max(late_outside, default=None)},
          "lateness_ms_by_send_decile": by_decile,
-         "stall_s": p.stall, "ramp_s": p.ramp_s, "lateness_from": clock},
+         "stall_s": p.stall, "ramp_s": p.ramp_s, "lateness_from": clock, "event_loop": pauses},
     )
 
 

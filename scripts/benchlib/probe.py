@@ -8,7 +8,10 @@ ws_encode addon keeps (its attributes, one level into its helper objects, and
 the module-level ones of the `wsencode` package); `unload PATH` and `load PATH`
 take the script at PATH out of mitmproxy's `scripts` option and put it back
 (so one process measures itself with and without the addon), and answer
-whether that script is loaded now. It hooks no flow event, so it costs
+whether that script is loaded now; `pauses start` and `pauses stop` measure,
+in between, how late the event loop itself runs a 10 ms timer and how long
+the garbage collector stops the process (what delays every callback of
+mitmproxy's, a stall timer's too). It hooks no flow event, so it costs
 nothing per flow.
 """
 
@@ -18,6 +21,7 @@ import asyncio
 import gc
 import json
 import sys
+import time
 import types
 from collections.abc import Mapping, MutableSequence, MutableSet
 from typing import Any
@@ -69,9 +73,46 @@ def script_loaded(path: str) -> bool:
     return any(script.fullpath == path and script.ns is not None for script in loader.addons)
 
 
+class Pauses:
+    """The event loop's own lateness (a 10 ms sleep, again and again) and the
+    garbage collector's pauses, while it runs."""
+
+    TICK = 0.01
+
+    def __init__(self) -> None:
+        self.late_ms: list[float] = []
+        self.gc_ms: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._gc_started = 0.0
+        self._task = asyncio.ensure_future(self._tick())
+        gc.callbacks.append(self._on_gc)
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self.TICK)
+            self.late_ms.append(1000 * (loop.time() - before - self.TICK))
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_ms[info["generation"]].append(1000 * (time.perf_counter() - self._gc_started))
+
+    def stop(self) -> dict[str, Any]:
+        self._task.cancel()
+        gc.callbacks.remove(self._on_gc)
+        late = sorted(self.late_ms)
+        at = lambda q: late[min(len(late) - 1, int(q * len(late)))] if late else None  # noqa: E731
+        return {"ticks": len(late), "loop_late_ms": {"p50": at(0.5), "p99": at(0.99), "max": late[-1] if late else None},
+                "gc": {f"gen{g}": {"count": len(ms), "max_ms": max(ms, default=0.0), "total_ms": sum(ms)}
+                       for g, ms in self.gc_ms.items()}}
+
+
 class Probe:
     def __init__(self) -> None:
         self.server: asyncio.AbstractServer | None = None
+        self.pauses: Pauses | None = None
 
     def load(self, loader) -> None:
         loader.add_option("bench_probe_port", int, 0, "Answer the benchmark's questions on 127.0.0.1:PORT (0: off).")
@@ -92,6 +133,13 @@ class Probe:
                 answer = {"addon": addon is not None, "sizes": structure_sizes(addon) if addon else {}}
             elif name in ("load", "unload"):
                 answer = await self._scripts(argument, name == "load")
+            elif command == "pauses start":
+                if self.pauses is not None:
+                    self.pauses.stop()
+                self.pauses = Pauses()
+                answer = {"started": True}
+            elif command == "pauses stop" and self.pauses is not None:
+                answer, self.pauses = self.pauses.stop(), None
             else:
                 answer = {"error": f"unknown command {command!r}"}
             writer.write(json.dumps(answer).encode() + b"\n")
