@@ -455,7 +455,7 @@ def test_fuzz_h2_header_blocks_through_the_rfc8441_bridge(cert, report, tmp_path
 # -- HTTP/1.1 --------------------------------------------------------------------
 
 KEYS = [b"dGhlIHNhbXBsZSBub25jZQ==", b"dGhlIHNhbXBsZSBub25jZQ==, dGhlIHNhbXBsZSBub25jZQ==", b"short", b"", b"!!!!",
-        b"dGhlIHNhbXBsZSBub25jZQ==\x00"]
+        b"dGhlIHNhbXBsZSBub25jZQ==\x00", b"dGhlIHNhbXBsZSBub25jZQ\xc3\xa9=", b"dGhlIHNhbXBsZSBub25jZQ\xff="]
 
 
 def h1_request(data: bytes, n: int) -> bytes:
@@ -465,7 +465,7 @@ def h1_request(data: bytes, n: int) -> bytes:
                                                                                            b"HTTP/1.1x", b"http/1.1"])
     headers = [(b"Accept-Encoding", b"x-case-%d" % n)]
     headers.append((b"Host", c.pick([b"example.test"] * 4 + [b"", b"user:%s-HOSTUSER@x" % SECRET.encode(), b"\xff",
-                                                             b"a b"])))
+                                                             b"a b", b"[example.test", b"a\xef\xbc\x83b"])))
     for _ in range(c.pick([1, 1, 1, 1, 0, 2])):
         headers.append((c.pick([b"Upgrade", b"upgrade", b"UPGRADE"]), c.pick(TOKEN_LISTS)))
     for _ in range(c.pick([1, 1, 1, 0, 2])):
@@ -519,6 +519,8 @@ class H1Session:
         await self.upstream.start()
         self.md = Mitmdump(
             "--mode", f"reverse:http://127.0.0.1:{self.upstream.port}", "--set", "connection_strategy=lazy",
+            # (the client's Host header is what a record's URL shows)
+            "--set", "keep_host_header=true",
             "--set", "flow_detail=0", "-w", str(self.flows_file), report=self.report,
         )
         await self.md.__aenter__()
