@@ -16,6 +16,9 @@ they show warnings only, so a terminal is not what is measured):
    at 1.11 against the first), more than what the goals allow.
    Loads: HTTP/1.1 WebSocket handshake + one echo + close; ordinary HTTP/1.1
    GETs (keep-alive); ordinary HTTP/2 GETs (one connection).
+   And the addon's own work alone (benchlib/hooktime.py): its hooks for one
+   handshake + echo + close in mitmproxy's test context, less the same hooks
+   doing nothing, ÷ mitmdump's CPU per handshake without the addon.
 2. WebSocket message throughput with ÷ without, 1 KiB and 64 KiB messages,
    client→server (the upstream says `done` after the last) and server→client.
 3. Through the mitmdump with the addon: HTTP/2 (RFC 8441, one TLS connection)
@@ -543,16 +546,34 @@ async def rss_per_websocket(kind: str, proc: Mitmdump, n: int, progress: Progres
         await proc.stop()  # its memory is measured; nothing else runs in it
 
 
-async def tracemalloc_figures(p: Params, addon: Path) -> list[dict]:
+async def in_test_context(addon: Path, module: str, *args: str) -> Any:
+    """What `python -m benchlib.MODULE ARGS` prints (one JSON value): the addon
+    in mitmproxy's test context, in a process of its own."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in sys.path if x), "BENCH_ADDON": str(addon)}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "benchlib.memory", "--tracked", str(p.mem_tracked), "--cycled", str(p.mem_cycled),
+        sys.executable, "-m", f"benchlib.{module}", *args,
         stdout=asyncio.subprocess.PIPE, env=env, preexec_fn=die_with_parent,
     )
     out, _ = await proc.communicate()
     if proc.returncode:
-        raise SystemExit("benchlib.memory failed")
+        raise SystemExit(f"benchlib.{module} failed")
     return json.loads(out)
+
+
+def hooks_figure(hooks: dict, runs: dict[str, list[dict]]) -> Figure:
+    """Goal 1 for the addon's own work alone: its hooks' CPU per handshake in
+    the test context, less what the same hooks doing nothing cost there, as
+    a share of mitmdump's CPU per handshake without the addon."""
+    without_each = median([r["cpu_s"] / r["count"] for r in runs["without"]])
+    own = hooks["cpu_s_each"] - hooks["hooks_only_cpu_s_each"]
+    return Figure(
+        1, "g1_h1_websocket_hooks_ratio", "HTTP/1.1 handshake+echo: 1 + the addon's own hook CPU ÷ without",
+        1 + own / without_each, "x", "<=", 1.03,
+        f"the hooks of {hooks['handshakes']} handshakes in mitmproxy's test context, best of 3: "
+        f"{1e6 * hooks['cpu_s_each']:.0f} µs each, of which the same hooks doing nothing (dispatch, making the hooks) "
+        f"{1e6 * hooks['hooks_only_cpu_s_each']:.0f} µs; mitmdump without the addon {1000 * without_each:.2f} ms each",
+        {**hooks, "own_cpu_s_each": own, "mitmdump_without_cpu_s_each": without_each},
+    )
 
 
 def left_over(sizes: dict[str, int], baseline: dict[str, int], skip_stalls: bool) -> dict[str, int]:
@@ -590,7 +611,7 @@ def load_average() -> float:
 async def run(p: Params, quick: bool, addon: Path) -> dict[str, Any]:
     started = datetime.datetime.now(datetime.timezone.utc)
     load_start = load_average()
-    steps = 9 * p.pairs + 12 * p.tp_pairs + 6 * p.g3_pairs + (11 if quick else 12)
+    steps = 9 * p.pairs + 12 * p.tp_pairs + 6 * p.g3_pairs + (12 if quick else 13)
     progress = Progress(steps)
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="ws-encode-bench-") as tmp:
@@ -610,10 +631,13 @@ async def run(p: Params, quick: bool, addon: Path) -> dict[str, Any]:
         try:
             # tracemalloc runs in a process of its own while the proxies start, and
             # is over before anything is timed.
-            memory = asyncio.ensure_future(tracemalloc_figures(p, addon))
+            memory = asyncio.ensure_future(in_test_context(
+                addon, "memory", "--tracked", str(p.mem_tracked), "--cycled", str(p.mem_cycled)))
             await asyncio.gather(with_.start(), *(m.start() for m in fresh.values()))
             progress.step("goal 5: tracemalloc, bytes per tracked handshake")
             mem = await memory
+            progress.step("goal 1: the addon's hooks alone, in mitmproxy's test context")
+            hooks = await in_test_context(addon, "hooktime", "--handshakes", str(p.handshakes))
             progress.step("warming up, without and with the addon (code paths, TLS certificates)")
             for loaded in (False, True):
                 await with_.use_addon(loaded)
@@ -630,6 +654,7 @@ async def run(p: Params, quick: bool, addon: Path) -> dict[str, Any]:
                                    p.pairs, progress, "goal 1: HTTP/1.1 handshake+echo")
             figures.append(cpu_ratio_figure(1, "g1_h1_websocket_cpu_ratio", "HTTP/1.1 handshake+echo: CPU with ÷ without",
                                             1.03, runs, "handshakes"))
+            figures.append(hooks_figure(hooks, runs))
             runs = await alternate(procs, {k: h1_requests(procs[k].ports["h1"], p.requests, c) for k in procs},
                                    p.pairs, progress, "goal 1: HTTP/1.1 requests")
             figures.append(cpu_ratio_figure(1, "g1_h1_request_cpu_ratio", "HTTP/1.1 requests: CPU with ÷ without",
