@@ -200,7 +200,8 @@ def h2_block(data: bytes, n: int) -> tuple[list[tuple[bytes, bytes]], bool]:
         (b":path", target(c, n)),
         (b":authority", c.usual(
             [b"localhost"] * 8 + [b"localhost:443", b"user:%s-USERINFO@localhost" % SECRET.encode(), b"",
-                                   b"LOCALHOST", b"localhost\x00", b"[::1]", b"127.0.0.1:99999", b"local host"]
+                                   b"LOCALHOST", b"localhost\x00", b"[::1]", b"127.0.0.1:99999", b"local host",
+                                   b"[localhost", b"local\xef\xbc\x83host"]
         )),
     ]
     # Leave some out, repeat one, move one (:protocol stays in the block:
