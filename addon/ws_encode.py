@@ -42,7 +42,7 @@ from wsencode.lifecycle import EndCause, Stage  # noqa: E402
 from wsencode.policy import EncodingPolicy  # noqa: E402
 from wsencode.report import ReportWriter, printable, redact_url, utc_now_iso  # noqa: E402
 from wsencode.stallwatch import Scheduler, StallWatch, Timer  # noqa: E402
-from wsencode.streamfacts import NO_FACTS, StreamFacts  # noqa: E402
+from wsencode.streamfacts import NO_FACTS, StreamFacts, not_a_handshake  # noqa: E402
 from wsencode.tracker import Record, TrackedHandshake, Tracker, wrap  # noqa: E402
 
 logger = logging.getLogger("ws_encode")
@@ -402,6 +402,8 @@ class WsEncode:
         transport = client_transport(f)
         facts = self.bridge.facts(f.request)
         known = facts.handshake  # the bridge's stream classified it already
+        if known is None and not_a_handshake(f.request):
+            return None  # (most requests: not classified twice)
         handshake = known if known is not None and known.transport is transport else classify(f.request, transport)
         if handshake is None or not self._matches(f):
             return None

@@ -75,7 +75,10 @@ from wsproto.utilities import generate_nonce
 from .frames import client_messages, whole_messages_length
 from .handshake import accept_for, classify
 from .report import printable
-from .streamfacts import CLIENT, CONNECTING, QUEUED, SETTINGS, UPSTREAM, StreamFacts, facts_for, facts_of
+from .streamfacts import (
+    CLIENT, CONNECTING, QUEUED, SETTINGS, UPSTREAM, StreamFacts, facts_for, facts_of, not_a_handshake,
+    note_not_a_handshake,
+)
 from .wireform import UPGRADE_ONLY, Translation
 
 logger = logging.getLogger("ws_encode")
@@ -125,6 +128,8 @@ def is_passthrough_close(event: http_layers.HttpEvent) -> bool:
 
 def is_websocket_upgrade(request: http.Request) -> bool:
     """A well-formed HTTP/1.1-style WebSocket handshake, as the addon classifies it."""
+    if not_a_handshake(request):
+        return False
     facts = facts_of(request)
     handshake = facts.handshake if facts is not None and facts.handshake is not None else classify(request)
     return handshake is not None and not handshake.malformed
@@ -952,6 +957,8 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
             handshake = classify(event.request)
             if handshake is not None:  # a handshake this stream will note the forwarding of
                 facts_for(event.request).handshake = handshake
+            else:
+                note_not_a_handshake(event.request)
             self.ws_facts = facts_of(event.request)  # (also the client codec's, for any extended CONNECT)
         if isinstance(event, http_layers.ResponseHeaders) and event.response.status_code == 101:
             self.ws_step(RouteStep.SWITCHED_PROTOCOLS)

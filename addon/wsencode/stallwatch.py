@@ -36,8 +36,9 @@ class StallWatch:
         # stall threshold -> {key: (deadline, on_stall)}, in arming order
         self._queues: dict[float, OrderedDict[str, tuple[float, OnStall]]] = {}
         self._threshold_of: dict[str, float] = {}
+        # Both None, or both set: the one timer, never later than the earliest deadline.
         self._timer: Timer | None = None
-        self._timer_at: float | None = None  # never later than the earliest deadline
+        self._timer_at: float | None = None
 
     def __len__(self) -> int:
         return len(self._threshold_of)
@@ -90,7 +91,7 @@ class StallWatch:
         return min(firsts, key=lambda first: first[0], default=None)
 
     def _set_timer(self, at: float | None) -> None:
-        if at == self._timer_at and (at is None or self._timer is not None):
+        if at == self._timer_at:
             return
         if self._timer is not None:
             self._timer.cancel()

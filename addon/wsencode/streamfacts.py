@@ -77,11 +77,23 @@ class StreamFacts:
 NO_FACTS = StreamFacts()
 
 _ATTRIBUTE = "ws_encode_facts"
+_NOT_A_HANDSHAKE = "ws_encode_not_a_handshake"
 
 
 def facts_of(request: object) -> StreamFacts | None:
     """The facts the bridge noted on this request, if it carried it."""
     return getattr(request, _ATTRIBUTE, None)
+
+
+def note_not_a_handshake(request: object) -> None:
+    """The bridge's stream classified `request` as it arrived, and it opens no
+    handshake: the upstream's codec and the addon's hooks, which would ask
+    again of every request, read that instead."""
+    setattr(request, _NOT_A_HANDSHAKE, True)
+
+
+def not_a_handshake(request: object) -> bool:
+    return getattr(request, _NOT_A_HANDSHAKE, False)
 
 
 def facts_for(request: object) -> StreamFacts:

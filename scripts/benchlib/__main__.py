@@ -425,7 +425,10 @@ async def hold(proc: Mitmdump, report: Path, transport: str, p: Params, progress
             break
         await asyncio.sleep(0.1)
     await asyncio.sleep(p.stall)  # time for a stall to be reported twice
-    pauses = await proc.query("pauses stop")
+    paused = await proc.query("pauses stop")
+    late = paused["late_ms"]
+    pauses = {"ticks": len(late), "gc": paused["gc"],
+              "loop_late_ms": {"p50": percentile(late, 50), "p99": percentile(late, 99), "max": max(late, default=None)}}
     stop.set()
     traffic = await healthy
     for sock in h1_socks:

@@ -102,9 +102,7 @@ class Pauses:
     def stop(self) -> dict[str, Any]:
         self._task.cancel()
         gc.callbacks.remove(self._on_gc)
-        late = sorted(self.late_ms)
-        at = lambda q: late[min(len(late) - 1, int(q * len(late)))] if late else None  # noqa: E731
-        return {"ticks": len(late), "loop_late_ms": {"p50": at(0.5), "p99": at(0.99), "max": late[-1] if late else None},
+        return {"late_ms": self.late_ms,
                 "gc": {f"gen{g}": {"count": len(ms), "max_ms": max(ms, default=0.0), "total_ms": sum(ms)}
                        for g, ms in self.gc_ms.items()}}
 
