@@ -35,7 +35,7 @@ from mitmproxy.proxy import server_hooks  # noqa: E402
 from wsencode import bundle, wireform  # noqa: E402
 from wsencode.bridge import Bridge  # noqa: E402
 from wsencode.flowview import (  # noqa: E402
-    accept_matches, client_transport, end_cause, header, stage_of, upstream_transport, value_of,
+    accept_matches, client_transport, end_cause, header, stage_of, upstream_transport, url_of, value_of,
 )
 from wsencode.handshake import Transport, classify  # noqa: E402
 from wsencode.lifecycle import EndCause, Stage  # noqa: E402
@@ -52,7 +52,6 @@ OPTIONS = ("ws_encode_policy", "ws_encode_codings", "ws_encode_stall", "ws_encod
            "ws_encode_h2", "ws_encode_bundle")
 # With ws_encode_bundle set, the last handshakes kept for the bundle written at exit.
 BUNDLED_AT_EXIT = 1000
-BAD_ACCEPT_STATUS = 502
 PROGRESS_EVERY = 5.0  # at most this many seconds between progress lines while a handshake waits too long
 # The flows that stalled, for the console's and mitmweb's flow list.
 STALLED_FILTER = '~comment "Stall: no status"'
@@ -300,21 +299,11 @@ class WsEncode:
         if tracked is None or f.response is None:
             return
         facts = self.bridge.facts(f.request)
-        # An HTTP/2 upstream's 2xx reaches mitmproxy as a 101 whose accept the
-        # bridge computed itself (facts.upstream_status): nothing to check.
-        bad_accept = facts.upstream_status is None and not accept_matches(f)
-        # As mitmproxy got it, before the flow may show what the client gets.
+        # A status the upstream's codec translated says what the upstream sent.
         tracked.progress.upstream_status = facts.upstream_status or f.response.status_code
-        if bad_accept and tracked.transport is not Transport.H1:
-            # The proxy made this key (the client's extended CONNECT has
-            # none), so the proxy checks the answer and fails the handshake.
-            f.response = http.Response.make(
-                BAD_ACCEPT_STATUS,
-                "ws_encode: the upstream answered the WebSocket handshake with a wrong Sec-WebSocket-Accept\n",
-            )
-            f.websocket = None
-        if tracked.transport is Transport.H2:
-            self._show_wire_form(f, facts)  # before the addons after this one, and mitmdump's output
+        # (an upgrade's accept, checked where the proxy did not check it: the
+        # codec refuses a wrong one to a client that sent an extended CONNECT)
+        bad_accept = facts.proxy_refused is not None or not accept_matches(f)
         # The response goes to the client once every addon has had it, unless
         # one of them intercepts it (mitmproxy's console and mitmweb
         # intercept after every script): the update hook mitmproxy runs
@@ -410,7 +399,7 @@ class WsEncode:
         if facts is not NO_FACTS:
             facts.clock = self.clock  # the bridge notes this handshake's times on the addon's clock
         tracked = self.tracker.received(
-            f.id, handshake, received_at, self.policy, redact_url(f.request.pretty_url),
+            f.id, handshake, received_at, self.policy, redact_url(url_of(f.request)),
             header(f.request.headers, "accept-encoding"),
             stalled=adopted and f.metadata.get("ws_encode", {}).get("event") == "stall",
         )
@@ -435,7 +424,7 @@ class WsEncode:
         one record. Its wait counts from the request's arrival."""
         # (not `"upgrade" in headers`: mitmproxy's Headers raises and catches
         # a KeyError for every request without one)
-        if not f.live or value_of(f.request.headers, "upgrade") is None:
+        if not f.live or (value_of(f.request.headers, "upgrade") is None and f.request.method != "CONNECT"):
             return None  # not a handshake: the common case, kept cheap
         if f.metadata.get("ws_encode", {}).get("event") == "handshake":
             return None
@@ -548,29 +537,12 @@ class WsEncode:
         if self.watch is not None:
             self.watch.disarm(flow_id)
 
-    @staticmethod
-    def _show_wire_form(f: http.HTTPFlow, facts: StreamFacts) -> wireform.Translation | None:
-        """Show an HTTP/2 client's handshake as it was on the wire, from its
-        outcome on (its status, else its end); the translation that keeps
-        mitmproxy's stream running, if the flow shows that form."""
-        if facts.translation is None and facts.handshake is not None:
-            # Only the bridge's stream (which classified the request) gives
-            # mitmproxy's code the translated form back while it runs.
-            facts.translation = wireform.show_wire_form(f)
-        return facts.translation
-
     def _finished(self, f: http.HTTPFlow, record: Record) -> None:
         facts = self.bridge.facts(f.request)
         self._forget(f.id)
         self._comment(f, record["diagnosis"])
-        if facts is not NO_FACTS and record["transport"] == Transport.H2.value:
-            key_sent = header(f.request.headers, "sec-websocket-key")
-            translation = self._show_wire_form(f, facts)  # (one without a status: from its end on)
-            if translation is not None:
-                key_sent = translation.key_sent
-            line, f.metadata["ws_encode_wire"] = wireform.described(
-                f.request.path, record, key_sent, shown=translation is not None
-            )
+        if facts is not NO_FACTS and f.request.method == "CONNECT":
+            line, f.metadata["ws_encode_wire"] = wireform.described(f.request.path, record, facts.key_sent)
             self._comment(f, line)
         self._write(f, record)
         quiet = record["outcome"] == "upgraded" and not record["stalled"]

@@ -317,6 +317,20 @@ def handshake_request(method="GET", version="HTTP/1.1", **headers) -> http.Reque
     return req
 
 
+def extended_connect_request(version="HTTP/2.0", protocol="websocket", **headers) -> http.Request:
+    """An extended CONNECT (RFC 8441, RFC 9220) as the flow keeps it:
+    `:protocol` as its first header field; like `handshake_request`."""
+    base = {"sec-websocket-version": "13", "origin": "https://chat.test"}
+    base.update({k.replace("_", "-"): v for k, v in headers.items()})
+    req = tutils.treq(method=b"CONNECT", http_version=version.encode(), path=b"/chat", authority=b"chat.test:8443")
+    req.headers.clear()
+    req.headers[":protocol"] = protocol
+    for k, v in base.items():
+        if v is not None:
+            req.headers[k] = v
+    return req
+
+
 class ManualClock:
     """Time and a scheduler (as the event loop's `call_later`), both driven by
     the test: `advance` runs the timers due by a time, each late by `lag` (a

@@ -19,7 +19,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from wsencode import flowview
 from wsencode.bridge import Bridge
-from wsencode.handshake import accept_for
+from wsencode.extconnect import accept_for
 from wsencode.stallwatch import StallWatch
 from wsencode.streamfacts import CLIENT, NO_FACTS, UPSTREAM, StreamFacts
 

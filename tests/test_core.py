@@ -6,7 +6,7 @@ import base64
 import hashlib
 
 import pytest
-from conftest import handshake_request as request
+from conftest import extended_connect_request, handshake_request as request
 from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy.test import tutils
@@ -18,7 +18,8 @@ from wsproto.frame_protocol import FrameProtocol
 from wsencode import diagnosis
 from wsencode.frames import client_messages, whole_messages_length
 from wsencode.h2bridge import without_values
-from wsencode.handshake import Transport, accept_for, classify, tokens
+from wsencode.extconnect import accept_for
+from wsencode.handshake import Transport, classify, tokens
 from wsencode.lifecycle import TRANSITIONS, EndCause, HandshakeEnded, Phase, Progress, Stage
 from wsencode.policy import EncodingPolicy
 from wsencode.report import REDACTED, _redact_parsed, redact_url
@@ -75,10 +76,19 @@ def test_method_other_than_get_is_a_problem():
     assert hs is not None and "the method is POST, not GET" in hs.problems
 
 
-def test_http2_translated_handshake():
-    hs = classify(request(version="HTTP/2.0"))
-    assert hs.transport is Transport.H2
-    assert hs.is_success(200) and hs.is_success(101) and not hs.is_success(403)
+@pytest.mark.parametrize("version,transport", [("HTTP/2.0", Transport.H2), ("HTTP/3", Transport.H3)])
+def test_an_extended_connect_is_a_handshake_that_succeeds_with_any_2xx(version, transport):
+    hs = classify(extended_connect_request(version))
+    assert hs.transport is transport and hs.problems == ()
+    assert hs.is_success(200) and hs.is_success(204) and not hs.is_success(101) and not hs.is_success(403)
+
+
+def test_an_extended_connect_for_another_protocol_or_without_version_13():
+    assert classify(extended_connect_request(protocol="connect-udp")) is None
+    assert classify(extended_connect_request(sec_websocket_version=None)).problems == ("Sec-WebSocket-Version is missing",)
+    plain = extended_connect_request()
+    plain.headers.pop(":protocol")
+    assert classify(plain) is None  # a tunnel
 
 
 def test_http1_success_is_101_only():
@@ -120,6 +130,10 @@ def test_accept_for_a_key_of_any_bytes():
 
 def progress(**headers) -> Progress:
     return Progress(classify(request(**headers)), received_at=99.5, forwarded_at=100.0)
+
+
+def h2_progress() -> Progress:
+    return Progress(classify(extended_connect_request()), received_at=99.5, forwarded_at=100.0)
 
 
 def test_every_transition_leaves_a_waiting_phase():
@@ -219,7 +233,7 @@ def test_outcome_sentences_are_distinct():
     coded.status_arrived(101, now=101, content_encoding="br")
     assert "content-encoding: br" in say(coded)
 
-    with_data = progress(version="HTTP/2.0")
+    with_data = h2_progress()
     with_data.stall()
     with_data.status_arrived(200, now=103, with_data=True)
     assert "together with the first response data" in say(with_data)
@@ -257,11 +271,11 @@ def test_outcome_sentences_are_distinct():
 
 def test_status_with_data_says_nothing_of_encoders_when_the_status_was_prompt():
     """A server that sends its 200 and first message in one write is just efficient."""
-    prompt = progress(version="HTTP/2.0")
+    prompt = h2_progress()
     prompt.status_arrived(200, now=100.001, with_data=True)
     assert "nothing withheld" in diagnosis.outcome(prompt, Stage.DONE, 110, None)
     assert "nothing withheld" in diagnosis.outcome(prompt, Stage.DONE, 110, "gzip")
-    late_no_offer = progress(version="HTTP/2.0")
+    late_no_offer = h2_progress()
     late_no_offer.stall()
     late_no_offer.status_arrived(200, now=103, with_data=True)
     text = diagnosis.outcome(late_no_offer, Stage.DONE, 110, None)

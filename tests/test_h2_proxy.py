@@ -207,15 +207,15 @@ def test_the_flow_says_what_was_on_the_wire(cert, tmp_path, upstream_kind):
     wire = flow.metadata["ws_encode_wire"]
     assert wire["client_sent"] == "CONNECT :protocol websocket (RFC 8441)" and wire["client_got"] == 200
     line = next(x for x in flow.comment.splitlines() if x.startswith("On the wire:"))
-    assert line.startswith("On the wire: HTTP/2 extended CONNECT (:protocol websocket) /chat → 200; the proxy ran it as a GET upgrade")
+    assert line.startswith("On the wire: HTTP/2 extended CONNECT (:protocol websocket) /chat → 200; ")
     if upstream_kind == "http/1.1":
         key = wire["sec_websocket_key_sent"]
         assert len(base64.b64decode(key)) == 16 and wire["upstream_status"] == 101
-        assert line.endswith(f", and sent the HTTP/1.1 upstream that GET (Sec-WebSocket-Key {key}), answered 101.")
+        assert line.endswith(f"; the proxy sent the HTTP/1.1 upstream a GET upgrade (Sec-WebSocket-Key {key}), answered 101.")
     else:
         assert wire["upstream_sent"] == "CONNECT :protocol websocket (RFC 8441)" and wire["upstream_status"] == 200
         assert "sec_websocket_key_sent" not in wire
-        assert line.endswith(" (the HTTP/2 upstream got the extended CONNECT), answered 200.")
+        assert line.endswith("; the HTTP/2 upstream got the extended CONNECT, answered 200.")
     assert_clean_log(md)
 
 
@@ -224,10 +224,36 @@ import asyncio
 
 
 class AfterWsEncode:
-    # Loaded after ws_encode: at the response hook it sees the wire form,
-    # and it holds the status or fails the handshake.
+    # Loaded after ws_encode: notes the form each hook sees, and at the
+    # response hook it holds the status or fails the handshake.
+
+    def _saw(self, hook, flow):
+        if flow.request.path == "/chat":
+            status = flow.response.status_code if flow.response else None
+            flow.metadata.setdefault("seen", []).append(
+                [hook, flow.request.method, flow.request.headers.fields[0][0].decode(), status]
+            )
+
+    def requestheaders(self, flow):
+        self._saw("requestheaders", flow)
+
+    def request(self, flow):
+        self._saw("request", flow)
+
+    def responseheaders(self, flow):
+        self._saw("responseheaders", flow)
+
+    def websocket_start(self, flow):
+        self._saw("websocket_start", flow)
+
+    def websocket_message(self, flow):
+        self._saw("websocket_message", flow)
+
+    def websocket_end(self, flow):
+        self._saw("websocket_end", flow)
 
     def response(self, flow):
+        self._saw("response", flow)
         if flow.websocket is None:
             return
         flow.comment += f"\\nseen at response: {flow.request.method} {flow.response.status_code}"
@@ -243,8 +269,9 @@ addons = [AfterWsEncode()]
 
 
 @pytest.mark.parametrize("hold,fail", [(True, False), (False, True)], ids=["holds the status", "fails the handshake"])
-def test_an_addon_after_the_wire_form_sees_it_and_may_hold_or_fail_the_handshake(cert, tmp_path, report, hold, fail):
-    """From ws-encode's response hook on the flow shows CONNECT/200; a later
+def test_every_hook_of_another_addon_sees_one_form_and_it_may_hold_or_fail_the_handshake(cert, tmp_path, report, hold, fail):
+    """From the first hook to the last the flow is the extended CONNECT with
+    its :protocol, answered 200 (or not yet answered); a later
     addon holding the response (an intercept, as the console's and mitmweb's
     come after every script) or changing its status still gets what it asked
     for: the status reaches the client when resumed, a stall held by
@@ -274,6 +301,15 @@ def test_an_addon_after_the_wire_form_sees_it_and_may_hold_or_fail_the_handshake
     with flows_file.open("rb") as f:
         [flow] = [x for x in mitmio.FlowReader(f).stream() if x.request.path == "/chat"]
     assert "seen at response: CONNECT 200" in flow.comment
+    # One form in every hook: what the client sent, and the status it got
+    # (or, before it, none); never a GET or a 101 in between.
+    seen = flow.metadata["seen"]
+    assert [hook for hook, *_ in seen[:4]] == ["requestheaders", "request", "responseheaders", "response"]
+    assert all(method == "CONNECT" and first == ":protocol" for _, method, first, _ in seen)
+    assert [status for *_, status in seen[:4]] == [None, None, 200, 200]
+    assert all(status == (200 if hold else 403) for *_, status in seen[4:])
+    if hold:
+        assert [hook for hook, *_ in seen[4:]] == ["websocket_start", "websocket_message", "websocket_message", "websocket_end"]
     records = [json.loads(line) for line in report.read_text().splitlines()]
     if hold:
         assert (status, echo) == (200, "held")

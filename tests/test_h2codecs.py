@@ -34,7 +34,8 @@ from rawh2 import extended_connect
 from wsproto.frame_protocol import FrameProtocol
 
 from wsencode import h2bridge
-from wsencode.handshake import accept_for
+from wsencode import extconnect
+from wsencode.extconnect import accept_for
 from wsencode.streamfacts import CONNECTING, FORWARDED, QUEUED, StreamFacts, facts_for, facts_of
 
 ENABLE_CONNECT_PROTOCOL = h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL
@@ -205,10 +206,18 @@ def open_extended_connect(side: Driven, sid: int = SID, path: bytes = b"/chat") 
     return side.from_peer()
 
 
+def opened(*fields: tuple[bytes, bytes], status: int = 200) -> http.Response:
+    """The 2xx that opens an extended CONNECT's WebSocket, as the stream hands it on."""
+    return http.Response(
+        http_version=b"HTTP/2.0", status_code=status, reason=b"", headers=http.Headers(list(fields)),
+        content=None, trailers=None, timestamp_start=0, timestamp_end=None,
+    )
+
+
 def upgraded_client(side: Driven, sid: int = SID) -> http.Request:
-    """An extended CONNECT that the stream has answered with its 101."""
+    """An extended CONNECT that the stream has answered with its 200."""
     request = open_extended_connect(side, sid).http[0].request
-    side(http_layers.ResponseHeaders(sid, switching(request), end_stream=False), http_layers.ResponseEndOfMessage(sid))
+    side(http_layers.ResponseHeaders(sid, opened(), end_stream=True), http_layers.ResponseEndOfMessage(sid))
     return request
 
 
@@ -221,10 +230,11 @@ def test_server_codec_advertises_connect_protocol_in_its_first_settings():
     assert settings.changed_settings[ENABLE_CONNECT_PROTOCOL].new_value == 1
 
 
-def test_extended_connect_becomes_a_get_upgrade_for_the_stream():
-    """mitmproxy's stream and WebSocket layer only know the HTTP/1.1 upgrade:
-    the CONNECT must reach them as a GET with upgrade headers and a fresh key,
-    ended at its headers, for the same path and authority."""
+def test_an_extended_connect_reaches_the_stream_as_the_client_sent_it():
+    """The flow is what the client sent: CONNECT, with :protocol as its first
+    header field (mitmproxy has no field for it), for the same path and
+    authority; nothing of an HTTP/1.1 upgrade. Its request ends at its
+    headers: what the client sends on the stream is the WebSocket's."""
     side = client_side()
     out = open_extended_connect(side, path=b"/chat?room=1")
     headers, end = out.http
@@ -232,31 +242,24 @@ def test_extended_connect_becomes_a_get_upgrade_for_the_stream():
     assert headers.end_stream
     assert isinstance(end, http_layers.RequestEndOfMessage) and end.stream_id == SID
     request = headers.request
-    assert request.method == "GET"
-    assert request.path == "/chat?room=1"
+    assert (request.method, request.path, request.http_version) == ("CONNECT", "/chat?room=1", "HTTP/2.0")
     assert request.authority == "chat.test:8443" and (request.host, request.port) == ("chat.test", 8443)
-    assert request.headers["upgrade"] == "websocket"
-    assert request.headers["connection"] == "Upgrade"
-    assert request.headers["sec-websocket-version"] == "13"
-    assert len(base64.b64decode(request.headers["sec-websocket-key"])) == 16
-    assert h2bridge.is_websocket_upgrade(request)
+    assert request.headers.fields == ((b":protocol", b"websocket"), (b"sec-websocket-version", b"13"))
+    assert h2bridge.opens_websocket(request) and h2bridge.is_extended_connect(request)
     assert not out.peer  # nothing answered yet: the stream decides
-    # Each handshake gets a key of its own.
-    again = open_extended_connect(side, sid=3)
-    assert again.http[0].request.headers["sec-websocket-key"] != request.headers["sec-websocket-key"]
 
 
-def test_the_streams_101_goes_out_as_200_with_the_stream_left_open():
-    """HTTP/2 has no 101: the success of an extended CONNECT is a 2xx, with
-    the upstream's other headers but none of the HTTP/1.1 upgrade's; and the
-    stream must stay open both ways, since it now carries the WebSocket."""
+def test_the_streams_2xx_goes_out_with_the_stream_left_open():
+    """The success of an extended CONNECT is a 2xx, sent without what HTTP/2
+    forbids; and the stream must stay open both ways, since it now carries
+    the WebSocket, whatever end the stream's message says."""
     side = client_side()
-    request = open_extended_connect(side).http[0].request
-    out = side(http_layers.ResponseHeaders(SID, switching(request), end_stream=False))
+    open_extended_connect(side)
+    out = side(http_layers.ResponseHeaders(SID, opened((b"Sec-WebSocket-Protocol", b"chat"), (b"connection", b"x")), end_stream=True))
     (response,) = out.of(h2.events.ResponseReceived, SID)  # (the browser validates it)
-    assert response.headers == [(b":status", b"200"), (b"sec-websocket-protocol", b"chat"), (b"server", b"upstream/1.0")]
+    assert response.headers == [(b":status", b"200"), (b"sec-websocket-protocol", b"chat")]
     assert response.stream_ended is None and not out.of(h2.events.StreamEnded)
-    # The end of the 101 "message" leaves it open too; then WebSocket data
+    # The end of the 2xx "message" leaves it open too; then WebSocket data
     # flows both ways.
     out = side(http_layers.ResponseEndOfMessage(SID))
     assert not out.peer and not out.http
@@ -333,12 +336,12 @@ def test_an_extended_connect_the_bridge_cannot_serve_is_refused_with_a_status(he
     assert not out.http and not out.of(h2.events.StreamReset)
 
 
-def test_client_data_before_the_status_is_handed_over_after_the_101():
+def test_client_data_before_the_status_is_handed_over_after_the_2xx():
     """A client may send its first messages right after the CONNECT, before
     any status (nothing in RFC 8441 makes it wait, and some do not). mitmproxy's stream
     cannot take request data for a request it has ended, so the data waits,
     and reaches the WebSocket layer only once it is there: after the end of
-    the 101, in the order it came."""
+    the 2xx, in the order it came."""
     side = client_side()
     request = open_extended_connect(side).http[0].request
     first, second = masked_text("early one"), masked_text("early two")
@@ -347,7 +350,7 @@ def test_client_data_before_the_status_is_handed_over_after_the_101():
     side.peer.send_data(SID, second)
     assert not side.from_peer().http
     assert facts_of(request).client_bytes_before_status == len(first + second)
-    out = side(http_layers.ResponseHeaders(SID, switching(request), end_stream=False))
+    out = side(http_layers.ResponseHeaders(SID, opened(), end_stream=False))
     assert not out.http
     out = side(http_layers.ResponseEndOfMessage(SID))
     assert [(type(e), e.stream_id, e.data) for e in out.http] == [(http_layers.RequestData, SID, first + second)]
@@ -378,7 +381,7 @@ def test_early_data_beyond_the_cap_resets_only_that_stream():
     assert isinstance(error, http_layers.RequestProtocolError) and error.stream_id == SID
     assert not out.closed and not out.of(h2.events.ConnectionTerminated)
     # The other WebSocket still opens and carries data.
-    side(http_layers.ResponseHeaders(3, switching(beside), end_stream=False), http_layers.ResponseEndOfMessage(3))
+    side(http_layers.ResponseHeaders(3, opened(), end_stream=False), http_layers.ResponseEndOfMessage(3))
     message = masked_text("still here")
     side.peer.send_data(3, message)
     assert [e.data for e in side.from_peer().http] == [message]
@@ -387,7 +390,7 @@ def test_early_data_beyond_the_cap_resets_only_that_stream():
 def test_client_end_stream_before_the_status_reaches_the_stream_after_its_data():
     """A client may half-close right after its early data. Before the status
     the stream has no WebSocket to tell, and an end of request now would end
-    the handshake's request twice; after the 101 it is the client closing its
+    the handshake's request twice; after the 2xx it is the client closing its
     side, after the data it sent first. The client still gets its 200, on a
     stream that stays open for the proxy's sending."""
     side = client_side()
@@ -395,7 +398,7 @@ def test_client_end_stream_before_the_status_reaches_the_stream_after_its_data()
     early = masked_text("then bye")
     side.peer.send_data(SID, early, end_stream=True)
     assert not side.from_peer().http
-    out = side(http_layers.ResponseHeaders(SID, switching(request), end_stream=False))
+    out = side(http_layers.ResponseHeaders(SID, opened(), end_stream=False))
     (response,) = out.of(h2.events.ResponseReceived, SID)
     assert status_of(response) == 200 and not out.of(h2.events.StreamEnded)
     out = side(http_layers.ResponseEndOfMessage(SID))
@@ -468,7 +471,7 @@ def test_a_101_for_an_ordinary_request_is_not_sent_to_the_client():
     side = client_side()
     side.peer.send_headers(SID, [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"), (b":authority", b"chat.test")], end_stream=True)
     headers = side.from_peer().http[0]
-    assert not h2bridge.is_websocket_upgrade(headers.request)
+    assert not h2bridge.opens_websocket(headers.request)
     out = side(http_layers.ResponseHeaders(SID, switching(websocket_request()), end_stream=False))
     (response,) = out.of(h2.events.ResponseReceived, SID)
     assert status_of(response) == 502 and out.of(h2.events.StreamEnded, SID)
@@ -607,11 +610,12 @@ def test_a_refusal_from_the_upstream_reaches_the_stream_as_that_status():
     assert out.of(h2.events.StreamEnded, connect.stream_id)
 
 
-def test_a_2xx_reaches_the_stream_as_a_101_with_the_accept_for_its_key():
-    """mitmproxy's stream upgrades only on a 101 whose Sec-WebSocket-Accept
-    answers the key it sent (RFC 6455 section 4.1); HTTP/2 has neither, so the
-    codec makes both, keeping the server's other headers, and ends the 101
-    "message" so that the stream sets up its WebSocket layer."""
+def test_a_2xx_reaches_an_http1_clients_upgrade_as_a_101_with_the_accept_for_its_key():
+    """An HTTP/1.1 client's upgrade carried to an HTTP/2 upstream: that
+    client gets the 101 whose Sec-WebSocket-Accept answers its key (RFC 6455
+    section 4.1); HTTP/2 has neither, so the codec makes both, keeping the
+    server's other headers, and ends the 101 "message" so that the stream
+    sets up its WebSocket layer."""
     side = upstream_side()
     request, out = accepted(side, (b"sec-websocket-protocol", b"chat"))
     headers, end = out.http
@@ -809,17 +813,15 @@ def relay(upstream: Driven, out: Out) -> Out:
 
 
 def answered(upstream: Driven, up_sid: int) -> Out:
-    """The upstream's 200 for the CONNECT: the codec's 101 and its end, for the stream."""
+    """The upstream's 200 for the CONNECT, and its end, for the stream."""
     upstream.peer.send_headers(up_sid, [(b":status", b"200")])
     return upstream.from_peer()
 
 
 def test_a_websocket_through_both_codecs_is_the_same_extended_connect_and_200():
-    """Browser to HTTP/2 upstream, the two translations undo each other: the
-    upstream gets the browser's CONNECT (path, authority, its own headers),
-    with nothing of the GET upgrade in between; the upstream's 200 becomes a
-    101 whose accept answers the key the client codec made up, and leaves as
-    a 200 again."""
+    """Browser to HTTP/2 upstream, nothing is translated: the upstream gets
+    the browser's CONNECT (path, authority, its own headers), and the
+    browser the upstream's 200."""
     ctx = make_context()
     client, upstream = client_side(ctx), upstream_side(ctx)
     client.peer.send_headers(SID, extended_connect(b"/chat?room=1", b"chat.test:8443", (b"origin", b"https://chat.test")))
@@ -833,7 +835,7 @@ def test_a_websocket_through_both_codecs_is_the_same_extended_connect_and_200():
     ]
     upstream.peer.send_headers(connect.stream_id, [(b":status", b"200"), (b"sec-websocket-extensions", b"permessage-deflate")])
     headers, end = upstream.from_peer().http
-    assert headers.response.headers["sec-websocket-accept"] == accept_for(request.headers["sec-websocket-key"])
+    assert (headers.response.status_code, headers.response.headers.fields) == (200, ((b"sec-websocket-extensions", b"permessage-deflate"),))
     out = client(headers, end)
     (response,) = out.of(h2.events.ResponseReceived, SID)
     assert response.headers == [(b":status", b"200"), (b"sec-websocket-extensions", b"permessage-deflate")]
@@ -844,7 +846,7 @@ def test_early_client_data_goes_upstream_in_whole_messages_once_the_connect_is_o
     kept back until the status, that message would stall the handshake. So
     once the upstream has the CONNECT, early data goes straight there, but
     only in whole frames (mitmproxy's WebSocket layer must start at a frame
-    boundary), and what went that way is not handed over again after the 101."""
+    boundary), and what went that way is not handed over again after the 2xx."""
     client, upstream, request, up_sid = bridged()
     first, second = masked_text("hello"), masked_text("second")
     client.peer.send_data(SID, first[:4])
@@ -939,8 +941,8 @@ def test_early_data_relayed_to_a_connect_reset_with_http_1_1_required_is_kept_fo
     client.peer.send_data(SID, second)
     out = client.from_peer()
     assert not out.relayed and not out.http  # no HTTP/2 stream to go to now: kept
-    # The stream's retry over HTTP/1.1 comes back with its own 101.
-    out = client(http_layers.ResponseHeaders(SID, switching(request), end_stream=False), http_layers.ResponseEndOfMessage(SID))
+    # The stream's retry over HTTP/1.1 comes back as a 200 (its codec's translation).
+    out = client(http_layers.ResponseHeaders(SID, opened(), end_stream=False), http_layers.ResponseEndOfMessage(SID))
     assert [(type(e), e.data) for e in out.http] == [(http_layers.RequestData, first + second)]
 
 
@@ -1128,56 +1130,56 @@ def test_a_peer_closing_before_the_stream_hears_of_its_reset_still_ends_the_webs
     assert [(type(e), e.stream_id) for e in heard] == [(ws.peer_leaving, ws.sid)]
 
 
-# -- the client side's phases (h2bridge.CLIENT_TRANSITIONS) -----------------
+# -- the client side's phases (extconnect.CLIENT_TRANSITIONS) -----------------
 
 
-@given(st.lists(st.sampled_from(list(h2bridge.RouteStep)), max_size=6))
+@given(st.lists(st.sampled_from(list(extconnect.RouteStep)), max_size=6))
 def test_a_handshakes_route_upstream_moves_only_as_its_table_says(steps):
     """One retry over HTTP/1.1, and only before the upstream switched protocols."""
-    stream = types.SimpleNamespace(ws_route=h2bridge.Route.FIRST)
+    stream = types.SimpleNamespace(ws_route=extconnect.Route.FIRST)
     retries = 0
     for step in steps:
         before = stream.ws_route
         took = h2bridge.WsHttpStream.ws_step(stream, step)
-        assert stream.ws_route is h2bridge.ROUTE_TRANSITIONS.get((before, step), before)
-        assert took is ((before, step) in h2bridge.ROUTE_TRANSITIONS)
-        retries += took and step is h2bridge.RouteStep.NEEDS_HTTP1
+        assert stream.ws_route is extconnect.ROUTE_TRANSITIONS.get((before, step), before)
+        assert took is ((before, step) in extconnect.ROUTE_TRANSITIONS)
+        retries += took and step is extconnect.RouteStep.NEEDS_HTTP1
     assert retries <= 1
 
 
-@given(st.lists(st.sampled_from(list(h2bridge.ClientStep)), max_size=12))
+@given(st.lists(st.sampled_from(list(extconnect.ClientStep)), max_size=12))
 def test_the_client_side_moves_only_as_its_table_says(steps):
-    ws = h2bridge.ClientSideStream(StreamFacts())
+    ws = extconnect.ClientSideStream(StreamFacts())
     ws.facts.waiting_client = ws
     for step in steps:
         before = ws.phase
-        if step is h2bridge.ClientStep.UPSTREAM_HAS_CONNECT:
+        if step is extconnect.ClientStep.UPSTREAM_HAS_CONNECT:
             took = ws.relay_to(object(), 1)  # as the upstream codec takes that step
         else:
             took = ws.step(step)
-        assert ws.phase is h2bridge.CLIENT_TRANSITIONS.get((before, step), before)
-        assert took is ((before, step) in h2bridge.CLIENT_TRANSITIONS)
+        assert ws.phase is extconnect.CLIENT_TRANSITIONS.get((before, step), before)
+        assert took is ((before, step) in extconnect.CLIENT_TRANSITIONS)
         # A relay target only while relaying, and the upstream finds the client side until the status.
-        assert (ws.relay is not None) is (ws.phase is h2bridge.ClientPhase.RELAYING)
+        assert (ws.relay is not None) is (ws.phase is extconnect.ClientPhase.RELAYING)
         assert (ws.facts.waiting_client is ws) is ws.phase.before_status
 
 
 def test_what_was_relayed_goes_back_when_the_upstream_fails_and_is_recorded_when_it_answers():
-    ws = h2bridge.ClientSideStream(StreamFacts())
+    ws = extconnect.ClientSideStream(StreamFacts())
     first, second = masked_text("first"), masked_text("second")
     assert ws.relay_to(object(), 1)
     ws.relayed += first
     ws.early += second
-    assert ws.step(h2bridge.ClientStep.UPSTREAM_FAILED)
-    assert ws.phase is h2bridge.ClientPhase.WAITING and bytes(ws.early) == first + second and not ws.relayed
+    assert ws.step(extconnect.ClientStep.UPSTREAM_FAILED)
+    assert ws.phase is extconnect.ClientPhase.WAITING and bytes(ws.early) == first + second and not ws.relayed
     assert ws.relay_to(object(), 3)
     ws.relayed += bytes(ws.early)
     ws.early.clear()
-    assert ws.step(h2bridge.ClientStep.UPSTREAM_ANSWERED)
+    assert ws.step(extconnect.ClientStep.UPSTREAM_ANSWERED)
     assert [(opcode, payload) for opcode, payload, _ in ws.facts.early_messages] == [(1, b"first"), (1, b"second")]
     assert not ws.relayed and ws.relay is None
-    assert not ws.step(h2bridge.ClientStep.UPSTREAM_ANSWERED)  # a second answer changes nothing
-    assert ws.step(h2bridge.ClientStep.STATUS_SENT) and ws.is_open
+    assert not ws.step(extconnect.ClientStep.UPSTREAM_ANSWERED)  # a second answer changes nothing
+    assert ws.step(extconnect.ClientStep.STATUS_SENT) and ws.is_open
 
 
 def test_a_handshake_the_client_side_fails_while_waiting_leaves_nothing_in_the_upstream_codec():

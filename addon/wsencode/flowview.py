@@ -12,7 +12,8 @@ from collections.abc import Mapping
 
 from mitmproxy import connection, flow, http
 
-from .handshake import Transport, accept_for
+from .extconnect import accept_for
+from .handshake import Transport
 from .lifecycle import EndCause, Stage
 from .report import printable
 from .streamfacts import CLIENT, CONNECTING, NO_FACTS, StreamFacts
@@ -34,6 +35,15 @@ def upstream_transport(server: connection.Server) -> str | None:
     if server.alpn and server.alpn.startswith(b"h3"):
         return Transport.H3.value
     return Transport.H1.value
+
+
+def url_of(request: http.Request) -> str:
+    """The URL a request asks for, as mitmproxy's `pretty_url` says it; for
+    an extended CONNECT with its path, which mitmproxy leaves out of every
+    CONNECT's (it takes them all for authority-form)."""
+    if request.method != "CONNECT":
+        return request.pretty_url
+    return f"{request.scheme}://{request.authority or request.host_header or request.host}{request.path}"
 
 
 def accept_matches(f: http.HTTPFlow) -> bool:

@@ -65,21 +65,28 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.utilities
-from mitmproxy import connection, ctx, http
+from mitmproxy import connection, ctx, flow, http
+from mitmproxy.net.http import url
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers import http as http_layers
-from mitmproxy.proxy.layers.http import _http2
+from mitmproxy.proxy.layers import websocket
+from mitmproxy.proxy.layers.http import _http1, _http2
 from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
-from wsproto.utilities import generate_nonce
+from mitmproxy.proxy.mode_specs import ReverseMode
+from mitmproxy.websocket import WebSocketData
 
-from .frames import client_messages, whole_messages_length
-from .handshake import accept_for, classify
+from .extconnect import (
+    PROTOCOL, WEBSOCKET, ClientSideStream, ClientStep, Route, RouteStep, ROUTE_TRANSITIONS, UpstreamPhase,
+    UpstreamStream, answer_problem, new_key, protocol_of, stream_fields, success_fields, switching_fields,
+    upgrade_fields, upgrade_key,
+)
+from .frames import whole_messages_length
+from .handshake import classify
 from .report import printable
 from .streamfacts import (
     CLIENT, CONNECTING, QUEUED, SETTINGS, UPSTREAM, StreamFacts, facts_for, facts_of, not_a_handshake,
     note_not_a_handshake,
 )
-from .wireform import UPGRADE_ONLY, Translation
 
 logger = logging.getLogger("ws_encode")
 
@@ -97,6 +104,9 @@ MAX_EARLY_BYTES = 1 << 20
 # windows browsers grant (Chromium: 6 MiB), so a peer that reads only meets
 # it with a burst this big in flight.
 MAX_BUFFERED_BYTES = 16 << 20
+# The status the proxy answers a WebSocket with when the upstream's answer
+# does not open it (a wrong accept, a 2xx that ignored the upgrade).
+BAD_UPSTREAM_ANSWER = 502
 
 def response_error(sid: int, message: str) -> http_layers.ResponseProtocolError:
     # mitmproxy 12 wants an ErrorCode, 11 an int status; both keep a class default.
@@ -126,13 +136,24 @@ def is_passthrough_close(event: http_layers.HttpEvent) -> bool:
     return getattr(event, "message", None) == "EOF"
 
 
-def is_websocket_upgrade(request: http.Request) -> bool:
-    """A well-formed HTTP/1.1-style WebSocket handshake, as the addon classifies it."""
+def opens_websocket(request: http.Request) -> bool:
+    """A well-formed WebSocket handshake (an upgrade or an extended CONNECT),
+    as the addon classifies it."""
     if not_a_handshake(request):
         return False
     facts = facts_of(request)
     handshake = facts.handshake if facts is not None and facts.handshake is not None else classify(request)
     return handshake is not None and not handshake.malformed
+
+
+def is_extended_connect(request: http.Request) -> bool:
+    return protocol_of(request.data.method, request.headers.fields) is not None
+
+
+def passthrough_close(cls: type[http_layers.HttpEvent], sid: int) -> http_layers.HttpEvent:
+    """What mitmproxy's stream sends a codec when its WebSocket layer closes
+    that side (12 marks it with a code, 11 only says "EOF")."""
+    return cls(sid, "EOF", _PASSTHROUGH_CLOSE) if _PASSTHROUGH_CLOSE is not None else cls(sid, "EOF")
 
 
 # DOTALL: a quoted value may hold the very line feed h2 complains about.
@@ -161,111 +182,13 @@ def malformed(headers: list[tuple[bytes, bytes]], trailers: bool) -> str | None:
 
 
 def _protocol(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """A received header block's `:protocol` (pseudo-headers come first)."""
     for name, value in headers:
-        if name == b":protocol":
+        if name == PROTOCOL:
             return value
         if not name.startswith(b":"):
             return None
     return None
-
-
-def _h2_headers(fields: http.Headers) -> list[tuple[bytes, bytes]]:
-    return [(k.lower(), v) for k, v in fields.fields if k.lower().decode("latin-1") not in UPGRADE_ONLY]
-
-
-class WsPhase(enum.Enum):
-    """An upstream CONNECT stream's phase."""
-
-    WAITING = enum.auto()  # for the status
-    OPEN = enum.auto()
-
-
-class ClientPhase(enum.Enum):
-    """Where the client's side of an extended CONNECT is, which decides where
-    the DATA it sends goes."""
-
-    WAITING = enum.auto()  # for the status: kept, for after it
-    RELAYING = enum.auto()  # an HTTP/2 upstream has the CONNECT: whole messages go to it (and are kept, in case)
-    ANSWERED = enum.auto()  # that upstream answered; its status is on its way through the stream: kept
-    OPEN = enum.auto()  # the status is sent: mitmproxy's WebSocket layer carries it
-
-    @property
-    def before_status(self) -> bool:
-        return self is not ClientPhase.OPEN
-
-
-class ClientStep(enum.Enum):
-    UPSTREAM_HAS_CONNECT = enum.auto()  # WsHttp2Client sent it
-    UPSTREAM_ANSWERED = enum.auto()  # with any status
-    UPSTREAM_FAILED = enum.auto()  # reset the CONNECT or went away: the WebSocket may go elsewhere next
-    STATUS_SENT = enum.auto()  # to the client
-
-
-CLIENT_TRANSITIONS: dict[tuple[ClientPhase, ClientStep], ClientPhase] = {
-    (ClientPhase.WAITING, ClientStep.UPSTREAM_HAS_CONNECT): ClientPhase.RELAYING,
-    (ClientPhase.RELAYING, ClientStep.UPSTREAM_ANSWERED): ClientPhase.ANSWERED,
-    (ClientPhase.RELAYING, ClientStep.UPSTREAM_FAILED): ClientPhase.WAITING,
-    (ClientPhase.WAITING, ClientStep.STATUS_SENT): ClientPhase.OPEN,  # (an HTTP/1.1 upstream: nothing relayed)
-    (ClientPhase.ANSWERED, ClientStep.STATUS_SENT): ClientPhase.OPEN,
-}
-
-
-@dataclass
-class ClientSideStream:
-    """A client's extended CONNECT stream, on the client-facing connection."""
-
-    facts: StreamFacts
-    phase: ClientPhase = ClientPhase.WAITING
-    early: bytearray = field(default_factory=bytearray)  # client DATA kept for after the status
-    ended_early: bool = False  # client END_STREAM before the status
-    # While RELAYING: the (upstream connection, stream id) whole messages go to,
-    # and what went there, kept until the upstream answers: if it resets the
-    # CONNECT instead, the bytes go to wherever the WebSocket goes next.
-    relay: tuple[connection.Connection, int] | None = None
-    relayed: bytearray = field(default_factory=bytearray)
-
-    def step(self, step: ClientStep) -> bool:
-        """Take `step` if CLIENT_TRANSITIONS has it from this phase; a step
-        that does not apply (a second answer, say) changes nothing."""
-        after = CLIENT_TRANSITIONS.get((self.phase, step))
-        if after is None:
-            return False
-        self.phase = after
-        if after is not ClientPhase.RELAYING:
-            self.relay = None
-        if step is ClientStep.UPSTREAM_ANSWERED:
-            self.facts.early_messages += client_messages(self.relayed)
-            self.relayed.clear()
-        elif step is ClientStep.UPSTREAM_FAILED:
-            self.early[:0] = self.relayed
-            self.relayed.clear()
-        elif after is ClientPhase.OPEN:
-            self.facts.waiting_client = None  # no upstream will look for it now
-        return True
-
-    @property
-    def is_open(self) -> bool:
-        return self.phase is ClientPhase.OPEN
-
-    def relay_to(self, upstream: connection.Connection, sid: int) -> bool:
-        if not self.step(ClientStep.UPSTREAM_HAS_CONNECT):
-            return False
-        self.relay = (upstream, sid)
-        return True
-
-
-@dataclass
-class UpstreamStream:
-    """An extended CONNECT stream on an upstream HTTP/2 connection."""
-
-    facts: StreamFacts
-    key: str  # the Sec-WebSocket-Key the 101 given to mitmproxy must answer
-    relay_from: ClientSideStream | None = None
-    phase: WsPhase = WsPhase.WAITING
-
-    @property
-    def is_open(self) -> bool:
-        return self.phase is WsPhase.OPEN
 
 
 class _CountedDeque(collections.deque):
@@ -410,12 +333,13 @@ class WsHttp2Server(_http2.Http2Server):
             yield from self._refuse(sid, 501, "WebSockets are turned off (the websocket option)")
         elif fields.get("sec-websocket-version", "").strip() != "13":
             yield from self._refuse(sid, 400, "extended CONNECT without sec-websocket-version: 13")
+        elif not authority:
+            yield from self._refuse(sid, 400, "extended CONNECT without :authority")
         else:
-            fields["upgrade"] = "websocket"
-            fields["connection"] = "Upgrade"
-            fields["sec-websocket-key"] = generate_nonce().decode()
+            # The flow keeps what the client sent: CONNECT, with :protocol as its first header field.
+            fields.insert(0, PROTOCOL.decode(), WEBSOCKET.decode())
             request = http.Request(
-                host=host, port=port, method=b"GET", scheme=scheme, authority=authority,
+                host=host, port=port, method=b"CONNECT", scheme=scheme, authority=authority,
                 path=path, http_version=b"HTTP/2.0", headers=fields, content=None,
                 trailers=None, timestamp_start=time.time(), timestamp_end=None,
             )
@@ -423,7 +347,8 @@ class WsHttp2Server(_http2.Http2Server):
             ws.facts.waiting_client = ws
             self.websockets[sid] = ws
             self.streams[sid] = _http2.StreamState.HEADERS_RECEIVED
-            # A CONNECT stream never ends its request; the upgrade request does at its headers.
+            # The request is whole at its headers: what the client sends on the
+            # stream is the WebSocket's, kept here until its status.
             yield http_layers.ReceiveHttp(http_layers.RequestHeaders(sid, request, end_stream=True))
             yield http_layers.ReceiveHttp(http_layers.RequestEndOfMessage(sid))
 
@@ -457,14 +382,14 @@ class WsHttp2Server(_http2.Http2Server):
                 event = response_error(event.stream_id, "upstream switched protocols on a request that did not ask for a WebSocket")
             yield from super()._handle_event(event)
         elif ws.phase.before_status:
-            if isinstance(event, http_layers.ResponseHeaders) and event.response.status_code == 101:
+            if isinstance(event, http_layers.ResponseHeaders) and 200 <= event.response.status_code < 300:
                 yield from self._send_success(event)
             else:
                 # A refusal or an error: an ordinary response from here on.
                 del self.websockets[event.stream_id]
                 yield from super()._handle_event(event)
         elif isinstance(event, http_layers.ResponseEndOfMessage):
-            # mitmproxy ends the 101 "message" once the WebSocket layer is set
+            # The stream ends the 2xx "message" once the WebSocket layer is set
             # up; on HTTP/2 that would close the stream. Instead, hand over
             # what the client sent before the status.
             if ws.early:
@@ -488,7 +413,8 @@ class WsHttp2Server(_http2.Http2Server):
         ws = self.websockets[event.stream_id]
         ws.step(ClientStep.STATUS_SENT)  # from now on the WebSocket layer carries the client's data
         if self.is_open_for_us(event.stream_id):
-            headers = [(b":status", b"200"), *_h2_headers(event.response.headers)]
+            status = b"%d" % event.response.status_code
+            headers = [(b":status", status), *stream_fields(event.response.headers.fields)]
             self.h2_conn.send_headers(event.stream_id, headers, end_stream=False)
             yield commands.SendData(self.conn, self.h2_conn.data_to_send())
 
@@ -516,14 +442,17 @@ def _close_open_websockets(codec, end_of_message) -> layer.CommandGenerator[None
 
 
 def extended_connect_headers(request: http.Request) -> list[tuple[bytes, bytes]]:
+    """The header block of the extended CONNECT that asks an HTTP/2 or
+    HTTP/3 upstream for the WebSocket `request` opens (an extended CONNECT
+    itself, or an HTTP/1.1 client's upgrade)."""
     authority = request.authority or request.host_header or f"{request.host}:{request.port}"
     return [
         (b":method", b"CONNECT"),
-        (b":protocol", b"websocket"),
+        (PROTOCOL, protocol_of(request.data.method, request.headers.fields) or WEBSOCKET),
         (b":scheme", request.scheme.encode() or b"https"),
         (b":path", request.data.path),
         (b":authority", authority.encode("utf-8", "surrogateescape")),  # (as mitmproxy decoded the Host header)
-        *_h2_headers(request.headers),
+        *stream_fields(request.headers.fields),
     ]
 
 
@@ -592,14 +521,14 @@ class WsHttp2Client(_http2.Http2Client):
             isinstance(event, http_layers.RequestHeaders)
             and not self.settings_received
             and not self.closed
-            and is_websocket_upgrade(event.request)
+            and opens_websocket(event.request)
         )
 
     def _cannot_take(self, event: http_layers.HttpEvent) -> bool:
         return (
             isinstance(event, http_layers.RequestHeaders)
             and self.settings_received
-            and is_websocket_upgrade(event.request)
+            and opens_websocket(event.request)
             and not self.h2_conn.remote_settings.enable_connect_protocol
         )
 
@@ -607,7 +536,7 @@ class WsHttp2Client(_http2.Http2Client):
         if (due := self.backlog.due(event)) is not None:
             yield http_layers.ReceiveHttp(due)
             return
-        if isinstance(event, http_layers.RequestHeaders) and is_websocket_upgrade(event.request):
+        if isinstance(event, http_layers.RequestHeaders) and opens_websocket(event.request):
             yield from self._send_connect(event)
             return
         ws = self.websockets.get(event.stream_id) if isinstance(event, http_layers.HttpEvent) else None
@@ -632,9 +561,9 @@ class WsHttp2Client(_http2.Http2Client):
         self.last_activity = time.time()
         self.h2_conn.send_headers(sid, extended_connect_headers(event.request), end_stream=False)
         self.streams[sid] = _http2.StreamState.EXPECTING_HEADERS
-        ws = self.websockets[sid] = UpstreamStream(
-            facts_for(event.request), event.request.headers.get("sec-websocket-key", "")
-        )
+        # An HTTP/1.1 client's upgrade gets a 101 that answers its key.
+        key = None if is_extended_connect(event.request) else upgrade_key(event.request.headers.fields)
+        ws = self.websockets[sid] = UpstreamStream(facts_for(event.request), key)
         # The request is really on its way now (it may have waited for SETTINGS).
         ws.facts.forwarded()
         client_side = ws.facts.waiting_client
@@ -657,7 +586,7 @@ class WsHttp2Client(_http2.Http2Client):
         if ws is None:
             return (yield from super().handle_h2_event(event))
         sid = event.stream_id
-        if isinstance(event, h2.events.ResponseReceived) and ws.phase is WsPhase.WAITING:
+        if isinstance(event, h2.events.ResponseReceived) and ws.phase is UpstreamPhase.WAITING:
             return (yield from self._status(sid, ws, event))
         if isinstance(event, h2.events.StreamReset):
             yield from self._stream_reset(sid, ws, event)
@@ -687,29 +616,33 @@ class WsHttp2Client(_http2.Http2Client):
             if self.is_open_for_us(sid):
                 self.h2_conn.end_stream(sid)
             return (yield from super().handle_h2_event(event))
-        ws.phase = WsPhase.OPEN
+        ws.phase = UpstreamPhase.OPEN
         # The status came in the same read as the first response data:
         # the fingerprint of an encoder that buffers the status.
         ws.facts.status_with_data = any(
             isinstance(e, h2.events.DataReceived) and e.stream_id == sid and e.data
             for e in self.h2_conn.last_batch
         )
-        fields["upgrade"] = "websocket"
-        fields["connection"] = "Upgrade"
-        fields["sec-websocket-accept"] = accept_for(ws.key)
-        response = http.Response(
-            http_version=b"HTTP/2.0", status_code=101, reason=b"Switching Protocols",
-            headers=fields, content=None, trailers=None,
-            timestamp_start=time.time(), timestamp_end=None,
-        )
+        if ws.key is None:
+            response = http.Response(
+                http_version=b"HTTP/2.0", status_code=status, reason=b"",
+                headers=fields, content=None, trailers=None,
+                timestamp_start=time.time(), timestamp_end=None,
+            )
+        else:
+            response = http.Response(
+                http_version=b"HTTP/2.0", status_code=101, reason=b"Switching Protocols",
+                headers=http.Headers(switching_fields(fields.fields, ws.key)), content=None, trailers=None,
+                timestamp_start=time.time(), timestamp_end=None,
+            )
         self.streams[sid] = _http2.StreamState.HEADERS_RECEIVED
-        # The stream waits for the end of the 101 before it upgrades.
+        # The stream takes the WebSocket at the end of this status's message.
         yield http_layers.ReceiveHttp(http_layers.ResponseHeaders(sid, response, end_stream=False))
         yield http_layers.ReceiveHttp(http_layers.ResponseEndOfMessage(sid))
         return False
 
     def _stream_reset(self, sid: int, ws: UpstreamStream, event: h2.events.StreamReset) -> layer.CommandGenerator[None]:
-        if ws.phase is WsPhase.WAITING and event.error_code == h2.errors.ErrorCodes.HTTP_1_1_REQUIRED:
+        if ws.phase is UpstreamPhase.WAITING and event.error_code == h2.errors.ErrorCodes.HTTP_1_1_REQUIRED:
             yield from self._stream_gone(sid, ws, NeedsHttp1.on(sid))
         else:
             yield from self._stream_gone(sid, ws, f"stream reset by server ({_error_name(event.error_code)})")
@@ -743,11 +676,81 @@ class WsHttp2Client(_http2.Http2Client):
     def close_connection(self, msg: str) -> layer.CommandGenerator[None]:
         self.closed = True
         for ws in self.websockets.values():
-            if ws.phase is WsPhase.WAITING and ws.relay_from is not None:
+            if ws.phase is UpstreamPhase.WAITING and ws.relay_from is not None:
                 ws.relay_from.step(ClientStep.UPSTREAM_FAILED)
         yield from self.backlog.due_now()
         yield from _close_open_websockets(self, http_layers.ResponseEndOfMessage)
         yield from super().close_connection(msg)
+
+
+class WsHttp1Client(_http1.Http1Client):
+    """mitmproxy's upstream HTTP/1.1 codec, which also sends an extended
+    CONNECT's WebSocket as the HTTP/1.1 upgrade that asks the same (RFC 6455
+    section 4.1) with a key of the proxy's own, and hands the stream the 2xx
+    its client expects once the 101 answers that key. An answer that does not
+    open the WebSocket yet reads as if it did (a 101 with a wrong accept, a
+    2xx that ignored the upgrade) is the proxy's 502, and the connection
+    closes; any other refusal reaches the client as it is."""
+
+    ws_key: str | None = None  # the key of the upgrade this codec made for the request in flight
+    ws_facts: StreamFacts | None = None  # that request's
+    ws_refused = False  # the proxy refused that request's answer: the rest of it goes nowhere
+
+    def send(self, event: http_layers.HttpEvent) -> layer.CommandGenerator[None]:
+        if isinstance(event, http_layers.RequestHeaders):
+            self.ws_key = new_key() if is_extended_connect(event.request) else None
+            if self.ws_key is not None:
+                self.ws_facts = facts_for(event.request)
+                self.ws_facts.key_sent = self.ws_key
+                event = http_layers.RequestHeaders(event.stream_id, as_upgrade(event.request, self.ws_key), event.end_stream)
+        yield from super().send(event)
+
+    def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
+        if self.ws_key is None:
+            return (yield from super().read_headers(event))
+        for command in super().read_headers(event):
+            if isinstance(command, http_layers.ReceiveHttp) and isinstance(command.event, http_layers.ResponseHeaders):
+                yield from self._answer(command.event)
+            elif not (self.ws_refused and isinstance(command, http_layers.ReceiveHttp)):
+                yield command
+        if self.ws_refused:
+            self.state = self.done
+            yield commands.CloseConnection(self.conn)
+
+    def _answer(self, event: http_layers.ResponseHeaders) -> layer.CommandGenerator[None]:
+        response, sid = event.response, event.stream_id
+        facts = self.ws_facts
+        facts.upstream_status = response.status_code
+        problem = answer_problem(response.status_code, response.headers.fields, self.ws_key)
+        if problem is not None:
+            self.ws_refused = True
+            facts.proxy_refused = problem
+            yield commands.Log(f"ws_encode: {problem} ({printable(self.request.host)})", logging.WARNING)
+            failed = http.Response.make(BAD_UPSTREAM_ANSWER, f"ws_encode: {problem}\n")
+            body, failed.content = failed.content, None
+            yield http_layers.ReceiveHttp(http_layers.ResponseHeaders(sid, failed, end_stream=False))
+            yield http_layers.ReceiveHttp(http_layers.ResponseData(sid, body))
+            yield http_layers.ReceiveHttp(http_layers.ResponseEndOfMessage(sid))
+        elif response.status_code == 101:
+            opened = http.Response(
+                http_version=self.request.data.http_version, status_code=200, reason=b"",
+                headers=http.Headers(success_fields(response.headers.fields)), content=None, trailers=None,
+                timestamp_start=response.timestamp_start, timestamp_end=None,
+            )
+            yield http_layers.ReceiveHttp(http_layers.ResponseHeaders(sid, opened, event.end_stream))
+        else:
+            yield http_layers.ReceiveHttp(event)
+
+
+def as_upgrade(request: http.Request, key: str) -> http.Request:
+    """An extended CONNECT as the upgrade mitmproxy's HTTP/1.1 codec sends:
+    it keeps the client's HTTP version, so the codec converts it to HTTP/1.1
+    as any HTTP/2 or HTTP/3 request (Host from the authority, one Cookie
+    line) and uses the connection for it alone."""
+    upgrade = request.copy()
+    upgrade.data.method = b"GET"
+    upgrade.headers = http.Headers(upgrade_fields(request.headers.fields, key))
+    return upgrade
 
 
 def _error_name(code: int) -> str:
@@ -848,35 +851,129 @@ def _unthrottle_websockets(client: connection.Client) -> None:
         handler.max_conns = _Throttle(handler.max_conns.default_factory, handler.max_conns)
 
 
-class Route(enum.Enum):
-    """Where a handshake's stream has it upstream."""
-
-    FIRST = enum.auto()  # on the connection mitmproxy chose
-    HTTP1 = enum.auto()  # on an HTTP/1.1 connection of its own: the HTTP/2 upstream could not take it
-    SWITCHED = enum.auto()  # the upstream switched protocols: its stream carries the WebSocket
-
-
-class RouteStep(enum.Enum):
-    NEEDS_HTTP1 = enum.auto()  # the upstream codec's NeedsHttp1
-    SWITCHED_PROTOCOLS = enum.auto()  # a 101 reached the stream
-
-
-ROUTE_TRANSITIONS: dict[tuple[Route, RouteStep], Route] = {
-    (Route.FIRST, RouteStep.NEEDS_HTTP1): Route.HTTP1,
-    (Route.FIRST, RouteStep.SWITCHED_PROTOCOLS): Route.SWITCHED,
-    (Route.HTTP1, RouteStep.SWITCHED_PROTOCOLS): Route.SWITCHED,
-}
-
-
 class WsHttpStream(_stock(http_layers.HttpStream)):
-    """mitmproxy's HTTP stream, which notes where a handshake is, retries a
-    WebSocket over HTTP/1.1 when an HTTP/2 upstream cannot take it, and lets
-    the HTTP layer drop the stream when its WebSocket is over."""
+    """mitmproxy's HTTP stream, which also carries a WebSocket opened by an
+    extended CONNECT: a request like any other until its status (RFC 8441
+    section 4), not a tunnel to its authority, whose 2xx hands the stream to
+    mitmproxy's WebSocket layer as a 101 does for an HTTP/1.1 upgrade. It
+    also notes where a handshake is, retries a WebSocket over HTTP/1.1 when
+    an HTTP/2 upstream cannot take it, and lets the HTTP layer drop the
+    stream when its WebSocket is over."""
 
     ws_encode_bridge = True
     # (ws_ names: attributes of a subclass of mitmproxy's, kept off its names)
     ws_route = Route.FIRST  # its one table: ROUTE_TRANSITIONS
     ws_facts: StreamFacts | None = None  # a handshake's, once the stream has classified its request
+
+    # -- an extended CONNECT, from its headers to its WebSocket --
+
+    def handle_connect(self) -> layer.CommandGenerator[None]:
+        if not is_extended_connect(self.flow.request):
+            return (yield from super().handle_connect())
+        # What mitmproxy's state_wait_for_request_headers does for any other
+        # request after its CONNECT branch: the destination in transparent
+        # and reverse modes, the Host of reverse mode, the requestheaders hook.
+        request = self.flow.request
+        if self.mode is http_layers.HTTPMode.transparent:
+            request.data.host, request.data.port = self.context.server.address
+            request.scheme = "https" if self.context.server.tls else "http"
+        if isinstance(self.context.client.proxy_mode, ReverseMode) and not self.context.options.keep_host_header:
+            request.host_header = url.hostport(
+                "https" if self.context.server.tls else "http", *self.context.server.address
+            )
+        yield http_layers.HttpRequestHeadersHook(self.flow)
+        if (yield from self.check_killed(True)):
+            return
+        # Its request ends at its headers (the codec keeps what follows for
+        # after the status): the request hook, then upstream.
+        self.client_state = self.state_consume_request_body
+        self.server_state = self.state_wait_for_response_headers
+
+    def check_invalid(self, request: bool) -> layer.CommandGenerator[bool]:
+        if not (request and is_extended_connect(self.flow.request)):
+            return (yield from super().check_invalid(request))
+        # mitmproxy refuses a CONNECT outside regular and upstream modes,
+        # where it could only be a misconfigured tunnel, and `:protocol` as a
+        # header name; the rest of its checks apply as to any request.
+        problem = http_layers.validate_request(
+            http_layers.HTTPMode.regular, without_protocol(self.flow.request),
+            self.context.options.validate_inbound_headers,
+        )
+        if problem is None:
+            return False
+        self.flow.error = flow.Error(problem)
+        yield http_layers.HttpRequestHeadersHook(self.flow)
+        yield http_layers.HttpErrorHook(self.flow)
+        yield http_layers.SendHttp(request_error_response(self.stream_id, problem), self.context.client)
+        self.flow.live = False
+        self.client_state = self.server_state = self.state_errored
+        return True
+
+    def send_response(self, already_streamed: bool = False) -> layer.CommandGenerator[None]:
+        if self._extended_connect_accepted() and self.context.options.websocket:
+            # Before the response hook, as mitmproxy does for a 101: addons
+            # tell a WebSocket from there on by flow.websocket.
+            self.flow.websocket = WebSocketData()
+        yield from super().send_response(already_streamed)
+
+    def _extended_connect_accepted(self) -> bool:
+        return is_extended_connect(self.flow.request) and 200 <= self.flow.response.status_code < 300
+
+    def flow_done(self) -> layer.CommandGenerator[None]:
+        if is_extended_connect(self.flow.request) and self.flow.websocket:
+            if self._extended_connect_accepted():
+                yield from self._start_websocket()
+                return
+            self.flow.websocket = None  # an addon failed it after the response hook began
+        yield from super().flow_done()
+        if self.ws_route is Route.ACCEPTED and not self._opened(self.flow.response.status_code):
+            # The upstream accepted but the flow did not (an addon failed the
+            # handshake): nothing will use that upstream stream.
+            yield http_layers.SendHttp(request_error(self.stream_id, "handshake failed in the proxy"), self.context.server)
+
+    def _opened(self, status: int) -> bool:
+        """Whether `status` opens the WebSocket this stream's handshake asks
+        for (the codecs hand an upgrade a 101, an extended CONNECT a 2xx)."""
+        handshake = self.ws_facts.handshake if self.ws_facts is not None else None
+        return handshake is not None and handshake.is_success(status)
+
+    def _start_websocket(self) -> layer.CommandGenerator[None]:
+        """What mitmproxy's flow_done does for a 101 (the WebSocket layer
+        takes the stream, then the response's end goes out), for the 2xx
+        that answers an extended CONNECT."""
+        self.child_layer = websocket.WebsocketLayer(self.context, self.flow)
+        self._handle_event = self.passthrough
+        yield from self.child_layer.handle_event(events.Start())
+        yield http_layers.SendHttp(http_layers.ResponseEndOfMessage(self.stream_id), self.context.client)
+
+    def passthrough(self, event: events.Event) -> layer.CommandGenerator[None]:
+        stream_commands = super().passthrough(event)
+        if is_extended_connect(self.flow.request):
+            stream_commands = self._on_the_upstream_stream(stream_commands)
+        yield from stream_commands
+        if self.flow.websocket is not None and not self.flow.live:
+            # The WebSocket layer is done (it clears `live` after its end
+            # hook). mitmproxy drops a stream only when its flow is done
+            # without an upgrade, so on an HTTP/2 connection every finished
+            # WebSocket, its messages included, would stay until the
+            # connection closed.
+            yield http_layers.DropStream(self.stream_id)
+
+    def _on_the_upstream_stream(self, stream_commands: layer.CommandGenerator[None]) -> layer.CommandGenerator[None]:
+        """mitmproxy's passthrough sends the upstream's bytes on the stream
+        only after a 101: after a tunnel's CONNECT, the upstream is a
+        connection of the tunnel's own. An extended CONNECT's WebSocket is
+        the stream's (RFC 8441 section 5): its bytes and its close go there."""
+        server = self.context.server
+        for command in stream_commands:
+            if isinstance(command, commands.SendData) and command.connection == server:
+                yield http_layers.SendHttp(http_layers.RequestData(self.stream_id, command.data), server)
+            elif isinstance(command, commands.CloseConnection) and command.connection == server:
+                yield http_layers.SendHttp(passthrough_close(http_layers.RequestProtocolError, self.stream_id), server)
+            else:
+                yield command
+
+    # -- where a handshake is upstream --
 
     def make_server_connection(self) -> layer.CommandGenerator[bool]:
         if facts_of(self.flow.request) is None:
@@ -925,12 +1022,7 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
     def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, (http_layers.RequestProtocolError, http_layers.ResponseProtocolError)):
             self._note_ended_by(event)
-        stream_commands = super().handle_event(event)
-        if self.ws_facts is not None and self.ws_facts.translation is not None:
-            return translated_while_running(stream_commands, self.ws_facts.translation)
-        # mitmproxy's own generator, not one wrapped around it: this runs for
-        # every event of every HTTP flow.
-        return stream_commands
+        return super().handle_event(event)
 
     def _note_ended_by(self, event: http_layers.RequestProtocolError | http_layers.ResponseProtocolError) -> None:
         """Whose side failed the stream, by where the error came from: the
@@ -960,8 +1052,8 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
             else:
                 note_not_a_handshake(event.request)
             self.ws_facts = facts_of(event.request)  # (also the client codec's, for any extended CONNECT)
-        if isinstance(event, http_layers.ResponseHeaders) and event.response.status_code == 101:
-            self.ws_step(RouteStep.SWITCHED_PROTOCOLS)
+        if isinstance(event, http_layers.ResponseHeaders) and self._opened(event.response.status_code):
+            self.ws_step(RouteStep.UPSTREAM_ACCEPTED)
         yield from super()._handle_event(event)
 
     def ws_step(self, step: RouteStep) -> bool:
@@ -971,23 +1063,6 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
             self.ws_route = after
         return after is not None
 
-    def passthrough(self, event: events.Event) -> layer.CommandGenerator[None]:
-        yield from super().passthrough(event)
-        if self.flow.websocket is not None and not self.flow.live:
-            # The WebSocket layer is done (it clears `live` after its end
-            # hook). mitmproxy drops a stream only when its flow is done
-            # without an upgrade, so on an HTTP/2 connection every finished
-            # WebSocket, its messages included, would stay until the
-            # connection closed.
-            yield http_layers.DropStream(self.stream_id)
-
-    def flow_done(self) -> layer.CommandGenerator[None]:
-        yield from super().flow_done()
-        if self.ws_route is Route.SWITCHED and self.flow.response.status_code != 101:
-            # The upstream switched protocols but the flow did not (an addon
-            # failed the handshake): nothing will use that upstream stream.
-            yield http_layers.SendHttp(request_error(self.stream_id, "handshake failed in the proxy"), self.context.server)
-
     def _retry_over_http1(self) -> layer.CommandGenerator[None]:
         yield commands.Log(f"{NEEDS_HTTP1} ({printable(self.flow.request.host)})", logging.INFO)
         if (yield from self._connect(GetHttp1Connection, Http1OnlyAddress)):
@@ -995,27 +1070,18 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
             yield http_layers.SendHttp(http_layers.RequestEndOfMessage(self.stream_id), self.context.server)
 
 
-def translated_while_running(stream_commands: layer.CommandGenerator[None], translation: Translation) -> layer.CommandGenerator[None]:
-    """A flow that shows its wire form (CONNECT, 200) has the GET and 101
-    mitmproxy's stream was written for whenever the stream's code runs, and
-    the wire form whenever anything else may read it: while a hook the
-    stream started is out (mitmproxy may run a hook as soon as it is
-    yielded), and once the stream returns. Commands other than hooks are
-    carried out before the stream resumes, by code that expects the
-    translated form too (the client's codec sends the 101 as a 200); one
-    may call back into the stream, whose inner run leaves the form to this
-    outer one (`Translation.enter`, `leave`)."""
-    translation.enter()
-    try:
-        for command in stream_commands:
-            if isinstance(command, commands.StartHook):
-                translation.show_wire_form()
-                yield command
-                translation.translate()
-            else:
-                yield command
-    finally:
-        translation.leave()
+def without_protocol(request: http.Request) -> http.Request:
+    """A copy of an extended CONNECT's request without its `:protocol` field,
+    for checks written for HTTP/1.1's header names."""
+    copy_ = request.copy()
+    copy_.headers = http.Headers([(k, v) for k, v in request.headers.fields if k != PROTOCOL])
+    return copy_
+
+
+def request_error_response(sid: int, message: str) -> http_layers.ResponseProtocolError:
+    """The error mitmproxy sends a client whose request failed its checks."""
+    code = getattr(getattr(http_layers, "ErrorCode", None), "REQUEST_VALIDATION_FAILED", None)
+    return http_layers.ResponseProtocolError(sid, message, code) if code is not None else http_layers.ResponseProtocolError(sid, message)
 
 
 def offer_http1_only(server: connection.Server) -> None:
@@ -1046,6 +1112,16 @@ USES = (
     (_http2.Http2Connection, "close_connection", ("self", "msg")),
     (http_layers, "HttpStream", None), (http_layers, "HttpLayer", None), (http_layers, "DropStream", None),
     (http_layers.HttpStream, "make_server_connection", ("self",)),
+    (http_layers.HttpStream, "handle_connect", ("self",)),
+    (http_layers.HttpStream, "check_invalid", ("self", "request")),
+    (http_layers.HttpStream, "check_killed", ("self", "emit_error_hook")),
+    (http_layers.HttpStream, "send_response", ("self", "already_streamed")),
+    (http_layers.HttpStream, "state_consume_request_body", ("self", "event")),
+    (http_layers.HttpStream, "state_wait_for_response_headers", ("self", "event")),
+    (http_layers, "validate_request", ("mode", "request", "validate_inbound_headers")),
+    (http_layers, "HTTPMode", None), (http_layers, "Http1Client", None),
+    (_http1.Http1Client, "send", ("self", "event")),
+    (_http1.Http1Client, "read_headers", ("self", "event")),
     (http_layers.HttpStream, "flow_done", ("self",)),
     (http_layers.HttpStream, "passthrough", ("self", "event")),
     (http_layers.HttpStream, "handle_protocol_error", ("self", "event")),
@@ -1072,7 +1148,10 @@ INSTANCE_ATTRIBUTES = (
 # The names the bridge replaces, and the classes of mitmproxy's that must look
 # them up in the HTTP layer's module when they make a connection or a stream
 # (a `from ... import` of their own would keep the stock class).
-REPLACED = {"HttpStream": ("HttpLayer",), "Http2Server": ("HttpLayer",), "Http2Client": ("HttpLayer", "HttpClient")}
+REPLACED = {
+    "HttpStream": ("HttpLayer",), "Http2Server": ("HttpLayer",), "Http2Client": ("HttpLayer", "HttpClient"),
+    "Http1Client": ("HttpLayer", "HttpClient"),
+}
 
 
 def _looks_up(cls: type, name: str) -> bool:
@@ -1111,7 +1190,8 @@ def install(h2: bool) -> str | None:
     not (and then mitmproxy's own classes are back)."""
     wanted = {"HttpStream": WsHttpStream,
               "Http2Server": WsHttp2Server if h2 else _http2.Http2Server,
-              "Http2Client": WsHttp2Client if h2 else _http2.Http2Client}
+              "Http2Client": WsHttp2Client if h2 else _http2.Http2Client,
+              "Http1Client": WsHttp1Client}
     for name, cls in wanted.items():
         setattr(http_layers, name, cls)
     # What mitmproxy's HTTP layer will really construct: the names as its
@@ -1129,3 +1209,4 @@ def uninstall() -> None:
     http_layers.HttpStream = _stock(WsHttpStream)
     http_layers.Http2Server = _http2.Http2Server
     http_layers.Http2Client = _http2.Http2Client
+    http_layers.Http1Client = _http1.Http1Client

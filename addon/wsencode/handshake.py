@@ -16,8 +16,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from wsproto.utilities import generate_accept_token
-
 from .report import printable
 
 
@@ -52,9 +50,11 @@ class Request(Protocol):
     headers: Headers
 
 
-# The headers a handshake is read from, by their lowercase names.
+# The headers a handshake is read from, by their lowercase names (and an
+# extended CONNECT's `:protocol`, which the flow keeps as a header field).
 _UPGRADE, _CONNECTION, _KEY, _VERSION = b"upgrade", b"connection", b"sec-websocket-key", b"sec-websocket-version"
-_READ = frozenset({_UPGRADE, _CONNECTION, _KEY, _VERSION})
+_PROTOCOL = b":protocol"
+_READ = frozenset({_UPGRADE, _CONNECTION, _KEY, _VERSION, _PROTOCOL})
 
 
 def _handshake_headers(headers: Headers) -> dict[bytes, list[str]]:
@@ -83,6 +83,13 @@ def _upgrade_protocols(values: Iterable[str]) -> list[str]:
     return [t.split("/", 1)[0] for t in tokens(values)]
 
 
+class Form(enum.Enum):
+    """How a client asks for a WebSocket."""
+
+    UPGRADE = "upgrade"  # HTTP/1.1: GET with Upgrade: websocket (RFC 6455)
+    EXTENDED_CONNECT = "extended CONNECT"  # HTTP/2 and HTTP/3: CONNECT with :protocol (RFC 8441, RFC 9220)
+
+
 @dataclass(frozen=True)
 class Handshake:
     """A request recognised as a WebSocket handshake.
@@ -94,29 +101,19 @@ class Handshake:
 
     transport: Transport
     problems: tuple[str, ...] = ()
+    form: Form = Form.UPGRADE
 
     @property
     def malformed(self) -> bool:
         return bool(self.problems)
 
     def is_success(self, status: int) -> bool:
-        """Whether `status` (as the upstream sent it) completes this handshake.
-
-        HTTP/1.1 switches protocols with 101; RFC 8441 and RFC 9220 answer
-        the extended CONNECT with any 2xx.
-        """
-        if self.transport is Transport.H1:
+        """Whether `status`, as the client got it, completes this handshake:
+        an upgrade switches protocols with 101; RFC 8441 and RFC 9220 answer
+        the extended CONNECT with any 2xx."""
+        if self.form is Form.UPGRADE:
             return status == 101
-        return 200 <= status < 300 or status == 101
-
-
-# RFC 6455 section 1.3: the GUID the accept hash is computed with.
-
-
-def accept_for(key: str) -> str:
-    """The Sec-WebSocket-Accept a server must answer `key` with (`key` as
-    mitmproxy decodes it: bytes that are not UTF-8 are lone surrogates)."""
-    return generate_accept_token(key.strip().encode("utf-8", "surrogateescape")).decode()
+        return 200 <= status < 300
 
 
 def _key_problem(keys: list[str]) -> str | None:
@@ -160,16 +157,20 @@ def _h1_problems(method: str, headers: dict[bytes, list[str]], protocols: list[s
 def classify(request: Request, transport: Transport | None = None) -> Handshake | None:
     """The handshake `request` opens, or None if it opens none.
 
-    HTTP/1.1: `Upgrade` lists websocket. HTTP/2 and HTTP/3: an extended
-    CONNECT with `:protocol: websocket`, which mitmproxy (with ws_encode's
-    HTTP/2 bridge) presents as a GET carrying the same upgrade headers, so
-    one rule covers both. The transport is the connection's when the caller
-    knows it (an HTTP/1.1 client can write `HTTP/2.0` in its request line),
-    else the request's version.
+    HTTP/1.1: `Upgrade` lists websocket. HTTP/2 and HTTP/3: a CONNECT with
+    `:protocol: websocket`, which the flow keeps as a header field. The
+    transport is the connection's when the caller knows it (an HTTP/1.1
+    client can write `HTTP/2.0` in its request line), else the request's
+    version.
     """
     headers = _handshake_headers(request.headers)
+    transport = transport or transport_of(request.http_version)
+    if _PROTOCOL in headers and request.method == "CONNECT":
+        if [p.strip().lower() for p in headers[_PROTOCOL]] != ["websocket"]:
+            return None
+        problem = _version_problem(headers.get(_VERSION, []))
+        return Handshake(transport, (problem,) if problem else (), Form.EXTENDED_CONNECT)
     protocols = _upgrade_protocols(headers.get(_UPGRADE, ()))
     if "websocket" not in protocols:
         return None
-    problems = tuple(_h1_problems(request.method, headers, protocols))
-    return Handshake(transport or transport_of(request.http_version), problems)
+    return Handshake(transport, tuple(_h1_problems(request.method, headers, protocols)))

@@ -95,8 +95,8 @@ class Progress:
     forwarded_at: float | None = None
     phase: Phase = Phase.WAITING
     stalled: bool = False
-    status: int | None = None  # as mitmproxy forwards it (a translated success is 101)
-    upstream_status: int | None = None  # as the upstream sent it (200 from an HTTP/2 upstream)
+    status: int | None = None  # as the client got it
+    upstream_status: int | None = None  # as the upstream sent it (101 from an HTTP/1.1 upstream behind an extended CONNECT)
     status_at: float | None = None
     content_encoding: str | None = None
     status_with_data: bool = False

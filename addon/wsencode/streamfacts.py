@@ -56,10 +56,13 @@ class StreamFacts:
     # (h2bridge.ClientSideStream): where an HTTP/2 upstream's codec takes the
     # DATA the client sends before it.
     waiting_client: Any = None
-    # Set once the flow shows its wire form (wireform.Translation): what the
-    # bridge's stream gives mitmproxy's code back while it runs. Only on a
-    # handshake that stream classified (`handshake` set).
-    translation: Any = None
+    # The Sec-WebSocket-Key of the upgrade the proxy sent an HTTP/1.1
+    # upstream for an extended CONNECT (the client sent none).
+    key_sent: str | None = None
+    # Why the proxy answered the client itself when the upstream's answer
+    # could not reach it as it was (a wrong accept, a 2xx that ignored the
+    # upgrade), if it did.
+    proxy_refused: str | None = None
     # The addon's clock, which it gives the facts when it starts to follow
     # the handshake (before anything goes upstream), so that the times the
     # bridge notes are on the clock the addon measures with.

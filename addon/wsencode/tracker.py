@@ -55,15 +55,6 @@ class TrackedHandshake:
     def transport(self) -> Transport:
         return self.progress.handshake.transport
 
-    @property
-    def client_status(self) -> int | None:
-        """The status the client received: an HTTP/2 or HTTP/3 client gets 200
-        for any successful upgrade, whatever the upstream answered."""
-        status = self.progress.status
-        if status is None or self.transport is Transport.H1:
-            return status
-        return 200 if self.progress.phase is Phase.UPGRADED else status
-
     def record(self, event: str, now: float, text: str, **extra: Any) -> Record:
         """A report record (SPEC: Report records), without `ts`, which the
         writer adds."""
@@ -79,7 +70,7 @@ class TrackedHandshake:
             "accept_encoding_client": self.accept_encoding_client,
             "accept_encoding_upstream": self.accept_encoding_upstream,
             "waited_s": None if waited is None else round(waited, 3),
-            "status": self.client_status,
+            "status": progress.status,
             "upstream_status": progress.upstream_status,
             "client_bytes_before_status": progress.client_bytes_before_status,
             "stuck_in": self.stage.value,
