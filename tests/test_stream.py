@@ -404,6 +404,8 @@ class Peers:
         moves: dict[str, tuple[events.Event, ...]] = {}
         if play.waiting is not None:
             moves["answer"] = ()
+        if isinstance(play.waiting, http_layers.GetHttpConnection):
+            moves["no connection"] = ()
         if client == "waiting":
             moves["client resets"] = (h2bridge.request_error(SID, "stream reset by client"),)
         if client == "open":
@@ -475,7 +477,7 @@ def check(play: StreamPlay, peers: Peers, out: list[commands.Command]) -> None:
 @given(st.data(), st.booleans())
 def test_any_order_of_events_around_the_status_keeps_the_stream_in_a_known_state(data, hold_response):
     """Client resets and data, upstream statuses, resets and HTTP/1.1
-    retries, in any order the codecs could hand them (and with the response
+    retries (whose connection may fail), in any order the codecs could hand them (and with the response
     hook held, so that they can also arrive while it runs): the stream never
     raises, and `check` holds after each; a finished WebSocket is dropped."""
     play = forwarded(StreamPlay(hold=frozenset({"response"}) if hold_response else frozenset()))
@@ -487,6 +489,8 @@ def test_any_order_of_events_around_the_status_keeps_the_stream_in_a_known_state
         move = data.draw(st.sampled_from(sorted(moves)))
         if move == "answer":
             out = play.connect() if isinstance(play.waiting, http_layers.GetHttpConnection) else play.answer()
+        elif move == "no connection":
+            out = play.answer((None, "Connect call failed"))
         else:
             peers.took(move)
             out = play(*moves[move])
