@@ -37,7 +37,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
-from wsencode import h2bridge
+from wsencode.bridge.stream import WsHttpStream
 
 SID = 1  # the stream's id (a client's first HTTP/2 stream)
 ORIGIN = ("upstream.test", 443)  # a transparent client's destination
@@ -110,7 +110,7 @@ class StreamPlay:
     def __post_init__(self) -> None:
         self.context = stream_context(self.proxy_mode, self.alpn)
         self.http_layer = http_layers.HttpLayer(self.context, HTTP_MODES[self.context.client.proxy_mode.type_name])
-        self.stream = h2bridge.WsHttpStream(self.context.fork(), SID)
+        self.stream = WsHttpStream(self.context.fork(), SID)
         # The HTTP layer's connections (their codec layers are the test's part).
         self.http_layer.connections[self.context.client] = None
 

@@ -17,20 +17,18 @@ from mitmproxy import io as mitmio
 from mitmproxy.addons import view
 from mitmproxy.test import taddons, tflow, tutils
 
-from wsencode import flowview
+from wsencode.mitm import flowview, options
+from wsencode.mitm.commands import STALLED_FILTER
+from wsencode.mitm.output import STALL_MARK
+from wsencode.core.lifecycle import EndCause
 from wsencode.bridge import Bridge
-from wsencode.extconnect import accept_for
-from wsencode.stallwatch import StallWatch
-from wsencode.streamfacts import CLIENT, NO_FACTS, UPSTREAM, StreamFacts
+from wsencode.core.extconnect import accept_for
+from wsencode.core.stallwatch import StallWatch
+from wsencode.core.streamfacts import CLIENT, UPSTREAM, StreamFacts
 
 
 class FakeBridge(Bridge):
     """The bridge as the addon sees it, without touching mitmproxy's classes."""
-
-    def __init__(self, installed: bool = False):
-        super().__init__()
-        self.installed = installed
-        self.seen: dict[int, StreamFacts] = {}
 
     def install(self, h2: bool) -> None:
         pass
@@ -38,14 +36,23 @@ class FakeBridge(Bridge):
     def uninstall(self) -> None:
         pass
 
-    def facts(self, request):
-        return self.seen.get(id(request), NO_FACTS)
+
+def carried(f: http.HTTPFlow, facts: StreamFacts) -> StreamFacts:
+    """`facts` as the bridge's stream notes them on a handshake it classified."""
+    facts.handshake = facts.handshake or flowview_classify(f)
+    setattr(f.request, "ws_encode_facts", facts)
+    return facts
+
+
+def flowview_classify(f):
+    from wsencode.core.handshake import classify
+    return classify(f.request, flowview.client_transport(f))
 
 
 @pytest.fixture
 def addon():
     addon = ws_encode.WsEncode()
-    addon.bridge = FakeBridge()
+    addon.bridge = addon.addons[1] = FakeBridge()
     return addon
 
 
@@ -53,10 +60,10 @@ def addon():
 def clock(addon):
     clock = ManualClock()
     addon.clock = clock
-    addon.watch = StallWatch(clock.schedule, clock)
+    addon.handshakes.watch = StallWatch(clock.schedule, clock)
     # Progress ticks are kept apart, so fire_all runs stall timers only.
     addon.ticks = ManualClock()
-    addon.schedule_progress = addon.ticks.schedule
+    addon.waiting_line.schedule = addon.ticks.schedule
     return clock
 
 
@@ -95,7 +102,7 @@ def test_options_have_the_spec_defaults(addon):
         assert opts.ws_encode_stall == "2"
         assert opts.ws_encode_report == ""
         assert opts.ws_encode_filter == ""
-        assert opts.ws_encode_h2 is True
+        assert opts.ws_encode_h2 == "true"
 
 
 @pytest.mark.parametrize(
@@ -114,7 +121,7 @@ def test_bad_live_value_is_refused_and_the_previous_one_stays(addon, option, bad
         probe.request.host = "example.test"
 
         def state():
-            return addon.stall_after, addon.codings, addon.filter is None or addon.filter(probe)
+            return addon.handshakes.stall_after, addon.codings, addon.filter is None or addon.filter(probe)
 
         before = state()
         with pytest.raises(exceptions.OptionsError, match=option):
@@ -129,7 +136,7 @@ def test_unwritable_report_path_is_refused(addon, tmp_path):
         tctx.configure(addon, ws_encode_report=str(good))
         with pytest.raises(exceptions.OptionsError, match="ws_encode_report"):
             tctx.configure(addon, ws_encode_report=str(tmp_path / "missing" / "r.jsonl"))
-        assert addon.report.path == good
+        assert addon.output.report.path == good
 
 
 def test_stall_marks_comments_logs_and_reports(addon, clock, tmp_path, caplog):
@@ -140,22 +147,22 @@ def test_stall_marks_comments_logs_and_reports(addon, clock, tmp_path, caplog):
         f.comment = "user note"
         arrive(addon, f)
         assert clock.fire_all() == 1
-        assert f.marked == ws_encode.STALL_MARK
+        assert f.marked == STALL_MARK
         assert f.comment.startswith("user note\nStall: no status")
         [stall_log] = [r for r in caplog.records if "stall" in r.getMessage()]
         assert stall_log.levelno == logging.WARNING
-        assert addon.stalled_handshakes()[0] == f"[flow {f.id[:8]}] http://address:22/path"
-        assert addon.stalled_handshakes()[1].startswith("    Stall: no status")
-        assert addon.waiting_handshakes()[0] == f"[flow {f.id[:8]}] http://address:22/path"
+        assert addon.commands.stalled_handshakes()[0] == f"[flow {f.id[:8]}] http://address:22/path"
+        assert addon.commands.stalled_handshakes()[1].startswith("    Stall: no status")
+        assert addon.commands.waiting_handshakes()[0] == f"[flow {f.id[:8]}] http://address:22/path"
 
         deliver(addon, f)
-        assert addon.waiting_handshakes() == ["no WebSocket handshake is waiting for its status"]
+        assert addon.commands.waiting_handshakes() == ["no WebSocket handshake is waiting for its status"]
         records = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
         assert [r["event"] for r in records] == ["stall", "handshake"]
         assert records[1]["outcome"] == "upgraded" and records[1]["stalled"] is True
-        assert "late" in addon.stalled_handshakes()[1]
-        assert all(len(line) <= 60 for line in addon.stalled_handshakes()[1:])
-        assert any("accept-encoding:" in line for line in addon.stalled_handshakes())  # never split
+        assert "late" in addon.commands.stalled_handshakes()[1]
+        assert all(len(line) <= 60 for line in addon.commands.stalled_handshakes()[1:])
+        assert any("accept-encoding:" in line for line in addon.commands.stalled_handshakes())  # never split
 
 
 def test_a_mark_the_user_set_is_kept(addon, clock):
@@ -217,7 +224,7 @@ def test_non_handshakes_and_filtered_flows_are_untouched(addon, clock):
         f = handshake_flow(accept_encoding="gzip")
         arrive(addon, f)
         assert f.request.headers["accept-encoding"] == "gzip"
-        assert len(addon.tracker) == 0 and clock.fire_all() == 0
+        assert len(addon.handshakes) == 0 and clock.fire_all() == 0
 
 
 def test_done_at_shutdown_ends_waiting_handshakes(addon, clock, tmp_path):
@@ -238,16 +245,16 @@ CLIENT_OPEN, CLIENT_HALF_CLOSED, CLIENT_CLOSED = "open", "half-closed", "closed"
     [
         # The wording of an error never decides: mitmproxy's HTTP/2 codec says
         # "stream reset by client" for either peer's reset.
-        ("stream reset by client (CANCEL)", CLIENT_OPEN, CLIENT, True, None, ws_encode.EndCause.CLIENT_GONE),
-        ("stream reset by client (CANCEL)", CLIENT_OPEN, UPSTREAM, True, None, ws_encode.EndCause.UPSTREAM_CLOSED),
-        ("peer closed connection", CLIENT_OPEN, UPSTREAM, True, None, ws_encode.EndCause.UPSTREAM_CLOSED),
+        ("stream reset by client (CANCEL)", CLIENT_OPEN, CLIENT, True, None, EndCause.CLIENT_GONE),
+        ("stream reset by client (CANCEL)", CLIENT_OPEN, UPSTREAM, True, None, EndCause.UPSTREAM_CLOSED),
+        ("peer closed connection", CLIENT_OPEN, UPSTREAM, True, None, EndCause.UPSTREAM_CLOSED),
         # Without the bridge's word: the client connection's state.
-        ("peer closed connection", CLIENT_HALF_CLOSED, None, True, None, ws_encode.EndCause.CLIENT_GONE),
-        ("peer closed connection", CLIENT_CLOSED, None, True, None, ws_encode.EndCause.CLIENT_GONE),
-        ("peer closed connection", CLIENT_OPEN, None, True, None, ws_encode.EndCause.UPSTREAM_CLOSED),
-        ("the client said so", CLIENT_OPEN, None, False, None, ws_encode.EndCause.UPSTREAM_UNREACHABLE),
-        (flow.Error.KILLED_MESSAGE, CLIENT_OPEN, None, True, None, ws_encode.EndCause.KILLED),
-        ("whatever mitmproxy says", CLIENT_HALF_CLOSED, CLIENT, True, "too much early data", ws_encode.EndCause.PROXY_RESET),
+        ("peer closed connection", CLIENT_HALF_CLOSED, None, True, None, EndCause.CLIENT_GONE),
+        ("peer closed connection", CLIENT_CLOSED, None, True, None, EndCause.CLIENT_GONE),
+        ("peer closed connection", CLIENT_OPEN, None, True, None, EndCause.UPSTREAM_CLOSED),
+        ("the client said so", CLIENT_OPEN, None, False, None, EndCause.UPSTREAM_UNREACHABLE),
+        (flow.Error.KILLED_MESSAGE, CLIENT_OPEN, None, True, None, EndCause.KILLED),
+        ("whatever mitmproxy says", CLIENT_HALF_CLOSED, CLIENT, True, "too much early data", EndCause.PROXY_RESET),
     ],
 )
 def test_end_cause(message, client, ended_by, connected, ended_by_proxy, cause):
@@ -270,21 +277,20 @@ def test_value_of_is_what_mitmproxys_headers_get_answers(fields):
 @pytest.mark.parametrize("value", ["0", "-2", "inf", "nan", "", "2s"])
 def test_parse_stall_seconds_refuses(value):
     with pytest.raises(ValueError):
-        ws_encode.parse_stall_seconds(value)
+        options.parse_stall_seconds(value)
 
 
 def test_parse_stall_seconds():
-    assert ws_encode.parse_stall_seconds("1.5") == 1.5
+    assert options.parse_stall_seconds("1.5") == 1.5
 
 
 def test_the_stall_clock_starts_when_the_proxy_receives_the_handshake(addon, clock):
     """Wherever the handshake is stuck, the client has waited since it arrived;
     waited_s still counts from when it really went upstream."""
-    addon.bridge = FakeBridge(installed=True)
     with taddons.context(addon) as tctx:
         tctx.configure(addon, ws_encode_stall="2")
         f = handshake_flow()
-        facts = addon.bridge.seen[id(f.request)] = StreamFacts(stage="forwarded", forwarded_at=1001.5)
+        facts = carried(f, StreamFacts(stage="forwarded", forwarded_at=1001.5))
         arrive(addon, f)  # at 1000
         clock.fire_all()
         record = f.metadata["ws_encode"]
@@ -300,11 +306,10 @@ def test_the_stall_clock_starts_when_the_proxy_receives_the_handshake(addon, clo
 def test_the_bridge_notes_a_handshakes_times_on_the_addons_clock(addon, clock):
     """The addon gives the bridge's facts its clock when it starts to follow
     a handshake: what the bridge notes later (the forwarding) is on it."""
-    addon.bridge = FakeBridge(installed=True)
     with taddons.context(addon) as tctx:
         tctx.configure(addon, ws_encode_stall="2")
         f = handshake_flow()
-        facts = addon.bridge.seen[id(f.request)] = StreamFacts(stage="connecting")
+        facts = carried(f, StreamFacts(stage="connecting"))
         arrive(addon, f)  # at 1000
         clock.now = 1001.25
         facts.forwarded()  # as the bridge's stream does once it has the upstream connection
@@ -315,16 +320,15 @@ def test_the_bridge_notes_a_handshakes_times_on_the_addons_clock(addon, clock):
 
 @pytest.mark.parametrize("stage", ["settings", "queued"])
 def test_a_handshake_held_in_the_proxy_stalls_there_without_blaming_the_upstream(addon, clock, stage):
-    addon.bridge = FakeBridge(installed=True)
     with taddons.context(addon):
         f = handshake_flow(accept_encoding="gzip")
-        addon.bridge.seen[id(f.request)] = StreamFacts(stage=stage)  # followed, not sent
+        carried(f, StreamFacts(stage=stage))  # followed, not sent
         arrive(addon, f)
         assert clock.fire_all() == 1
         record = f.metadata["ws_encode"]
         assert record["stuck_in"] == stage and record["waited_s"] is None
         assert "neither the upstream nor an encoder" in record["diagnosis"]
-        assert " ".join(" ".join(addon.waiting_handshakes()[1:]).split()).endswith(
+        assert " ".join(" ".join(addon.commands.waiting_handshakes()[1:]).split()).endswith(
             f"({stage}): received 2.0 s ago, not forwarded"
         )
 
@@ -345,7 +349,7 @@ def test_an_intercepted_handshake_is_held_by_the_user(addon, clock):
         addon.update([f])
         assert f.metadata["ws_encode"]["event"] == "handshake"
         assert f.metadata["ws_encode"]["outcome"] == "upgraded"
-        assert not addon.responses_held  # update is a no-op again
+        assert not addon.handshakes  # update is a no-op again
 
 
 def test_a_response_an_addon_after_this_one_intercepts_is_held_too(addon, clock):
@@ -367,19 +371,36 @@ def test_a_response_an_addon_after_this_one_intercepts_is_held_too(addon, clock)
 
 
 def test_a_script_reload_hands_waiting_handshakes_to_the_next_copy(addon, clock, tmp_path):
+    """Each handshake waiting across a reload is followed by the next copy:
+    listed as waiting, its stall reported when due (counted from its
+    receipt), and its one record written; one already reported stalled is
+    not reported again."""
     with taddons.context(addon) as tctx:
-        tctx.configure(addon, ws_encode_report=str(tmp_path / "r.jsonl"))
-        f = handshake_flow()
+        tctx.configure(addon, ws_encode_report=str(tmp_path / "r.jsonl"), ws_encode_stall="2")
+        f, stalled = handshake_flow(accept_encoding="gzip"), handshake_flow()
+        arrive(addon, stalled)
+        clock.now = 1000.5
         arrive(addon, f)
+        clock.advance(1002.0)  # `stalled` stalls
         tctx.master.addons.remove(addon)  # a reload: mitmproxy is not exiting
-        assert not (tmp_path / "r.jsonl").read_text()
+        assert [json.loads(x)["event"] for x in (tmp_path / "r.jsonl").read_text().splitlines()] == ["stall"]
         successor = ws_encode.WsEncode()
-        successor.bridge = FakeBridge()
+        successor.bridge = successor.addons[1] = FakeBridge()
+        successor.clock = clock
+        successor.handshakes.watch = StallWatch(clock.schedule, clock)
         tctx.master.addons.add(successor)
         tctx.configure(successor, ws_encode_report=str(tmp_path / "r.jsonl"))
+        assert len(successor.handshakes) == 2
+        assert any(line.startswith(f"[flow {f.id[:8]}]") for line in successor.commands.waiting_handshakes())
+        clock.fire_all()  # f's stall, due 2 s after it arrived
+        assert clock.now == 1002.5 and f.metadata["ws_encode"]["event"] == "stall"
         deliver(successor, f)
-        [record] = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
-        assert record["outcome"] == "upgraded" and record["flow_id"] == f.id
+        deliver(successor, stalled)
+        records = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+        assert [(r["flow_id"], r["event"]) for r in records] == [
+            (stalled.id, "stall"), (f.id, "stall"), (f.id, "handshake"), (stalled.id, "handshake")]
+        assert records[2]["stalled"] and records[3]["stalled"]
+        assert "encoding layer" in records[2]["diagnosis"]
 
 
 def test_the_transport_is_the_connection_s_not_the_request_line_s(addon, clock, tmp_path):
@@ -397,11 +418,11 @@ def test_websocket_filters_match_handshakes(addon, clock):
         tctx.configure(addon, ws_encode_filter="~websocket")
         f = handshake_flow()
         arrive(addon, f)
-        assert f.websocket is None and len(addon.tracker) == 1
+        assert f.websocket is None and len(addon.handshakes) == 1
         tctx.configure(addon, ws_encode_filter="!~websocket")
         g = handshake_flow()
         arrive(addon, g)
-        assert len(addon.tracker) == 1
+        assert len(addon.handshakes) == 1
 
 
 def test_a_handshake_that_errors_before_its_request_hook_gets_its_record(addon, clock, tmp_path):
@@ -437,12 +458,11 @@ def test_commands_are_registered_for_console_and_web(addon, clock):
         headline, *sentence = commands.execute("wsencode.stalls")
         assert headline.startswith(f"[flow {f.id[:8]}] ") and sentence[0].startswith("    Stall")
         assert commands.execute("wsencode.summary")[0] == "no WebSocket handshake finished yet"
-        assert commands.execute("wsencode.show")[1] == f"    view_filter = {ws_encode.STALLED_FILTER}"
-        assert tctx.options.view_filter == ws_encode.STALLED_FILTER
+        assert commands.execute("wsencode.show")[1] == f"    view_filter = {STALLED_FILTER}"
+        assert tctx.options.view_filter == STALLED_FILTER
 
 
 def test_a_handshake_the_bridge_does_not_follow_counts_as_forwarded_at_the_request_hook(addon, clock):
-    addon.bridge = FakeBridge(installed=True)  # e.g. a stream older than the addon
     with taddons.context(addon):
         f = handshake_flow()
         arrive(addon, f)
@@ -455,7 +475,7 @@ def test_summary_and_progress_lines(addon, clock, caplog, tmp_path):
     caplog.set_level(logging.INFO)
     with taddons.context(addon) as tctx:
         tctx.configure(addon, ws_encode_report=str(tmp_path / "r.jsonl"))
-        assert addon.summary()[0] == "no WebSocket handshake seen yet"
+        assert addon.commands.summary()[0] == "no WebSocket handshake seen yet"
         quick, slow, refused = handshake_flow(), handshake_flow(), handshake_flow(version="HTTP/2.0")
         for f in (quick, slow, refused):
             arrive(addon, f)
@@ -475,7 +495,7 @@ def test_summary_and_progress_lines(addon, clock, caplog, tmp_path):
         assert line == "1 WebSocket handshake waiting for a status, longest 5.0 s"
         clock.now = 1006.0
         deliver(addon, slow)
-        lines = addon.summary()
+        lines = addon.commands.summary()
         assert lines[0] == "3 WebSocket handshakes finished: 1 rejected, 2 upgraded (2 over h1, 1 over h2)"
         assert lines[1] == "1 stall reported"
         assert lines[2] == "slowest status: 6.00 s, http://address:22/path"
@@ -500,7 +520,7 @@ def test_wsencode_bundle_writes_a_redacted_bundle_of_the_chosen_flows(addon, clo
         deliver(addon, f)
         flows.add([f])
         answer = tctx.master.commands.execute(f"wsencode.bundle @all {tmp_path / 'bundle'}")
-        assert answer.startswith("bug-report bundle of 1 flows written to")
+        assert answer.startswith("bug-report bundle of 1 flow written to")
         files = sorted(p.name for p in (tmp_path / "bundle").iterdir())
         assert files == ["flows.mitm", "report.jsonl", "summary.md"]
         everything = b"".join(p.read_bytes() for p in (tmp_path / "bundle").iterdir())

@@ -15,13 +15,14 @@ import wsproto
 import wsproto.events
 from wsproto.frame_protocol import FrameProtocol
 
-from wsencode import diagnosis
-from wsencode.frames import client_messages, whole_messages_length
-from wsencode.h2bridge import without_values
-from wsencode.extconnect import accept_for
-from wsencode.handshake import Transport, classify, tokens
-from wsencode.lifecycle import TRANSITIONS, EndCause, HandshakeEnded, Phase, Progress, Stage
-from wsencode.policy import EncodingPolicy
+from wsencode.core import diagnosis
+from wsencode.core.frames import client_messages, whole_messages_length
+from wsencode.bridge.common import without_values
+from wsencode.core.extconnect import accept_for
+from wsencode.core.handshake import Transport, classify, tokens
+from wsencode.core.lifecycle import TRANSITIONS, AnsweredBy, EndCause, HandshakeEnded, Phase, Progress, Stage, who_answered
+from wsencode.core.policy import EncodingPolicy
+from wsencode.core.streamfacts import StreamFacts
 from wsencode.report import REDACTED, _redact_parsed, redact_url
 
 
@@ -129,11 +130,18 @@ def test_accept_for_a_key_of_any_bytes():
 
 
 def progress(**headers) -> Progress:
-    return Progress(classify(request(**headers)), received_at=99.5, forwarded_at=100.0)
+    return Progress(classify(request(**headers)), received_at=99.5, facts=StreamFacts(forwarded_at=100.0))
 
 
 def h2_progress() -> Progress:
-    return Progress(classify(extended_connect_request()), received_at=99.5, forwarded_at=100.0)
+    return Progress(classify(extended_connect_request()), received_at=99.5, facts=StreamFacts(forwarded_at=100.0))
+
+
+def answer(p: Progress, status: int, now: float, with_data: bool = False, **kwargs) -> Phase:
+    """The upstream answers `status` (read with its first data, or not), and the client gets it."""
+    p.facts.answer_status = p.facts.upstream_status = status
+    p.facts.status_with_data = with_data
+    return p.status_arrived(status, now=now, **kwargs)
 
 
 def test_every_transition_leaves_a_waiting_phase():
@@ -146,13 +154,13 @@ def test_stall_then_status():
     p = progress()
     p.stall()
     assert p.phase is Phase.STALLED and not p.phase.final
-    assert p.status_arrived(101, now=103.5) is Phase.UPGRADED
+    assert answer(p, 101, now=103.5) is Phase.UPGRADED
     assert p.stalled and p.waited(now=999) == 3.5
 
 
 def test_final_phases_take_no_more_events():
     p = progress()
-    p.status_arrived(403, now=101)
+    answer(p, 403, now=101)
     assert p.phase is Phase.REJECTED
     with pytest.raises(HandshakeEnded):
         p.end(EndCause.CLIENT_GONE, now=102)
@@ -177,7 +185,7 @@ def test_waited_counts_to_now_while_waiting():
 
 
 def test_a_handshake_never_forwarded_has_waited_nothing():
-    p = Progress(classify(request()), received_at=10.0)
+    p = Progress(classify(request()), received_at=10.0, facts=StreamFacts())
     assert p.waited(now=13) is None
     assert p.received(now=13) == 3
 
@@ -205,7 +213,7 @@ def test_stall_sentences_depend_on_the_offered_encoding():
     ],
 )
 def test_a_stall_inside_the_proxy_never_blames_the_upstream(stage, words):
-    p = Progress(classify(request()), received_at=100.0)
+    p = Progress(classify(request()), received_at=100.0, facts=StreamFacts())
     text = diagnosis.stall(p, stage, 103.0, "gzip")
     assert words in text and "3.0 s after the proxy received" in text
     assert "neither the upstream nor an encoder is the cause" in text
@@ -221,30 +229,29 @@ def test_outcome_sentences_are_distinct():
         return text
 
     clean = progress()
-    clean.status_arrived(101, now=100.01)
+    answer(clean, 101, now=100.01)
     assert "nothing withheld" in say(clean)
 
     late = progress()
     late.stall()
-    late.status_arrived(101, now=105)
+    answer(late, 101, now=105)
     assert "late" in say(late) and "5.0 s" in say(late)
 
     coded = progress()
-    coded.status_arrived(101, now=101, content_encoding="br")
+    answer(coded, 101, now=101, content_encoding="br")
     assert "content-encoding: br" in say(coded)
 
     with_data = h2_progress()
     with_data.stall()
-    with_data.status_arrived(200, now=103, with_data=True)
+    answer(with_data, 200, now=103, with_data=True)
     assert "together with the first response data" in say(with_data)
 
     bad_accept = progress()
-    bad_accept.bad_accept = True
-    bad_accept.status_arrived(101, now=101)
+    answer(bad_accept, 101, now=101, bad_accept=True)
     assert "the client will fail the handshake" in say(bad_accept)
 
     rejected = progress()
-    rejected.status_arrived(403, now=101)
+    answer(rejected, 403, now=101)
     assert "status 403" in say(rejected)
 
     for cause, words in [
@@ -264,7 +271,7 @@ def test_outcome_sentences_are_distinct():
     assert "while the handshake was queued inside the proxy" in say(queued, stage=Stage.QUEUED)
 
     malformed = progress(sec_websocket_key=None)
-    malformed.status_arrived(400, now=101)
+    answer(malformed, 400, now=101)
     assert say(malformed).startswith("Malformed handshake (Sec-WebSocket-Key is missing)")
     assert len(sentences) == 14
 
@@ -272,12 +279,12 @@ def test_outcome_sentences_are_distinct():
 def test_status_with_data_says_nothing_of_encoders_when_the_status_was_prompt():
     """A server that sends its 200 and first message in one write is just efficient."""
     prompt = h2_progress()
-    prompt.status_arrived(200, now=100.001, with_data=True)
+    answer(prompt, 200, now=100.001, with_data=True)
     assert "nothing withheld" in diagnosis.outcome(prompt, Stage.DONE, 110, None)
     assert "nothing withheld" in diagnosis.outcome(prompt, Stage.DONE, 110, "gzip")
     late_no_offer = h2_progress()
     late_no_offer.stall()
-    late_no_offer.status_arrived(200, now=103, with_data=True)
+    answer(late_no_offer, 200, now=103, with_data=True)
     text = diagnosis.outcome(late_no_offer, Stage.DONE, 110, None)
     assert "encoder" not in text and "no encoding was offered" in text
 
@@ -442,3 +449,30 @@ def test_without_values_keeps_pseudo_header_names_only():
     assert "s3cret" not in without_values("Unknown pseudo headers: {b':x': b's3cret'}")
     assert "TOPSECRET" not in without_values("""Received header value b'sid=x\\'"TOPSECRET '""")
     assert "s3cret" not in without_values("Value b':s3cret' is bad")
+
+
+@pytest.mark.parametrize("facts,got,who", [
+    (StreamFacts(answer_status=101), 101, AnsweredBy.UPSTREAM),
+    (StreamFacts(answer_status=101), 403, AnsweredBy.CHANGED),
+    (StreamFacts(), 403, AnsweredBy.BEFORE_UPSTREAM),
+    (StreamFacts(answer_status=502, proxy_refused="a wrong accept"), 502, AnsweredBy.PROXY),
+])
+def test_who_answered_the_status_the_client_got(facts, got, who):
+    assert who_answered(facts, got) is who
+
+
+def test_a_status_from_the_proxy_is_never_blamed_on_the_upstream():
+    before = progress()
+    before.status_arrived(403, now=101)  # nothing came from upstream
+    text = say_outcome(before)
+    assert before.answered_by is AnsweredBy.BEFORE_UPSTREAM and "upstream never saw" in text
+    changed = progress()
+    changed.facts.answer_status = changed.facts.upstream_status = 101
+    changed.status_arrived(403, now=101)
+    assert "the upstream answered 101" in say_outcome(changed) and "changed the status" in say_outcome(changed)
+    for p in (before, changed):
+        assert "upstream refused" not in say_outcome(p)
+
+
+def say_outcome(p: Progress) -> str:
+    return diagnosis.outcome(p, Stage.DONE, 110, None)

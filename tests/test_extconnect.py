@@ -7,7 +7,7 @@ import base64
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wsencode.extconnect import (
+from wsencode.core.extconnect import (
     HTTP1_ONLY, PROTOCOL, accept_for, answer_problem, new_key, protocol_of, stream_fields, success_fields,
     switching_fields, upgrade_fields, with_protocol,
 )

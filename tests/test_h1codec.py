@@ -22,9 +22,9 @@ from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layers
 
-from wsencode import h2bridge
-from wsencode.extconnect import accept_for
-from wsencode.streamfacts import facts_of
+from wsencode.bridge.h1 import WsHttp1Client
+from wsencode.core.extconnect import accept_for
+from wsencode.core.streamfacts import facts_of
 
 SID = 1
 
@@ -53,7 +53,7 @@ class Upstream:
         ctx.server = connection.Server(address=("chat.test", 80), peername=("127.0.0.1", 80), alpn=b"http/1.1")
         ctx.server.state = connection.ConnectionState.OPEN
         self.conn = ctx.server
-        self.codec = h2bridge.WsHttp1Client(ctx)
+        self.codec = WsHttp1Client(ctx)
         self.server = h11.Connection(h11.SERVER)
         self(events.Start())
 

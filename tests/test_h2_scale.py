@@ -1,7 +1,7 @@
 """Many HTTP/2 WebSockets on one client connection, through a real mitmdump.
 
 What mitmproxy alone gets wrong once WebSockets share an HTTP/2 connection
-(the bridge in addon/wsencode/h2bridge.py fixes each):
+(the bridge in addon/wsencode/bridge/ fixes each):
 
 - its per-server throttle (5 upstream connections per client connection,
   each held until it closes) stops a sixth WebSocket to an HTTP/1.1 upstream
@@ -271,7 +271,7 @@ def test_a_client_that_does_not_read_is_reset_alone(cert, probe):
     bytes a stalled client does not take pile up in the proxy (200 MiB pushed
     made it 385 MiB bigger); the bridge resets that stream once
     MAX_BUFFERED_BYTES wait, and nothing else is touched."""
-    from wsencode.h2bridge import MAX_BUFFERED_BYTES
+    from wsencode.bridge.common import MAX_BUFFERED_BYTES
 
     pushed = 200 * MIB
 
@@ -314,7 +314,7 @@ def test_a_client_that_does_not_read_is_reset_alone(cert, probe):
 def test_an_upstream_that_does_not_read_is_reset_alone(cert, probe):
     """The same toward an HTTP/2 upstream: mitmproxy acknowledges the
     client's DATA as it arrives and buffers what the upstream does not take."""
-    from wsencode.h2bridge import MAX_BUFFERED_BYTES
+    from wsencode.bridge.common import MAX_BUFFERED_BYTES
 
     async def scenario():
         async with upstream("h2", cert) as url, proxy(url, probe) as md:

@@ -14,12 +14,14 @@ import ws_encode
 from conftest import ADDON, ROOT, Mitmdump, addon_copy, assert_clean_log, h2_echo_once, reload_script, upgrade_request
 from wspeers.fault_server import Faults, FaultServer
 from mitmproxy.proxy.layers import http as http_layers
-from mitmproxy.proxy.layers.http import _http2
+from mitmproxy.proxy.layers.http import _http1, _http2
 from mitmproxy.test import taddons
 from wspeers import h2ws
 from wspeers.h2ws import DualAlpnServer
 
-from wsencode import h2bridge
+from wsencode.bridge import common, internals
+from wsencode.bridge.h2 import WsHttp2Client, WsHttp2Server
+from wsencode.bridge.stream import WsHttpStream
 from wsencode.bridge import Bridge
 
 STOCK = {"Http2Server": _http2.Http2Server, "Http2Client": _http2.Http2Client}
@@ -38,15 +40,21 @@ def stock_afterwards():
     http_layers.HttpStream = stream
 
 
+BRIDGED = {"Http2Server": WsHttp2Server, "Http2Client": WsHttp2Client}
+
+
 def test_install_swaps_the_classes_and_uninstall_restores_them():
     stream = http_layers.HttpStream
     bridge = Bridge()
+    bridge.install(h2=False)  # off from the start: nothing of mitmproxy's is replaced
+    assert current() == STOCK and http_layers.HttpStream is stream and not bridge.installed
     bridge.install(h2=True)
     bridge.install(h2=True)  # idempotent
-    assert current() == {"Http2Server": h2bridge.WsHttp2Server, "Http2Client": h2bridge.WsHttp2Client}
-    assert http_layers.HttpStream is h2bridge.WsHttpStream
+    assert current() == BRIDGED and http_layers.HttpStream is WsHttpStream
+    # Turned off: new client connections are stock; what connections opened
+    # before may still need (the stream, the upstream codecs) stays.
     bridge.install(h2=False)
-    assert current() == STOCK and http_layers.HttpStream is h2bridge.WsHttpStream
+    assert current() == {**BRIDGED, "Http2Server": STOCK["Http2Server"]} and http_layers.HttpStream is WsHttpStream
     bridge.uninstall()
     bridge.uninstall()
     assert current() == STOCK and http_layers.HttpStream is stream
@@ -56,22 +64,17 @@ def test_the_option_and_unloading_drive_the_bridge():
     stream = http_layers.HttpStream
     addon = ws_encode.WsEncode()
     with taddons.context(addon) as tctx:
-        tctx.configure(addon, ws_encode_h2=True)
-        assert http_layers.Http2Server is h2bridge.WsHttp2Server
-        tctx.configure(addon, ws_encode_h2=False)
-        assert current() == STOCK
-        assert http_layers.HttpStream is h2bridge.WsHttpStream  # stays: it only notes times
-        tctx.configure(addon, ws_encode_h2=True)
+        tctx.configure(addon, ws_encode_h2="true")
+        assert http_layers.Http2Server is WsHttp2Server
+        tctx.configure(addon, ws_encode_h2="false")
+        assert http_layers.Http2Server is STOCK["Http2Server"] and http_layers.HttpStream is WsHttpStream
+        tctx.configure(addon, ws_encode_h2="true")
         addon.done()
         assert current() == STOCK and http_layers.HttpStream is stream
 
 
 def test_this_mitmproxy_has_everything_the_bridge_uses():
-    assert h2bridge.incompatibility() is None
-
-
-def changed_parameters(self, event, extra):  # a flow_done that takes what the bridge does not pass
-    raise AssertionError("never called")
+    assert internals.incompatibility() is None
 
 
 class MovedHttpLayer(http_layers.HttpLayer):
@@ -84,18 +87,34 @@ class MovedHttpLayer(http_layers.HttpLayer):
     get_connection = _handle_event = make_stream
 
 
+def passthrough_nothing(self, event):  # as if mitmproxy's stream no longer relayed an upgraded stream
+    yield from ()
+
+
+def refuse_every_status(h2_headers):  # as if mitmproxy's HTTP/2 client could not read a response any more
+    raise ValueError("changed")
+
+
+def read_no_head(self, event):  # as if mitmproxy's HTTP/1.1 client read responses some other way
+    yield from ()
+
+
 @pytest.mark.parametrize("change, named", [
-    (lambda mp: mp.delattr(_http2, "parse_h2_request_headers"), "_http2.parse_h2_request_headers is missing"),
-    (lambda mp: mp.setattr(http_layers.HttpStream, "flow_done", changed_parameters),
-     "HttpStream.flow_done takes (self, event, extra), not (self)"),
+    (lambda mp: mp.setattr(http_layers.HttpStream, "passthrough", passthrough_nothing),
+     "the WebSocket's messages go upstream on the stream"),
+    (lambda mp: mp.setattr(_http2, "parse_h2_response_headers", refuse_every_status),
+     "the HTTP/2 upstream codec hands the stream the upstream's 2xx"),
+    (lambda mp: mp.setattr(_http1.Http1Client, "read_headers", read_no_head),
+     "the HTTP/1.1 upstream codec hands the stream a 200 for the 101 that answers its key"),
     (lambda mp: mp.setattr(http_layers, "HttpLayer", MovedHttpLayer), "HttpLayer does not look up HttpStream"),
-    (lambda mp: mp.delattr(http_layers, "HttpClient"), "http.HttpClient is missing"),
-    (lambda mp: mp.setattr(_http2.Http2Client, "__init__", lambda self, context: None), "Http2Client keeps no stream_queue"),
+    (lambda mp: mp.setattr(_http2.Http2Client, "__init__", lambda self, context: None),
+     "cannot check what the bridge needs (AttributeError"),
 ])
 def test_changed_internals_are_named_and_nothing_is_replaced(monkeypatch, caplog, change, named):
-    """The bridge probes what it uses, not the version number: a renamed
-    internal, a changed signature, or a class that would not see the
-    replacement each stop it with one line, and mitmproxy stays stock."""
+    """The bridge checks what mitmproxy does, not its names or version: one
+    extended CONNECT driven through its classes in memory. A changed
+    behaviour, or a class that would not see the replacement, each stop it
+    with one line saying which step, and mitmproxy stays stock."""
     change(monkeypatch)
     caplog.set_level(logging.WARNING)
     stream = http_layers.HttpStream
@@ -105,6 +124,30 @@ def test_changed_internals_are_named_and_nothing_is_replaced(monkeypatch, caplog
     assert current() == STOCK and http_layers.HttpStream is stream and not bridge.installed
     [line] = [r.getMessage() for r in caplog.records]
     assert named in line and "HTTP/1.1 WebSocket diagnosis keeps working" in line
+
+
+def test_a_mitmproxy_that_carries_rfc8441_itself_is_left_as_it_is(monkeypatch, caplog):
+    """One day mitmproxy may advertise RFC 8441 and keep `:protocol` itself
+    (its issue #4607): then the bridge would only shadow it."""
+    stock_init, stock_parse = _http2.Http2Server.__init__, _http2.parse_h2_request_headers
+
+    def advertising(self, context):
+        stock_init(self, context)
+        self.h2_conn.local_settings.enable_connect_protocol = 1
+        self.h2_conn.local_settings.acknowledge()  # (sent with the preface)
+
+    def keeping_protocol(h2_headers):
+        return stock_parse([(k, v) for k, v in h2_headers if k != b":protocol"])
+
+    monkeypatch.setattr(_http2.Http2Server, "__init__", advertising)
+    monkeypatch.setattr(_http2, "parse_h2_request_headers", keeping_protocol)
+    caplog.set_level(logging.INFO)
+    stream = http_layers.HttpStream
+    bridge = Bridge()
+    bridge.install(h2=True)
+    assert current() == STOCK and http_layers.HttpStream is stream and not bridge.installed
+    [line] = [r.getMessage() for r in caplog.records if "ws_encode_h2" in r.getMessage()]
+    assert "carries HTTP/2 WebSockets (RFC 8441) itself" in line
 
 
 def test_reloading_the_script_keeps_http2_websockets_working(tmp_path):
@@ -252,7 +295,7 @@ def test_a_stream_the_proxy_resets_itself_is_not_blamed_on_the_upstream(cert, tm
                 client = h2ws.H2WebSocketClient("127.0.0.1", md.port, server_hostname="localhost")
                 await client.connect()
                 ws = await client.open_websocket("/big", "localhost", headers=[("accept-encoding", "gzip")])
-                ws._send_now(ws._frames.send_data(bytes(h2bridge.MAX_EARLY_BYTES + 1), fin=False))
+                ws._send_now(ws._frames.send_data(bytes(common.MAX_EARLY_BYTES + 1), fin=False))
                 client._pump()
                 client._flush()
                 ended = await ws.wait_ended(10)
@@ -274,12 +317,11 @@ CHANGED_INTERNALS = {
     # A name the bridge imports is gone: the bridge cannot even be loaded.
     "renamed": "from mitmproxy.proxy.layers.http import _http_h2\n"
                "del _http_h2.BufferedH2Connection  # (mitmproxy's _http2 keeps its own reference)\n",
-    # A method whose parameters changed: the bridge loads, the probe refuses it.
-    "new parameters": "from mitmproxy.proxy.layers import http\n"
-                      "stock = http.GetHttpConnection.connection_spec_matches\n"
-                      "def connection_spec_matches(self, conn):\n"
-                      "    return stock(self, conn)\n"
-                      "http.GetHttpConnection.connection_spec_matches = connection_spec_matches\n",
+    # A behaviour that changed under the same names: the bridge loads, its check refuses it.
+    "changed behaviour": "from mitmproxy.proxy.layers.http import _http2\n"
+                         "def parse_h2_response_headers(h2_headers):\n"
+                         "    raise ValueError('changed')\n"
+                         "_http2.parse_h2_response_headers = parse_h2_response_headers\n",
 }
 
 
@@ -314,7 +356,7 @@ def test_a_mitmproxy_the_bridge_does_not_fit_keeps_http1_diagnosis(tmp_path, rep
     assert not enables  # stock mitmproxy's HTTP/2: no extended CONNECT
     [line] = [line for line in md.lines if "ws_encode_h2:" in line]
     assert "HTTP/1.1 WebSocket diagnosis keeps working" in line
-    assert ("cannot load the bridge" if change == "renamed" else "connection_spec_matches takes (self, conn)") in line
+    assert ("cannot load the bridge" if change == "renamed" else "the HTTP/2 upstream codec hands the stream") in line
     assert_clean_log(md)
 
 
@@ -334,7 +376,7 @@ class HoldUntilReleased:
         if flow.request.path == "/release":
             self.released.set_result(None)
             flow.response = http.Response.make(200, b"released")
-        elif flow.request.headers.get("upgrade"):
+        elif flow.request.method == "CONNECT":  # the extended CONNECT
             await self.released
 
 addons = [HoldUntilReleased()]

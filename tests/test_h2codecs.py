@@ -33,10 +33,12 @@ from mitmproxy.proxy.layers import http as http_layers
 from rawh2 import extended_connect
 from wsproto.frame_protocol import FrameProtocol
 
-from wsencode import h2bridge
-from wsencode import extconnect
-from wsencode.extconnect import accept_for
-from wsencode.streamfacts import CONNECTING, FORWARDED, QUEUED, StreamFacts, facts_for, facts_of
+from wsencode.bridge import common
+from wsencode.bridge.h2 import WsHttp2Client, WsHttp2Server
+from wsencode.bridge.stream import WsHttpStream
+from wsencode.core import extconnect
+from wsencode.core.extconnect import accept_for
+from wsencode.core.streamfacts import CONNECTING, FORWARDED, QUEUED, SETTINGS, StreamFacts, facts_for, facts_of
 
 ENABLE_CONNECT_PROTOCOL = h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL
 SID = 1  # the stream id of the first request, on either connection
@@ -131,7 +133,7 @@ class Driven:
 def client_side(ctx: Context | None = None, **option_values) -> Driven:
     """WsHttp2Server with a browser connected, both prefaces exchanged."""
     ctx = ctx or make_context(**option_values)
-    side = Driven(h2bridge.WsHttp2Server, ctx, ctx.client, peer_is_client=True)
+    side = Driven(WsHttp2Server, ctx, ctx.client, peer_is_client=True)
     side.start()
     side.from_peer()
     return side
@@ -140,7 +142,7 @@ def client_side(ctx: Context | None = None, **option_values) -> Driven:
 def upstream_side(ctx: Context | None = None) -> Driven:
     """WsHttp2Client started; the upstream server has not answered yet."""
     ctx = ctx or make_context()
-    side = Driven(h2bridge.WsHttp2Client, ctx, ctx.server, peer_is_client=False)
+    side = Driven(WsHttp2Client, ctx, ctx.server, peer_is_client=False)
     side.start()
     return side
 
@@ -225,7 +227,7 @@ def test_server_codec_advertises_connect_protocol_in_its_first_settings():
     """RFC 8441 section 3: a client may only send an extended CONNECT once the
     server's SETTINGS say ENABLE_CONNECT_PROTOCOL=1; stock mitmproxy never does."""
     ctx = make_context()
-    out = Driven(h2bridge.WsHttp2Server, ctx, ctx.client, peer_is_client=True).start()
+    out = Driven(WsHttp2Server, ctx, ctx.client, peer_is_client=True).start()
     (settings,) = out.of(h2.events.RemoteSettingsChanged)
     assert settings.changed_settings[ENABLE_CONNECT_PROTOCOL].new_value == 1
 
@@ -245,7 +247,7 @@ def test_an_extended_connect_reaches_the_stream_as_the_client_sent_it():
     assert (request.method, request.path, request.http_version) == ("CONNECT", "/chat?room=1", "HTTP/2.0")
     assert request.authority == "chat.test:8443" and (request.host, request.port) == ("chat.test", 8443)
     assert request.headers.fields == ((b":protocol", b"websocket"), (b"sec-websocket-version", b"13"))
-    assert h2bridge.opens_websocket(request) and h2bridge.is_extended_connect(request)
+    assert common.opens_websocket(request) and common.is_extended_connect(request)
     assert not out.peer  # nothing answered yet: the stream decides
 
 
@@ -367,10 +369,10 @@ def test_early_data_beyond_the_cap_resets_only_that_stream():
     WebSocket beside it carries on."""
     side = client_side()
     open_extended_connect(side)
-    beside = open_extended_connect(side, sid=3).http[0].request
+    open_extended_connect(side, sid=3)
     chunk = side.peer.max_outbound_frame_size
-    for start in range(0, h2bridge.MAX_EARLY_BYTES, chunk):
-        side.peer.send_data(SID, b"\0" * min(chunk, h2bridge.MAX_EARLY_BYTES - start))
+    for start in range(0, common.MAX_EARLY_BYTES, chunk):
+        side.peer.send_data(SID, b"\0" * min(chunk, common.MAX_EARLY_BYTES - start))
     out = side.from_peer()
     assert not out.peer and not out.http  # at the cap: kept
     side.peer.send_data(SID, b"\0")
@@ -394,7 +396,7 @@ def test_client_end_stream_before_the_status_reaches_the_stream_after_its_data()
     side, after the data it sent first. The client still gets its 200, on a
     stream that stays open for the proxy's sending."""
     side = client_side()
-    request = open_extended_connect(side).http[0].request
+    open_extended_connect(side)
     early = masked_text("then bye")
     side.peer.send_data(SID, early, end_stream=True)
     assert not side.from_peer().http
@@ -471,7 +473,7 @@ def test_a_101_for_an_ordinary_request_is_not_sent_to_the_client():
     side = client_side()
     side.peer.send_headers(SID, [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"), (b":authority", b"chat.test")], end_stream=True)
     headers = side.from_peer().http[0]
-    assert not h2bridge.opens_websocket(headers.request)
+    assert not common.opens_websocket(headers.request)
     out = side(http_layers.ResponseHeaders(SID, switching(websocket_request()), end_stream=False))
     (response,) = out.of(h2.events.ResponseReceived, SID)
     assert status_of(response) == 502 and out.of(h2.events.StreamEnded, SID)
@@ -552,7 +554,7 @@ def test_a_websocket_waits_for_the_upstreams_first_settings_and_goes_out_as_exte
     request = websocket_request()
     out = hand_upgrade(side, request)
     assert not out.peer and not out.http
-    assert facts_of(request).stage == h2bridge.SETTINGS
+    assert facts_of(request).stage == SETTINGS
     plain = http.Request.make("GET", "https://upstream.test/plain", headers={"host": "upstream.test"})
     out = side(http_layers.RequestHeaders(7, plain, end_stream=True))
     (sent_plain,) = out.of(h2.events.RequestReceived)
@@ -581,14 +583,14 @@ def test_an_upstream_without_connect_protocol_sends_the_websocket_to_http1():
     side = upstream_side()
     hand_upgrade(side, websocket_request())
     out = upstream_settings(side, connect_protocol=False)
-    assert [(type(e), e.stream_id) for e in out.http] == [(h2bridge.NeedsHttp1, THEIRS)]
+    assert [(type(e), e.stream_id) for e in out.http] == [(common.NeedsHttp1, THEIRS)]
     assert not out.of(h2.events.RequestReceived)
     # The rest of that request goes elsewhere too, and a later upgrade is
     # sent back at once.
     out = side(http_layers.RequestData(THEIRS, b"late"), http_layers.RequestEndOfMessage(THEIRS))
     assert not out.peer and not out.http
     out = hand_upgrade(side, websocket_request(), theirs=9)
-    assert [(type(e), e.stream_id) for e in out.http] == [(h2bridge.NeedsHttp1, 9)]
+    assert [(type(e), e.stream_id) for e in out.http] == [(common.NeedsHttp1, 9)]
     assert not out.peer
 
 
@@ -667,7 +669,7 @@ def test_http_1_1_required_while_waiting_moves_the_websocket_to_http1():
     _, connect = connect_sent(side)
     side.peer.reset_stream(connect.stream_id, h2.errors.ErrorCodes.HTTP_1_1_REQUIRED)
     out = side.from_peer()
-    assert [(type(e), e.stream_id) for e in out.http] == [(h2bridge.NeedsHttp1, THEIRS)]
+    assert [(type(e), e.stream_id) for e in out.http] == [(common.NeedsHttp1, THEIRS)]
 
 
 @pytest.mark.parametrize("code, named", [(h2.errors.ErrorCodes.REFUSED_STREAM, "(REFUSED_STREAM)"), (0x99, "(153)")], ids=["known code", "unknown code"])
@@ -928,7 +930,7 @@ def http1_required_after_early_data() -> tuple[Driven, Driven, http.Request, byt
     client.peer.send_data(SID, first)
     relay(upstream, client.from_peer())
     upstream.peer.reset_stream(up_sid, h2.errors.ErrorCodes.HTTP_1_1_REQUIRED)
-    assert [type(e) for e in upstream.from_peer().http] == [h2bridge.NeedsHttp1]
+    assert [type(e) for e in upstream.from_peer().http] == [common.NeedsHttp1]
     return client, upstream, request, first
 
 
@@ -963,7 +965,7 @@ def test_a_fallback_connection_that_cannot_be_made_fails_the_handshake_with_502(
     when that cannot be made, the stream fails the request
     (WsHttpStream._connect) and the waiting client hears it as a status."""
     client, _, _, _ = http1_required_after_early_data()
-    refused_with_502(client, h2bridge.response_error(SID, "Connect call failed ('127.0.0.1', 443)"))
+    refused_with_502(client, common.response_error(SID, "Connect call failed ('127.0.0.1', 443)"))
 
 
 def test_the_upstream_closing_under_a_connect_with_early_data_keeps_later_data_off_it():
@@ -1028,7 +1030,7 @@ def test_a_websocket_the_proxy_half_closes_first_leaves_nothing_in_either_codec(
     assert not upstream(events.ConnectionClosed(upstream.conn)).http
 
 
-# -- a peer that does not read: the send-buffer cap (h2bridge.Backlog) -------
+# -- a peer that does not read: the send-buffer cap (common.Backlog) -------
 
 
 @dataclass
@@ -1077,7 +1079,7 @@ def data_length(out: Out, sid: int) -> int:
 def at_the_cap(ws: OpenWebSocket) -> Out:
     """As much as the peer's window takes, and MAX_BUFFERED_BYTES more, which wait."""
     window = ws.window()
-    out = ws.sent(bytes(window + h2bridge.MAX_BUFFERED_BYTES))
+    out = ws.sent(bytes(window + common.MAX_BUFFERED_BYTES))
     assert data_length(out, ws.peer_sid) == window
     assert not out.of(h2.events.StreamReset) and not out.wakeups  # at the cap: kept
     return out
@@ -1140,7 +1142,7 @@ def test_a_handshakes_route_upstream_moves_only_as_its_table_says(steps):
     retries = 0
     for step in steps:
         before = stream.ws_route
-        took = h2bridge.WsHttpStream.ws_step(stream, step)
+        took = WsHttpStream.ws_step(stream, step)
         assert stream.ws_route is extconnect.ROUTE_TRANSITIONS.get((before, step), before)
         assert took is ((before, step) in extconnect.ROUTE_TRANSITIONS)
         retries += took and step is extconnect.RouteStep.NEEDS_HTTP1

@@ -322,5 +322,5 @@ def test_mitmdump_writes_a_bundle_at_exit(report, tmp_path):
     md = run(scenario())
     assert sorted(p.name for p in folder.iterdir()) == ["flows.mitm", "report.jsonl", "summary.md"]
     assert not any(b"SECRET" in p.read_bytes() for p in folder.iterdir())
-    assert "bug-report bundle of 1 flows written to" in md.log
+    assert "bug-report bundle of 1 flow written to" in md.log
     assert_clean_log(md)

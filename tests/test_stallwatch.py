@@ -5,7 +5,7 @@ from __future__ import annotations
 from conftest import ManualClock
 from hypothesis import given
 from hypothesis import strategies as st
-from wsencode.stallwatch import StallWatch
+from wsencode.core.stallwatch import StallWatch
 
 
 def watch_and_fired():

@@ -27,9 +27,10 @@ from streamplay import (
 )
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
-from wsencode import h2bridge
-from wsencode.extconnect import accept_for
-from wsencode.streamfacts import CLIENT, CONNECTING, FORWARDED, UPSTREAM, facts_of
+from wsencode.bridge.common import NEEDS_HTTP1, NeedsHttp1, is_passthrough_close, request_error, response_error
+from wsencode.bridge.stream import WebSocketAddress, is_websocket_address
+from wsencode.core.extconnect import accept_for
+from wsencode.core.streamfacts import CLIENT, CONNECTING, FORWARDED, UPSTREAM, facts_of
 
 PROTOCOL_FIELD = (b":protocol", b"websocket")
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 section 1.3's
@@ -110,7 +111,7 @@ def test_an_extended_connect_goes_upstream_after_its_request_hook_on_a_connectio
     assert steps(play(*from_client(request))) == ["hook requestheaders", "hook request", "GetHttpConnection"]
     asked = play.waiting
     assert asked.address == ("chat.test", 443) and asked.tls
-    assert h2bridge.is_websocket_address(asked.address)  # past mitmproxy's per-server throttle
+    assert is_websocket_address(asked.address)  # past mitmproxy's per-server throttle
     assert facts_of(request).stage == CONNECTING and facts_of(request).forwarded_at is None
 
     upstream = open_server(("chat.test", 443))
@@ -130,8 +131,8 @@ def test_asking_for_a_connection_forgets_the_websockets_connections_that_are_clo
     """mitmproxy's HTTP layer keeps every connection it made until the
     client's goes away; a WebSocket's serves nothing else once it is closed."""
     play = StreamPlay()
-    closed = finished(open_server(h2bridge.WebSocketAddress(("old.test", 443)), alpn=b"http/1.1"))
-    in_use = open_server(h2bridge.WebSocketAddress(("live.test", 443)), alpn=b"http/1.1")
+    closed = finished(open_server(WebSocketAddress(("old.test", 443)), alpn=b"http/1.1"))
+    in_use = open_server(WebSocketAddress(("live.test", 443)), alpn=b"http/1.1")
     ordinary = finished(open_server(("plain.test", 443)))
     play.http_layer.connections.update({closed: None, in_use: None, ordinary: None})
     play(*from_client(extended_connect()))
@@ -184,7 +185,7 @@ def test_however_the_websocket_ends_both_sides_get_the_passthrough_close_and_the
     a stream only when its flow ends without an upgrade)."""
     play = websocket_open()
     out = play(end)
-    closes = [e for e in play.sent(out, "server") + play.sent(out, "client") if h2bridge.is_passthrough_close(e)]
+    closes = [e for e in play.sent(out, "server") + play.sent(out, "client") if is_passthrough_close(e)]
     assert [type(e) for e in closes] == [http_layers.RequestProtocolError, http_layers.ResponseProtocolError]
     assert steps(out)[-2:] == ["hook websocket_end", "DropStream"]
     assert not any(isinstance(c, (commands.SendData, commands.CloseConnection)) for c in out)
@@ -196,7 +197,7 @@ def test_the_close_the_client_sent_reaches_the_server_before_its_side_is_closed(
     out = play(http_layers.RequestData(SID, close_frame(1000)))
     close, end = play.sent(out, "server")
     assert read_as_server(close.data) == [(Opcode.CLOSE, (1000, "bye"))]
-    assert h2bridge.is_passthrough_close(end)
+    assert is_passthrough_close(end)
 
 
 # -- a status that does not open it ------------------------------------------------------------
@@ -237,7 +238,7 @@ def test_an_addon_failing_the_2xx_gets_its_status_to_the_client_and_the_upstream
     assert "hook websocket_start" not in steps(out) and play.stream.flow.websocket is None
     assert the_one(http_layers.ResponseHeaders, play.sent(out, "client")).response.status_code == 403
     error = the_one(http_layers.RequestProtocolError, play.sent(out, "server"))
-    assert not h2bridge.is_passthrough_close(error)
+    assert not is_passthrough_close(error)
     assert steps(out)[-3:] == ["DropStream", "ResponseEndOfMessage to client", "RequestProtocolError to server"]
 
 
@@ -250,15 +251,10 @@ def killed_in(hook: str, how: str) -> tuple[StreamPlay, list[commands.Command]]:
         return play, play(*status_from_upstream(200))
     play = forwarded(StreamPlay(hold=frozenset({hook})))
     play(*status_from_upstream(200))
-    play(h2bridge.request_error(SID, "stream reset by client (CANCEL)"))
+    play(request_error(SID, "stream reset by client (CANCEL)"))
     return play, play.answer()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "WsHttpStream tells the upstream that an accepted handshake failed only in flow_done, which a killed flow "
-    "never reaches: HttpStream returns at check_killed after the responseheaders or response hook (an addon's "
-    "flow.kill(), or a client reset queued behind the hook), so the upstream's CONNECT stream, its WebSocket "
-    "open at the server, stays open until its connection closes"))
 @pytest.mark.parametrize("how", ["an addon kills the flow", "the client resets while the hook runs"])
 @pytest.mark.parametrize("hook", ["responseheaders", "response"])
 def test_a_2xx_that_dies_in_a_hook_ends_the_upstream_stream(hook, how):
@@ -273,14 +269,14 @@ def test_a_2xx_that_dies_in_a_hook_ends_the_upstream_stream(hook, how):
 
 def test_a_client_reset_while_waiting_is_passed_upstream_and_noted_as_the_clients():
     play = forwarded()
-    out = play(h2bridge.request_error(SID, "stream reset by client (CANCEL)"))
+    out = play(request_error(SID, "stream reset by client (CANCEL)"))
     assert steps(out) == ["RequestProtocolError to server", "hook error", "DropStream"]
     assert facts_of(play.stream.flow.request).ended_by == CLIENT
 
 
 def test_an_upstream_reset_while_waiting_reaches_the_client_and_is_noted_as_the_upstreams():
     play = forwarded()
-    out = play(h2bridge.response_error(SID, "stream reset by server (REFUSED_STREAM)"))
+    out = play(response_error(SID, "stream reset by server (REFUSED_STREAM)"))
     assert steps(out) == ["hook error", "ResponseProtocolError to client", "DropStream"]
     assert facts_of(play.stream.flow.request).ended_by == UPSTREAM
 
@@ -294,11 +290,11 @@ def test_needs_http1_moves_the_same_request_to_an_http1_only_connection():
     section 7); the upstream's codec asks for it, the stream does it."""
     play = forwarded()
     request = play.stream.flow.request
-    out = play(h2bridge.NeedsHttp1.on(SID))
+    out = play(NeedsHttp1.on(SID))
     assert steps(out) == ["GetHttp1Connection"]
     assert getattr(play.waiting.address, "ws_encode_http1_only", False) and play.waiting.address == ("chat.test", 443)
     assert facts_of(request).stage == CONNECTING and facts_of(request).ended_by is None  # not an end
-    assert (logging.INFO, h2bridge.NEEDS_HTTP1 + " (chat.test)") in play.logs
+    assert (logging.INFO, NEEDS_HTTP1 + " (chat.test)") in play.logs
 
     http1 = open_server(("chat.test", 443), alpn=b"http/1.1")
     out = play.connect(http1)
@@ -310,9 +306,9 @@ def test_needs_http1_moves_the_same_request_to_an_http1_only_connection():
 
 def test_a_fallback_that_negotiates_http2_again_fails_the_handshake_instead_of_retrying_forever():
     play = forwarded()
-    play(h2bridge.NeedsHttp1.on(SID))
+    play(NeedsHttp1.on(SID))
     play.connect(open_server(("chat.test", 443), alpn=b"http/1.1"))
-    out = play(h2bridge.NeedsHttp1.on(SID))
+    out = play(NeedsHttp1.on(SID))
     assert steps(out) == ["hook error", "ResponseProtocolError to client", "DropStream"]
     assert "negotiated HTTP/2 again" in out[1].event.message
 
@@ -407,7 +403,7 @@ class Peers:
         if isinstance(play.waiting, http_layers.GetHttpConnection):
             moves["no connection"] = ()
         if client == "waiting":
-            moves["client resets"] = (h2bridge.request_error(SID, "stream reset by client"),)
+            moves["client resets"] = (request_error(SID, "stream reset by client"),)
         if client == "open":
             moves["client data"] = (http_layers.RequestData(SID, text_frame("c")),)
             moves["client close"] = (http_layers.RequestData(SID, close_frame()),)
@@ -415,9 +411,9 @@ class Peers:
         if upstream == "waiting" and not isinstance(play.waiting, http_layers.GetHttpConnection):
             moves["upstream 200"] = tuple(status_from_upstream(200))
             moves["upstream 403"] = tuple(status_from_upstream(403, body=b"no"))
-            moves["upstream resets"] = (h2bridge.response_error(SID, "stream reset by server"),)
+            moves["upstream resets"] = (response_error(SID, "stream reset by server"),)
             if not self.retried:
-                moves["needs HTTP/1.1"] = (h2bridge.NeedsHttp1.on(SID),)
+                moves["needs HTTP/1.1"] = (NeedsHttp1.on(SID),)
         if upstream == "open":
             moves["server data"] = (http_layers.ResponseData(SID, text_frame("s", client=False)),)
             moves["server ends"] = (http_layers.ResponseEndOfMessage(SID),)
@@ -437,7 +433,7 @@ class Peers:
 
     def _sent(self, play: StreamPlay, event: http_layers.HttpEvent, to: str) -> None:
         failed = isinstance(event, (http_layers.RequestProtocolError, http_layers.ResponseProtocolError))
-        if failed and not h2bridge.is_passthrough_close(event):
+        if failed and not is_passthrough_close(event):
             self.sides[to] = "gone"
         elif to == "client" and isinstance(event, http_layers.ResponseEndOfMessage):
             # The end of the status: the client's codec hands on its DATA from now on, or ends the stream.

@@ -1,3 +1,3 @@
-"""ws-encode's protocol core: handshake classification, lifecycle, stall watch,
-diagnosis, policy and report. Everything that touches mitmproxy's internals
-lives in `h2bridge` alone."""
+"""ws-encode's package: `core` (never imports mitmproxy), `mitm` (mitmproxy's
+public interfaces, for the addon class), `bridge` (the one place that reaches
+into mitmproxy's internals); `report` and `bundle` write what it found."""

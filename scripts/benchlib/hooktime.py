@@ -96,7 +96,7 @@ async def cpu_each(addon, handshakes: int, **options) -> list[float]:
                 await one_handshake(invoke, f, response, server)
             batches.append((time.process_time() - started) / handshakes)
             del flows
-        assert not getattr(addon, "tracker", None), "every handshake ends"
+        assert not getattr(addon, "handshakes", None), "every handshake ends"
         addon.done()
     return batches
 

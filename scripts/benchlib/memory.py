@@ -45,17 +45,32 @@ ANSWERED = (hooks.HttpResponseHeadersHook, hooks.HttpResponseHook)
 
 
 def handshake_flow(i: int, h2: bool) -> http.HTTPFlow:
-    request = tutils.treq(
-        method=b"GET", path=f"/mem/{i}?token=t".encode(), http_version=b"HTTP/2.0" if h2 else b"HTTP/1.1",
-        headers=http.Headers(host="localhost", upgrade="websocket", connection="Upgrade",
-                             sec_websocket_key=KEY, sec_websocket_version="13",
-                             accept_encoding="gzip, deflate, br, zstd"),
-        content=b"",
-    )
-    return tflow.tflow(req=request, live=True)
+    """An HTTP/1.1 upgrade, or an HTTP/2 extended CONNECT as the bridge's client codec makes it."""
+    if h2:
+        request = tutils.treq(
+            method=b"CONNECT", path=f"/mem/{i}?token=t".encode(), http_version=b"HTTP/2.0", authority=b"localhost",
+            headers=http.Headers([(b":protocol", b"websocket"), (b"sec-websocket-version", b"13"),
+                                  (b"accept-encoding", b"gzip, deflate, br, zstd")]),
+            content=b"",
+        )
+    else:
+        request = tutils.treq(
+            method=b"GET", path=f"/mem/{i}?token=t".encode(), http_version=b"HTTP/1.1",
+            headers=http.Headers(host="localhost", upgrade="websocket", connection="Upgrade",
+                                 sec_websocket_key=KEY, sec_websocket_version="13",
+                                 accept_encoding="gzip, deflate, br, zstd"),
+            content=b"",
+        )
+    f = tflow.tflow(req=request, live=True)
+    if h2:
+        f.client_conn.alpn = b"h2"
+    return f
 
 
 def answer(flow: http.HTTPFlow) -> None:
+    if flow.request.method == "CONNECT":
+        flow.response = tutils.tresp(status_code=200, reason=b"", content=b"", headers=http.Headers())
+        return
     flow.response = tutils.tresp(
         status_code=101, reason=b"Switching Protocols", content=b"",
         headers=http.Headers(upgrade="websocket", connection="Upgrade", sec_websocket_accept=ACCEPT),

@@ -40,6 +40,8 @@ def structure_sizes(addon: Any, modules: dict[str, types.ModuleType] | None = No
     gc.collect()
     sizes: dict[str, int] = {}
     for name, value in vars(addon).items():
+        if name == "addons":  # its child addons, for mitmproxy: not state
+            continue
         if _is_container(value):
             sizes[name] = len(value)
         elif getattr(type(value), "__module__", "").startswith("wsencode") and hasattr(value, "__dict__"):

@@ -86,7 +86,7 @@ def summarize(stacks, top: int = 25) -> str:
         if indexes:
             last = indexes[-1]
             below = frames[last + 1:]
-            if below and frames[last][1].endswith("h2bridge.py") and any(lib in below[0][1] for lib in DELEGATED):
+            if below and frames[last][1].endswith(("bridge/h2.py", "bridge/h1.py", "bridge/stream.py", "bridge/common.py")) and any(lib in below[0][1] for lib in DELEGATED):
                 delegated += count
                 by_delegate[f"{frames[last][0]} -> {bucket(below[0][1])}"] += count
                 continue

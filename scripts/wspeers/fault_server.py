@@ -50,10 +50,18 @@ class FaultServer:
     port: int = 0
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(self, port: int = 0) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
         self.port = self._server.sockets[0].getsockname()[1]
+
+    async def wait_received(self, count: int, timeout: float = 10) -> None:
+        """Until `count` handshakes have reached this server."""
+        async with asyncio.timeout(timeout):
+            while len(self.received) < count:
+                self._arrived.clear()
+                await self._arrived.wait()
 
     async def stop(self) -> None:
         assert self._server
@@ -81,6 +89,7 @@ class FaultServer:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
         self.received.append(Received(method, target, headers))
+        self._arrived.set()
         if "websocket" not in headers.get("upgrade", "").lower():
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
             await writer.drain()

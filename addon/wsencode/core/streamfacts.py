@@ -1,8 +1,11 @@
-"""What the HTTP/2 bridge saw of a handshake that mitmproxy's flow cannot show.
+"""What the proxy observed of a handshake as it happened: when it went
+upstream and where it waits, what the upstream answered, what the client sent
+meanwhile, who ended it.
 
-Kept apart from the bridge (`h2bridge`, which reaches into mitmproxy's
-internals and may not load on every mitmproxy) so that the addon can read
-these whether or not the bridge is there.
+The bridge's codecs and stream note these as it happens; where no bridge
+carries a handshake, the addon's hooks note what they can see
+(`noted_by_hooks`). The core (`handshakes`, `lifecycle`) reads them from
+here: nothing is copied.
 
 The facts travel with the flow's request object, which the client's codec
 makes, the stream owns and the upstream's codec is handed: no table on the
@@ -33,7 +36,7 @@ UPSTREAM = "upstream"
 
 @dataclass
 class StreamFacts:
-    """What the codecs saw of a handshake that mitmproxy's flow cannot show."""
+    """What the proxy observed of a handshake that mitmproxy's flow cannot show."""
 
     # The stream's classification of the request, made once for the stream,
     # the codecs and the addon.
@@ -46,7 +49,16 @@ class StreamFacts:
     ended_by_proxy: str | None = None
     # CLIENT or UPSTREAM: whose codec reported the error that ended the stream.
     ended_by: str | None = None
+    # The status the upstream sent, as it sent it (a 101 from an HTTP/1.1
+    # upstream behind an extended CONNECT); None while it sent none.
     upstream_status: int | None = None
+    # The status the upstream's side handed mitmproxy's stream, which the
+    # response hooks start from; None if the upstream never answered (an
+    # addon or the user answered in the proxy).
+    answer_status: int | None = None
+    # No bridge carries this handshake: the addon's hooks note its forwarding
+    # (the request hook) and its answer (the responseheaders hook).
+    noted_by_hooks: bool = False
     client_bytes_before_status: int = 0
     status_with_data: bool = False
     # Client messages that went upstream before the status, past mitmproxy's
@@ -75,9 +87,6 @@ class StreamFacts:
     def forwarded(self) -> None:
         self.forwarded_at, self.stage = self.clock(), FORWARDED
 
-
-# What a flow the bridge did not carry has: nothing. Only ever read.
-NO_FACTS = StreamFacts()
 
 _ATTRIBUTE = "ws_encode_facts"
 _NOT_A_HANDSHAKE = "ws_encode_not_a_handshake"

@@ -2,21 +2,49 @@
 in the core's terms: the transports, whether an accept answers its key, who
 ended it, where it waits.
 
-The addon class hands these to the core (`tracker`); they read mitmproxy's
+The addon class hands these to the core (`core.handshakes`); they read mitmproxy's
 objects and change nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import weakref
 
-from mitmproxy import connection, flow, http
+from mitmproxy import connection, flow, flowfilter, http, websocket
+from mitmproxy.proxy import server_hooks
 
-from .extconnect import accept_for
-from .handshake import Transport
-from .lifecycle import EndCause, Stage
-from .report import printable
-from .streamfacts import CLIENT, CONNECTING, NO_FACTS, StreamFacts
+from ..core.extconnect import accept_for
+from ..core.handshake import Handshake, Transport, classify
+from ..core.lifecycle import EndCause, Stage
+from ..report import printable
+from ..core.streamfacts import CLIENT, CONNECTING, StreamFacts, facts_for, facts_of, not_a_handshake
+
+
+def classified(f: http.HTTPFlow | None) -> tuple[Handshake, StreamFacts] | None:
+    """The handshake `f` opens and its facts (made if no bridge noted any),
+    or None: most requests, and a flow that is gone."""
+    if f is None:
+        return None
+    facts = facts_of(f.request)
+    if facts is None and not_a_handshake(f.request):  # the bridge's stream asked already
+        return None
+    transport = client_transport(f)
+    known = facts.handshake if facts is not None else None
+    handshake = known if known is not None and known.transport is transport else classify(f.request, transport)
+    return None if handshake is None else (handshake, facts or facts_for(f.request))
+
+
+def matches(f: http.HTTPFlow, flt: flowfilter.TFilter | None) -> bool:
+    """Whether `flt` (ws_encode_filter) takes a handshake's flow."""
+    if flt is None or f.websocket is not None:
+        return flt is None or flt(f)
+    # mitmproxy sets flow.websocket only once the upgrade is done, so
+    # `~websocket` could never match a handshake: let it, for the filter.
+    f.websocket = websocket.WebSocketData()
+    try:
+        return flt(f)
+    finally:
+        f.websocket = None
 
 
 def client_transport(f: http.HTTPFlow) -> Transport:
@@ -89,19 +117,43 @@ def client_closed(client: connection.Client) -> bool:
     return client.timestamp_end is not None or not client.state & connection.ConnectionState.CAN_READ
 
 
-def stage_of(f: http.HTTPFlow, facts: StreamFacts, forwarded: bool,
-             opening: Mapping[connection.Server, str]) -> Stage:
-    """Where a waiting handshake is now. `forwarded`: the addon saw it go
-    upstream (a flow the bridge does not carry); `opening`: the upstream
-    connections being opened, with their client's id."""
-    if f.intercepted:
-        return Stage.INTERCEPTED
-    if facts is NO_FACTS:
-        return Stage.FORWARDED if forwarded else Stage.QUEUED
-    if facts.stage == CONNECTING:
+class Opening:
+    """The upstream connections being opened, with their client's id: where a
+    handshake waiting for its connection is (TCP or TLS). A child addon of
+    ws-encode's: these hooks are its."""
+
+    def __init__(self) -> None:
+        self.servers: weakref.WeakKeyDictionary[connection.Server, str] = weakref.WeakKeyDictionary()
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self.servers[data.server] = data.client.id
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if not data.server.tls:
+            self.servers.pop(data.server, None)
+
+    def tls_established_server(self, data) -> None:
+        self.servers.pop(data.conn, None)
+
+    def tls_failed_server(self, data) -> None:
+        self.servers.pop(data.conn, None)
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self.servers.pop(data.server, None)
+
+    def stage(self, f: http.HTTPFlow) -> Stage:
+        """Where a handshake waiting for its upstream connection is."""
         address = (f.request.host, f.request.port)
-        for server, client_id in list(opening.items()):
+        for server, client_id in list(self.servers.items()):
             if client_id == f.client_conn.id and server.address == address:
                 return Stage.TLS if server.timestamp_tcp_setup is not None else Stage.CONNECTING
         return Stage.CONNECTING
+
+
+def stage_of(f: http.HTTPFlow, facts: StreamFacts, opening: Opening) -> Stage:
+    """Where a waiting handshake is now."""
+    if f.intercepted:
+        return Stage.INTERCEPTED
+    if facts.stage == CONNECTING:
+        return opening.stage(f)
     return Stage(facts.stage) if facts.stage else Stage.QUEUED

@@ -18,6 +18,7 @@ import enum
 from dataclasses import dataclass
 
 from .handshake import Handshake
+from .streamfacts import StreamFacts
 
 
 class Phase(enum.Enum):
@@ -51,7 +52,7 @@ TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
 
 
 class Stage(enum.Enum):
-    """Where a handshake is while it waits for its status (SPEC: `stuck_in`).
+    """Where a handshake is while it waits for its status (the record's `stuck_in`).
 
     Only FORWARDED is the upstream's doing; every other stage is the proxy's
     (or the user's, for INTERCEPTED), so only there can an encoder be blamed.
@@ -81,30 +82,69 @@ class EndCause(enum.Enum):
     PROXY_STOPPED = "proxy-stopped"
 
 
+class AnsweredBy(enum.Enum):
+    """Who produced the status a client got: a record never blames the
+    upstream for what it never saw."""
+
+    UPSTREAM = "upstream"
+    PROXY = "proxy"  # ws-encode's bridge refused the upstream's answer (a wrong accept) with a status of its own
+    BEFORE_UPSTREAM = "before-upstream"  # another addon or the user answered before the upstream had the request
+    CHANGED = "changed"  # the upstream answered; another addon or the user changed the status
+
+
+def who_answered(facts: StreamFacts, status: int) -> AnsweredBy:
+    """Who produced `status`, the status the client gets, from what the
+    upstream's side handed mitmproxy's stream (`facts.answer_status`)."""
+    if facts.proxy_refused is not None:
+        return AnsweredBy.PROXY
+    if facts.answer_status is None:
+        return AnsweredBy.BEFORE_UPSTREAM
+    return AnsweredBy.UPSTREAM if status == facts.answer_status else AnsweredBy.CHANGED
+
+
 @dataclass
 class Progress:
     """What is known about one handshake so far; plain data.
 
-    `received_at`, `forwarded_at`, `status_at` and `ended_at` are monotonic
-    seconds; `forwarded_at` stays None until the request is really written
-    upstream.
+    Its lifecycle is here; what the proxy observed of it (when it went
+    upstream, what the upstream answered, what the client sent meanwhile) is
+    in `facts`, which the bridge's codecs and stream note as it happens, or
+    the addon's hooks where no bridge carries it. `received_at`, `status_at`
+    and `ended_at` are monotonic seconds, on the clock the facts use too.
     """
 
     handshake: Handshake
     received_at: float
-    forwarded_at: float | None = None
+    facts: StreamFacts
     phase: Phase = Phase.WAITING
     stalled: bool = False
     status: int | None = None  # as the client got it
-    upstream_status: int | None = None  # as the upstream sent it (101 from an HTTP/1.1 upstream behind an extended CONNECT)
     status_at: float | None = None
+    answered_by: AnsweredBy | None = None
     content_encoding: str | None = None
-    status_with_data: bool = False
-    bad_accept: bool = False  # a 101 whose Sec-WebSocket-Accept does not match the key
+    bad_accept: bool = False  # a 101 whose Sec-WebSocket-Accept does not answer the key
     end_cause: EndCause | None = None
     end_reason: str | None = None  # the proxy's own words for PROXY_RESET
     ended_at: float | None = None
-    client_bytes_before_status: int = 0
+
+    @property
+    def forwarded_at(self) -> float | None:
+        """When the request was written upstream; None while it is not."""
+        return self.facts.forwarded_at
+
+    @property
+    def upstream_status(self) -> int | None:
+        """As the upstream sent it (101 from an HTTP/1.1 upstream behind an extended CONNECT)."""
+        return self.facts.upstream_status
+
+    @property
+    def client_bytes_before_status(self) -> int:
+        return self.facts.client_bytes_before_status
+
+    @property
+    def status_with_data(self) -> bool:
+        """The status came in the same read as the first response data."""
+        return self.facts.status_with_data
 
     def _advance(self, event: Event) -> Phase:
         try:
@@ -118,20 +158,16 @@ class Progress:
         self._advance(Event.STALL_TIMER)
         self.stalled = True
 
-    def status_arrived(
-        self,
-        status: int,
-        now: float,
-        content_encoding: str | None = None,
-        with_data: bool = False,
-    ) -> Phase:
+    def status_arrived(self, status: int, now: float, content_encoding: str | None = None,
+                       bad_accept: bool = False) -> Phase:
+        """The client got `status`."""
         success = self.handshake.is_success(status)
         phase = self._advance(Event.SUCCESS_STATUS if success else Event.OTHER_STATUS)
         self.status = status
-        self.upstream_status = status if self.upstream_status is None else self.upstream_status
         self.status_at = now
+        self.answered_by = who_answered(self.facts, status)
         self.content_encoding = content_encoding
-        self.status_with_data = with_data
+        self.bad_accept = bad_accept
         return phase
 
     def end(self, cause: EndCause, now: float, reason: str | None = None) -> Phase:

@@ -8,7 +8,7 @@ characters escaped), never other header values or the query.
 
 from __future__ import annotations
 
-from .lifecycle import EndCause, Phase, Progress, Stage
+from .lifecycle import AnsweredBy, EndCause, Phase, Progress, Stage
 
 STRIP_HINT = "retry with ws_encode_policy=strip to confirm"
 
@@ -84,8 +84,25 @@ def _seconds(progress: Progress, now: float) -> float:
     return progress.received(now) if waited is None else waited
 
 
+def _answered_in_proxy(progress: Progress, outcome: str) -> str | None:
+    """The status came from another addon or the user, not the upstream."""
+    if progress.answered_by is AnsweredBy.BEFORE_UPSTREAM:
+        return (
+            f"{outcome} in the proxy: another addon or the user answered {progress.status} before the "
+            "upstream had the request, so the upstream never saw this handshake."
+        )
+    if progress.answered_by is AnsweredBy.CHANGED:
+        return (
+            f"{outcome} in the proxy: the upstream answered {progress.upstream_status}, and another addon "
+            f"or the user changed the status the client got to {progress.status}."
+        )
+    return None
+
+
 def _upgraded(progress: Progress, now: float, accept_encoding: str | None) -> str:
     waited = _seconds(progress, now)
+    if (in_proxy := _answered_in_proxy(progress, "Upgraded")) is not None:
+        return in_proxy
     if progress.bad_accept:
         return (
             "Switched protocols, but the upstream's Sec-WebSocket-Accept does not answer the "
@@ -120,13 +137,15 @@ def _upgraded(progress: Progress, now: float, accept_encoding: str | None) -> st
 
 
 def _rejected(progress: Progress) -> str:
-    if progress.bad_accept:
+    if progress.answered_by is AnsweredBy.PROXY:
         return (
-            f"The upstream switched protocols with a Sec-WebSocket-Accept that does not "
-            f"match the key the proxy sent, so the proxy failed the handshake (the client "
-            f"got {progress.status}): the upstream, or something in front of it, mangles "
+            f"The proxy failed the handshake (the client got {progress.status}): "
+            f"{progress.facts.proxy_refused} for the key the proxy sent (it answered "
+            f"{progress.upstream_status}): the upstream, or something in front of it, mangles "
             "WebSocket handshakes."
         )
+    if (in_proxy := _answered_in_proxy(progress, "Refused")) is not None:
+        return in_proxy
     if progress.handshake.malformed:
         return (
             f"The upstream refused the handshake with status {progress.status}, "
@@ -170,7 +189,14 @@ def _no_status(progress: Progress, stage: Stage, now: float, accept_encoding: st
         case EndCause.PROXY_RESET:
             return f"No status: the proxy itself reset the stream ({progress.end_reason}){stalled}."
         case EndCause.KILLED:
-            return f"No status: the flow was killed in the proxy after {received:.1f} s{stalled}."
+            answer = (
+                "" if progress.upstream_status is None
+                else f", after the upstream had answered {progress.upstream_status}"
+            )
+            return (
+                f"No status: the flow was killed in the proxy (by another addon or the user) "
+                f"{received:.1f} s after it arrived{answer}{stalled}."
+            )
         case _:
             return f"No status: the proxy stopped after {received:.1f} s of waiting{stalled}."
 

@@ -11,21 +11,20 @@ and what that upstream answered.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-from .report import redact_path
+from ..core.records import Record
+from ..report import redact_path
 
 _RFC = {"h2": "RFC 8441", "h3": "RFC 9220"}
 _HTTP = {"h2": "HTTP/2", "h3": "HTTP/3"}
 
 
-def described(path: str, record: Mapping[str, Any], key_sent: str | None) -> tuple[str, dict]:
+def described(path: str, record: Record, key_sent: str | None) -> tuple[str, dict]:
     """The comment line and metadata for an extended CONNECT to `path`, from
     its record; `key_sent`: the key of the upgrade the proxy sent an HTTP/1.1
     upstream, if it did."""
-    status, upstream = record["status"], record["upstream_transport"]
-    transport = record["transport"]
+    status, upstream, transport = record.status, record.upstream_transport, record.transport
     meta: dict[str, Any] = {"client_sent": f"CONNECT :protocol websocket ({_RFC.get(transport)})", "client_got": status}
     got = f"→ {status}" if status is not None else "→ no status"
     line = f"On the wire: {_HTTP.get(transport)} extended CONNECT (:protocol websocket) {redact_path(path) or '/'} {got}"
@@ -35,7 +34,7 @@ def described(path: str, record: Mapping[str, Any], key_sent: str | None) -> tup
     elif upstream in ("h2", "h3"):
         meta["upstream_sent"] = f"CONNECT :protocol websocket ({_RFC[upstream]})"
         line += f"; the {_HTTP[upstream]} upstream got the extended CONNECT"
-    if record["upstream_status"] is not None:
-        meta["upstream_status"] = record["upstream_status"]
-        line += f", answered {record['upstream_status']}"
+    if record.upstream_status is not None:
+        meta["upstream_status"] = record.upstream_status
+        line += f", answered {record.upstream_status}"
     return line + ".", meta

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .report import printable
+from ..report import printable
 
 
 class Transport(str, enum.Enum):

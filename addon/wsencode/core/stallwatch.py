@@ -44,9 +44,17 @@ class StallWatch:
         return len(self._threshold_of)
 
     def arm(self, key: str, after: float, on_stall: OnStall) -> None:
+        self.arm_at(key, self._clock() + after, after, on_stall)
+
+    def arm_at(self, key: str, deadline: float, after: float, on_stall: OnStall) -> None:
+        """Due at `deadline`, in the queue of threshold `after` (a handshake
+        re-armed from its receipt: the threshold changed, or a reload)."""
         self.disarm(key)
-        deadline = self._clock() + after
-        self._queues.setdefault(after, OrderedDict())[key] = (deadline, on_stall)
+        queue = self._queues.setdefault(after, OrderedDict())
+        in_order = not queue or next(reversed(queue.values()))[0] <= deadline
+        queue[key] = (deadline, on_stall)
+        if not in_order:
+            self._queues[after] = OrderedDict(sorted(queue.items(), key=lambda item: item[1][0]))
         self._threshold_of[key] = after
         if self._timer_at is None or deadline < self._timer_at:
             self._set_timer(deadline)

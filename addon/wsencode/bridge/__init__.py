@@ -1,0 +1,92 @@
+"""The bridge: what makes mitmproxy carry WebSockets over HTTP/2 (and, with
+them, translate to and from an HTTP/1.1 upstream), the one package of the
+addon that reaches into mitmproxy's internals.
+
+`Bridge` is how the addon sees it: loaded only when asked for, its needs
+probed before anything is replaced (`internals`), and whatever fails — an
+internal that was renamed, moved or changed its parameters — said in one log
+line while HTTP/1.1 WebSocket diagnosis goes on as before.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from types import ModuleType
+
+
+logger = logging.getLogger("ws_encode")
+
+
+class Bridge:
+    """The bridge as the addon sees it: on, off, or refused (once, said why).
+    A child addon of ws-encode's: its hook is the bridge's."""
+
+    def __init__(self) -> None:
+        self.installed = False
+        self.refused: str | None = None  # why this mitmproxy cannot take it
+        self._module: ModuleType | None = None
+
+    def install(self, h2: bool) -> None:
+        """What `ws_encode_h2` asks: nothing of mitmproxy's is replaced until
+        it is on; turned off, new client connections are stock again, and
+        those opened before keep what they were promised."""
+        if self.refused or (not h2 and not self.installed):
+            return
+        module = self._load()
+        if module and not self.installed and self._carries_rfc8441(module):
+            self.refused = "this mitmproxy carries HTTP/2 WebSockets itself"
+            logger.info("ws_encode_h2: this mitmproxy carries HTTP/2 WebSockets (RFC 8441) itself; "
+                        "ws-encode follows them as they are, without its bridge.")
+            return
+        problem = self._probe(module) if module else self.refused
+        if not problem:
+            problem = module.install(h2)
+        if problem:
+            self._refuse(problem)
+            return
+        self.installed = True
+
+    def uninstall(self) -> None:
+        if self.installed and self._module:
+            self._module.uninstall()
+        self.installed = False
+
+    def tls_start_server(self, tls_start) -> None:
+        # Just before mitmproxy's tlsconfig makes the TLS connection from
+        # `alpn_offers`: a WebSocket's HTTP/1.1 fallback connection offers
+        # only HTTP/1.1.
+        if self.installed and self._module:
+            self._module.offer_http1_only(tls_start.conn)
+
+    # Whatever goes wrong in loading or probing the bridge is a mitmproxy it
+    # does not fit, not a reason to fail the addon: so any exception, said in
+    # the one line, with HTTP/1.1 diagnosis left working.
+    def _load(self) -> ModuleType | None:
+        if self._module is None:
+            try:
+                self._module = importlib.import_module(".internals", __package__)
+            except Exception as e:  # e.g. a name the bridge takes from mitmproxy at import is gone
+                self.refused = f"cannot load the bridge ({type(e).__name__}: {e})"
+        return self._module
+
+    @staticmethod
+    def _probe(module: ModuleType) -> str | None:
+        try:
+            return module.incompatibility()
+        except Exception as e:  # an internal changed in a way the probe did not foresee
+            return f"cannot check what the bridge needs ({type(e).__name__}: {e})"
+
+    @staticmethod
+    def _carries_rfc8441(module: ModuleType) -> bool:
+        try:
+            return module.carries_rfc8441()
+        except Exception:  # (the probe's own failure: then the bridge's checks decide)
+            return False
+
+    def _refuse(self, problem: str) -> None:
+        self.refused = problem
+        logger.warning(
+            "ws_encode_h2: %s; HTTP/2 stays as stock mitmproxy has it (no HTTP/2 "
+            "WebSockets), HTTP/1.1 WebSocket diagnosis keeps working.", problem
+        )

@@ -1,0 +1,125 @@
+"""Every internal of mitmproxy the bridge touches, in one list; the check
+that this mitmproxy behaves as the bridge needs; and the one place that
+replaces mitmproxy's classes.
+
+What the bridge touches (33; before the extended CONNECT kept one form, it
+was about 45: the method and status swapped around every hook, the
+translated request and response, the GET/101 the stream was handed):
+
+- replaced, where mitmproxy's HTTP layer looks them up when it makes a
+  connection or a stream (`REPLACED`): `HttpStream`, `Http2Server`,
+  `Http2Client`, `Http1Client` (4);
+- `HttpStream`, subclassed (`stream.WsHttpStream`): `handle_event`,
+  `_handle_event`, `handle_connect`, `check_invalid`, `check_killed`,
+  `send_response`, `flow_done`, `passthrough`, `make_server_connection`
+  overridden; `state_consume_request_body`, `state_wait_for_response_headers`,
+  `state_errored`, `client_state`, `server_state`, `child_layer`, `mode` read
+  or set as the stream does for a request and a 101 (16);
+- `Http2Server` and `Http2Client` (`h2`): `handle_h2_event`, `_handle_event`,
+  `_handle_event2`, `close_connection` overridden; `h2_conn`, `streams`,
+  `stream_queue`, `their_stream_id`, `is_open_for_us`, `is_closed` used;
+  `h2_conn`'s class (to see each read's events) and its `stream_buffers` (to
+  count what waits for a peer's window) replaced (6 + the 2 replacements);
+- `Http1Client` (`h1`): `send` and `read_headers` overridden, `state` set (3);
+- `_http2.parse_h2_request_headers` and `parse_h2_response_headers`,
+  `validate_request`, `HttpLayer.connections` (a WebSocket's finished
+  HTTP/1.1 connection dropped), and the proxyserver's connection handlers'
+  `max_conns` (a WebSocket's connection past the per-server throttle) (5).
+
+The HTTP events, commands and hooks the layers exchange (`ReceiveHttp`,
+`SendHttp`, `RequestHeaders`…, `GetHttpConnection`, `DropStream`, the hook
+classes, `WebsocketLayer`) are the layers' own interface and not counted.
+
+Names and parameters can stay while behaviour changes, so before anything is
+replaced the bridge drives one extended CONNECT through its classes in memory
+(`selftest`); and a mitmproxy that carries `:protocol` itself is left as it
+is (`carries_rfc8441`). Installed by replacing the names above, uninstalled
+by putting the originals back; connections already open keep the classes
+they started with.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+
+from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers.http import _http1, _http2
+
+from . import selftest
+from .common import _stock
+from .h1 import WsHttp1Client
+from .h2 import WsHttp2Client, WsHttp2Server
+from .stream import WsHttpStream, offer_http1_only
+
+# What the Bridge calls.
+__all__ = ["carries_rfc8441", "incompatibility", "install", "uninstall", "offer_http1_only"]
+
+# The names the bridge replaces, and the classes of mitmproxy's that must look
+# them up in the HTTP layer's module when they make a connection or a stream
+# (a `from ... import` of their own would keep the stock class).
+REPLACED = {
+    "HttpStream": ("HttpLayer",), "Http2Server": ("HttpLayer",), "Http2Client": ("HttpLayer", "HttpClient"),
+    "Http1Client": ("HttpLayer", "HttpClient"),
+}
+
+
+def _looks_up(cls: type, name: str) -> bool:
+    functions = [inspect.unwrap(fn) for fn in vars(cls).values() if isinstance(fn, types.FunctionType)]  # (past @expect)
+    return any(fn.__globals__ is vars(http_layers) and name in fn.__code__.co_names for fn in functions)
+
+
+def incompatibility() -> str | None:
+    """Why this mitmproxy cannot take the bridge, or None if it can."""
+    for name, users in REPLACED.items():
+        for user in users:
+            if not _looks_up(getattr(http_layers, user), name):
+                return f"{user} does not look up {name} where the bridge replaces it"
+    return selftest.failure()
+
+
+def carries_rfc8441() -> bool:
+    """Whether this mitmproxy carries an extended CONNECT itself: its HTTP/2
+    server advertises RFC 8441 and its parser keeps `:protocol`."""
+    _, browser = selftest.greeted(_http2.Http2Server, selftest.context())
+    if browser.remote_settings.enable_connect_protocol != 1:
+        return False
+    try:
+        _http2.parse_h2_request_headers([(b":method", b"CONNECT"), (b":protocol", b"websocket"), (b":scheme", b"https"),
+                                         (b":path", b"/"), (b":authority", b"a.test")])
+    except ValueError:
+        return False
+    return True
+
+
+def install(h2: bool) -> str | None:
+    """Put the bridge's classes in place; None if that took, else what did
+    not (and then mitmproxy's own classes are back).
+
+    `h2` decides what new client connections are promised (the client codec
+    that advertises RFC 8441); the stream and the upstream codecs stay while
+    the bridge is installed, since a connection opened under that promise may
+    open WebSockets on new upstream connections at any time, and they leave
+    every other request as mitmproxy has it."""
+    wanted = {"HttpStream": WsHttpStream,
+              "Http2Server": WsHttp2Server if h2 else _http2.Http2Server,
+              "Http2Client": WsHttp2Client,
+              "Http1Client": WsHttp1Client}
+    for name, cls in wanted.items():
+        setattr(http_layers, name, cls)
+    # What mitmproxy's HTTP layer will really construct: the names as its
+    # functions look them up (their module's globals).
+    seen = {name: inspect.unwrap(getattr(http_layers, REPLACED[name][0]).__init__).__globals__.get(name)
+            for name in wanted}
+    wrong = [name for name, cls in wanted.items() if seen[name] is not cls]
+    if wrong:
+        uninstall()
+        return f"replacing {', '.join(wrong)} in mitmproxy's HTTP layer did not take effect"
+    return None
+
+
+def uninstall() -> None:
+    http_layers.HttpStream = _stock(WsHttpStream)
+    http_layers.Http2Server = _http2.Http2Server
+    http_layers.Http2Client = _http2.Http2Client
+    http_layers.Http1Client = _http1.Http1Client

@@ -1,0 +1,69 @@
+"""Bug-report bundles, from the addon: of chosen flows (`wsencode.bundle`),
+and of the last handshakes when mitmproxy exits (`ws_encode_bundle`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import flow
+
+from .. import bundle
+from ..report import printable
+from .options import BUNDLED_AT_EXIT
+
+logger = logging.getLogger("ws_encode")
+
+
+def write(flows: Sequence[flow.Flow], folder: str, report: Path | None, options: dict[str, Any]) -> str:
+    """Write a bundle; what happened, in one line (also logged)."""
+    try:
+        written = bundle.write_bundle(folder, flows, report_records(report), options=options)
+    except (bundle.BundleError, OSError) as e:
+        message = f"ws_encode_bundle: not written: {printable(str(e))}"
+        logger.error("%s", message)
+        return message
+    message = f"bug-report bundle of {len(flows)} flow{'' if len(flows) == 1 else 's'} written to {printable(str(written))}"
+    logger.info("%s", message)
+    return message
+
+
+def report_records(report: Path | None) -> list[dict] | None:
+    """Every record the report holds (a flow keeps only its latest one)."""
+    if report is None:
+        return None
+    try:
+        with open(report, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        logger.warning("ws_encode: the report cannot be read for the bundle (%s); using the flows' records",
+                       printable(str(e)))
+        return None
+
+
+class AtExit:
+    """The last handshakes seen, for the bundle written when mitmproxy exits."""
+
+    def __init__(self) -> None:
+        self.folder: str | None = None
+        self.flows: OrderedDict[str, flow.Flow] = OrderedDict()
+
+    def set_folder(self, folder: str | None) -> None:
+        self.folder = folder
+        if folder is None:
+            self.flows.clear()
+
+    def keep(self, f: flow.Flow) -> None:
+        if self.folder is None:
+            return
+        self.flows[f.id] = f
+        while len(self.flows) > BUNDLED_AT_EXIT:
+            self.flows.popitem(last=False)
+
+    def write(self, report: Path | None, options: dict[str, Any]) -> None:
+        if self.folder is not None and self.flows:
+            write(list(self.flows.values()), self.folder, report, options)
