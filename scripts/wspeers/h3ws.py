@@ -41,7 +41,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
+import hashlib
 import ipaddress
 import ssl
 import sys
@@ -73,6 +75,8 @@ from aioquic.quic.packet import (
     encode_quic_version_negotiation,
     pull_quic_header,
 )
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import CloseConnection, Event, Ping, Pong
 
@@ -108,12 +112,23 @@ __all__ = [
     "error_name",
     "make_self_signed_cert",
     "main",
+    "spki_sha256",
 ]
 
 # Only "h3": aioquic 1.1 also offers drafts 29-32, which 1.2 dropped.
 ALPN = ["h3"]
 
 RawHeaders = list[tuple[bytes, bytes]]
+
+
+def spki_sha256(certfile: str) -> str:
+    """The base64 SHA-256 of a PEM certificate's public key (its
+    SubjectPublicKeyInfo): what Chromium's --ignore-certificate-errors-spki-list
+    takes, the one way to make it trust a self-signed certificate over QUIC."""
+    with open(certfile, "rb") as f:
+        key = x509.load_pem_x509_certificate(f.read()).public_key()
+    spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
 
 
 def error_name(code: int) -> str:
@@ -251,6 +266,7 @@ class H3Peer(QuicConnectionProtocol):
         self.quic = quic
         self.on_event = on_event
         self.alpn: Optional[str] = None
+        self.remote_address = None  # where the last datagram came from
         self.closed: Optional[ConnectionClosed] = None
         self._enable_connect_protocol = enable_connect_protocol
         self._router = router
@@ -334,6 +350,7 @@ class H3Peer(QuicConnectionProtocol):
     # -- input --------------------------------------------------------------
 
     def datagram_received(self, data, addr) -> None:
+        self.remote_address = addr
         super().datagram_received(data, addr)
         self._report_closing()
 

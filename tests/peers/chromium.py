@@ -5,8 +5,6 @@ browser makes background requests of its own."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import os
 import shutil
 import signal
@@ -14,8 +12,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from wspeers.h3ws import spki_sha256
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -36,15 +33,6 @@ def needs_chromium(test):
 def page(html: str) -> str:
     """A URL that is the page `html` itself."""
     return "data:text/html," + urllib.parse.quote(html)
-
-
-def spki_sha256(certfile: str) -> str:
-    """The base64 SHA-256 of a PEM certificate's public key (SubjectPublicKeyInfo),
-    what --ignore-certificate-errors-spki-list takes."""
-    with open(certfile, "rb") as f:
-        key = x509.load_pem_x509_certificate(f.read()).public_key()
-    spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
 
 
 def quic_flags(port: int, certfile: str) -> list[str]:
