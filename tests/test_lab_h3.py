@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import h2.events
 import pytest
+from conftest import LabAlone
 from wspeers import h2ws, h3ws
 from wspeers.h3ws import ErrorCode
 
@@ -180,15 +180,8 @@ def test_the_lab_on_its_own_serves_http3_and_says_how_to_reach_it(tmp_path):
     helped = subprocess.run([sys.executable, "-m", "wslab.lab", "--help"], capture_output=True, text=True,
                             env=env, timeout=20)
     assert "Alt-Svc" in helped.stdout and "--enable-features=EnableWebsocketsOverHttp3" in helped.stdout
-    proc = subprocess.Popen([sys.executable, "-m", "wslab.lab", "--behaviour", "hold-until-body", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-    try:
-        head = []
-        for line in proc.stdout:
-            head.append(line)
-            if line.startswith("lab: ready"):
-                break
-        text = "".join(head)
+    with LabAlone(tmp_path, "--behaviour", "hold-until-body", "--port", "0") as alone:
+        text = alone.printed
         port = int(re.search(r"HTTP/3 on UDP port (\d+), RFC 9220 on", text).group(1))
         assert f"-m wspeers.h3ws client --url https://127.0.0.1:{port}/echo" in text
         assert f"--origin-to-force-quic-on=127.0.0.1:{port}" in text
@@ -201,8 +194,5 @@ def test_the_lab_on_its_own_serves_http3_and_says_how_to_reach_it(tmp_path):
                 return at_once, await held.wait_status(), await held.receive()
 
         assert asyncio.run(client()) == (False, 200, "hi")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=10)
-    assert proc.returncode == 0, rest
-    assert "HTTP/3 websocket /echo accept-encoding: gzip" in rest
+    assert alone.returncode == 0, alone.rest
+    assert "HTTP/3 websocket /echo accept-encoding: gzip" in alone.rest

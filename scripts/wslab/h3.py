@@ -37,9 +37,9 @@ from wspeers.h3ws import (
     StreamAborted,
     classify_request,
     server_configuration,
-    split_pseudo,
 )
 from wspeers.messages import CLOSE_UNSENT, MessageConnection
+from wspeers.streams import split_pseudo
 
 log = logging.getLogger("wslab.h3")
 

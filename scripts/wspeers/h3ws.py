@@ -47,7 +47,6 @@ import hashlib
 import ipaddress
 import ssl
 import sys
-import tempfile
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,23 +76,21 @@ from aioquic.quic.packet import (
 )
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from wsproto.connection import ConnectionState, ConnectionType
-from wsproto.events import CloseConnection, Event, Ping, Pong
+from wsproto.connection import ConnectionType
 
-from .h2ws import (
+from . import streams
+from .h2ws import GET_BODY, LISTEN_HOST, REJECTION_BODY, make_self_signed_cert
+from .messages import MessageConnection
+from .streams import (
     DEFAULT_TIMEOUT,
-    GET_BODY,
-    LISTEN_HOST,
-    REJECTION_BODY,
+    ClientStream,
     Headers,
-    Message,
     StreamResetError,
     WebSocketClosed,
-    _parse_header,
-    _wait_first,
-    make_self_signed_cert,
+    WebSocketOnStream,
+    split_pseudo,
+    wait_first,
 )
-from .messages import CLOSE_UNSENT, MessageConnection
 
 __all__ = [
     "ClientWebSocket",
@@ -484,12 +481,6 @@ def decode_headers(headers: RawHeaders) -> Headers:
     return [(name.decode("latin-1").lower(), value.decode("utf-8", "replace")) for name, value in headers]
 
 
-def split_pseudo(headers: Headers) -> tuple[dict[str, str], Headers]:
-    pseudo = {name: value for name, value in headers if name.startswith(":")}
-    regular = [(name, value) for name, value in headers if not name.startswith(":")]
-    return pseudo, regular
-
-
 def classify_request(pseudo: dict[str, str], connect_protocol_enabled: bool) -> str:
     """What a request is, by its pseudo-header fields: "extended-connect",
     "connect" (a plain one, RFC 9114 §4.4), "request", or "malformed: why"
@@ -618,13 +609,8 @@ class _ServerConnection:
     # -- WebSocket echo ------------------------------------------------------
 
     def _on_websocket_data(self, ws: _ServerWebSocket, data: bytes) -> None:
-        for event in ws.connection.messages(data):
-            if isinstance(event, (str, bytes)):  # a whole message
-                self._send_websocket(ws, ws.connection.send_data(event))
-            elif isinstance(event, Ping):
-                self._send_websocket(ws, ws.connection.answer(event))
-            elif isinstance(event, CloseConnection):  # the peer's, or bytes that are not frames
-                self._send_websocket(ws, ws.connection.answer(event), end_stream=True)
+        for reply, last in ws.connection.echo(data):
+            self._send_websocket(ws, reply, end_stream=last)
 
     def _send_websocket(self, ws: _ServerWebSocket, data: bytes, end_stream: bool = False) -> None:
         self._release_status(ws)
@@ -742,53 +728,25 @@ class H3WebSocketServer:
 # Client
 # --------------------------------------------------------------------------
 
-_STREAM_DONE = object()  # sentinel in the message queue: no more messages
-
-
 class ConnectProtocolNotEnabled(ConnectionError):
     """The server's SETTINGS do not enable extended CONNECT, so RFC 9220 §3
     (RFC 8441 §3) forbids sending one."""
 
 
-class Exchange:
-    """A request stream of the client and its answer (a ClientWebSocket is
-    one too): `status`, `response_headers`, `response_body` (of an answer
-    that is not a WebSocket), and how each direction ended, as a timeline
-    of `events` ("status:200", "end_stream", "reset:268", "stop_sending:268",
-    "local_reset:268", "connection_lost", ...).
-
-    `ended_with` is how receiving ended first: "end_stream" (the peer's FIN),
-    "reset:<code>" (its RESET_STREAM), "local_reset:<code>" (our reset()) or
-    "connection_lost"; `send_closed_by` why nothing can be sent any more:
-    "stop_sending:<code>", "local_reset:<code>" or "connection_lost" (our own
-    FIN is `_end_sent`).
+class Exchange(ClientStream):
+    """A request stream of the client and its answer (ClientWebSocket is one
+    too), with HTTP/3's ways for each direction to end. `ended_with`, how
+    receiving ended first: "end_stream" (the peer's FIN), "reset:<code>" (its
+    RESET_STREAM), "local_reset:<code>" (our reset()) or "connection_lost".
+    `send_closed_by`, why nothing can be sent any more: "stop_sending:<code>"
+    (the peer's STOP_SENDING), "local_reset:<code>" or "connection_lost"
+    (our own FIN is `_end_sent`). All of them go into `events` as they happen.
     """
 
     def __init__(self, client: H3WebSocketClient, stream_id: int) -> None:
+        super().__init__(stream_id)
         self._client = client
-        self.stream_id = stream_id
-        self.status: Optional[int] = None
-        self.response_headers: Headers = []
-        self.response_body = bytearray()
-        self.events: list[str] = []
-        self.ended_with: Optional[str] = None
         self.send_closed_by: Optional[str] = None
-        self._end_sent = False
-        self._status_known = asyncio.Event()
-        self._ended = asyncio.Event()
-
-    async def wait_status(self, timeout: float = DEFAULT_TIMEOUT) -> int:
-        """Return the response :status; raise asyncio.TimeoutError if none came."""
-        await asyncio.wait_for(self._status_known.wait(), timeout)
-        if self.status is None:
-            raise self._ended_error("before a response status arrived")
-        return self.status
-
-    async def wait_ended(self, timeout: float = DEFAULT_TIMEOUT) -> str:
-        """Wait until the peer ended or reset the stream; return `ended_with`."""
-        await asyncio.wait_for(self._ended.wait(), timeout)
-        assert self.ended_with is not None
-        return self.ended_with
 
     async def reset(self, code: int = ErrorCode.H3_REQUEST_CANCELLED) -> None:
         """Cancel the request (RFC 9114 §4.1.1): RESET_STREAM and STOP_SENDING with `code`."""
@@ -797,7 +755,7 @@ class Exchange:
         self._client._peer.abort(self.stream_id, code)
         self._client._streams.pop(self.stream_id, None)
         self._on_send_closed(f"local_reset:{int(code)}")
-        self._on_receive_ended(f"local_reset:{int(code)}")
+        self._on_ended(f"local_reset:{int(code)}")
 
     def _ended_error(self, what: str) -> WebSocketClosed:
         for reason in (self.ended_with, self.send_closed_by):
@@ -810,30 +768,15 @@ class Exchange:
 
     # -- called by the client's dispatch ------------------------------------
 
-    def _on_headers(self, headers: Headers, ended: bool) -> None:
-        if self.status is None:
-            pseudo, regular = split_pseudo(headers)
-            self.status = int(pseudo[":status"])
-            self.response_headers = regular
-            self.events.append(f"status:{self.status}")
-            self._status_known.set()
-        if ended:
-            self._on_receive_ended("end_stream")
-
-    def _on_data(self, data: bytes, ended: bool) -> None:
-        self.response_body += data
-        if ended:
-            self._on_receive_ended("end_stream")
-
     def _on_aborted(self, event: StreamAborted) -> None:
         if event.frame == "reset":
-            self._on_receive_ended(f"reset:{event.code}")
+            self._on_ended(f"reset:{event.code}")
         else:
             self._on_send_closed(f"stop_sending:{event.code}")
 
     def _on_connection_lost(self) -> None:
         self._on_send_closed("connection_lost")
-        self._on_receive_ended("connection_lost")
+        self._on_ended("connection_lost")
 
     def _on_send_closed(self, how: str) -> None:
         if self.send_closed_by is None and not self._end_sent:
@@ -841,129 +784,28 @@ class Exchange:
             if how.startswith("stop_sending"):
                 self.events.append(how)
 
-    def _on_receive_ended(self, how: str) -> None:
-        if self.ended_with is None:
-            self.ended_with = how
-            self.events.append(how)
-        self._status_known.set()
-        self._ended.set()
 
+class ClientWebSocket(Exchange, WebSocketOnStream):
+    """One WebSocket on an H3WebSocketClient connection (see Exchange and
+    WebSocketOnStream for what it records). Sends never wait: aioquic buffers
+    what QUIC flow control holds back; `timeout` keeps h2ws's signatures."""
 
-class ClientWebSocket(Exchange):
-    """One WebSocket on an H3WebSocketClient connection.
+    def _dead(self) -> Optional[str]:
+        return self.send_closed_by or (self.ended_with if self.ended_with not in (None, "end_stream") else None)
 
-    Besides the stream's timeline, `events` has "message", "close:<code>" and
-    "parse_failed:<why>"; `close_code` is the peer's Close frame's code.
-    """
+    async def _send_frames(self, frames: list[bytes], timeout: float) -> None:
+        self._check_sendable()
+        if not self._client._peer.send_data(self.stream_id, b"".join(frames)):
+            raise self._ended_error("while sending")
 
-    def __init__(self, client: H3WebSocketClient, stream_id: int) -> None:
-        super().__init__(client, stream_id)
-        self.close_code: Optional[int] = None
-        self._frames = MessageConnection(ConnectionType.CLIENT)  # the WebSocket (tests send parts through it)
-        self._messages: asyncio.Queue = asyncio.Queue()
-        self._pongs: asyncio.Queue = asyncio.Queue()
-        self._close_received = asyncio.Event()
-
-    # -- public API ---------------------------------------------------------
-    # `timeout` on the sends keeps h2ws's signatures: aioquic buffers what
-    # QUIC flow control holds back, so a send never waits.
-
-    async def send_text(self, text: str, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self._send_parts([text])
-
-    async def send_bytes(self, data: bytes, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self._send_parts([bytes(data)])
-
-    async def send_fragmented(self, parts: list[Message], timeout: float = DEFAULT_TIMEOUT) -> None:
-        """Send one message as len(parts) frames (all str or all bytes)."""
-        if not parts:
-            raise ValueError("a fragmented message needs at least one part")
-        self._send_parts(parts)
-
-    async def ping(self, payload: bytes = b"", timeout: float = DEFAULT_TIMEOUT) -> bytes:
-        """Send a Ping and return the payload of the next Pong."""
-        self._send_frame(self._frames.send(Ping(payload)))
-        return await asyncio.wait_for(self._pongs.get(), timeout)
-
-    async def receive(self, timeout: float = DEFAULT_TIMEOUT) -> Message:
-        """Return the next whole message (str for text, bytes for binary)."""
-        item = await asyncio.wait_for(self._messages.get(), timeout)
-        if item is _STREAM_DONE:
-            self._messages.put_nowait(_STREAM_DONE)  # later calls fail fast too
-            raise self._ended_error("while waiting for a message")
-        return item
-
-    async def close(self, code: int = 1000, timeout: float = DEFAULT_TIMEOUT) -> None:
-        """Close handshake: send Close, await the peer's Close, then FIN both
-        ways (RFC 9220 §3: an orderly close is the stream's FIN)."""
-        if self.send_closed_by or self.ended_with not in (None, "end_stream"):
-            return  # reset or connection gone: nothing left to close
-        if self._frames.state in CLOSE_UNSENT and not self._end_sent:
-            self._send_frame(self._frames.send(CloseConnection(code)))
-        await _wait_first(self._close_received, self._ended, timeout=timeout)
-        self._end_our_side()
-        await asyncio.wait_for(self._ended.wait(), timeout)
-
-    def half_close(self) -> None:
-        """FIN without a Close frame: our side is done, the peer's is left to it."""
-        self._end_our_side()
-
-    # -- sending ------------------------------------------------------------
-
-    def _send_parts(self, parts: list[Message]) -> None:
-        """One message in len(parts) frames."""
-        last = len(parts) - 1
-        self._send_frame(b"".join(self._frames.send_data(part, fin=i == last) for i, part in enumerate(parts)))
-
-    def _send_frame(self, frame: bytes) -> None:
-        if self.send_closed_by:
-            raise self._ended_error("before sending")
-        if self._end_sent:
-            raise WebSocketClosed(f"stream {self.stream_id}: FIN already sent")
-        self._client._peer.send_data(self.stream_id, bytes(frame))
+    def _send_now(self, frame: bytes, end_stream: bool = False) -> None:
+        self._client._peer.send_data(self.stream_id, bytes(frame), end_stream=end_stream)
+        self._end_sent = self._end_sent or end_stream
 
     def _end_our_side(self) -> None:
-        if self._end_sent or self.send_closed_by:
-            return
-        self._end_sent = True
-        self._client._peer.end_stream(self.stream_id)
-
-    # -- called by the client's dispatch ------------------------------------
-
-    def _on_data(self, data: bytes, ended: bool) -> None:
-        if self.status is None or not 200 <= self.status < 300:
-            super()._on_data(data, ended)  # a refusal's body, not WebSocket frames
-            return
-        for event in self._frames.messages(data):
-            self._on_received(event)
-        if ended:
-            self._on_receive_ended("end_stream")
-
-    def _on_received(self, event: Union[Message, Event]) -> None:
-        if isinstance(event, (str, bytes)):  # a whole message
-            self._messages.put_nowait(event)
-            self.events.append("message")
-        elif isinstance(event, Ping):
-            if not (self._end_sent or self.send_closed_by):  # after our FIN the pong has no way out
-                self._client._peer.send_data(self.stream_id, self._frames.answer(event))
-        elif isinstance(event, Pong):
-            self._pongs.put_nowait(bytes(event.payload))
-        elif isinstance(event, CloseConnection):
-            if self._frames.state in (ConnectionState.REMOTE_CLOSING, ConnectionState.CLOSED):
-                self.close_code = int(event.code)
-                self.events.append(f"close:{self.close_code}")
-            else:  # wsproto's word on bytes that are not frames
-                self.events.append(f"parse_failed:{event.reason}")
-            self._close_received.set()
-            self._messages.put_nowait(_STREAM_DONE)
-            if self._frames.state in CLOSE_UNSENT and not (self._end_sent or self.send_closed_by):
-                # The peer started the closing handshake (or broke the protocol): answer and finish.
-                self._end_sent = True
-                self._client._peer.send_data(self.stream_id, self._frames.answer(event), end_stream=True)
-
-    def _on_receive_ended(self, how: str) -> None:
-        super()._on_receive_ended(how)
-        self._messages.put_nowait(_STREAM_DONE)
+        # RFC 9220 §3: an orderly close is the stream's FIN.
+        if not (self._end_sent or self._dead()):
+            self._send_now(b"", end_stream=True)
 
 
 class H3WebSocketClient:
@@ -978,7 +820,6 @@ class H3WebSocketClient:
     """
 
     def __init__(self, host: str, port: int, *, server_hostname: Optional[str] = None) -> None:
-        ipaddress.ip_address(host)  # QUIC paths are addresses: no name is resolved here
         self.host = host
         self.port = port
         self.server_hostname = server_hostname or host
@@ -1002,13 +843,14 @@ class H3WebSocketClient:
         """Handshake (ALPN h3) and wait for the server's SETTINGS."""
         if self._peer is not None:
             raise RuntimeError("already connected")
+        ipaddress.ip_address(self.host)  # a ValueError for a name: QUIC paths are addresses, none is resolved here
         configuration = QuicConfiguration(is_client=True, alpn_protocols=ALPN,
                                           server_name=self.server_hostname, verify_mode=ssl.CERT_NONE)
         quic = HeldWindowQuic(configuration=configuration)
         self._transport, self._peer = await asyncio.get_running_loop().create_datagram_endpoint(
             lambda: H3Peer(quic, self._dispatch), local_addr=(LISTEN_HOST, 0))
         self._peer.connect((self.host, self.port))
-        await _wait_first(self._settings_received, self.connection_lost, timeout=timeout)
+        await wait_first(self._settings_received, self.connection_lost, timeout=timeout)
         if not self._settings_received.is_set():
             raise ConnectionError(f"the connection ended before the server's SETTINGS arrived: {self.closed}")
         return self
@@ -1036,20 +878,12 @@ class H3WebSocketClient:
             raise ConnectProtocolNotEnabled(
                 f"not sending an extended CONNECT: the server's SETTINGS_ENABLE_CONNECT_PROTOCOL is {value}, "
                 "and RFC 9220 §3 needs 1")
-        request = [
-            (":method", "CONNECT"),
-            (":protocol", protocol),
-            (":scheme", scheme),
-            (":path", path),
-            (":authority", authority),
-            ("sec-websocket-version", "13"),
-            *(headers or []),
-        ]
+        request = streams.extended_connect(path, authority, scheme, protocol, headers or [])
         ws = ClientWebSocket(self, self._next_stream_id())
         self._streams[ws.stream_id] = ws
         self._peer.send_headers(ws.stream_id, _encode(request))
         if data_before_status is not None:
-            ws._send_frame(ws._frames.send_data(data_before_status.decode("utf-8")))
+            ws._send_now(ws._frames.send_data(data_before_status.decode("utf-8")))
         return ws
 
     async def get(
@@ -1061,9 +895,7 @@ class H3WebSocketClient:
         timeout: float = DEFAULT_TIMEOUT,
     ) -> tuple[int, bytes]:
         """An ordinary GET on the same connection; returns (status, body)."""
-        request = [(":method", "GET"), (":scheme", scheme), (":path", path), (":authority", authority),
-                   *(headers or [])]
-        exchange = self.send_request(_encode(request))
+        exchange = self.send_request(_encode(streams.get_request(path, authority, scheme, headers or [])))
         await exchange.wait_ended(timeout)
         if exchange.status is None or exchange.ended_with != "end_stream":
             raise exchange._ended_error("before the response was complete")
@@ -1135,12 +967,14 @@ class H3WebSocketClient:
         stream = self._streams.get(getattr(event, "stream_id", None))
         if stream is None:
             return
-        if isinstance(event, HeadersReceived):
-            stream._on_headers(decode_headers(event.headers), event.stream_ended)
+        if isinstance(event, HeadersReceived) and stream.status is None:  # else trailers
+            stream._on_response(decode_headers(event.headers))
         elif isinstance(event, DataReceived):
-            stream._on_data(event.data, event.stream_ended)
+            stream._on_data(event.data)
         elif isinstance(event, StreamAborted):
             stream._on_aborted(event)
+        if getattr(event, "stream_ended", False):
+            stream._on_ended("end_stream")
         if stream.ended_with is not None and (stream._end_sent or stream.send_closed_by):
             del self._streams[stream.stream_id]
 
@@ -1161,13 +995,8 @@ def _error_code(text: str) -> int:
 
 
 async def _serve_forever(args: argparse.Namespace) -> None:
-    if args.cert and args.key:
-        certfile, keyfile = args.cert, args.key
-    else:
-        certfile, keyfile = make_self_signed_cert(tempfile.mkdtemp(prefix="h3ws-"))
     server = H3WebSocketServer(
-        certfile,
-        keyfile,
+        *streams.server_files(args, make_self_signed_cert),
         port=args.port,
         enable_connect_protocol=not args.no_connect_protocol,
         withhold_status_when_encoding=args.withhold,
@@ -1176,61 +1005,12 @@ async def _serve_forever(args: argparse.Namespace) -> None:
         status=args.status,
         response_headers=args.header,
     )
-    await server.start()
-    print(f"listening on udp {LISTEN_HOST}:{server.port} (QUIC, HTTP/3)", flush=True)
-    try:
-        await asyncio.Event().wait()  # until Ctrl-C cancels us
-    finally:
-        await server.stop()
+    await streams.serve_until_cancelled(server, f"listening on udp {LISTEN_HOST}:{{port}} (QUIC, HTTP/3)")
 
 
 async def _run_client(args: argparse.Namespace) -> int:
-    url = urllib.parse.urlsplit(args.url)
-    if url.scheme != "https" or not url.hostname:
-        print(f"expected an https:// URL, got {args.url!r}", file=sys.stderr)
-        return 2
-    path = url.path or "/"
-    if url.query:
-        path += "?" + url.query
-    headers = [("accept-encoding", args.accept_encoding)] if args.accept_encoding else []
-
-    client = H3WebSocketClient(url.hostname, url.port or 443)
-    try:
-        try:
-            await client.connect(args.timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
-            print(f"could not connect to {url.netloc} over QUIC: {exc!r}", file=sys.stderr)
-            return 2
-        try:
-            ws = await client.open_websocket(path, url.netloc, headers=headers)
-        except ConnectProtocolNotEnabled as exc:
-            print(exc)
-            return 2
-        try:
-            status = await ws.wait_status(args.timeout)
-        except asyncio.TimeoutError:
-            print(f"no :status for the extended CONNECT within {args.timeout} s (handshake stalled)")
-            await ws.reset()
-            return 1
-        except WebSocketClosed as exc:
-            print(f"stream ended before a status: {exc}")
-            return 2
-        print(f"status {status}")
-        if not 200 <= status < 300:
-            await ws.wait_ended(args.timeout)
-            print(f"rejected: {bytes(ws.response_body)!r}")
-            return 2
-        await ws.send_text(args.message)
-        print(f"echo: {await ws.receive(args.timeout)}")
-        await ws.close(timeout=args.timeout)
-        return 0
-    except (asyncio.TimeoutError, WebSocketClosed, ConnectionError) as exc:
-        print(f"failed after the handshake: {exc!r}")
-        return 2
-    finally:
-        if client.closed is not None and client.closed.initiator != "us":
-            print(client.closed)
-        await client.close(args.timeout)
+    # A server whose SETTINGS leave extended CONNECT out gets none: open_websocket says why.
+    return await streams.echo_client(args, H3WebSocketClient, (OSError, ValueError, asyncio.TimeoutError))
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -1239,17 +1019,7 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     server = commands.add_parser("server", help="run an RFC 9220 echo server until Ctrl-C")
-    server.add_argument("--port", type=int, default=0, help="UDP port to listen on (0: pick one)")
-    server.add_argument("--cert", help="PEM certificate (default: fresh self-signed for localhost)")
-    server.add_argument("--key", help="PEM private key belonging to --cert")
-    server.add_argument(
-        "--withhold",
-        action="store_true",
-        help="hold the :status of extended CONNECTs that carry accept-encoding "
-        "until the first body bytes exist (reproduces the stall)",
-    )
-    server.add_argument("--no-connect-protocol", action="store_true",
-                        help="leave SETTINGS_ENABLE_CONNECT_PROTOCOL out of the SETTINGS")
+    streams.add_server_arguments(server, "UDP")
     server.add_argument(
         "--reset-code",
         type=_error_code,
@@ -1257,35 +1027,15 @@ def _build_parser() -> argparse.ArgumentParser:
         help="answer every extended CONNECT with RESET_STREAM and STOP_SENDING with this code "
         "(a name such as H3_VERSION_FALLBACK, or a number such as 0x110)",
     )
-    server.add_argument("--status", type=int, default=200, help="status for extended CONNECT")
-    server.add_argument("--header", type=_parse_header, action="append", default=[], metavar="NAME:VALUE",
-                        help="extra response header for extended CONNECT (repeatable)")
 
-    client = commands.add_parser(
-        "client",
-        help="open one WebSocket, send a message and print the echo",
-        description="Exit status: 0 echo received, 1 no :status arrived "
-        "(stalled handshake), 2 any other failure (a refusal, no extended CONNECT in the SETTINGS).",
-    )
-    client.add_argument("--url", required=True, help="e.g. https://127.0.0.1:8443/chat")
-    client.add_argument("--accept-encoding", metavar="VALUE", help="send accept-encoding: VALUE")
-    client.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per step")
-    client.add_argument("--message", default="hello", help="text message to send")
+    client = commands.add_parser("client", help="open one WebSocket, send a message and print the echo",
+                                 description=streams.CLIENT_EXIT_STATUS)
+    streams.add_client_arguments(client)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = _build_parser().parse_args(argv)
-    if args.command == "server":
-        if bool(args.cert) != bool(args.key):
-            print("--cert and --key go together", file=sys.stderr)
-            return 2
-        try:
-            asyncio.run(_serve_forever(args))
-        except KeyboardInterrupt:
-            print("stopped", file=sys.stderr)
-        return 0
-    return asyncio.run(_run_client(args))
+    return streams.run(_build_parser().parse_args(argv), _serve_forever, _run_client)
 
 
 if __name__ == "__main__":
