@@ -101,6 +101,8 @@ __all__ = [
     "H3Peer",
     "H3WebSocketClient",
     "H3WebSocketServer",
+    "HeldWindowQuic",
+    "PeerEvent",
     "QuicListener",
     "StreamAborted",
     "StreamResetError",
@@ -109,6 +111,7 @@ __all__ = [
     "error_name",
     "make_self_signed_cert",
     "main",
+    "server_configuration",
     "spki_sha256",
 ]
 
