@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from peers import chromium
 from wspeers import h3ws
+from aioquic.h3.connection import FrameType, encode_frame
 from wspeers.h3ws import ErrorCode, Setting
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,6 +166,23 @@ def test_a_request_malformed_by_rfc9220_costs_its_stream_and_one_aioquic_refuses
     closed, uppercase, open_ws = asyncio.run(scenario())
     assert (closed.initiator, closed.error_code) == ("peer", ErrorCode.H3_MESSAGE_ERROR)
     assert uppercase.ended_with == open_ws.ended_with == "connection_lost"
+
+
+def test_raw_stream_bytes_reach_the_server_as_they_are(cert):
+    """A DATA frame before any HEADERS on a request stream is a connection
+    error of type H3_FRAME_UNEXPECTED (RFC 9114 §4.1): the client sends it
+    as given and reports the server's close."""
+    async def scenario():
+        async with server(cert) as srv, client(srv.port) as cl:
+            first = await cl.open_websocket("/", AUTHORITY)
+            await first.wait_status()
+            cl.send_stream_bytes(encode_frame(FrameType.DATA, b"no headers first"))
+            await cl.connection_lost.wait()
+            return cl.closed, first.ended_with, srv.requests
+
+    closed, first_ended, requests = asyncio.run(scenario())
+    assert (closed.initiator, closed.error_code) == ("peer", ErrorCode.H3_FRAME_UNEXPECTED)
+    assert first_ended == "connection_lost" and len(requests) == 1
 
 
 def test_an_unread_websocket_keeps_its_window_shut_while_the_connection_goes_on(cert):
