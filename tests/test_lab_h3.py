@@ -1,7 +1,8 @@
 """The lab's HTTP/3 side: every encoder behaviour over QUIC with real codings,
 with and without accept-encoding, advertised by Alt-Svc on the TCP side, and
 the requests hypercorn's HTTP/3 server gets wrong answered as RFC 9114 and
-RFC 9220 say. The RFC 9220 client of wspeers.h3ws talks to it directly."""
+RFC 9220 say. The RFC 9220 client of wspeers.h3ws talks to it directly, and
+so does Chromium with QUIC forced on."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ import os
 import re
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import h2.events
 import pytest
 from conftest import LabAlone
+from peers import chromium
 from wspeers import h2ws, h3ws
 from wspeers.h3ws import ErrorCode
 
-from wslab.app import ERROR_PAGE
+from wslab.app import ERROR_PAGE, GREETING
 from wslab.codings import Decoder, decode
 from wslab.encoders import MIN_SIZE, Behaviour
 from wslab.server import LabServer
@@ -203,3 +206,24 @@ def test_the_lab_on_its_own_serves_http3_and_says_how_to_reach_it(tmp_path):
         assert asyncio.run(client()) == (False, 200, "hi")
     assert alone.returncode == 0, alone.rest
     assert "HTTP/3 websocket /echo accept-encoding: gzip" in alone.rest
+
+
+@chromium.needs_chromium
+def test_chromium_takes_the_labs_page_and_its_websocket_over_http3(cert, home):
+    """The lab's own page, forced onto QUIC: Chromium offers its codings on
+    the RFC 9220 handshake, hold-until-body holds the 200 until the greeting,
+    and the page reports what /greet said."""
+    async def scenario():
+        async with lab("hold-until-body", cert) as server:
+            browser = await chromium.start(f"https://127.0.0.1:{server.h3.port}/?after=0.2", home,
+                                           quic=chromium.quic_flags(server.h3.port, cert[0]))
+            try:
+                return await asyncio.wait_for(server.app.results.get(), 60), server.app.requests
+            finally:
+                await chromium.stop(browser)
+
+    result, requests = asyncio.run(scenario())
+    assert urllib.parse.unquote(result) == f"greet={GREETING}"
+    greets = [r for r in requests if r[:3] == ("websocket", "3", "/greet")]
+    assert len(greets) == 1 and "zstd" in greets[0][3]
+    assert all(r[1] == "3" for r in requests)  # the page, the WebSocket and the report: all HTTP/3
