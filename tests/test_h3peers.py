@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pylsqpack
 import pytest
+from aioquic.h3.connection import FrameType, encode_frame
+from hypothesis import given
+from hypothesis import strategies as st
 from peers import chromium
 from wspeers import h3ws
-from aioquic.h3.connection import FrameType, encode_frame
 from wspeers.h3ws import ErrorCode, Setting
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,6 +169,17 @@ def test_a_request_malformed_by_rfc9220_costs_its_stream_and_one_aioquic_refuses
     closed, uppercase, open_ws = asyncio.run(scenario())
     assert (closed.initiator, closed.error_code) == ("peer", ErrorCode.H3_MESSAGE_ERROR)
     assert uppercase.ended_with == open_ws.ended_with == "connection_lost"
+
+
+# Lengths across each of QPACK's prefixed-integer classes (3-bit name, 7-bit value prefixes).
+FIELD_BYTES = st.binary(min_size=1, max_size=300)
+VALUES = st.binary(max_size=300) | st.sampled_from([b"v" * 126, b"v" * 127, b"v" * 16511, b"v" * 65535])
+
+
+@given(st.lists(st.tuples(FIELD_BYTES, VALUES), min_size=1))
+def test_qpack_literals_decode_to_exactly_the_fields_given(fields):
+    decoder = pylsqpack.Decoder(4096, 16)
+    assert decoder.feed_header(0, h3ws.qpack_literals(fields))[1] == fields
 
 
 def test_raw_stream_bytes_reach_the_server_as_they_are(cert):

@@ -54,7 +54,7 @@ from typing import Optional, Union
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.buffer import Buffer
-from aioquic.h3.connection import ErrorCode, H3Connection, Setting
+from aioquic.h3.connection import ErrorCode, FrameType, H3Connection, Setting, encode_frame
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -111,6 +111,7 @@ __all__ = [
     "error_name",
     "make_self_signed_cert",
     "main",
+    "qpack_literals",
     "server_configuration",
     "spki_sha256",
 ]
@@ -477,6 +478,36 @@ async def listen(configuration: QuicConfiguration, make_peer, port: int = 0) -> 
 # --------------------------------------------------------------------------
 # Requests, as a server sees them
 # --------------------------------------------------------------------------
+
+
+def _prefixed_integer(value: int, prefix_bits: int, first_byte_flags: int) -> bytes:
+    """An integer with an N-bit prefix (RFC 9204 §4.1.1, as RFC 7541 §5.1)."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes([first_byte_flags | value])
+    encoded, value = bytearray([first_byte_flags | limit]), value - limit
+    while value >= 0x80:
+        encoded.append(0x80 | value & 0x7F)
+        value >>= 7
+    encoded.append(value)
+    return bytes(encoded)
+
+
+def qpack_literals(fields: RawHeaders) -> bytes:
+    """A QPACK field section of literal field lines with literal names
+    (RFC 9204 §4.5.6) only: no table, no Huffman coding, so any decoder
+    reads it and nothing refuses a field on the way out (pylsqpack's encoder,
+    behind aioquic's send_headers, refuses an empty name). ls-qpack's
+    decoder (aioquic's, so mitmproxy's too) fails on an empty name, on a
+    field over 64 KiB and on a section with no field at all (the same two
+    bytes its own encoder writes for one): QPACK_DECOMPRESSION_FAILED, a
+    connection error."""
+    # The prefix (§4.5.1): Required Insert Count 0 and Delta Base 0, the dynamic table unused.
+    section = bytearray(b"\x00\x00")
+    for name, value in fields:
+        section += _prefixed_integer(len(name), 3, 0x20) + name  # 001, N=0, H=0, the name's length
+        section += _prefixed_integer(len(value), 7, 0x00) + value  # H=0, the value's length
+    return bytes(section)
 
 
 def decode_headers(headers: RawHeaders) -> Headers:
@@ -905,17 +936,13 @@ class H3WebSocketClient:
         return exchange.status, bytes(exchange.response_body)
 
     def send_request(self, headers: RawHeaders, *, data: bytes = b"", end_stream: bool = True) -> Exchange:
-        """A new request stream with `headers` exactly as given (QPACK-encoded
-        but never checked: pseudo-header fields anywhere, repeated, unknown,
-        uppercase names, any bytes), then `data` as one DATA frame."""
-        self._require_open()
-        exchange = Exchange(self, self._next_stream_id())
-        self._streams[exchange.stream_id] = exchange
-        self._peer.send_headers(exchange.stream_id, headers, end_stream=end_stream and not data)
-        if data:
-            self._peer.send_data(exchange.stream_id, data, end_stream=end_stream)
-        exchange._end_sent = end_stream
-        return exchange
+        """A new request stream with `headers` exactly as given, in order,
+        then `data` as one DATA frame: pseudo-header fields anywhere,
+        repeated or unknown, empty or uppercase names, any bytes at all
+        (QPACK literals, `qpack_literals`: nothing checks them on the way out)."""
+        frames = encode_frame(FrameType.HEADERS, qpack_literals(headers))
+        return self.send_stream_bytes(frames + (encode_frame(FrameType.DATA, data) if data else b""),
+                                      end_stream=end_stream)
 
     def send_stream_bytes(self, data: bytes, *, end_stream: bool = True) -> Exchange:
         """A new request stream carrying `data` as it is: frames of any type,
