@@ -10,6 +10,9 @@ ends UDPServer.run). So this drives the ASGI application from the QUIC and
 HTTP/3 plumbing of wspeers.h3ws, mapping each request stream to an ASGI
 ``http`` or ``websocket`` scope with ``http_version`` "3".
 
+A request aioquic's own header checks refuse still closes the whole
+connection (see wspeers.h3ws.H3WebSocketServer).
+
 What goes out is written as the application (through the encoder) sends it;
 HEADERS and DATA sent in one step leave in one flight (H3Peer.transmit_soon),
 so a status the encoder held goes out with the first message it releases it

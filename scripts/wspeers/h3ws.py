@@ -681,6 +681,13 @@ class H3WebSocketServer:
     as {"connection", "stream_id", "alpn", "pseudo": {name: value},
     "headers": [(name, value), ...]} with lowercased names;
     `closed_connections` holds how each connection ended.
+
+    A request that breaks RFC 9220's rules (classify_request) costs only its
+    stream (H3_MESSAGE_ERROR). One that aioquic's own checks refuse (an
+    uppercase name, a pseudo-header field after a regular one or twice, a
+    forbidden character) closes the whole connection with H3_MESSAGE_ERROR:
+    aioquic's H3Connection.handle_event does that where RFC 9114 §4.1.2 asks
+    for a stream error, and this server (and the lab's HTTP/3 side) keeps it.
     """
 
     def __init__(
