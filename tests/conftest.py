@@ -331,6 +331,35 @@ def extended_connect_request(version="HTTP/2.0", protocol="websocket", **headers
     return req
 
 
+class LabAlone:
+    """`python -m wslab.lab OPTIONS` on its own, as a person runs it, in
+    `cwd`: `with` it, `printed` is what it said up to "lab: ready"; on leaving,
+    SIGTERM, and `rest` is what it printed after, `returncode` how it exited."""
+
+    def __init__(self, cwd: Path, *options: str) -> None:
+        self.cwd = cwd
+        self.options = options
+        self.printed = self.rest = ""
+        self.returncode: int | None = None
+
+    def __enter__(self) -> LabAlone:
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "scripts"))
+        self.proc = subprocess.Popen([sys.executable, "-m", "wslab.lab", *self.options], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=env, cwd=self.cwd)
+        head = []
+        for line in self.proc.stdout:
+            head.append(line)
+            if line.startswith("lab: ready"):
+                break
+        self.printed = "".join(head)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.rest, _ = self.proc.communicate(timeout=10)
+        self.returncode = self.proc.returncode
+
+
 class ManualClock:
     """Time and a scheduler (as the event loop's `call_later`), both driven by
     the test: `advance` runs the timers due by a time, each late by `lag` (a

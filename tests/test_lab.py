@@ -6,15 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import subprocess
-import sys
 import urllib.parse
 
 import h2.events
 from wspeers import h2ws
 import pytest
-from conftest import ROOT, Mitmdump, assert_clean_log
+from conftest import ROOT, LabAlone, Mitmdump, assert_clean_log
 from peers import chromium
 
 from wslab import haproxy
@@ -172,16 +170,8 @@ def test_hold_until_body_releases_the_http2_status_with_the_servers_first_messag
 
 
 def test_the_lab_runs_alone_and_prints_its_urls(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "scripts"))
-    proc = subprocess.Popen([sys.executable, "-m", "wslab.lab", "--behaviour", "fixed", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-    try:
-        head = []
-        for line in proc.stdout:
-            head.append(line)
-            if line.startswith("lab: ready"):
-                break
-        text = "".join(head)
+    with LabAlone(tmp_path, "--behaviour", "fixed", "--port", "0") as alone:
+        text = alone.printed
         port = int(re.search(r"lab: fixed listening on https://127\.0\.0\.1:(\d+)", text).group(1))
         assert f"wss://127.0.0.1:{port}/greet" in text and f"--mode reverse:https://127.0.0.1:{port}" in text
 
@@ -192,12 +182,9 @@ def test_the_lab_runs_alone_and_prints_its_urls(tmp_path):
 
         h2_seen, h1_seen = asyncio.run(clients())
         assert h2_seen.outcome == "echoed" and h1_seen.outcome == "greeted"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=10)
-    assert proc.returncode == 0, rest
-    assert f"HTTP/2 websocket /echo accept-encoding: {BROWSER}" in rest
-    assert "HTTP/1.1 websocket /greet" in rest
+    assert alone.returncode == 0, alone.rest
+    assert f"HTTP/2 websocket /echo accept-encoding: {BROWSER}" in alone.rest
+    assert "HTTP/1.1 websocket /greet" in alone.rest
 
 
 def test_the_lab_script_sets_itself_up_and_lists_the_behaviours():

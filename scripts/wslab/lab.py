@@ -1,11 +1,14 @@
 """Run the lab on its own: the application behind one encoder behaviour.
 
-    scripts/lab [--behaviour hold-until-body ...] [--port 8443] [--min-size 1024] [--quiet]
+    scripts/lab [--behaviour hold-until-body ...] [--port 8443] [--min-size 1024] [--quiet] [--no-h3]
 
 hypercorn serves it over TLS (a fresh self-signed certificate for localhost
-and 127.0.0.1) on 127.0.0.1, HTTP/1.1 and HTTP/2 with RFC 8441 on. Point a
-browser or your own client at the URLs it prints, directly or through
-mitmdump with the addon; it prints one line per request it receives.
+and 127.0.0.1) on 127.0.0.1, HTTP/1.1 and HTTP/2 with RFC 8441 on. The same
+application, behind the same encoder, is served over HTTP/3 too (QUIC on UDP,
+the same port number where it is free; WebSockets by RFC 9220), which every
+TCP response names in `Alt-Svc: h3=":PORT"`. Point a browser or your own
+client at the URLs it prints, directly or through mitmdump with the addon; it
+prints one line per request it receives.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from wspeers import h2ws
+from wspeers import h2ws, h3ws
 
 from .encoders import HELP, MIN_SIZE, Behaviour
 from .server import LabServer, quiet_hypercorn_stream_errors
@@ -31,7 +34,19 @@ def behaviour_help() -> str:
     return "behaviours:\n" + "\n".join(lines) + "\n  none: the application alone, no encoder in front"
 
 
-def urls(server: LabServer) -> str:
+def h3_urls(server: LabServer, certfile: str) -> list[str]:
+    """How to reach the HTTP/3 side: the peers' client, or Chromium with QUIC forced on."""
+    base = f"https://127.0.0.1:{server.h3.port}"
+    return [
+        f"over HTTP/3 (QUIC on UDP 127.0.0.1:{server.h3.port}, WebSockets by RFC 9220):",
+        f"  PYTHONPATH=scripts {sys.executable} -m wspeers.h3ws client --url {base}/echo --accept-encoding gzip",
+        f"  chromium --enable-quic --origin-to-force-quic-on=127.0.0.1:{server.h3.port} "
+        f"--enable-features=EnableWebsocketsOverHttp3 "
+        f"--ignore-certificate-errors-spki-list={h3ws.spki_sha256(certfile)} {base}/",
+    ]
+
+
+def urls(server: LabServer, certfile: str) -> str:
     base, ws = server.url, server.url.replace("https://", "wss://")
     rows = [
         (f"{base}/", f"a page (compressed) that opens {ws}/greet and shows what it says"),
@@ -47,10 +62,20 @@ def urls(server: LabServer) -> str:
         f"  {mitmdump} -s addon/ws_encode.py -s scripts/loopback_only.py --ssl-insecure "
         f"--listen-host 127.0.0.1 -p 8080 --mode reverse:{base}",
         "  then open https://127.0.0.1:8080/ (the certificates are self-signed)",
+        *(h3_urls(server, certfile) if server.h3 else []),
     ])
 
 
 LISTENING = "lab: {behaviour} listening on {url}"
+H3_EPILOG = """HTTP/3: every behaviour is served over QUIC too, on UDP 127.0.0.1 at the TCP port's number (another
+where that one is taken), WebSockets by extended CONNECT (RFC 9220); every TCP response says where in
+Alt-Svc: h3=":PORT", and the lab prints the UDP port. Reach it with the peers' client,
+  PYTHONPATH=scripts python -m wspeers.h3ws client --url https://127.0.0.1:8443/echo --accept-encoding gzip
+or with Chromium, which needs QUIC forced on for the origin, its RFC 9220 feature, and the lab's key trusted
+by hash (it prints the whole command):
+  chromium --enable-quic --origin-to-force-quic-on=127.0.0.1:8443 --enable-features=EnableWebsocketsOverHttp3
+           --ignore-certificate-errors-spki-list=<base64 SHA-256 of the certificate's SPKI> https://127.0.0.1:8443/
+--no-h3 leaves HTTP/3 (and Alt-Svc) out."""
 
 
 def about(behaviour: str, min_size: int) -> str:
@@ -69,7 +94,7 @@ async def serve(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="wslab-cert-") as certdir:
         cert = h2ws.make_self_signed_cert(certdir)
         servers = [LabServer(b, *cert, port=args.port + i if args.port else 0, min_size=args.min_size,
-                             log=None if args.quiet else log) for i, b in enumerate(behaviours)]
+                             log=None if args.quiet else log, h3=not args.no_h3) for i, b in enumerate(behaviours)]
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -77,10 +102,11 @@ async def serve(args: argparse.Namespace) -> None:
             await server.start()
         try:
             for server in servers:
+                h3 = f"; HTTP/3 on UDP port {server.h3.port}, RFC 9220 on" if server.h3 else ""
                 print(f"{LISTENING.format(behaviour=server.behaviour, url=server.url)} "
-                      f"(HTTP/1.1 and HTTP/2 over TLS, RFC 8441 on): {about(server.behaviour, args.min_size)}")
+                      f"(HTTP/1.1 and HTTP/2 over TLS, RFC 8441 on{h3}): {about(server.behaviour, args.min_size)}")
             if len(servers) == 1:
-                print(urls(servers[0]))
+                print(urls(servers[0], cert[0]))
             print("lab: ready; Ctrl-C stops", flush=True)
             await stop.wait()
         finally:
@@ -89,7 +115,8 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/lab", description=__doc__, epilog=behaviour_help(),
+    parser = argparse.ArgumentParser(prog="scripts/lab", description=__doc__,
+                                     epilog=behaviour_help() + "\n\n" + H3_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--behaviour", choices=CHOICES, action="append",
                         help="the encoder in front (default hold-until-body); repeat it to serve several, "
@@ -97,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8443,
                         help="on 127.0.0.1 (default 8443, then 8444... for more behaviours; 0: any free port)")
     parser.add_argument("--quiet", action="store_true", help="no line per request")
+    parser.add_argument("--no-h3", action="store_true", help="no HTTP/3 (QUIC) side, no Alt-Svc")
     parser.add_argument("--min-size", type=int, default=MIN_SIZE,
                         help=f"bytes hold-until-min-size waits for (default {MIN_SIZE})")
     args = parser.parse_args(argv)

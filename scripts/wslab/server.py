@@ -1,4 +1,5 @@
-"""The lab's server: hypercorn over TLS (HTTP/1.1 and HTTP/2, RFC 8441 on) on 127.0.0.1."""
+"""The lab's server: hypercorn over TLS (HTTP/1.1 and HTTP/2, RFC 8441 on) on 127.0.0.1,
+and, if asked, the same application over HTTP/3 (RFC 9220 on; wslab.h3) on UDP."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from hypercorn.protocol import h2 as hypercorn_h2
 
 from .app import LabApp, build
 from .encoders import MIN_SIZE, RELEASING_HELD_STATUS
+from .h3 import H3Side
 from .proxy import terminate
 
 _hypercorn_flush = hypercorn_h2.H2Protocol._flush
@@ -65,10 +67,12 @@ def quiet_hypercorn_stream_errors(loop: asyncio.AbstractEventLoop) -> None:
 
 class LabServer:
     """The application behind the encoder `behaviour` ("none": no encoder),
-    served by hypercorn; `async with` starts and stops it."""
+    served by hypercorn; `async with` starts and stops it. With `h3`, also over
+    HTTP/3 on UDP `h3.port` (the TCP port's number where it is free), which
+    every TCP response names in `Alt-Svc: h3=":PORT"`."""
 
     def __init__(self, behaviour: str, certfile: str, keyfile: str, port: int = 0,
-                 min_size: int = MIN_SIZE, quiet: bool = True, log=None) -> None:
+                 min_size: int = MIN_SIZE, quiet: bool = True, log=None, h3: bool = False) -> None:
         self.behaviour = behaviour
         self.app, asgi = build(behaviour, min_size, log)
         self.asgi = asgi
@@ -87,6 +91,9 @@ class LabServer:
         self._socket.setblocking(False)
         self.port: int = self._socket.getsockname()[1]
         self.config.bind = [f"fd://{os.dup(self._socket.fileno())}"]
+        self.h3 = H3Side(asgi, certfile, keyfile, self.port) if h3 else None
+        if self.h3:
+            self.config.alt_svc_headers = [self.h3.alt_svc]
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -95,6 +102,8 @@ class LabServer:
         return f"https://127.0.0.1:{self.port}"
 
     async def start(self) -> LabServer:
+        if self.h3:
+            await self.h3.start()
         self._task = asyncio.create_task(serve(self.asgi, self.config, shutdown_trigger=self._stop.wait))
         await asyncio.sleep(0)
         return self
@@ -107,6 +116,8 @@ class LabServer:
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 pass
         self._socket.close()
+        if self.h3:
+            await self.h3.stop()
 
     async def __aenter__(self) -> LabServer:
         return await self.start()
@@ -136,7 +147,8 @@ class LabProcess:
         scripts = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [scripts, os.environ.get("PYTHONPATH")])))
         self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "wslab.lab", "--quiet", "--port", "0", "--min-size", str(self.min_size),
+            # The matrix sends nothing over HTTP/3: no QUIC side, no Alt-Svc in what it records.
+            sys.executable, "-m", "wslab.lab", "--quiet", "--no-h3", "--port", "0", "--min-size", str(self.min_size),
             *(a for b in self.behaviours for a in ("--behaviour", b)),
             env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT)

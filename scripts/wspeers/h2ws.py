@@ -36,7 +36,6 @@ import ipaddress
 import os
 import ssl
 import sys
-import tempfile
 import urllib.parse
 from typing import Optional, Union
 
@@ -50,9 +49,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from h2.errors import ErrorCodes
-from wsproto.connection import ConnectionState, ConnectionType
-from wsproto.events import CloseConnection, Event, Ping, Pong
-from .messages import CLOSE_UNSENT, MessageConnection
+from wsproto.connection import ConnectionType
+
+from . import streams
+from .messages import MessageConnection
+from .streams import (
+    DEFAULT_TIMEOUT,
+    Headers,
+    StreamResetError,
+    WebSocketClosed,
+    WebSocketOnStream,
+    split_pseudo,
+    wait_first,
+)
 
 __all__ = [
     "ClientWebSocket",
@@ -65,7 +74,6 @@ __all__ = [
 ]
 
 LISTEN_HOST = "127.0.0.1"
-DEFAULT_TIMEOUT = 5.0
 READ_CHUNK = 65536
 # asyncio waits up to 30 s for the peer's TLS close_notify by default; an
 # unresponsive peer would make stop()/close() crawl.
@@ -73,24 +81,6 @@ TLS_SHUTDOWN_TIMEOUT = 2.0
 REJECTION_BODY = b"rejected\n"
 GET_BODY = b"ok"
 PUSH_MESSAGE_SIZE = 1 << 20  # what a WebSocket opened with ?push=N is sent, N bytes in all
-
-Headers = list[tuple[str, str]]
-Message = Union[str, bytes]
-
-
-class WebSocketClosed(Exception):
-    """The WebSocket stream is over (Close, END_STREAM or connection loss)."""
-
-
-class StreamResetError(WebSocketClosed):
-    """The HTTP/2 stream was reset with RST_STREAM."""
-
-    def __init__(self, stream_id: int, code: int, *, by_peer: bool = True) -> None:
-        who = "peer" if by_peer else "us"
-        super().__init__(f"stream {stream_id} reset by {who} with error code {code}")
-        self.stream_id = stream_id
-        self.code = code
-        self.by_peer = by_peer
 
 
 # --------------------------------------------------------------------------
@@ -160,12 +150,6 @@ def _decode_headers(headers) -> Headers:
         )
         for name, value in headers
     ]
-
-
-def _split_pseudo(headers: Headers) -> tuple[dict[str, str], Headers]:
-    pseudo = {name: value for name, value in headers if name.startswith(":")}
-    regular = [(name, value) for name, value in headers if not name.startswith(":")]
-    return pseudo, regular
 
 
 class _Outbox:
@@ -391,7 +375,7 @@ class _ServerConnection(_H2Endpoint):
             task.cancel()
 
     def _on_request(self, stream_id: int, headers: Headers) -> None:
-        pseudo, regular = _split_pseudo(headers)
+        pseudo, regular = split_pseudo(headers)
         self._server.requests.append(
             {"connection": self.index, "stream_id": stream_id, "pseudo": pseudo, "headers": regular}
         )
@@ -464,13 +448,8 @@ class _ServerConnection(_H2Endpoint):
     # -- WebSocket echo ------------------------------------------------------
 
     def _on_websocket_data(self, ws: _ServerWebSocket, data: bytes) -> None:
-        for event in ws.connection.messages(data):
-            if isinstance(event, (str, bytes)):  # a whole message
-                self._send_websocket(ws, ws.connection.send_data(event))
-            elif isinstance(event, Ping):
-                self._send_websocket(ws, ws.connection.answer(event))
-            elif isinstance(event, CloseConnection):  # the peer's, or bytes that are not frames
-                self._send_websocket(ws, ws.connection.answer(event), end_stream=True)
+        for reply, last in ws.connection.echo(data):
+            self._send_websocket(ws, reply, end_stream=last)
 
     def _send_websocket(self, ws: _ServerWebSocket, data: bytes, end_stream: bool = False) -> None:
         self._release_status(ws)
@@ -600,9 +579,6 @@ class H2WebSocketServer:
 # Client
 # --------------------------------------------------------------------------
 
-_STREAM_DONE = object()  # sentinel in the message queue: no more messages
-
-
 class DualAlpnServer(H2WebSocketServer):
     """HTTP/2 without RFC 8441 (unless asked) and HTTP/1.1 WebSockets on one
     port, chosen by ALPN: what a browser falls back from and to. `h1` serves
@@ -624,7 +600,7 @@ class DualAlpnServer(H2WebSocketServer):
             await super()._handle_client(reader, writer)
 
 
-class ClientWebSocket:
+class ClientWebSocket(WebSocketOnStream):
     """One WebSocket on an H2WebSocketClient connection.
 
     `events` is a readable timeline ("status:200", "message", "close:1000",
@@ -634,88 +610,14 @@ class ClientWebSocket:
     """
 
     def __init__(self, client: "H2WebSocketClient", stream_id: int) -> None:
+        super().__init__(stream_id)
         self._client = client
-        self.stream_id = stream_id
-        self.status: Optional[int] = None
-        self.response_headers: Headers = []
-        self.response_body = bytearray()  # body of a non-2xx answer
-        self.events: list[str] = []
-        self.ended_with: Optional[str] = None
-        self.close_code: Optional[int] = None  # from the peer's Close frame
-        self._frames = MessageConnection(ConnectionType.CLIENT)  # the WebSocket (tests send parts through it)
-        self._messages: asyncio.Queue = asyncio.Queue()
-        self._pongs: asyncio.Queue = asyncio.Queue()
-        self._status_known = asyncio.Event()
-        self._close_received = asyncio.Event()
-        self._ended = asyncio.Event()
-        self._end_sent = False
         # Set once nothing can be sent any more (a reset or connection loss);
         # the peer's END_STREAM alone still lets us send.
         self._dead_reason: Optional[str] = None
         # False: this stream's DATA is never acknowledged, so its window
         # closes (a client that does not read); the connection's still opens.
         self.reading = True
-
-    # -- public API ---------------------------------------------------------
-
-    async def wait_status(self, timeout: float = DEFAULT_TIMEOUT) -> int:
-        """Return the response :status; raise asyncio.TimeoutError if none came."""
-        await asyncio.wait_for(self._status_known.wait(), timeout)
-        if self.status is None:
-            raise self._ended_error("before a response status arrived")
-        return self.status
-
-    async def wait_ended(self, timeout: float = DEFAULT_TIMEOUT) -> str:
-        """Wait until the peer ended or reset the stream; return `ended_with`."""
-        await asyncio.wait_for(self._ended.wait(), timeout)
-        assert self.ended_with is not None
-        return self.ended_with
-
-    async def send_text(self, text: str, timeout: float = DEFAULT_TIMEOUT) -> None:
-        await self._send_parts([text], timeout)
-
-    async def send_bytes(self, data: bytes, timeout: float = DEFAULT_TIMEOUT) -> None:
-        await self._send_parts([bytes(data)], timeout)
-
-    async def send_fragmented(self, parts: list[Message], timeout: float = DEFAULT_TIMEOUT) -> None:
-        """Send one message as len(parts) frames (all str or all bytes)."""
-        if not parts:
-            raise ValueError("a fragmented message needs at least one part")
-        await self._send_parts(parts, timeout)
-
-    async def ping(self, payload: bytes = b"", timeout: float = DEFAULT_TIMEOUT) -> bytes:
-        """Send a Ping and return the payload of the next Pong."""
-        self._check_sendable()
-        await self._send_frames([self._frames.send(Ping(payload))], timeout)
-        return await asyncio.wait_for(self._pongs.get(), timeout)
-
-    async def receive(self, timeout: float = DEFAULT_TIMEOUT) -> Message:
-        """Return the next whole message (str for text, bytes for binary)."""
-        item = await asyncio.wait_for(self._messages.get(), timeout)
-        if item is _STREAM_DONE:
-            self._messages.put_nowait(_STREAM_DONE)  # later calls fail fast too
-            raise self._ended_error("while waiting for a message")
-        return item
-
-    async def close(self, code: int = 1000, timeout: float = DEFAULT_TIMEOUT) -> None:
-        """Close handshake: send Close, await the peer's Close, then END_STREAM both ways.
-
-        Our END_STREAM goes out after the peer's Close (not after its
-        END_STREAM) so that peers waiting for ours before sending theirs work too.
-        """
-        if self._dead_reason:
-            return  # reset or connection gone: nothing left to close
-        if self._frames.state in CLOSE_UNSENT:
-            self._check_sendable()
-            await self._send_frames([self._frames.send(CloseConnection(code))], timeout)
-        await _wait_first(self._close_received, self._ended, timeout=timeout)
-        self._end_our_side()
-        await asyncio.wait_for(self._ended.wait(), timeout)
-
-    def half_close(self) -> None:
-        """END_STREAM without a Close frame: our side is done, the peer's
-        is left for it to end."""
-        self._end_our_side()
 
     async def reset(self, code: int = ErrorCodes.CANCEL) -> None:
         """Abort the stream with RST_STREAM."""
@@ -729,19 +631,10 @@ class ClientWebSocket:
         self._client._flush()
         self._on_ended(f"local_reset:{int(code)}")
 
-    # -- sending helpers ----------------------------------------------------
+    # -- how frames go out over HTTP/2 ----------------------------------------
 
-    async def _send_parts(self, parts: list[Message], timeout: float) -> None:
-        """One message in len(parts) frames."""
-        self._check_sendable()
-        last = len(parts) - 1
-        await self._send_frames([self._frames.send_data(part, fin=i == last) for i, part in enumerate(parts)], timeout)
-
-    def _check_sendable(self) -> None:
-        if self._dead_reason:
-            raise self._ended_error("before sending")
-        if self._end_sent:
-            raise WebSocketClosed(f"stream {self.stream_id}: END_STREAM already sent")
+    def _dead(self) -> Optional[str]:
+        return self._dead_reason
 
     async def _send_frames(self, frames: list[bytes], timeout: float) -> None:
         self._check_sendable()
@@ -774,41 +667,6 @@ class ClientWebSocket:
 
     # -- called by the client's read loop -----------------------------------
 
-    def _on_response(self, headers: Headers) -> None:
-        pseudo, regular = _split_pseudo(headers)
-        self.status = int(pseudo[":status"])
-        self.response_headers = regular
-        self.events.append(f"status:{self.status}")
-        self._status_known.set()
-
-    def _on_data(self, data: bytes) -> None:
-        if self.status is None or not 200 <= self.status < 300:
-            self.response_body += data  # a rejection body, not WebSocket frames
-            return
-        for event in self._frames.messages(data):
-            self._on_received(event)
-
-    def _on_received(self, event: Union[Message, Event]) -> None:
-        if isinstance(event, (str, bytes)):  # a whole message
-            self._messages.put_nowait(event)
-            self.events.append("message")
-        elif isinstance(event, Ping):
-            if not self._end_sent:  # after our END_STREAM the pong has no way out
-                self._send_now(self._frames.answer(event))
-        elif isinstance(event, Pong):
-            self._pongs.put_nowait(bytes(event.payload))
-        elif isinstance(event, CloseConnection):
-            if self._frames.state in (ConnectionState.REMOTE_CLOSING, ConnectionState.CLOSED):
-                self.close_code = int(event.code)
-                self.events.append(f"close:{self.close_code}")
-            else:  # wsproto's word on bytes that are not frames
-                self.events.append(f"parse_failed:{event.reason}")
-            self._close_received.set()
-            self._messages.put_nowait(_STREAM_DONE)
-            if self._frames.state in CLOSE_UNSENT:
-                # The peer started the closing handshake (or broke the protocol): answer and finish.
-                self._send_now(self._frames.answer(event), end_stream=True)
-
     def _on_end(self) -> None:
         self._on_ended("end_stream")
 
@@ -819,14 +677,9 @@ class ClientWebSocket:
         self._on_ended("connection_lost")
 
     def _on_ended(self, how: str) -> None:
-        if self.ended_with is None:
-            self.ended_with = how
         if how != "end_stream" and self._dead_reason is None:
             self._dead_reason = how
-        self.events.append(how)
-        self._status_known.set()
-        self._messages.put_nowait(_STREAM_DONE)
-        self._ended.set()
+        super()._on_ended(how)
 
 
 class _GetExchange:
@@ -856,20 +709,6 @@ class _GetExchange:
         if not self.done.is_set():
             self.error = ConnectionError(f"connection lost before stream {self.stream_id} finished")
             self.done.set()
-
-
-async def _wait_first(*events: asyncio.Event, timeout: float) -> None:
-    """Return once any of `events` is set; raise asyncio.TimeoutError otherwise."""
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        done, _pending = await asyncio.wait(
-            waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-    if not done:
-        raise asyncio.TimeoutError()
 
 
 class H2WebSocketClient(_H2Endpoint):
@@ -920,7 +759,7 @@ class H2WebSocketClient(_H2Endpoint):
         self.conn.initiate_connection()
         self._flush()
         self._read_task = asyncio.create_task(self._run())
-        await _wait_first(self._settings_received, self.connection_lost, timeout=timeout)
+        await wait_first(self._settings_received, self.connection_lost, timeout=timeout)
         if not self._settings_received.is_set():
             raise ConnectionError("connection closed before the server's SETTINGS arrived")
         return self
@@ -944,15 +783,7 @@ class H2WebSocketClient(_H2Endpoint):
         """
         self._require_open()
         stream_id = self.conn.get_next_available_stream_id()
-        request = [
-            (":method", "CONNECT"),
-            (":protocol", protocol),
-            (":scheme", scheme),
-            (":path", path),
-            (":authority", authority),
-            ("sec-websocket-version", "13"),
-            *(headers or []),
-        ]
+        request = streams.extended_connect(path, authority, scheme, protocol, headers or [])
         ws = ClientWebSocket(self, stream_id)
         self._streams[stream_id] = ws
         self.conn.send_headers(stream_id, _encode_headers(request))
@@ -973,13 +804,7 @@ class H2WebSocketClient(_H2Endpoint):
         """An ordinary GET on the same connection; returns (status, body)."""
         self._require_open()
         stream_id = self.conn.get_next_available_stream_id()
-        request = [
-            (":method", "GET"),
-            (":scheme", scheme),
-            (":path", path),
-            (":authority", authority),
-            *(headers or []),
-        ]
+        request = streams.get_request(path, authority, scheme, headers or [])
         exchange = _GetExchange(stream_id)
         self._streams[stream_id] = exchange
         self.conn.send_headers(stream_id, _encode_headers(request), end_stream=True)
@@ -1067,21 +892,9 @@ class H2WebSocketClient(_H2Endpoint):
 # --------------------------------------------------------------------------
 
 
-def _parse_header(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition(":")
-    if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(f"expected NAME:VALUE, got {text!r}")
-    return name.strip().lower(), value.strip()
-
-
 async def _serve_forever(args: argparse.Namespace) -> None:
-    if args.cert and args.key:
-        certfile, keyfile = args.cert, args.key
-    else:
-        certfile, keyfile = make_self_signed_cert(tempfile.mkdtemp(prefix="h2ws-"))
     server = H2WebSocketServer(
-        certfile,
-        keyfile,
+        *streams.server_files(args, make_self_signed_cert),
         port=args.port,
         enable_connect_protocol=not args.no_connect_protocol,
         withhold_status_when_encoding=args.withhold,
@@ -1089,57 +902,17 @@ async def _serve_forever(args: argparse.Namespace) -> None:
         status=args.status,
         response_headers=args.header,
     )
-    await server.start()
-    print(f"listening on {LISTEN_HOST}:{server.port}", flush=True)
-    try:
-        await asyncio.Event().wait()  # until Ctrl-C cancels us
-    finally:
-        await server.stop()
+    await streams.serve_until_cancelled(server, f"listening on {LISTEN_HOST}:{{port}}")
+
+
+def _warn_without_connect_protocol(client: "H2WebSocketClient") -> None:
+    if not client.server_enables_connect_protocol:
+        print("warning: server does not advertise SETTINGS_ENABLE_CONNECT_PROTOCOL", file=sys.stderr)
 
 
 async def _run_client(args: argparse.Namespace) -> int:
-    url = urllib.parse.urlsplit(args.url)
-    if url.scheme != "https" or not url.hostname:
-        print(f"expected an https:// URL, got {args.url!r}", file=sys.stderr)
-        return 2
-    path = url.path or "/"
-    if url.query:
-        path += "?" + url.query
-    headers = [("accept-encoding", args.accept_encoding)] if args.accept_encoding else []
-
-    client = H2WebSocketClient(url.hostname, url.port or 443)
-    try:
-        try:
-            await client.connect(args.timeout)
-        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
-            print(f"could not connect to {url.netloc}: {exc!r}", file=sys.stderr)
-            return 2
-        if not client.server_enables_connect_protocol:
-            print("warning: server does not advertise SETTINGS_ENABLE_CONNECT_PROTOCOL", file=sys.stderr)
-        ws = await client.open_websocket(path, url.netloc, headers=headers)
-        try:
-            status = await ws.wait_status(args.timeout)
-        except asyncio.TimeoutError:
-            print(f"no :status for the extended CONNECT within {args.timeout} s (handshake stalled)")
-            await ws.reset()
-            return 1
-        except WebSocketClosed as exc:
-            print(f"stream ended before a status: {exc}")
-            return 2
-        print(f"status {status}")
-        if not 200 <= status < 300:
-            await ws.wait_ended(args.timeout)
-            print(f"rejected: {bytes(ws.response_body)!r}")
-            return 2
-        await ws.send_text(args.message, args.timeout)
-        print(f"echo: {await ws.receive(args.timeout)}")
-        await ws.close(timeout=args.timeout)
-        return 0
-    except (asyncio.TimeoutError, WebSocketClosed, ConnectionError) as exc:
-        print(f"failed after the handshake: {exc!r}")
-        return 2
-    finally:
-        await client.close(args.timeout)
+    return await streams.echo_client(args, H2WebSocketClient, (OSError, asyncio.TimeoutError, ssl.SSLError),
+                                     _warn_without_connect_protocol)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -1149,60 +922,24 @@ def _build_parser() -> argparse.ArgumentParser:
     server = commands.add_parser(
         "server", help="run an RFC 8441 echo server on 127.0.0.1 until Ctrl-C"
     )
-    server.add_argument("--port", type=int, default=0, help="port to listen on (0: pick one)")
-    server.add_argument("--cert", help="PEM certificate (default: fresh self-signed for localhost)")
-    server.add_argument("--key", help="PEM private key belonging to --cert")
-    server.add_argument(
-        "--withhold",
-        action="store_true",
-        help="hold the :status of extended CONNECTs that carry accept-encoding "
-        "until the first body bytes exist (reproduces the stall)",
-    )
-    server.add_argument(
-        "--no-connect-protocol",
-        action="store_true",
-        help="do not advertise SETTINGS_ENABLE_CONNECT_PROTOCOL",
-    )
+    streams.add_server_arguments(server, "TCP")
     server.add_argument(
         "--reset-after-connect",
         action="store_true",
         help="answer extended CONNECT with RST_STREAM(CANCEL)",
     )
-    server.add_argument("--status", type=int, default=200, help="status for extended CONNECT")
-    server.add_argument(
-        "--header",
-        type=_parse_header,
-        action="append",
-        default=[],
-        metavar="NAME:VALUE",
-        help="extra response header for extended CONNECT (repeatable)",
-    )
 
     client = commands.add_parser(
         "client",
         help="open one WebSocket, send a message and print the echo",
-        description="Exit status: 0 echo received, 1 no :status arrived "
-        "(stalled handshake), 2 any other failure.",
+        description=streams.CLIENT_EXIT_STATUS,
     )
-    client.add_argument("--url", required=True, help="e.g. https://127.0.0.1:8443/chat")
-    client.add_argument("--accept-encoding", metavar="VALUE", help="send accept-encoding: VALUE")
-    client.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per step")
-    client.add_argument("--message", default="hello", help="text message to send")
+    streams.add_client_arguments(client)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = _build_parser().parse_args(argv)
-    if args.command == "server":
-        if bool(args.cert) != bool(args.key):
-            print("--cert and --key go together", file=sys.stderr)
-            return 2
-        try:
-            asyncio.run(_serve_forever(args))
-        except KeyboardInterrupt:
-            print("stopped", file=sys.stderr)
-        return 0
-    return asyncio.run(_run_client(args))
+    return streams.run(_build_parser().parse_args(argv), _serve_forever, _run_client)
 
 
 if __name__ == "__main__":

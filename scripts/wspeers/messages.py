@@ -53,6 +53,16 @@ class MessageConnection(Connection):
         """A text (str) or binary message, or a part of one (fin=False)."""
         return self.send(Message(data=data, message_finished=fin))
 
+    def echo(self, data: bytes) -> Iterator[tuple[bytes, bool]]:
+        """What an echo server sends for `data`: each whole message back, a
+        Pong to a Ping, a Close to the Close that ended receiving (the last
+        thing it sends: True)."""
+        for event in self.messages(data):
+            if isinstance(event, (str, bytes)):
+                yield self.send_data(event), False
+            elif reply := self.answer(event):
+                yield reply, isinstance(event, CloseConnection)
+
     def answer(self, event: Event) -> bytes:
         """What answers a control event: a Pong to a Ping while the connection
         is open, a Close to the Close that ended receiving (`closed_by`)

@@ -12,6 +12,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+from wspeers.h3ws import spki_sha256
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -34,13 +35,24 @@ def page(html: str) -> str:
     return "data:text/html," + urllib.parse.quote(html)
 
 
-async def start(url: str, home: Path, proxy_port: int | None = None) -> asyncio.subprocess.Process:
+def quic_flags(port: int, certfile: str) -> list[str]:
+    """HTTP/3 to https://127.0.0.1:`port` from the first request on, WebSockets
+    over it (RFC 9220, behind a feature flag), and trust in `certfile`'s key:
+    --ignore-certificate-errors is not enough for QUIC's handshake."""
+    return ["--enable-quic", f"--origin-to-force-quic-on=127.0.0.1:{port}",
+            "--enable-features=EnableWebsocketsOverHttp3",
+            f"--ignore-certificate-errors-spki-list={spki_sha256(certfile)}"]
+
+
+async def start(url: str, home: Path, proxy_port: int | None = None,
+                quic: list[str] | None = None) -> asyncio.subprocess.Process:
     """Chromium on `url`, through the proxy at 127.0.0.1:`proxy_port` if given
-    (loopback included), its HOME, TMPDIR and profile in `home`."""
+    (loopback included), its HOME, TMPDIR and profile in `home`. QUIC is off
+    unless `quic` gives the flags that turn it on (`quic_flags`)."""
     env = dict(os.environ, HOME=str(home), TMPDIR=str(home))
     proxy = [f"--proxy-server=http://127.0.0.1:{proxy_port}", "--proxy-bypass-list=<-loopback>"] if proxy_port else []
     return await asyncio.create_subprocess_exec(
-        CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", *(quic or ["--disable-quic"]),
         "--no-first-run", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--ignore-certificate-errors", *proxy,
         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
