@@ -19,7 +19,8 @@ from mitmproxy.test import taddons
 from wspeers import h2ws
 from wspeers.h2ws import DualAlpnServer
 
-from wsencode.bridge import common, internals
+from wsencode.bridge import internals
+from wsencode.core.extconnect import MAX_EARLY_BYTES
 from wsencode.bridge.h2 import WsHttp2Client, WsHttp2Server
 from wsencode.bridge.stream import WsHttpStream
 from wsencode.bridge import Bridge
@@ -295,7 +296,7 @@ def test_a_stream_the_proxy_resets_itself_is_not_blamed_on_the_upstream(cert, tm
                 client = h2ws.H2WebSocketClient("127.0.0.1", md.port, server_hostname="localhost")
                 await client.connect()
                 ws = await client.open_websocket("/big", "localhost", headers=[("accept-encoding", "gzip")])
-                ws._send_now(ws._frames.send_data(bytes(common.MAX_EARLY_BYTES + 1), fin=False))
+                ws._send_now(ws._frames.send_data(bytes(MAX_EARLY_BYTES + 1), fin=False))
                 client._pump()
                 client._flush()
                 ended = await ws.wait_ended(10)

@@ -16,12 +16,18 @@ from dataclasses import dataclass
 
 import h2.exceptions
 import h2.utilities
+import time
+
 from mitmproxy import http
+from mitmproxy.proxy.layers.http import _http2
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
 
-from ..core.extconnect import PROTOCOL, protocol_of
+from ..core.extconnect import (
+    PROTOCOL, WEBSOCKET, ClientSideStream, UpstreamStream, protocol_of, refusal, stream_fields, switching_fields,
+)
+from ..core.streamfacts import facts_for
 from ..core.handshake import classify
 from ..core.streamfacts import facts_of, not_a_handshake
 from ..report import printable
@@ -32,8 +38,6 @@ NEEDS_HTTP1 = "ws_encode: the HTTP/2 upstream cannot take this WebSocket (no RFC
 # mitmproxy 12 marks an upgraded stream's close by its WebSocket layer with a
 # code; 11 has no codes, and only its message ("EOF") tells that close apart.
 _PASSTHROUGH_CLOSE = getattr(getattr(http_layers, "ErrorCode", None), "PASSTHROUGH_CLOSE", None)
-# Client DATA kept while a status is awaited; beyond this the stream is reset.
-MAX_EARLY_BYTES = 1 << 20
 # Bytes of one WebSocket stream that may wait in mitmproxy's send buffer for
 # the peer's HTTP/2 flow-control window; beyond this that stream alone is
 # reset. mitmproxy grants every peer the largest window and acknowledges DATA
@@ -210,3 +214,66 @@ def _stock(cls: type) -> type:
         cls = cls.__bases__[0]
     return cls
 
+
+
+def extended_connect(headers: list[tuple[bytes, bytes]], http_version: bytes,
+                     websockets_on: bool) -> http.Request | tuple[int, str]:
+    """An HTTP/2 or HTTP/3 request block with `:protocol`, as the flow keeps
+    it (CONNECT, `:protocol` its first header field), with its facts and the
+    client's side (`facts.waiting_client`); or the status and reason that
+    refuse it on its own stream."""
+    protocol = _protocol(headers)
+    try:
+        host, port, method, scheme, authority, path, fields = _http2.parse_h2_request_headers(
+            [(k, v) for k, v in headers if k != PROTOCOL])
+    except ValueError as e:
+        return 400, f"malformed extended CONNECT: {without_values(str(e))}"
+    refused = refusal(method, protocol, fields.get("sec-websocket-version", ""), authority, websockets_on)
+    if refused is not None:
+        return refused
+    fields.insert(0, PROTOCOL.decode(), WEBSOCKET.decode())
+    request = http.Request(
+        host=host, port=port, method=b"CONNECT", scheme=scheme, authority=authority, path=path,
+        http_version=http_version, headers=fields, content=None, trailers=None,
+        timestamp_start=time.time(), timestamp_end=None,
+    )
+    facts = facts_for(request)
+    facts.waiting_client = ClientSideStream(facts)
+    return request
+
+
+def extended_connect_headers(request: http.Request) -> list[tuple[bytes, bytes]]:
+    """The header block of the extended CONNECT that asks an HTTP/2 or
+    HTTP/3 upstream for the WebSocket `request` opens (an extended CONNECT
+    itself, or an HTTP/1.1 client's upgrade)."""
+    authority = request.authority or request.host_header or f"{request.host}:{request.port}"
+    return [
+        (b":method", b"CONNECT"),
+        (PROTOCOL, protocol_of(request.data.method, request.headers.fields) or WEBSOCKET),
+        (b":scheme", request.scheme.encode() or b"https"),
+        (b":path", request.data.path),
+        (b":authority", authority.encode("utf-8", "surrogateescape")),  # (as mitmproxy decoded the Host header)
+        *stream_fields(request.headers.fields),
+    ]
+
+
+def upstream_success(ws: UpstreamStream, status: int, fields: http.Headers, http_version: bytes) -> http.Response:
+    """What the stream gets for an upstream's 2xx to the extended CONNECT:
+    that 2xx, or for an HTTP/1.1 client's upgrade the 101 that answers its key."""
+    if ws.key is None:
+        return http.Response(http_version=http_version, status_code=status, reason=b"", headers=fields,
+                             content=None, trailers=None, timestamp_start=time.time(), timestamp_end=None)
+    return http.Response(
+        http_version=http_version, status_code=101, reason=b"Switching Protocols",
+        headers=http.Headers(switching_fields(fields.fields, ws.key)), content=None, trailers=None,
+        timestamp_start=time.time(), timestamp_end=None,
+    )
+
+
+def handed_over(ws: ClientSideStream, sid: int) -> layer.CommandGenerator[None]:
+    """What a client sent before its status, for the WebSocket layer now set up."""
+    data, ended = ws.hand_over()
+    if data:
+        yield http_layers.ReceiveHttp(http_layers.RequestData(sid, data))
+    if ended:
+        yield http_layers.ReceiveHttp(http_layers.RequestEndOfMessage(sid))

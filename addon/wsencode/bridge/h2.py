@@ -32,22 +32,20 @@ import time
 
 import h2.errors
 import h2.events
-from mitmproxy import http
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http2
 from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
 
 from ..core.extconnect import (
-    PROTOCOL, WEBSOCKET, ClientSideStream, ClientStep, UpstreamPhase, UpstreamStream, protocol_of, stream_fields,
-    switching_fields, upgrade_key,
+    MAX_EARLY_BYTES, ClientSideStream, ClientStep, UpstreamPhase, UpstreamStream, stream_fields,
+    upgrade_key,
 )
-from ..core.frames import whole_messages_length
 from ..core.streamfacts import QUEUED, SETTINGS, facts_for, facts_of
 from .common import (
-    MAX_EARLY_BYTES, Backlog, NeedsHttp1, _close_open_websockets, _forget_if_closed, _protocol,
-    is_extended_connect, is_passthrough_close, malformed, not_reading, opens_websocket, request_error,
-    response_error, without_values,
+    Backlog, NeedsHttp1, _close_open_websockets, _forget_if_closed, _protocol, extended_connect,
+    extended_connect_headers, handed_over, is_extended_connect, is_passthrough_close, malformed, not_reading,
+    opens_websocket, request_error, response_error, upstream_success,
 )
 
 class WsHttp2Server(_http2.Http2Server):
@@ -103,56 +101,26 @@ class WsHttp2Server(_http2.Http2Server):
         return done
 
     def _early_data(self, sid: int, ws: ClientSideStream, event: h2.events.DataReceived) -> layer.CommandGenerator[None]:
-        ws.facts.client_bytes_before_status += len(event.data)
         self.h2_conn.acknowledge_received_data(event.flow_controlled_length, sid)
-        ws.early += event.data
-        if ws.relay:
-            # An HTTP/2 upstream has the CONNECT: pass whole messages on, or
-            # a server that waits for them would never answer.
+        relayed = ws.take(event.data)
+        if relayed:
             upstream, upstream_sid = ws.relay
-            whole = whole_messages_length(ws.early)
-            if whole:
-                data = bytes(ws.early[:whole])
-                del ws.early[:whole]
-                ws.relayed += data
-                yield http_layers.SendHttp(http_layers.RequestData(upstream_sid, data), upstream)
-        if len(ws.early) + len(ws.relayed) > MAX_EARLY_BYTES:
+            yield http_layers.SendHttp(http_layers.RequestData(upstream_sid, relayed), upstream)
+        if ws.over_cap:
             yield from self._reset(sid, f"more than {MAX_EARLY_BYTES} bytes of data before the status")
 
     def _extended_connect(self, event: h2.events.RequestReceived) -> layer.CommandGenerator[None]:
         sid = event.stream_id
-        headers = [(k, v) for k, v in event.headers if k != b":protocol"]
-        try:
-            host, port, method, scheme, authority, path, fields = _http2.parse_h2_request_headers(headers)
-        except ValueError as e:
-            yield from self._refuse(sid, 400, f"malformed extended CONNECT: {without_values(str(e))}")
+        request = extended_connect(event.headers, b"HTTP/2.0", self.context.options.websocket)
+        if isinstance(request, tuple):
+            yield from self._refuse(sid, *request)
             return
-        if method != b"CONNECT":
-            yield from self._refuse(sid, 400, ":protocol on a request that is not a CONNECT")
-        elif (_protocol(event.headers) or b"").lower() != b"websocket":
-            yield from self._refuse(sid, 501, "extended CONNECT for a protocol other than websocket")
-        elif not self.context.options.websocket:
-            yield from self._refuse(sid, 501, "WebSockets are turned off (the websocket option)")
-        elif fields.get("sec-websocket-version", "").strip() != "13":
-            yield from self._refuse(sid, 400, "extended CONNECT without sec-websocket-version: 13")
-        elif not authority:
-            yield from self._refuse(sid, 400, "extended CONNECT without :authority")
-        else:
-            # The flow keeps what the client sent: CONNECT, with :protocol as its first header field.
-            fields.insert(0, PROTOCOL.decode(), WEBSOCKET.decode())
-            request = http.Request(
-                host=host, port=port, method=b"CONNECT", scheme=scheme, authority=authority,
-                path=path, http_version=b"HTTP/2.0", headers=fields, content=None,
-                trailers=None, timestamp_start=time.time(), timestamp_end=None,
-            )
-            ws = ClientSideStream(facts_for(request))
-            ws.facts.waiting_client = ws
-            self.websockets[sid] = ws
-            self.streams[sid] = _http2.StreamState.HEADERS_RECEIVED
-            # The request is whole at its headers: what the client sends on the
-            # stream is the WebSocket's, kept here until its status.
-            yield http_layers.ReceiveHttp(http_layers.RequestHeaders(sid, request, end_stream=True))
-            yield http_layers.ReceiveHttp(http_layers.RequestEndOfMessage(sid))
+        self.websockets[sid] = facts_of(request).waiting_client
+        self.streams[sid] = _http2.StreamState.HEADERS_RECEIVED
+        # The request is whole at its headers: what the client sends on the
+        # stream is the WebSocket's, kept here until its status.
+        yield http_layers.ReceiveHttp(http_layers.RequestHeaders(sid, request, end_stream=True))
+        yield http_layers.ReceiveHttp(http_layers.RequestEndOfMessage(sid))
 
     def _reset(
         self, sid: int, reason: str, code: int = h2.errors.ErrorCodes.PROTOCOL_ERROR, *, later: bool = False
@@ -194,12 +162,7 @@ class WsHttp2Server(_http2.Http2Server):
             # The stream ends the 2xx "message" once the WebSocket layer is set
             # up; on HTTP/2 that would close the stream. Instead, hand over
             # what the client sent before the status.
-            if ws.early:
-                data, ws.early = bytes(ws.early), bytearray()
-                yield http_layers.ReceiveHttp(http_layers.RequestData(event.stream_id, data))
-            if ws.ended_early:
-                ws.ended_early = False
-                yield http_layers.ReceiveHttp(http_layers.RequestEndOfMessage(event.stream_id))
+            yield from handed_over(ws, event.stream_id)
         elif isinstance(event, http_layers.ResponseProtocolError) and is_passthrough_close(event):
             # The WebSocket layer closed the client side: an orderly end of stream.
             if self.is_open_for_us(event.stream_id):
@@ -224,21 +187,6 @@ class WsHttp2Server(_http2.Http2Server):
         yield from self.backlog.due_now()
         yield from _close_open_websockets(self, http_layers.RequestEndOfMessage)
         yield from super().close_connection(msg)
-
-
-def extended_connect_headers(request: http.Request) -> list[tuple[bytes, bytes]]:
-    """The header block of the extended CONNECT that asks an HTTP/2 or
-    HTTP/3 upstream for the WebSocket `request` opens (an extended CONNECT
-    itself, or an HTTP/1.1 client's upgrade)."""
-    authority = request.authority or request.host_header or f"{request.host}:{request.port}"
-    return [
-        (b":method", b"CONNECT"),
-        (PROTOCOL, protocol_of(request.data.method, request.headers.fields) or WEBSOCKET),
-        (b":scheme", request.scheme.encode() or b"https"),
-        (b":path", request.data.path),
-        (b":authority", authority.encode("utf-8", "surrogateescape")),  # (as mitmproxy decoded the Host header)
-        *stream_fields(request.headers.fields),
-    ]
 
 
 class BatchRecordingH2Connection(BufferedH2Connection):
@@ -352,15 +300,12 @@ class WsHttp2Client(_http2.Http2Client):
         # The request is really on its way now (it may have waited for SETTINGS).
         ws.facts.forwarded()
         client_side = ws.facts.waiting_client
-        if client_side is not None and client_side.relay_to(self.conn, self.their_stream_id[sid]):
-            # What an HTTP/2 client sent before the status goes upstream now,
-            # and whatever follows goes straight here (see WsHttp2Server).
-            whole = whole_messages_length(client_side.early)
-            if whole:
-                data = bytes(client_side.early[:whole])
-                del client_side.early[:whole]
-                client_side.relayed += data
-                self.h2_conn.send_data(sid, data)
+        relayed = client_side.relay_to(self.conn, self.their_stream_id[sid]) if client_side is not None else None
+        if relayed is not None:
+            # What the client sent before the status goes upstream now, and
+            # whatever follows goes straight here (ClientSideStream.take).
+            if relayed:
+                self.h2_conn.send_data(sid, relayed)
             ws.relay_from = client_side
         yield commands.SendData(self.conn, self.h2_conn.data_to_send())
 
@@ -408,18 +353,7 @@ class WsHttp2Client(_http2.Http2Client):
             isinstance(e, h2.events.DataReceived) and e.stream_id == sid and e.data
             for e in self.h2_conn.last_batch
         )
-        if ws.key is None:
-            response = http.Response(
-                http_version=b"HTTP/2.0", status_code=status, reason=b"",
-                headers=fields, content=None, trailers=None,
-                timestamp_start=time.time(), timestamp_end=None,
-            )
-        else:
-            response = http.Response(
-                http_version=b"HTTP/2.0", status_code=101, reason=b"Switching Protocols",
-                headers=http.Headers(switching_fields(fields.fields, ws.key)), content=None, trailers=None,
-                timestamp_start=time.time(), timestamp_end=None,
-            )
+        response = upstream_success(ws, status, fields, b"HTTP/2.0")
         self.streams[sid] = _http2.StreamState.HEADERS_RECEIVED
         # The stream takes the WebSocket at the end of this status's message.
         yield http_layers.ReceiveHttp(http_layers.ResponseHeaders(sid, response, end_stream=False))

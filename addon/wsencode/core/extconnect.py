@@ -27,10 +27,13 @@ from typing import Any
 
 from wsproto.utilities import generate_accept_token, generate_nonce
 
-from .frames import client_messages
+from .frames import client_messages, whole_messages_length
 from .streamfacts import StreamFacts
 
 Fields = Sequence[tuple[bytes, bytes]]
+
+# Client DATA kept while a status is awaited; beyond this the stream is reset.
+MAX_EARLY_BYTES = 1 << 20
 
 PROTOCOL = b":protocol"
 WEBSOCKET = b"websocket"
@@ -84,6 +87,23 @@ def upgrade_fields(fields: Fields, key: str) -> list[tuple[bytes, bytes]]:
 def new_key() -> str:
     """A Sec-WebSocket-Key of the proxy's own (RFC 6455 section 4.1: 16 random bytes, base64)."""
     return generate_nonce().decode()
+
+
+def refusal(method: bytes, protocol: bytes | None, version: str, authority: bytes,
+            websockets_on: bool) -> tuple[int, str] | None:
+    """Why an extended CONNECT cannot be carried, with the status that says
+    so on its own stream (RFC 8441 section 4, RFC 9220 section 3), or None."""
+    if method != b"CONNECT":
+        return 400, ":protocol on a request that is not a CONNECT"
+    if (protocol or b"").lower() != WEBSOCKET:
+        return 501, "extended CONNECT for a protocol other than websocket"
+    if not websockets_on:
+        return 501, "WebSockets are turned off (the websocket option)"
+    if version.strip() != "13":
+        return 400, "extended CONNECT without sec-websocket-version: 13"
+    if not authority:
+        return 400, "extended CONNECT without :authority"
+    return None
 
 
 def accept_for(key: str) -> str:
@@ -208,11 +228,41 @@ class ClientSideStream:
     def is_open(self) -> bool:
         return self.phase is ClientPhase.OPEN
 
-    def relay_to(self, upstream: Any, sid: int) -> bool:
+    @property
+    def over_cap(self) -> bool:
+        return len(self.early) + len(self.relayed) > MAX_EARLY_BYTES
+
+    def take(self, data: bytes) -> bytes:
+        """DATA the client sent before its status; what of it goes upstream
+        now: while an upstream stream has the CONNECT, whole messages, or a
+        server that waits for them would never answer (mitmproxy's WebSocket
+        layer, which carries the rest, must start where no message is half
+        sent)."""
+        self.facts.client_bytes_before_status += len(data)
+        self.early += data
+        return self._whole_messages() if self.relay else b""
+
+    def relay_to(self, upstream: Any, sid: int) -> bytes | None:
+        """An upstream stream has the CONNECT: what goes there now, or None
+        if this side is not waiting for it."""
         if not self.step(ClientStep.UPSTREAM_HAS_CONNECT):
-            return False
+            return None
         self.relay = (upstream, sid)
-        return True
+        return self._whole_messages()
+
+    def hand_over(self) -> tuple[bytes, bool]:
+        """Once the status is out: what the WebSocket layer gets now — the
+        DATA kept, and whether the client ended its side meanwhile."""
+        data, ended = bytes(self.early), self.ended_early
+        self.early, self.ended_early = bytearray(), False
+        return data, ended
+
+    def _whole_messages(self) -> bytes:
+        whole = whole_messages_length(self.early)
+        data = bytes(self.early[:whole])
+        del self.early[:whole]
+        self.relayed += data
+        return data
 
 
 # -- an extended CONNECT on an upstream connection -----------------------------------
