@@ -3,7 +3,7 @@
     mitmdump -s addon/ws_encode.py --mode reverse:http://127.0.0.1:9000 -p 8081 \
         --set ws_encode_policy=observe --set ws_encode_report=handshakes.jsonl
 
-Sees every WebSocket handshake (HTTP/1.1 upgrades and HTTP/2 extended
+Sees every WebSocket handshake (HTTP/1.1 upgrades, HTTP/2 and HTTP/3 extended
 CONNECTs), applies an encoding policy to it, reports a stall the moment a
 status is withheld while the client waits, saying where the handshake is
 stuck, and writes one report record per handshake. This class translates
@@ -53,6 +53,7 @@ class WsEncode:
         self.policy, self.codings, self.filter = EncodingPolicy.OBSERVE, "zstd, br, gzip", None
         self.output, self.waiting_line = Output(), WaitingLine(self.handshakes, lambda: self.clock(), _call_later)
         self.bridge, self.opening, self.at_exit = Bridge(), flowview.Opening(), bundling.AtExit()
+        self.carried = {"h2": True, "h3": True}  # what new client connections are offered (ws_encode_h2, _h3)
         self.updated: list[http.HTTPFlow] = []  # stalled flows whose update hook is due
         self._configured = False
         self.commands = Commands(self)
@@ -90,8 +91,10 @@ class WsEncode:
             self.handshakes.stall_after_changed(values["ws_encode_stall"])
         if "ws_encode_bundle" in values:
             self.at_exit.set_folder(values["ws_encode_bundle"])
-        if "ws_encode_h2" in values:
-            self.bridge.install(h2=values["ws_encode_h2"])
+        if "ws_encode_h2" in values or "ws_encode_h3" in values:
+            self.carried.update((name[len("ws_encode_"):], values[name]) for name in ("ws_encode_h2", "ws_encode_h3")
+                                if name in values)
+            self.bridge.install(**self.carried)
 
     def done(self) -> None:
         self.waiting_line.cancel()

@@ -47,14 +47,14 @@ BRIDGED = {"Http2Server": WsHttp2Server, "Http2Client": WsHttp2Client}
 def test_install_swaps_the_classes_and_uninstall_restores_them():
     stream = http_layers.HttpStream
     bridge = Bridge()
-    bridge.install(h2=False)  # off from the start: nothing of mitmproxy's is replaced
+    bridge.install(h2=False, h3=False)  # off from the start: nothing of mitmproxy's HTTP/2 is replaced
     assert current() == STOCK and http_layers.HttpStream is stream and not bridge.installed
-    bridge.install(h2=True)
-    bridge.install(h2=True)  # idempotent
+    bridge.install(h2=True, h3=True)
+    bridge.install(h2=True, h3=True)  # idempotent
     assert current() == BRIDGED and http_layers.HttpStream is WsHttpStream
     # Turned off: new client connections are stock; what connections opened
     # before may still need (the stream, the upstream codecs) stays.
-    bridge.install(h2=False)
+    bridge.install(h2=False, h3=True)
     assert current() == {**BRIDGED, "Http2Server": STOCK["Http2Server"]} and http_layers.HttpStream is WsHttpStream
     bridge.uninstall()
     bridge.uninstall()
@@ -120,8 +120,8 @@ def test_changed_internals_are_named_and_nothing_is_replaced(monkeypatch, caplog
     caplog.set_level(logging.WARNING)
     stream = http_layers.HttpStream
     bridge = Bridge()
-    bridge.install(h2=True)
-    bridge.install(h2=True)
+    bridge.install(h2=True, h3=True)
+    bridge.install(h2=True, h3=True)
     assert current() == STOCK and http_layers.HttpStream is stream and not bridge.installed
     [line] = [r.getMessage() for r in caplog.records]
     assert named in line and "HTTP/1.1 WebSocket diagnosis keeps working" in line
@@ -145,7 +145,7 @@ def test_a_mitmproxy_that_carries_rfc8441_itself_is_left_as_it_is(monkeypatch, c
     caplog.set_level(logging.INFO)
     stream = http_layers.HttpStream
     bridge = Bridge()
-    bridge.install(h2=True)
+    bridge.install(h2=True, h3=True)
     assert current() == STOCK and http_layers.HttpStream is stream and not bridge.installed
     [line] = [r.getMessage() for r in caplog.records if "ws_encode_h2" in r.getMessage()]
     assert "carries HTTP/2 WebSockets (RFC 8441) itself" in line

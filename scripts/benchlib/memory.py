@@ -93,7 +93,8 @@ def modules() -> dict:
 async def measure(tracked: int, cycled: int, h2: bool, report: Path) -> dict:
     addon = type(ws_encode.addons[0])()
     with taddons.context(addon) as tctx:
-        tctx.configure(addon, ws_encode_report=str(report), ws_encode_policy="observe")
+        # (no stall due while it measures: a busy machine would otherwise turn slow batches into remembered stalls)
+        tctx.configure(addon, ws_encode_report=str(report), ws_encode_policy="observe", ws_encode_stall="3600")
         warm = handshake_flow(-1, h2)  # first-use costs stay out of the figure
         await run(tctx, addon, ARRIVING, [warm])
         answer(warm)

@@ -24,14 +24,21 @@ class Bridge:
 
     def __init__(self) -> None:
         self.installed = False
+        self.quiet = False  # only mitmproxy's HTTP/3 server replaced, by one that does not advertise RFC 9220
         self.refused: str | None = None  # why this mitmproxy cannot take it
         self._module: ModuleType | None = None
 
-    def install(self, h2: bool) -> None:
-        """What `ws_encode_h2` asks: nothing of mitmproxy's is replaced until
-        it is on; turned off, new client connections are stock again, and
-        those opened before keep what they were promised."""
-        if self.refused or (not h2 and not self.installed):
+    def install(self, h2: bool, h3: bool) -> None:
+        """What `ws_encode_h2` and `ws_encode_h3` ask. Nothing of mitmproxy's
+        HTTP/2 is replaced until one is on; over HTTP/3 mitmproxy advertises
+        RFC 9220 and then closes the whole QUIC connection for it, so off (or
+        refused) there means a client codec that does not advertise it.
+        Turned off, new client connections are as asked; those opened before
+        keep what they were promised."""
+        if self.refused:
+            return
+        if not (h2 or h3) and not self.installed:
+            self._quiet_h3()
             return
         module = self._load()
         if module and not self.installed and self._carries_rfc8441(module):
@@ -41,23 +48,44 @@ class Bridge:
             return
         problem = self._probe(module) if module else self.refused
         if not problem:
-            problem = module.install(h2)
+            problem = module.install(h2, h3)
         if problem:
             self._refuse(problem)
+            self._quiet_h3()
             return
         self.installed = True
+        if not h3:
+            logger.info("ws_encode_h3 is off: the proxy does not advertise WebSockets over HTTP/3 (RFC 9220) "
+                        "to new connections, so HTTP/3 clients open them another way.")
+
+    def _quiet_h3(self) -> None:
+        """Only what keeps an HTTP/3 client from being cut off (no RFC 9220
+        advertised, an extended CONNECT refused on its stream), if even that
+        can be had here."""
+        if self.quiet:
+            return
+        module = self._module or self._load()
+        try:
+            problem = module.install_quiet_h3() if module else self.refused
+        except Exception as e:  # (as in _load: a mitmproxy it does not fit)
+            problem = f"{type(e).__name__}: {e}"
+        if problem:
+            logger.warning("ws_encode_h3: %s; mitmproxy's HTTP/3 advertises RFC 9220 and closes a client's whole QUIC "
+                           "connection for it.", problem)
+            return
+        self.quiet = True
 
     def uninstall(self) -> None:
-        if self.installed and self._module:
+        if (self.installed or self.quiet) and self._module:
             self._module.uninstall()
-        self.installed = False
+        self.installed = self.quiet = False
 
     def tls_start_server(self, tls_start) -> None:
         # Just before mitmproxy's tlsconfig makes the TLS connection from
-        # `alpn_offers`: a WebSocket's HTTP/1.1 fallback connection offers
-        # only HTTP/1.1.
+        # `alpn_offers`: a WebSocket's own TCP connection offers what its
+        # address says (the HTTP/1.1 fallback, an HTTP/3 client's over TCP).
         if self.installed and self._module:
-            self._module.offer_http1_only(tls_start.conn)
+            self._module.offer_alpn(tls_start.conn)
 
     # Whatever goes wrong in loading or probing the bridge is a mitmproxy it
     # does not fit, not a reason to fail the addon: so any exception, said in
@@ -87,6 +115,6 @@ class Bridge:
     def _refuse(self, problem: str) -> None:
         self.refused = problem
         logger.warning(
-            "ws_encode_h2: %s; HTTP/2 stays as stock mitmproxy has it (no HTTP/2 "
+            "ws_encode_h2: %s; HTTP/2 stays as stock mitmproxy has it (no HTTP/2 or HTTP/3 "
             "WebSockets), HTTP/1.1 WebSocket diagnosis keeps working.", problem
         )

@@ -34,7 +34,8 @@ from ..report import printable
 
 logger = logging.getLogger("ws_encode")
 
-NEEDS_HTTP1 = "ws_encode: the HTTP/2 upstream cannot take this WebSocket (no RFC 8441), retrying over HTTP/1.1"
+NEEDS_HTTP1 = ("ws_encode: the upstream cannot take this WebSocket over HTTP/2 or HTTP/3 (no extended CONNECT), "
+               "retrying over HTTP/1.1")
 # mitmproxy 12 marks an upgraded stream's close by its WebSocket layer with a
 # code; 11 has no codes, and only its message ("EOF") tells that close apart.
 _PASSTHROUGH_CLOSE = getattr(getattr(http_layers, "ErrorCode", None), "PASSTHROUGH_CLOSE", None)

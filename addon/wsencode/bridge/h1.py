@@ -8,6 +8,7 @@ the stream the 2xx that client expects once the 101 answers the proxy's key.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from mitmproxy import http
@@ -19,6 +20,8 @@ from ..core.extconnect import answer_problem, new_key, success_fields, upgrade_f
 from ..core.streamfacts import StreamFacts, facts_for
 from ..report import printable
 from .common import BAD_UPSTREAM_ANSWER, is_extended_connect
+
+STREAM_ZERO = -1  # stream 0, inside WsHttp1Client
 
 class WsHttp1Client(_http1.Http1Client):
     """mitmproxy's upstream HTTP/1.1 codec, which also sends an extended
@@ -32,6 +35,18 @@ class WsHttp1Client(_http1.Http1Client):
     ws_key: str | None = None  # the key of the upgrade this codec made for the request in flight
     ws_facts: StreamFacts | None = None  # that request's
     ws_refused = False  # the proxy refused that request's answer: the rest of it goes nowhere
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        # mitmproxy's HTTP/1.1 codec takes a stream id of 0 for none
+        # (`assert self.stream_id`), and an HTTP/3 client's first request is
+        # stream 0 (its stock codec fails on the upgrade): inside this codec
+        # that stream has another id.
+        if isinstance(event, http_layers.HttpEvent) and event.stream_id == 0:
+            event = dataclasses.replace(event, stream_id=STREAM_ZERO)
+        for command in super()._handle_event(event):
+            if isinstance(command, http_layers.ReceiveHttp) and command.event.stream_id == STREAM_ZERO:
+                command = http_layers.ReceiveHttp(dataclasses.replace(command.event, stream_id=0))
+            yield command
 
     def send(self, event: http_layers.HttpEvent) -> layer.CommandGenerator[None]:
         if isinstance(event, http_layers.RequestHeaders):

@@ -44,23 +44,24 @@ import inspect
 import types
 
 from mitmproxy.proxy.layers import http as http_layers
-from mitmproxy.proxy.layers.http import _http1, _http2
+from mitmproxy.proxy.layers.http import _http1, _http2, _http3
 
 from . import selftest
 from .common import _stock
 from .h1 import WsHttp1Client
 from .h2 import WsHttp2Client, WsHttp2Server
-from .stream import WsHttpStream, offer_http1_only
+from .h3 import QuietHttp3Server, WsHttp3Client, WsHttp3Server
+from .stream import WsHttpStream, offer_alpn
 
 # What the Bridge calls.
-__all__ = ["carries_rfc8441", "incompatibility", "install", "uninstall", "offer_http1_only"]
+__all__ = ["carries_rfc8441", "incompatibility", "install", "install_quiet_h3", "uninstall", "offer_alpn"]
 
 # The names the bridge replaces, and the classes of mitmproxy's that must look
 # them up in the HTTP layer's module when they make a connection or a stream
 # (a `from ... import` of their own would keep the stock class).
 REPLACED = {
     "HttpStream": ("HttpLayer",), "Http2Server": ("HttpLayer",), "Http2Client": ("HttpLayer", "HttpClient"),
-    "Http1Client": ("HttpLayer", "HttpClient"),
+    "Http3Server": ("HttpLayer",), "Http3Client": ("HttpLayer", "HttpClient"), "Http1Client": ("HttpLayer", "HttpClient"),
 }
 
 
@@ -92,19 +93,32 @@ def carries_rfc8441() -> bool:
     return True
 
 
-def install(h2: bool) -> str | None:
+def install(h2: bool, h3: bool) -> str | None:
     """Put the bridge's classes in place; None if that took, else what did
     not (and then mitmproxy's own classes are back).
 
-    `h2` decides what new client connections are promised (the client codec
-    that advertises RFC 8441); the stream and the upstream codecs stay while
-    the bridge is installed, since a connection opened under that promise may
-    open WebSockets on new upstream connections at any time, and they leave
+    `h2` and `h3` decide what new client connections are promised (the
+    client codecs that advertise RFC 8441 and RFC 9220; over HTTP/3 the
+    stock codec advertises it without carrying it, so off is a codec that
+    does not); the stream and the upstream codecs stay while the bridge is
+    installed, since a connection opened under that promise may open
+    WebSockets on new upstream connections at any time, and they leave
     every other request as mitmproxy has it."""
-    wanted = {"HttpStream": WsHttpStream,
-              "Http2Server": WsHttp2Server if h2 else _http2.Http2Server,
-              "Http2Client": WsHttp2Client,
-              "Http1Client": WsHttp1Client}
+    return _replace({
+        "HttpStream": WsHttpStream,
+        "Http2Server": WsHttp2Server if h2 else _http2.Http2Server, "Http2Client": WsHttp2Client,
+        "Http3Server": WsHttp3Server if h3 else QuietHttp3Server, "Http3Client": WsHttp3Client,
+        "Http1Client": WsHttp1Client,
+    })
+
+
+def install_quiet_h3() -> str | None:
+    """Only what keeps an HTTP/3 client from being cut off: no RFC 9220
+    advertised, an extended CONNECT refused on its own stream."""
+    return _replace({"Http3Server": QuietHttp3Server})
+
+
+def _replace(wanted: dict[str, type]) -> str | None:
     for name, cls in wanted.items():
         setattr(http_layers, name, cls)
     # What mitmproxy's HTTP layer will really construct: the names as its
@@ -120,6 +134,6 @@ def install(h2: bool) -> str | None:
 
 def uninstall() -> None:
     http_layers.HttpStream = _stock(WsHttpStream)
-    http_layers.Http2Server = _http2.Http2Server
-    http_layers.Http2Client = _http2.Http2Client
+    http_layers.Http2Server, http_layers.Http2Client = _http2.Http2Server, _http2.Http2Client
+    http_layers.Http3Server, http_layers.Http3Client = _http3.Http3Server, _http3.Http3Client
     http_layers.Http1Client = _http1.Http1Client

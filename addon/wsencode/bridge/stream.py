@@ -57,12 +57,21 @@ def is_websocket_address(address) -> bool:
 
 class Http1OnlyAddress(WebSocketAddress):
     """The address of a WebSocket's fallback connection: it must offer only
-    HTTP/1.1, or the upstream would pick HTTP/2 again (`offer_http1_only`).
-    The mark travels with the connection, so several WebSockets of one
-    client falling back at once need no shared bookkeeping."""
+    HTTP/1.1, or the upstream would pick HTTP/2 again (`offer_alpn`). The
+    mark travels with the connection, so several WebSockets of one client
+    falling back at once need no shared bookkeeping."""
 
     __slots__ = ()
-    ws_encode_http1_only = True
+    ws_encode_alpn = (b"http/1.1",)
+
+
+class TcpAddress(WebSocketAddress):
+    """The address of an HTTP/3 client's WebSocket sent to the upstream over
+    TCP (`ws_encode_h3_upstream=tcp`): mitmproxy would offer that connection
+    the client's ALPN (h3), which TCP cannot speak."""
+
+    __slots__ = ()
+    ws_encode_alpn = (b"h2", b"http/1.1")
 
 
 _UNTHROTTLED = contextlib.nullcontext()
@@ -242,9 +251,12 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
     def make_server_connection(self) -> layer.CommandGenerator[bool]:
         if facts_of(self.flow.request) is None:
             return (yield from super().make_server_connection())
+        if self.flow.server_conn.transport_protocol == "udp" and self.context.options.ws_encode_h3_upstream == "tcp":
+            return (yield from self._connect(http_layers.GetHttpConnection, TcpAddress, "tcp"))
         return (yield from self._connect(http_layers.GetHttpConnection, WebSocketAddress))
 
-    def _connect(self, get: type[http_layers.GetHttpConnection], address: type[WebSocketAddress]) -> layer.CommandGenerator[bool]:
+    def _connect(self, get: type[http_layers.GetHttpConnection], address: type[WebSocketAddress],
+                 transport: str | None = None) -> layer.CommandGenerator[bool]:
         """mitmproxy's make_server_connection for a handshake: its connection
         is marked as a WebSocket's, and its facts say where it waits."""
         facts = facts_for(self.flow.request)
@@ -255,7 +267,7 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
             address((self.flow.request.host, self.flow.request.port)),
             self.flow.request.scheme == "https",
             self.flow.server_conn.via,
-            self.flow.server_conn.transport_protocol,
+            transport or self.flow.server_conn.transport_protocol,
         )
         if err:
             yield from self.handle_protocol_error(response_error(self.stream_id, err))
@@ -340,7 +352,8 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
 
     def _retry_over_http1(self) -> layer.CommandGenerator[None]:
         yield commands.Log(f"{NEEDS_HTTP1} ({printable(self.flow.request.host)})", logging.INFO)
-        if (yield from self._connect(GetHttp1Connection, Http1OnlyAddress)):
+        # (over TCP, also when the upstream that could not take it spoke HTTP/3)
+        if (yield from self._connect(GetHttp1Connection, Http1OnlyAddress, "tcp")):
             yield http_layers.SendHttp(http_layers.RequestHeaders(self.stream_id, self.flow.request, True), self.context.server)
             yield http_layers.SendHttp(http_layers.RequestEndOfMessage(self.stream_id), self.context.server)
 
@@ -359,12 +372,13 @@ def request_error_response(sid: int, message: str) -> http_layers.ResponseProtoc
     return http_layers.ResponseProtocolError(sid, message, code) if code is not None else http_layers.ResponseProtocolError(sid, message)
 
 
-def offer_http1_only(server: connection.Server) -> None:
+def offer_alpn(server: connection.Server) -> None:
     """Called from the addon's tls_start_server hook, which runs just before
     mitmproxy's tlsconfig makes the TLS connection from `alpn_offers`: a
-    fallback connection offers only HTTP/1.1. Not at server_connect, which
+    WebSocket's own TCP connection offers what its address says. Not at server_connect, which
     in upstream-proxy mode sees the proxy's connection instead of the
     origin's, and after which another addon may choose the offers."""
-    if getattr(server.address, "ws_encode_http1_only", False):
-        server.alpn_offers = (b"http/1.1",)
+    offers = getattr(server.address, "ws_encode_alpn", None)
+    if offers is not None:
+        server.alpn_offers = offers
 

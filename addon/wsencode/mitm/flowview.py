@@ -55,8 +55,16 @@ def client_transport(f: http.HTTPFlow) -> Transport:
     return Transport.H2 if f.client_conn.alpn == b"h2" else Transport.H1
 
 
+def connected(server: connection.Server) -> bool:
+    """Whether the upstream connection was made: its TCP handshake, or for
+    QUIC (which has none) its QUIC handshake."""
+    if server.transport_protocol == "udp":
+        return server.timestamp_tls_setup is not None
+    return server.timestamp_tcp_setup is not None
+
+
 def upstream_transport(server: connection.Server) -> str | None:
-    if server.timestamp_tcp_setup is None:
+    if not connected(server):
         return None
     if server.alpn == b"h2":
         return Transport.H2.value
@@ -108,7 +116,7 @@ def end_cause(f: http.HTTPFlow, facts: StreamFacts) -> EndCause:
         return EndCause.KILLED
     if facts.ended_by == CLIENT or (facts.ended_by is None and client_closed(f.client_conn)):
         return EndCause.CLIENT_GONE
-    if f.server_conn.timestamp_tcp_setup is None:
+    if not connected(f.server_conn):
         return EndCause.UPSTREAM_UNREACHABLE
     return EndCause.UPSTREAM_CLOSED
 
@@ -146,7 +154,9 @@ class Opening:
         address = (f.request.host, f.request.port)
         for server, client_id in list(self.servers.items()):
             if client_id == f.client_conn.id and server.address == address:
-                return Stage.TLS if server.timestamp_tcp_setup is not None else Stage.CONNECTING
+                # (QUIC has no TCP handshake: its connecting is its QUIC handshake, `tls`)
+                opened = server.transport_protocol == "udp" or server.timestamp_tcp_setup is not None
+                return Stage.TLS if opened else Stage.CONNECTING
         return Stage.CONNECTING
 
 

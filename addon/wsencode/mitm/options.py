@@ -65,6 +65,12 @@ def parse_bool(value: str) -> bool:
     raise ValueError(f"{value!r} is not true or false")
 
 
+def parse_choice(value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+    return value
+
+
 def parse_path(value: str) -> Path | None:
     return Path(value).expanduser() if value else None
 
@@ -109,6 +115,14 @@ OPTIONS = (
     Option("ws_encode_h2", "true",
            "Let HTTP/2 clients open WebSockets through the proxy (RFC 8441 extended CONNECT): true or false. "
            "Takes effect for new connections.", parse_bool),
+    Option("ws_encode_h3", "true",
+           "Let HTTP/3 clients open WebSockets through the proxy (RFC 9220 extended CONNECT): true or false. "
+           "false: the proxy does not advertise it, so clients use another way. Takes effect for new connections.",
+           parse_bool),
+    Option("ws_encode_h3_upstream", "quic",
+           "Where an HTTP/3 client's WebSocket goes: quic (as mitmproxy connects, HTTP/3, falling back to "
+           "HTTP/1.1 over TCP when the upstream cannot take it) or tcp (HTTP/2 or HTTP/1.1 over TCP, for origins "
+           "behind an HTTP/3 front).", lambda value: parse_choice(value, ("quic", "tcp"))),
 )
 NAMES = tuple(option.name for option in OPTIONS)
 

@@ -1,0 +1,405 @@
+"""HTTP/3 WebSockets (RFC 9220) at mitmproxy's HTTP/3 codecs.
+
+mitmproxy's HTTP/3 connection (aioquic's `H3Connection`) advertises
+SETTINGS_ENABLE_CONNECT_PROTOCOL, and mitmproxy's parser then refuses
+`:protocol` by closing the whole QUIC connection: every other request on it
+dies too. The same model as over HTTP/2 (`extconnect`, `common`):
+
+- `WsH3Connection`: advertises RFC 9220 only when the bridge carries it;
+  a request whose header block is malformed, or that the codec refuses, is an
+  error of its own stream (RFC 9114 section 4.1.2), never of the connection;
+  it remembers each read's events (a status read together with data).
+- client side (`WsHttp3Server`): an extended CONNECT reaches the stream as
+  the client sent it, ended at its headers; what the client sends before the
+  status is kept (and relayed to an upstream stream that has the CONNECT);
+  the stream's 2xx goes out with the stream left open; a reset after it is
+  the client going away, and the WebSocket layer's close ends the stream in
+  order (FIN, not a reset).
+- upstream side (`WsHttp3Client`): a WebSocket waits for the upstream's
+  SETTINGS (RFC 9220 section 3) and goes out as an extended CONNECT if they
+  enable it; else, or on H3_VERSION_FALLBACK, the stream takes it over TCP
+  (`NeedsHttp1`). An HTTP/1.1 client's upgrade gets the 101 that answers its
+  key for the upstream's 2xx.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from aioquic.h3.connection import ErrorCode as H3ErrorCode
+from aioquic.h3.connection import HeadersState, MessageError, Setting
+from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
+from mitmproxy import http
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.layers.http import _http2, _http3
+from mitmproxy.proxy.layers.http import _http_h3
+from mitmproxy.proxy.layers import http as http_layers
+
+from ..core.extconnect import ClientSideStream, ClientStep, UpstreamPhase, UpstreamStream, stream_fields, upgrade_key
+from ..core.streamfacts import SETTINGS, facts_for, facts_of
+from .common import (
+    NeedsHttp1, _protocol, extended_connect, extended_connect_headers, handed_over, is_extended_connect,
+    is_passthrough_close, opens_websocket, request_error, response_error, upstream_success, without_values,
+)
+
+HTTP3 = b"HTTP/3"
+# A request the proxy answers itself: the status, and why (logged).
+Refusal = tuple[int, str]
+
+
+class WsH3Connection(_http_h3.LayeredH3Connection):
+    """mitmproxy's HTTP/3 connection, for the bridge's codecs."""
+
+    def __init__(self, conn, is_client: bool, connect_protocol: bool,
+                 screen: Callable[[HeadersReceived], Refusal | None] | None = None) -> None:
+        # (set before the base class, which sends the SETTINGS as it starts)
+        self.ws_connect_protocol = connect_protocol
+        self.ws_screen = screen
+        self.last_batch: list[H3Event] = []
+        self.refusals: list[tuple[int, str]] = []  # (stream id, why), for the codec to log
+        super().__init__(conn, is_client)
+
+    def _get_local_settings(self) -> dict[int, int]:
+        settings = super()._get_local_settings()
+        if not self.ws_connect_protocol:
+            # aioquic always advertises RFC 9220: a client that believes it
+            # and finds the proxy cannot carry it has nowhere else to go.
+            settings.pop(Setting.ENABLE_CONNECT_PROTOCOL, None)
+        return settings
+
+    def _handle_request_or_push_frame(self, frame_type, frame_data, stream, stream_ended) -> list[H3Event]:
+        try:
+            return super()._handle_request_or_push_frame(frame_type, frame_data, stream, stream_ended)
+        except MessageError as e:
+            if self._is_client:
+                raise
+            # A malformed request is an error of its stream alone (RFC 9114
+            # section 4.1.2); what else arrives on it goes nowhere.
+            stream.headers_recv_state = HeadersState.AFTER_HEADERS
+            self.refuse(stream.stream_id, (400, f"malformed HTTP/3 request: {without_values(e.reason_phrase)}"))
+            return []
+
+    def handle_stream_event(self, event) -> list[H3Event]:
+        batch = super().handle_stream_event(event)
+        if self.ws_screen is not None:
+            for e in batch:
+                if isinstance(e, HeadersReceived) and e.stream_id not in self._closed_streams:
+                    refused = self.ws_screen(e)
+                    if refused is not None:
+                        self.refuse(e.stream_id, refused)
+            batch = [e for e in batch if not (isinstance(e, (HeadersReceived, DataReceived))
+                                               and e.stream_id in self._closed_streams)]
+        self.last_batch = batch
+        return batch
+
+    def refuse(self, stream_id: int, refusal: Refusal) -> None:
+        """Answer a request on its own stream, and read no more of it."""
+        status, why = refusal
+        self.refusals.append((stream_id, why))
+        if not self.has_sent_headers(stream_id):
+            self.send_headers(stream_id, [(b":status", b"%d" % status)], end_stream=True)
+        self._closed_streams.add(stream_id)
+        self._mock.stop_send(stream_id, H3ErrorCode.H3_NO_ERROR.value)
+
+
+NOT_CARRIED = (501, "the proxy does not carry extended CONNECT over HTTP/3 here (ws_encode_h3)")
+
+
+class QuietHttp3Server(_http3.Http3Server):
+    """mitmproxy's client-facing HTTP/3 codec, which does not advertise RFC
+    9220 and refuses an extended CONNECT on its own stream (mitmproxy would
+    close the whole QUIC connection for it): with `ws_encode_h3` off, or
+    when the rest of the bridge cannot be used on this mitmproxy."""
+
+    ws_encode_bridge = True
+
+    def __init__(self, context):
+        super().__init__(context)
+        self.h3_conn = WsH3Connection(self.conn, is_client=False, connect_protocol=False, screen=self._screen)
+
+    @staticmethod
+    def _screen(event: HeadersReceived) -> Refusal | None:
+        return None if _protocol(event.headers) is None else NOT_CARRIED
+
+    def _logged_refusals(self) -> layer.CommandGenerator[None]:
+        for stream_id, why in self.h3_conn.refusals:
+            yield commands.Log(f"ws_encode: refused HTTP/3 stream {stream_id}: {why}", logging.WARNING)
+        self.h3_conn.refusals.clear()
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        yield from super()._handle_event(event)
+        yield from self._logged_refusals()
+
+
+class WsHttp3Server(_http3.Http3Server):
+    """mitmproxy's client-facing HTTP/3 codec, plus RFC 9220 WebSockets."""
+
+    ws_encode_bridge = True
+
+    def __init__(self, context):
+        super().__init__(context)
+        self.h3_conn = WsH3Connection(self.conn, is_client=False, connect_protocol=True, screen=self._screen)
+        self.websockets: dict[int, ClientSideStream] = {}
+        self.parsed: dict[int, http.Request] = {}  # requests the screen read, for parse_headers
+
+    _logged_refusals = QuietHttp3Server._logged_refusals
+
+    def _screen(self, event: HeadersReceived) -> Refusal | None:
+        """Every request's headers, before mitmproxy's codec reads them:
+        the request, or why it is refused on its own stream."""
+        if _protocol(event.headers) is not None:
+            request = extended_connect(event.headers, HTTP3, self.context.options.websocket)
+        else:
+            try:
+                request = _request(event.headers)
+            except ValueError as e:
+                request = 400, f"malformed HTTP/3 request headers: {without_values(str(e))}"
+        if isinstance(request, tuple):
+            return request
+        self.parsed[event.stream_id] = request
+        if is_extended_connect(request):
+            self.websockets[event.stream_id] = facts_of(request).waiting_client
+        return None
+
+    def parse_headers(self, event: HeadersReceived) -> http_layers.RequestHeaders:
+        request = self.parsed.pop(event.stream_id)
+        # An extended CONNECT's request is whole at its headers: what the
+        # client sends on the stream is the WebSocket's.
+        return http_layers.RequestHeaders(event.stream_id, request,
+                                          end_stream=event.stream_ended or event.stream_id in self.websockets)
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        ws = self.websockets.get(event.stream_id) if isinstance(event, http_layers.HttpEvent) else None
+        if ws is not None:
+            yield from self._from_stream(event, ws)
+            return
+        for command in super()._handle_event(event):
+            if isinstance(command, http_layers.ReceiveHttp) and command.event.stream_id in self.websockets:
+                yield from self._from_client(command.event, self.websockets[command.event.stream_id])
+            else:
+                yield command
+        yield from self._logged_refusals()
+        if isinstance(event, _http3.QuicConnectionClosed):
+            self.websockets.clear()
+
+    def _from_client(self, event: http_layers.HttpEvent, ws: ClientSideStream) -> layer.CommandGenerator[None]:
+        sid = event.stream_id
+        if isinstance(event, http_layers.RequestHeaders):
+            yield http_layers.ReceiveHttp(event)
+            yield http_layers.ReceiveHttp(http_layers.RequestEndOfMessage(sid))
+        elif isinstance(event, http_layers.RequestData) and ws.phase.before_status:
+            relayed = ws.take(event.data)
+            if relayed:
+                upstream, upstream_sid = ws.relay
+                yield http_layers.SendHttp(http_layers.RequestData(upstream_sid, relayed), upstream)
+            if ws.over_cap:
+                yield from self._reset(sid, ws, "more than the early data the proxy keeps, before the status")
+        elif isinstance(event, http_layers.RequestEndOfMessage) and ws.phase.before_status:
+            ws.ended_early = True
+        elif isinstance(event, http_layers.RequestTrailers):
+            # Only DATA may follow on a CONNECT stream (RFC 9114 section 4.4).
+            yield from self._reset(sid, ws, "trailers on a WebSocket stream")
+        elif isinstance(event, http_layers.RequestProtocolError) and ws.is_open:
+            # After the status a reset is the client going away, which is
+            # what the WebSocket layer understands.
+            del self.websockets[sid]
+            yield http_layers.ReceiveHttp(http_layers.RequestEndOfMessage(sid))
+        else:
+            if isinstance(event, http_layers.RequestProtocolError):
+                del self.websockets[sid]
+            yield http_layers.ReceiveHttp(event)
+
+    def _from_stream(self, event: http_layers.HttpEvent, ws: ClientSideStream) -> layer.CommandGenerator[None]:
+        sid = event.stream_id
+        if ws.phase.before_status:
+            if isinstance(event, http_layers.ResponseHeaders) and 200 <= event.response.status_code < 300:
+                ws.step(ClientStep.STATUS_SENT)  # from now on the WebSocket layer carries the client's data
+                headers = [(b":status", b"%d" % event.response.status_code), *stream_fields(event.response.headers.fields)]
+                self.h3_conn.send_headers(sid, headers, end_stream=False)
+                yield from self.h3_conn.transmit()
+            else:
+                # A refusal or an error: an ordinary response from here on.
+                del self.websockets[sid]
+                yield from super()._handle_event(event)
+        elif isinstance(event, http_layers.ResponseEndOfMessage):
+            # The stream ends the 2xx "message" once the WebSocket layer is
+            # set up: hand over what the client sent before the status.
+            yield from handed_over(ws, sid)
+        elif isinstance(event, http_layers.ResponseProtocolError) and is_passthrough_close(event):
+            # The WebSocket layer closed the client side: an orderly end (FIN).
+            del self.websockets[sid]
+            self.h3_conn.end_stream(sid)
+            yield from self.h3_conn.transmit()
+        else:
+            yield from super()._handle_event(event)
+
+    def _reset(self, sid: int, ws: ClientSideStream, reason: str) -> layer.CommandGenerator[None]:
+        yield commands.Log(f"ws_encode: reset HTTP/3 stream {sid}: {reason}", logging.WARNING)
+        ws.facts.ended_by_proxy = reason
+        del self.websockets[sid]
+        self.h3_conn.close_stream(sid, H3ErrorCode.H3_MESSAGE_ERROR.value)
+        yield from self.h3_conn.transmit()
+        end = http_layers.RequestEndOfMessage(sid) if ws.is_open else request_error(sid, reason)
+        yield http_layers.ReceiveHttp(end)
+
+
+def _request(headers: list[tuple[bytes, bytes]]) -> http.Request:
+    """What mitmproxy's HTTP/3 server makes of a request's headers (ValueError if it cannot)."""
+    host, port, method, scheme, authority, path, fields = _http2.parse_h2_request_headers(headers)
+    return http.Request(host=host, port=port, method=method, scheme=scheme, authority=authority, path=path,
+                        http_version=HTTP3, headers=fields, content=None, trailers=None,
+                        timestamp_start=time.time(), timestamp_end=None)
+
+
+class WsHttp3Client(_http3.Http3Client):
+    """mitmproxy's upstream HTTP/3 codec, plus RFC 9220 WebSockets."""
+
+    def __init__(self, context):
+        super().__init__(context)
+        self.h3_conn = WsH3Connection(self.conn, is_client=True, connect_protocol=False)
+        self.held: list[http_layers.HttpEvent] = []  # WebSocket events before the upstream's SETTINGS
+        self.websockets: dict[int, UpstreamStream] = {}  # by our stream id
+        self.refused: set[int] = set()  # their stream ids sent back for HTTP/1.1 over TCP
+        self.closed = False
+
+    @property
+    def settings(self) -> dict[int, int] | None:
+        return self.h3_conn.received_settings
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, http_layers.HttpEvent):
+            if event.stream_id in self.refused:
+                return  # the rest of a request that went elsewhere
+            if self._must_hold(event):
+                if isinstance(event, http_layers.RequestHeaders):
+                    facts_for(event.request).waiting(SETTINGS)
+                self.held.append(event)
+                return
+            if isinstance(event, http_layers.RequestHeaders) and opens_websocket(event.request):
+                if not self.settings.get(Setting.ENABLE_CONNECT_PROTOCOL):
+                    self.refused.add(event.stream_id)
+                    yield http_layers.ReceiveHttp(NeedsHttp1.on(event.stream_id))
+                else:
+                    yield from self._send_connect(event)
+                return
+            ws = self.websockets.get(self.our_stream_id.get(event.stream_id, -1))
+            if ws is not None:
+                yield from self._to_upstream(event, ws)
+                return
+        for command in super()._handle_event(event):
+            if isinstance(command, http_layers.ReceiveHttp):
+                yield from self._from_upstream(command.event)
+            else:
+                yield command
+        if isinstance(event, _http3.QuicConnectionClosed):
+            self.closed = True
+        if self.held and (self.settings is not None or self.closed):
+            held, self.held = self.held, []
+            for e in held:
+                if not self.closed:
+                    yield from self._handle_event(e)
+                elif isinstance(e, http_layers.RequestHeaders):
+                    yield http_layers.ReceiveHttp(response_error(e.stream_id, "server closed connection before its SETTINGS"))
+
+    def _must_hold(self, event: http_layers.HttpEvent) -> bool:
+        if any(e.stream_id == event.stream_id for e in self.held):
+            return True
+        return (isinstance(event, http_layers.RequestHeaders) and self.settings is None and not self.closed
+                and opens_websocket(event.request))
+
+    def _ours(self, theirs: int) -> int:
+        """Our stream id for the stream's, as mitmproxy's codec maps them."""
+        ours = self.our_stream_id.get(theirs)
+        if ours is None:
+            ours = self.our_stream_id[theirs] = self.h3_conn.get_next_available_stream_id()
+            self.their_stream_id[ours] = theirs
+        return ours
+
+    def _send_connect(self, event: http_layers.RequestHeaders) -> layer.CommandGenerator[None]:
+        theirs = event.stream_id
+        ours = self._ours(theirs)
+        self.h3_conn.send_headers(ours, extended_connect_headers(event.request), end_stream=False)
+        key = None if is_extended_connect(event.request) else upgrade_key(event.request.headers.fields)
+        ws = self.websockets[ours] = UpstreamStream(facts_for(event.request), key)
+        ws.facts.forwarded()  # really on its way now (it may have waited for SETTINGS)
+        client_side = ws.facts.waiting_client
+        relayed = client_side.relay_to(self.conn, theirs) if client_side is not None else None
+        if relayed is not None:
+            if relayed:
+                self.h3_conn.send_data(ours, relayed)
+            ws.relay_from = client_side
+        yield from self.h3_conn.transmit()
+
+    def _to_upstream(self, event: http_layers.HttpEvent, ws: UpstreamStream) -> layer.CommandGenerator[None]:
+        ours = self.our_stream_id[event.stream_id]
+        if isinstance(event, http_layers.RequestEndOfMessage):
+            return  # the CONNECT stream stays open for the WebSocket
+        if isinstance(event, http_layers.RequestProtocolError) and is_passthrough_close(event):
+            del self.websockets[ours]
+            self.h3_conn.end_stream(ours)  # an orderly end (FIN), not a reset
+            yield from self.h3_conn.transmit()
+            return
+        if isinstance(event, http_layers.RequestProtocolError):
+            del self.websockets[ours]
+        yield from super()._handle_event(event)
+
+    def _from_upstream(self, event: http_layers.HttpEvent) -> layer.CommandGenerator[None]:
+        if event.stream_id in self.refused:
+            return  # (what else the upstream says of a stream that went to HTTP/1.1: its STOP_SENDING)
+        ours = self.our_stream_id.get(event.stream_id)
+        ws = self.websockets.get(ours) if ours is not None else None
+        if ws is None:
+            yield http_layers.ReceiveHttp(event)
+        elif isinstance(event, http_layers.ResponseHeaders) and ws.phase is UpstreamPhase.WAITING:
+            yield from self._status(event, ws, ours)
+        elif isinstance(event, http_layers.ResponseProtocolError):
+            del self.websockets[ours]
+            yield from self._stream_gone(event, ws, ours)
+        else:
+            yield http_layers.ReceiveHttp(event)
+
+    def _status(self, event: http_layers.ResponseHeaders, ws: UpstreamStream, ours: int) -> layer.CommandGenerator[None]:
+        if ws.relay_from is not None:
+            # Whatever the answer, the rest goes through mitmproxy's stream.
+            ws.relay_from.step(ClientStep.UPSTREAM_ANSWERED)
+        status = event.response.status_code
+        ws.facts.upstream_status = status
+        if not 200 <= status < 300:
+            # A refusal: an ordinary response, and the CONNECT's end of request.
+            del self.websockets[ours]
+            self.h3_conn.end_stream(ours)
+            yield from self.h3_conn.transmit()
+            yield http_layers.ReceiveHttp(event)
+            return
+        ws.phase = UpstreamPhase.OPEN
+        # The status came in the same read as the first response data: the
+        # fingerprint of an encoder that buffers the status.
+        ws.facts.status_with_data = any(isinstance(e, DataReceived) and e.stream_id == ours and e.data
+                                        for e in self.h3_conn.last_batch)
+        response = upstream_success(ws, status, event.response.headers, HTTP3)
+        # The stream takes the WebSocket at the end of this status's message.
+        yield http_layers.ReceiveHttp(http_layers.ResponseHeaders(event.stream_id, response, end_stream=False))
+        yield http_layers.ReceiveHttp(http_layers.ResponseEndOfMessage(event.stream_id))
+
+    def _stream_gone(self, event: http_layers.ResponseProtocolError, ws: UpstreamStream, ours: int) -> layer.CommandGenerator[None]:
+        """The upstream reset the stream, or its connection went: an open
+        WebSocket sees its peer close; a waiting handshake fails (or moves
+        to HTTP/1.1 over TCP, for H3_VERSION_FALLBACK)."""
+        if ws.is_open:
+            yield http_layers.ReceiveHttp(http_layers.ResponseEndOfMessage(event.stream_id))
+            return
+        if ws.relay_from is not None:
+            ws.relay_from.step(ClientStep.UPSTREAM_FAILED)
+        if self._reset_code(ours) == H3ErrorCode.H3_VERSION_FALLBACK:
+            self.refused.add(event.stream_id)
+            yield http_layers.ReceiveHttp(NeedsHttp1.on(event.stream_id))
+        else:
+            yield http_layers.ReceiveHttp(event)
+
+    def _reset_code(self, ours: int) -> int | None:
+        for e in self.h3_conn.last_batch:
+            if isinstance(e, _http_h3.StreamClosed) and e.stream_id == ours:
+                return e.error_code
+        return None
