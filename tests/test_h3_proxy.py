@@ -13,7 +13,7 @@ import json
 
 import pytest
 from aioquic.h3.connection import ErrorCode
-from conftest import ROOT, STALL, Mitmdump, assert_clean_log
+from conftest import STALL, Mitmdump, assert_clean_log
 from mitmproxy import io as mitmio
 from wspeers import h2ws, h3ws
 from wspeers.fault_server import Faults, FaultServer
