@@ -450,3 +450,26 @@ def test_the_http1_fallback_offers_http1_whatever_another_addon_chose(tmp_path, 
     assert echoed == (200, "over HTTP/1.1")
     assert record["upstream_transport"] == "h1" and record["upstream_status"] == 101
     assert_clean_log(md)
+
+
+def refuse_every_h3_status(self, event):  # as if mitmproxy's HTTP/3 client read responses some other way
+    raise ValueError("changed")
+
+
+def test_an_http3_part_that_does_not_behave_leaves_http3_unadvertised_and_the_rest_carried(monkeypatch, caplog):
+    """What over HTTP/3 keeps a client from being cut off stays (no RFC 9220
+    advertised, an extended CONNECT refused on its own stream): one line
+    says so, and HTTP/2 WebSockets are carried as before."""
+    from mitmproxy.proxy.layers.http import _http3
+    from wsencode.bridge.h3 import QuietHttp3Server
+
+    monkeypatch.setattr(_http3.Http3Client, "parse_headers", refuse_every_h3_status)
+    caplog.set_level(logging.WARNING)
+    bridge = Bridge()
+    bridge.install(h2=True, h3=True)
+    assert bridge.installed and current() == BRIDGED and http_layers.Http3Server is QuietHttp3Server
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("ws_encode_h3: in memory, the HTTP/3 upstream codec hands the stream the upstream's 2xx")
+    assert "does not advertise WebSockets over HTTP/3" in line
+    bridge.uninstall()
+    assert http_layers.Http3Server is _http3.Http3Server

@@ -26,6 +26,7 @@ class Bridge:
         self.installed = False
         self.quiet = False  # only mitmproxy's HTTP/3 server replaced, by one that does not advertise RFC 9220
         self.refused: str | None = None  # why this mitmproxy cannot take it
+        self.h3_refused: str | None = None  # why it cannot carry HTTP/3 WebSockets (the rest may be fine)
         self._module: ModuleType | None = None
 
     def install(self, h2: bool, h3: bool) -> None:
@@ -46,9 +47,13 @@ class Bridge:
             logger.info("ws_encode_h2: this mitmproxy carries HTTP/2 WebSockets (RFC 8441) itself; "
                         "ws-encode follows them as they are, without its bridge.")
             return
-        problem = self._probe(module) if module else self.refused
+        problem = self._probe(module, "incompatibility") if module else self.refused
+        if not problem and self.h3_refused is None and (h3_problem := self._probe(module, "h3_incompatibility")):
+            self.h3_refused = h3_problem
+            logger.warning("ws_encode_h3: %s; the proxy does not advertise WebSockets over HTTP/3 (RFC 9220), "
+                           "HTTP/2 and HTTP/1.1 WebSockets are carried.", h3_problem)
         if not problem:
-            problem = module.install(h2, h3)
+            problem = module.install(h2, h3 and self.h3_refused is None)
         if problem:
             self._refuse(problem)
             self._quiet_h3()
@@ -99,9 +104,9 @@ class Bridge:
         return self._module
 
     @staticmethod
-    def _probe(module: ModuleType) -> str | None:
+    def _probe(module: ModuleType, check: str) -> str | None:
         try:
-            return module.incompatibility()
+            return getattr(module, check)()
         except Exception as e:  # an internal changed in a way the probe did not foresee
             return f"cannot check what the bridge needs ({type(e).__name__}: {e})"
 

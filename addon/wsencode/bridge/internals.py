@@ -1,10 +1,11 @@
-"""Every internal of mitmproxy the bridge touches, in one list; the check
+"""Every internal of mitmproxy the bridge touches, in one list; the checks
 that this mitmproxy behaves as the bridge needs; and the one place that
 replaces mitmproxy's classes.
 
-What the bridge touches (33; before the extended CONNECT kept one form, it
-was about 45: the method and status swapped around every hook, the
-translated request and response, the GET/101 the stream was handed):
+What the bridge touches for HTTP/2 and HTTP/1.1 (33; before the extended
+CONNECT kept one form, it was about 45: the method and status swapped around
+every hook, the translated request and response, the GET/101 the stream was
+handed):
 
 - replaced, where mitmproxy's HTTP layer looks them up when it makes a
   connection or a stream (`REPLACED`): `HttpStream`, `Http2Server`,
@@ -26,16 +27,31 @@ translated request and response, the GET/101 the stream was handed):
   HTTP/1.1 connection dropped), and the proxyserver's connection handlers'
   `max_conns` (a WebSocket's connection past the per-server throttle) (5).
 
+And for HTTP/3 (16 more):
+
+- replaced: `Http3Server`, `Http3Client` (2);
+- `Http3Server` and `Http3Client` (`h3`): `parse_headers` and `_handle_event`
+  overridden, `h3_conn` replaced, `our_stream_id` and `their_stream_id` used (5);
+- `_http_h3.LayeredH3Connection`, subclassed (`h3.WsH3Connection`):
+  `handle_stream_event` overridden, and aioquic's `_get_local_settings` (not
+  to advertise RFC 9220) and `_handle_request_or_push_frame` (a malformed
+  request an error of its stream, not of the connection); `_closed_streams`
+  and `_mock` (to stop reading a refused stream), `received_settings`,
+  `has_sent_headers`, `close_stream`, `transmit` used (9).
+
 The HTTP events, commands and hooks the layers exchange (`ReceiveHttp`,
 `SendHttp`, `RequestHeaders`…, `GetHttpConnection`, `DropStream`, the hook
-classes, `WebsocketLayer`) are the layers' own interface and not counted.
+classes, `WebsocketLayer`, the QUIC stream events) are the layers' own
+interface and not counted.
 
 Names and parameters can stay while behaviour changes, so before anything is
 replaced the bridge drives one extended CONNECT through its classes in memory
-(`selftest`); and a mitmproxy that carries `:protocol` itself is left as it
-is (`carries_rfc8441`). Installed by replacing the names above, uninstalled
-by putting the originals back; connections already open keep the classes
-they started with.
+over HTTP/2 and one over HTTP/3 (`selftest`); a mitmproxy that carries
+`:protocol` itself is left as it is (`carries_rfc8441`). Where only the
+HTTP/3 part does not behave, HTTP/3 gets the codec that does not advertise
+RFC 9220 and the rest is carried. Installed by replacing the names above,
+uninstalled by putting the originals back; connections already open keep the
+classes they started with.
 """
 
 from __future__ import annotations
@@ -54,7 +70,8 @@ from .h3 import QuietHttp3Server, WsHttp3Client, WsHttp3Server
 from .stream import WsHttpStream, offer_alpn
 
 # What the Bridge calls.
-__all__ = ["carries_rfc8441", "incompatibility", "install", "install_quiet_h3", "uninstall", "offer_alpn"]
+__all__ = ["carries_rfc8441", "h3_incompatibility", "incompatibility", "install", "install_quiet_h3", "uninstall",
+           "offer_alpn"]
 
 # The names the bridge replaces, and the classes of mitmproxy's that must look
 # them up in the HTTP layer's module when they make a connection or a stream
@@ -77,6 +94,11 @@ def incompatibility() -> str | None:
             if not _looks_up(getattr(http_layers, user), name):
                 return f"{user} does not look up {name} where the bridge replaces it"
     return selftest.failure()
+
+
+def h3_incompatibility() -> str | None:
+    """Why this mitmproxy cannot carry WebSockets over HTTP/3, or None."""
+    return selftest.h3_failure()
 
 
 def carries_rfc8441() -> bool:
