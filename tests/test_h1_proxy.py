@@ -322,6 +322,11 @@ def test_ordinary_requests_are_untouched(report):
         ("ws_encode_codings", "gzip\rX-Injected: 1"),
         ("ws_encode_codings", "gzip\nX-Injected: 1"),
         ("ws_encode_codings", "gzip\x7f"),
+        # A bool, a choice: mitmproxy would leave a script out silently for
+        # its own bool option given `maybe`, and keep a choice outside its list.
+        ("ws_encode_h2", "maybe"),
+        ("ws_encode_h3", "2"),
+        ("ws_encode_h3_upstream", "udp"),
     ],
 )
 def test_bad_option_at_startup_refuses_to_start(option, value):

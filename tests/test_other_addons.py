@@ -23,7 +23,7 @@ from wspeers.fault_server import Faults, FaultServer
 pytestmark = pytest.mark.timeout(90)
 
 OTHER_ADDON = """
-from mitmproxy import ctx, http
+from mitmproxy import ctx, exceptions, http
 
 
 class Other:
@@ -33,8 +33,12 @@ class Other:
     def request(self, flow):
         if flow.request.path.startswith("/set/"):
             name, value = flow.request.path[len("/set/"):].split("=", 1)
-            ctx.options.update(**{name: value})
-            flow.response = http.Response.make(200, b"set")
+            try:
+                ctx.options.update(**{name: value})
+            except exceptions.OptionsError as e:  # what the console shows
+                flow.response = http.Response.make(400, str(e).encode())
+            else:
+                flow.response = http.Response.make(200, getattr(ctx.options, name).encode())
         elif ACTION == "answer 403" and flow.request.path == "/chat":
             flow.response = http.Response.make(403, b"not you")
 
@@ -153,3 +157,79 @@ def test_a_reload_keeps_every_waiting_handshake_followed_and_its_stall_reported(
     assert len(stalls) == count and len({r["flow_id"] for r in stalls}) == count
     assert all(r["stuck_in"] == "forwarded" and r["received_s"] >= 3 for r in stalls)
     assert all("encoding layer upstream is probably holding" in r["diagnosis"] for r in stalls)
+
+
+@pytest.mark.parametrize("option,bad,good", [
+    ("ws_encode_h2", "maybe", "false"),  # a bool
+    ("ws_encode_stall", "soon", "0.5"),  # a number
+    ("ws_encode_policy", "squash", "strip"),  # a choice
+    ("ws_encode_report", "/nonexistent-dir/r.jsonl", ""),  # a path
+])
+def test_a_bad_value_set_live_is_refused_and_the_previous_one_kept(tmp_path, report, option, bad, good):
+    """Through a real mitmdump, as the console's `:set` does: mitmproxy keeps
+    the previous value and says why, naming the option; a good value after it
+    takes."""
+    script = other_addon(tmp_path, "none")
+
+    async def scenario():
+        upstream = FaultServer(Faults())
+        await upstream.start()
+        try:
+            async with Mitmdump("--mode", f"reverse:http://127.0.0.1:{upstream.port}", "-s", str(script),
+                                report=report) as md:
+                refused = await set_live(md, option, bad)
+                taken = await set_live(md, option, good)
+                alive = await h1_handshake(md.port)
+        finally:
+            await upstream.stop()
+        return refused, taken, alive, md
+
+    refused, taken, alive, md = asyncio.run(scenario())
+    assert refused.startswith(b"HTTP/1.1 400") and f"{option}:".encode() in refused
+    assert taken.startswith(b"HTTP/1.1 200") and taken.endswith(good.encode())
+    assert alive.startswith(b"HTTP/1.1 101")
+    assert "Traceback" not in md.log
+
+
+async def set_live(md: Mitmdump, option: str, value: str) -> bytes:
+    """The other addon's /set/NAME=VALUE: its whole answer (a 200 with the
+    value once taken, a 400 with mitmproxy's refusal)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", md.port)
+    writer.write(f"GET /set/{option}={value} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(), 5)  # (to the end: Connection: close)
+    finally:
+        writer.close()
+
+
+def test_ws_encode_h2_false_live_changes_nothing_for_connections_opened_before(cert, tmp_path, report):
+    """A client connection promised RFC 8441 keeps it: its next WebSocket,
+    which needs a new upstream connection, goes out as an extended CONNECT
+    as before. New connections are stock; turned back on, they are bridged
+    again."""
+    script = other_addon(tmp_path, "none")
+
+    async def scenario():
+        async with h2ws.H2WebSocketServer(*cert) as upstream:
+            async with Mitmdump("--mode", f"reverse:https://127.0.0.1:{upstream.port}", "--ssl-insecure",
+                                "-s", str(script), report=report) as md:
+                before = await h2_client(md)  # promised RFC 8441
+                off = await set_live(md, "ws_encode_h2", "false")
+                ws = await before.open_websocket("/chat", AUTHORITY)
+                status = await ws.wait_status(5)
+                await ws.send_text("still carried")
+                echo = await ws.receive(5)
+                after = await h2_client(md)
+                stock = after.server_enables_connect_protocol
+                on = await set_live(md, "ws_encode_h2", "true")
+                again = await h2_client(md)
+                bridged = again.server_enables_connect_protocol
+                for client in (before, after, again):
+                    await client.close()
+                return off, on, status, echo, stock, bridged
+
+    off, on, status, echo, stock, bridged = asyncio.run(scenario())
+    assert off.startswith(b"HTTP/1.1 200") and on.startswith(b"HTTP/1.1 200")
+    assert (status, echo) == (200, "still carried")
+    assert not stock and bridged
