@@ -292,7 +292,7 @@ def test_needs_http1_moves_the_same_request_to_an_http1_only_connection():
     request = play.stream.flow.request
     out = play(NeedsHttp1.on(SID))
     assert steps(out) == ["GetHttp1Connection"]
-    assert getattr(play.waiting.address, "ws_encode_http1_only", False) and play.waiting.address == ("chat.test", 443)
+    assert getattr(play.waiting.address, "ws_encode_alpn", None) == (b"http/1.1",) and play.waiting.address == ("chat.test", 443)
     assert facts_of(request).stage == CONNECTING and facts_of(request).ended_by is None  # not an end
     assert (logging.INFO, NEEDS_HTTP1 + " (chat.test)") in play.logs
 

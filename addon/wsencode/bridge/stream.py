@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import logging
+import uuid
 
 from mitmproxy import connection, ctx, flow, http
 from mitmproxy.net.http import url
@@ -53,6 +55,23 @@ class WebSocketAddress(tuple):
 
 def is_websocket_address(address) -> bool:
     return getattr(address, "ws_encode_websocket", False)
+
+
+class InjectionRoute(tuple):
+    """The address of a flow's own server connection for injected messages
+    (`WsHttpStream._route_injections_here`): shown as the real one, equal to
+    no other, so mitmproxy never gives it to a request as a connection to
+    reuse (`GetHttpConnection.connection_spec_matches`)."""
+
+    __slots__ = ()
+
+    def __eq__(self, other) -> bool:
+        return self is other
+
+    def __ne__(self, other) -> bool:
+        return self is not other
+
+    __hash__ = tuple.__hash__
 
 
 class Http1OnlyAddress(WebSocketAddress):
@@ -128,6 +147,7 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
     # (ws_ names: attributes of a subclass of mitmproxy's, kept off its names)
     ws_route = Route.FIRST  # its one table: ROUTE_TRANSITIONS
     ws_facts: StreamFacts | None = None  # a handshake's, once the stream has classified its request
+    ws_route_alias: connection.Server | None = None  # its flow's server connection, for injected messages
 
     # -- an extended CONNECT, from its headers to its WebSocket --
 
@@ -186,9 +206,12 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
     def flow_done(self) -> layer.CommandGenerator[None]:
         if is_extended_connect(self.flow.request) and self.flow.websocket:
             if self._extended_connect_accepted():
+                self._route_injections_here()
                 yield from self._start_websocket()
                 return
             self.flow.websocket = None  # an addon failed it after the response hook began
+        if self.flow.websocket and self.flow.response.status_code == 101:
+            self._route_injections_here()
         yield from super().flow_done()
         if self.ws_route is Route.ACCEPTED and not self._opened(self.flow.response.status_code):
             # The upstream accepted but the flow did not (an addon failed the
@@ -210,6 +233,29 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
         handshake = self.ws_facts.handshake if self.ws_facts is not None else None
         return handshake is not None and handshake.is_success(status)
 
+    def _route_injections_here(self) -> None:
+        """mitmproxy's HTTP layer routes an injected WebSocket message
+        (`inject.websocket`) by the flow's server connection, to that
+        connection's codec, which it asserts is HTTP/1.1's: for a WebSocket
+        on a stream of an HTTP/2 or HTTP/3 upstream connection it would crash.
+        Such a flow gets a server connection of its own (a copy of the real
+        one that no request can be given), which the HTTP layer maps to this
+        stream."""
+        server = self.context.server
+        if server.alpn != b"h2" and not http_layers.is_h3_alpn(server.alpn):
+            return
+        alias = copy.copy(server)
+        alias.id = str(uuid.uuid4())
+        alias.state = connection.ConnectionState.CLOSED  # (mitmproxy fixes an open connection's address)
+        alias.address = InjectionRoute(server.address)
+        alias.state = server.state
+        self.flow.server_conn = self.ws_route_alias = alias
+        self._http_layer().connections[alias] = self
+
+    def _http_layer(self) -> http_layers.HttpLayer:
+        layers = self.context.layers
+        return layers[layers.index(self) - 1]
+
     def _start_websocket(self) -> layer.CommandGenerator[None]:
         """What mitmproxy's flow_done does for a 101 (the WebSocket layer
         takes the stream, then the response's end goes out), for the 2xx
@@ -220,6 +266,13 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
         yield http_layers.SendHttp(http_layers.ResponseEndOfMessage(self.stream_id), self.context.client)
 
     def passthrough(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if self.flow.websocket is not None and isinstance(event, http_layers.RequestProtocolError):
+            # mitmproxy's WebSocket layer understands a peer going away, not
+            # an error (in its `done` state it would crash): a client's
+            # stream or connection that failed is the client gone.
+            event = http_layers.RequestEndOfMessage(self.stream_id)
+        elif self.flow.websocket is not None and isinstance(event, http_layers.ResponseProtocolError):
+            event = http_layers.ResponseEndOfMessage(self.stream_id)
         stream_commands = super().passthrough(event)
         if is_extended_connect(self.flow.request):
             stream_commands = self._on_the_upstream_stream(stream_commands)
@@ -230,6 +283,8 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
             # without an upgrade, so on an HTTP/2 connection every finished
             # WebSocket, its messages included, would stay until the
             # connection closed.
+            if self.ws_route_alias is not None:
+                self._http_layer().connections.pop(self.ws_route_alias, None)
             yield http_layers.DropStream(self.stream_id)
 
     def _on_the_upstream_stream(self, stream_commands: layer.CommandGenerator[None]) -> layer.CommandGenerator[None]:
@@ -284,8 +339,7 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
         serves nothing else once it is closed. It is dropped when mitmproxy
         has set its timestamp_end, which it does after the connection's last
         event (proxy/server.py, open_connection)."""
-        layers = self.context.layers
-        http_layer = layers[layers.index(self) - 1]
+        http_layer = self._http_layer()
         finished = [
             conn for conn in http_layer.connections
             if isinstance(conn, connection.Server)
