@@ -13,8 +13,10 @@ import contextlib
 import json
 import re
 import shutil
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import AUTHORITY, ROOT, STALL, assert_clean_log, h2_client, h2_echo_once, reverse_to
@@ -731,3 +733,45 @@ def test_http_1_1_required_moves_the_websocket_and_its_early_data_to_http1(cert,
     assert len(h1_received) == 1 and record["upstream_transport"] == "h1"
     assert record["outcome"] == "upgraded"
     assert_clean_log(md)
+
+
+def old_form_flows() -> list:
+    """HTTP/2 WebSocket flows as earlier versions of the addon saved them:
+    one still waiting (the GET upgrade the bridge then handed mitmproxy's
+    stream, on HTTP/2.0), and one finished (the CONNECT with :protocol and
+    200 it showed from the outcome on)."""
+    from mitmproxy import http as mhttp
+    from mitmproxy.test import tflow, tutils
+    from mitmproxy.websocket import WebSocketData, WebSocketMessage
+
+    waiting = tflow.tflow(req=tutils.treq(
+        method=b"GET", path=b"/chat", http_version=b"HTTP/2.0", authority=b"localhost",
+        headers=mhttp.Headers(upgrade="websocket", connection="Upgrade", sec_websocket_key="dGhlIHNhbXBsZSBub25jZQ==",
+                              sec_websocket_version="13")))
+    finished = tflow.tflow(req=tutils.treq(
+        method=b"CONNECT", path=b"/chat", http_version=b"HTTP/2.0", authority=b"localhost",
+        headers=mhttp.Headers([(b":protocol", b"websocket"), (b"sec-websocket-version", b"13")])),
+        resp=tutils.tresp(status_code=200, reason=b"", http_version=b"HTTP/2.0", headers=mhttp.Headers()))
+    finished.websocket = WebSocketData(messages=[WebSocketMessage(1, True, b"hello"), WebSocketMessage(1, False, b"hello")])
+    finished.comment = "On the wire: HTTP/2 extended CONNECT (:protocol websocket) /chat → 200; the proxy ran it as a GET upgrade."
+    finished.metadata["ws_encode_wire"] = {"client_sent": "CONNECT :protocol websocket (RFC 8441)", "client_got": 200}
+    return [waiting, finished]
+
+
+def test_flow_files_written_by_the_old_form_still_load_and_replay_through_the_addon(tmp_path):
+    """What earlier versions wrote: mitmdump reads it with the addon loaded
+    (-nr runs every flow through the addons' hooks), and writes it again."""
+    old, again = tmp_path / "old.mitm", tmp_path / "again.mitm"
+    with old.open("wb") as f:
+        writer = mitmio.FlowWriter(f)
+        for flow in old_form_flows():
+            writer.add(flow)
+    done = subprocess.run([str(Path(sys.executable).with_name("mitmdump")), "-n", "-r", str(old), "-w", str(again), "-s", str(ROOT / "addon" / "ws_encode.py")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+    with again.open("rb") as f:
+        flows = list(mitmio.FlowReader(f).stream())
+    by_method = {x.request.method: x for x in flows}
+    assert sorted(by_method) == ["CONNECT", "GET"] and by_method["GET"].response is None
+    assert by_method["CONNECT"].response.status_code == 200
+    assert [m.text for m in by_method["CONNECT"].websocket.messages] == ["hello", "hello"]
