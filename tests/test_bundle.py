@@ -175,3 +175,22 @@ def test_the_flow_file_loads_in_mitmproxy_11_and_12(tmp_path, flows, records):
     assert list(counts.values()) == ["3"] * len(counts), counts
     if len(counts) == 1:
         pytest.skip("only this mitmproxy line read it: the other one is not set up")
+
+
+# -- where a bundle goes ----------------------------------------------------------------------------
+
+
+def test_a_link_to_a_folder_is_followed_and_a_fifo_or_unwritable_place_refused(tmp_path, flows, records):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    assert write_bundle(tmp_path / "link", flows, records) == tmp_path / "link"
+    assert sorted(p.name for p in real.iterdir()) == sorted(bundle.FILES)
+    with pytest.raises(bundle.FolderNotEmpty):
+        bundle.check_folder(tmp_path / "link")
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(BundleError, match="is a FIFO, not a folder"):
+        bundle.check_folder(tmp_path / "fifo")
+    with pytest.raises(BundleError, match="no folder can be made in /proc"):
+        bundle.check_folder("/proc/b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link", "real"]  # the checks left nothing

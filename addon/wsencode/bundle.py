@@ -20,15 +20,19 @@ Standard library and mitmproxy only: it runs inside the addon.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import json
+import logging
 import os
 import platform
 import secrets
 import shutil
+import stat
 import urllib.parse
-from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,9 @@ from typing import Any
 from mitmproxy import http, io
 from mitmproxy.flow import Flow
 
-from .report import REDACTED, printable, redact_path, redact_url
+from .report import REDACTED, kind_of, printable, redact_path, redact_url
+
+logger = logging.getLogger("ws_encode")
 
 REPORT = "report.jsonl"
 FLOWS = "flows.mitm"
@@ -53,6 +59,10 @@ Record = Mapping[str, Any]
 
 class BundleError(Exception):
     """The bundle cannot be written there (the message says why, for a person)."""
+
+
+class FolderNotEmpty(BundleError):
+    """The folder holds something already: forcing the bundle would replace it."""
 
 
 @dataclass
@@ -289,16 +299,46 @@ def _code(value: str | None) -> str:
 # -- writing -----------------------------------------------------------------------------------
 
 
-def check_folder(folder: str | os.PathLike[str], force: bool = False) -> None:
-    """Raise BundleError if a bundle may not be written to `folder` (a file,
-    or a folder that is not empty and `force` is off): callers can refuse
-    before they start the work whose bundle it would be."""
-    folder = Path(folder).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise BundleError(f"{printable(str(folder))} exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not force:
-        raise BundleError(f"{printable(str(folder))} is not empty: choose another folder, or force the bundle "
-                          "to replace what is there")
+def check_folder(folder: str | os.PathLike[str], force: bool = False) -> Path:
+    """The folder a bundle asked for at `folder` is written to: where a
+    link there points (a folder can be renamed onto a folder, not onto a
+    link to one). Raises BundleError if a bundle may not be written there:
+    something that is not a folder, a folder that is not empty while `force`
+    is off, or a place where no folder can be made; callers refuse before
+    they start the work whose bundle it would be."""
+    shown = printable(str(folder))
+    try:
+        real = Path(folder).expanduser().resolve()
+        mode = _mode_of(real)
+        full = mode is not None and stat.S_ISDIR(mode) and any(real.iterdir())
+    except (OSError, RuntimeError) as e:  # (RuntimeError: a loop of links, before Python 3.13)
+        raise BundleError(f"{shown} cannot be used: {getattr(e, 'strerror', None) or e}") from None
+    if mode is not None and not stat.S_ISDIR(mode):
+        raise BundleError(f"{shown} exists and is {kind_of(mode)}, not a folder")
+    if full and not force:
+        raise FolderNotEmpty(f"{shown} is not empty: choose another folder, or force the bundle to replace "
+                             "what is there")
+    _check_writable(real)
+    return real
+
+
+def _mode_of(path: Path) -> int | None:
+    """The path's st_mode, or None if nothing is there (stat never blocks, not even on a FIFO)."""
+    try:
+        return path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):  # (the latter: a file stands where a folder on the way would)
+        return None
+
+
+def _check_writable(folder: Path) -> None:
+    """Raise BundleError unless a folder can be made beside `folder`, or in
+    its nearest existing ancestor (write_bundle makes the folders between):
+    tried, since permissions alone do not tell (root, a read-only mount, /proc)."""
+    existing = next(p for p in folder.parents if p.exists())
+    try:
+        _sibling(existing / folder.name, "check").rmdir()
+    except OSError as e:
+        raise BundleError(f"no folder can be made in {printable(str(existing))}: {e.strerror}") from None
 
 
 def write_bundle(
@@ -324,8 +364,8 @@ def write_bundle(
     and `notes` (lines under the title). Refuses a non-empty `folder` unless
     `force` (then replaces it); raises BundleError saying why.
     """
-    folder = Path(folder).expanduser().absolute()
-    check_folder(folder, force)
+    asked = Path(folder).expanduser().absolute()
+    folder = check_folder(asked, force)
     folder.parent.mkdir(parents=True, exist_ok=True)
     flows = [f for f in flows if isinstance(f, http.HTTPFlow)]  # TCP, UDP, DNS flows hold no handshake
     counts = Redactions()
@@ -350,7 +390,7 @@ def write_bundle(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return folder
+    return asked
 
 
 def _move_into_place(partial: Path, folder: Path, force: bool) -> None:

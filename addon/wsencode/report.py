@@ -8,11 +8,13 @@ query and path-parameter values never do.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
 import os
 import re
+import stat
 import time
 import urllib.parse
 from pathlib import Path
@@ -126,6 +128,47 @@ def _utc_second(second: int) -> str:
 _JSON_LINE = json.JSONEncoder(separators=(",", ":"))  # (json.dumps makes an encoder a call)
 
 
+class NotARegularFile(OSError):
+    """The path names a FIFO, a device, a socket or a folder: nothing a
+    report or a bundle can be (its strerror says which, for a person)."""
+
+
+_KINDS = ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def kind_of(mode: int) -> str:
+    """What a file of this `st_mode` is, for a person: "a FIFO", "a folder", ..."""
+    return next((name for test, name in _KINDS if test(mode)), "a special file")
+
+
+def open_regular(path: str | os.PathLike[str], flags: int, mode: str, **fdopen_args: Any) -> IO:
+    """`path` opened with os.open `flags`, then as os.fdopen(mode,
+    **fdopen_args); NotARegularFile if it is anything but a regular file.
+
+    Never blocks: a plain open() of a FIFO waits until its other end is
+    opened (fifo(7)), which on mitmproxy's event loop freezes every
+    connection. O_NONBLOCK makes that open return at once (or fail with
+    ENXIO: a FIFO nobody reads), and the type is checked on the open file
+    itself, so nothing can be swapped in between.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            raise NotARegularFile(errno.ENXIO, f"not a regular file but {kind_of(os.stat(path).st_mode)}") from None
+        raise
+    try:
+        kind = os.fstat(fd).st_mode
+        if not stat.S_ISREG(kind):
+            raise NotARegularFile(errno.EINVAL, f"not a regular file but {kind_of(kind)}")
+        os.set_blocking(fd, True)  # as a regular file's reads and writes are anyway
+        return os.fdopen(fd, mode, **fdopen_args)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class ReportWriter:
     """Appends records to one file; opened when the option is set.
 
@@ -144,7 +187,7 @@ class ReportWriter:
 
     def _open(self) -> IO[str]:
         # Line buffering flushes each record.
-        f = open(self.path, "a", encoding="utf-8", buffering=1)
+        f = open_regular(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "a", encoding="utf-8", buffering=1)
         self._identity = os.fstat(f.fileno())[1:3]  # (inode, device)
         return f
 

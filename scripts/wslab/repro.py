@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             bundle.check_folder(args.bundle, args.force)
         except bundle.BundleError as e:
-            print(f"repro: --bundle: {e} (--force)", file=sys.stderr)
+            hint = " (--force)" if isinstance(e, bundle.FolderNotEmpty) else ""
+            print(f"repro: --bundle: {e}{hint}", file=sys.stderr)
             return 2
     state = asyncio.run(run(args.stall, args.bundle, only=args.only, min_size=args.min_size, force=args.force))
     if not state.results:
