@@ -194,3 +194,56 @@ def test_a_link_to_a_folder_is_followed_and_a_fifo_or_unwritable_place_refused(t
     with pytest.raises(BundleError, match="no folder can be made in /proc"):
         bundle.check_folder("/proc/b")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link", "real"]  # the checks left nothing
+
+
+# -- redacted values elsewhere in a flow -----------------------------------------------------------
+
+
+def test_redacted_values_are_scrubbed_wherever_else_they_occur_in_the_flow(tmp_path, flows, records):
+    import base64
+
+    stalled = flows[0]
+    stalled.request.headers["authorization"] = "Basic " + base64.b64encode(b"alice:basic-pw-b4s1c").decode()
+    stalled.request.path = stalled.request.path.replace("#", "&next=%2Fsecret-n3xt#")  # sent encoded, echoed not
+    stalled.response.content = (f"cookie {SECRETS['cookie']}, token {SECRETS['token']}, next /secret-n3xt, "
+                                "user alice:basic-pw-b4s1c; Secure stays").encode()
+    stalled.response.headers["x-echo"] = f"sid={SECRETS['cookie']}"
+    stalled.comment = f"another addon noted {SECRETS['jsessionid']}"
+    stalled.metadata["other_addon"] = {"seen": [SECRETS["fragment"]]}
+    out = write_bundle(tmp_path / "b", flows, records)
+    assert not [what for what, secret in SECRETS.items() if secret.encode() in every_byte(out)]
+    assert b"basic-pw-b4s1c" not in every_byte(out)
+    with open(out / bundle.FLOWS, "rb") as f:
+        read = list(io.FlowReader(f).stream())[0]
+    assert read.response.content == b"cookie REDACTED, token REDACTED, next REDACTED, user REDACTED; Secure stays"
+    assert read.response.headers["x-echo"] == "REDACTED"
+    assert read.comment == "another addon noted REDACTED" and read.metadata["other_addon"] == {"seen": ["REDACTED"]}
+    assert "wherever else it occurs in a flow" in (out / bundle.SUMMARY).read_text()
+
+
+def test_short_values_are_not_searched_for_elsewhere(tmp_path):
+    f = tflow.tflow(resp=True)
+    f.request.path = "/chat?on=1&mode=true"
+    f.response.content = b"mode=true, on=1"
+    with open(write_bundle(tmp_path / "b", [f], [record(f, "handshake")]) / bundle.FLOWS, "rb") as out:
+        read = next(iter(io.FlowReader(out).stream()))
+    assert read.request.path == "/chat?on=REDACTED&mode=REDACTED" and read.response.content == b"mode=true, on=1"
+
+
+# -- where a bundle goes ----------------------------------------------------------------------------
+
+
+def test_a_link_to_a_folder_is_followed_and_a_fifo_or_unwritable_place_refused(tmp_path, flows, records):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    assert write_bundle(tmp_path / "link", flows, records) == tmp_path / "link"
+    assert sorted(p.name for p in real.iterdir()) == sorted(bundle.FILES)
+    with pytest.raises(bundle.FolderNotEmpty):
+        bundle.check_folder(tmp_path / "link")
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(BundleError, match="is a FIFO, not a folder"):
+        bundle.check_folder(tmp_path / "fifo")
+    with pytest.raises(BundleError, match="no folder can be made in /proc"):
+        bundle.check_folder("/proc/b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link", "real"]  # the checks left nothing

@@ -72,6 +72,7 @@ class Redactions:
     headers: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # header name -> values
     urls: int = 0  # request targets and URL-valued headers that lost a query value, parameter or userinfo
     userinfo: int = 0
+    elsewhere: int = 0  # bodies, messages, other headers, comments where a redacted value was found again
 
     def lines(self) -> list[str]:
         names = ", ".join(f"`{name}` ({n})" for name, n in sorted(self.headers.items())) or "none present"
@@ -80,11 +81,19 @@ class Redactions:
             f"- the values of the {', '.join(f'`{h}`' for h in SECRET_HEADERS)} headers, names kept: {names};",
             "- every query value, path-parameter value (`;jsessionid=`) and fragment, names kept, in request "
             f"URLs and the {', '.join(f'`{h}`' for h in URL_HEADERS)} headers: {self.urls} URLs changed;",
-            f"- userinfo (`user:password@`) in URLs, authorities and `host`: {self.userinfo} removed.",
+            f"- userinfo (`user:password@`) in URLs, authorities and `host`: {self.userinfo} removed;",
+            f"- each of those values (of {MIN_SCRUBBED} characters or more) wherever else it occurs in a flow — "
+            "bodies, WebSocket messages, other headers, comments, an error — as sent or percent-decoded: "
+            f"{self.elsewhere} places changed.",
             "",
-            "Kept as they were: every other header, WebSocket messages, bodies, comments and timings. "
-            "Read them before you attach the bundle if your application puts secrets there.",
+            "Kept as they were, but for those values: every other header, WebSocket messages, bodies, comments "
+            "and timings. Read them before you attach the bundle if your application puts other secrets there.",
         ]
+
+
+# A redacted value shorter than this is not searched for elsewhere in a flow:
+# "1" or "true" occur in any body by chance, and are no credential.
+MIN_SCRUBBED = 6
 
 
 def _redact_url_like(value: str, counts: Redactions) -> str:
@@ -121,9 +130,166 @@ def _redact_headers(headers: http.Headers, counts: Redactions) -> None:
         headers["host"] = _without_userinfo(headers["host"], counts)
 
 
+# -- the redacted values, wherever else they occur --------------------------------------------
+
+
+def _item_values(text: str, separator: str) -> list[str]:
+    """The values of `name=value` items (a query, cookies, path parameters); a bare item is a value."""
+    return [item.split("=", 1)[-1].strip() for item in text.split(separator)]
+
+
+def _userinfo_values(netloc: str) -> list[str]:
+    userinfo = netloc.rpartition("@")[0]
+    return [userinfo, userinfo.partition(":")[2]] if userinfo else []
+
+
+def _url_values(value: str) -> list[str]:
+    """What redact_url takes out of a URL or request target: query and
+    path-parameter values, the fragment, userinfo and its password."""
+    try:
+        parts = urllib.parse.urlsplit(value)
+    except ValueError:  # (a host urlsplit refuses: its query and userinfo still go in the header itself)
+        return []
+    found = _item_values(parts.query, "&") + [parts.fragment] + _userinfo_values(parts.netloc)
+    for segment in parts.path.split("/"):
+        found += _item_values(segment.partition(";")[2], ";") if ";" in segment else []
+    return found
+
+
+def _credential_values(value: str) -> list[str]:
+    """An authorization value's credentials: `Bearer TOKEN`, and `Basic`'s user:password decoded."""
+    scheme, _, credentials = value.strip().partition(" ")
+    found = [credentials.strip()]
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(credentials.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return found
+        found += [decoded, decoded.partition(":")[2]]
+    return found
+
+
+def _header_secrets(headers: http.Headers) -> list[str]:
+    found = []
+    for name in SECRET_HEADERS:
+        for value in headers.get_all(name):
+            found.append(value)
+            if name == "cookie":
+                found += _item_values(value, ";")
+            elif name == "set-cookie":  # its value; the attributes after it (`Secure`, `Path=/`) are none
+                found += _item_values(value.partition(";")[0], ";")
+            else:
+                found += _credential_values(value)
+    for name in URL_HEADERS:
+        for value in headers.get_all(name):
+            found += _url_values(value)
+    for value in headers.get_all("host"):
+        found += _userinfo_values(value)
+    return found
+
+
+def secrets_of(flow: http.HTTPFlow) -> list[str]:
+    """Every value redact_flow replaces in this flow, as sent and
+    percent-decoded, longest first (so a value that holds another goes
+    whole), without those shorter than MIN_SCRUBBED."""
+    request = flow.request
+    fields = [request.headers, request.trailers]
+    if flow.response is not None:
+        fields += [flow.response.headers, flow.response.trailers]
+    found = _url_values(request.path) + _userinfo_values(request.authority)
+    for headers in fields:
+        found += _header_secrets(headers) if headers else []
+    found += [urllib.parse.unquote(v) for v in found]
+    return sorted({v for v in found if len(v) >= MIN_SCRUBBED and v != REDACTED}, key=len, reverse=True)
+
+
+def _scrub_text(text: str, values: Sequence[str]) -> str:
+    for value in values:
+        text = text.replace(value, REDACTED)
+    return text
+
+
+def _scrub_bytes(data: bytes, values: Sequence[bytes]) -> bytes:
+    for value in values:
+        data = data.replace(value, REDACTED.encode())
+    return data
+
+
+def _scrub_body(message: http.Message, values: Sequence[bytes]) -> bool:
+    """Scrub a request's or response's body, as the application sees it
+    (decoded, then encoded again), or its raw bytes if it does not decode."""
+    try:
+        body = message.get_content(strict=True)
+    except ValueError:
+        body = None
+    if body is None:
+        return bool(message.raw_content) and _replace(message, "raw_content", lambda raw: _scrub_bytes(raw, values))
+    scrubbed = _scrub_bytes(body, values)
+    if scrubbed != body:
+        message.content = scrubbed
+    return scrubbed != body
+
+
+def _scrub_headers(headers: http.Headers, values: Sequence[str]) -> int:
+    changed = 0
+    for name in {k.lower() for k in headers.keys()}:
+        old = headers.get_all(name)
+        new = [_scrub_text(v, values) for v in old]
+        if new != old:
+            headers.set_all(name, new)
+            changed += 1
+    return changed
+
+
+def _scrub_data(value: Any, values: Sequence[str]) -> Any:
+    """Plain data (a flow's metadata) with the values scrubbed from every string in it."""
+    if isinstance(value, str):
+        return _scrub_text(value, values)
+    if isinstance(value, dict):
+        return {k: _scrub_data(v, values) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub_data(v, values) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_scrub_data(v, values) for v in value)
+    return value
+
+
+def _replace(owner: Any, attribute: str, scrub: Callable[[Any], Any]) -> bool:
+    """Set `owner.attribute` to its scrubbed value; whether that changed it."""
+    old = getattr(owner, attribute)
+    new = scrub(old)
+    setattr(owner, attribute, new)
+    return new != old
+
+
+def _scrub_flow(flow: http.HTTPFlow, values: Sequence[str]) -> int:
+    """Scrub `values` from every other place of a (copied) flow; how many places changed."""
+    encoded = [v.encode("utf-8", "surrogateescape") for v in values]
+
+    def text(value: str) -> str:
+        return _scrub_text(value, values)
+
+    places: list[tuple[Any, str, Callable[[Any], Any]]] = [
+        (flow.request, "path", text), (flow, "comment", text), (flow, "metadata", lambda m: _scrub_data(m, values)),
+    ]
+    if flow.error is not None:
+        places.append((flow.error, "msg", text))
+    if flow.websocket is not None:
+        places += [(m, "content", lambda c: _scrub_bytes(c, encoded)) for m in flow.websocket.messages]
+    changed = sum(_replace(owner, attribute, scrub) for owner, attribute, scrub in places)
+    for message in (flow.request, flow.response):
+        if message is None:
+            continue
+        changed += _scrub_headers(message.headers, values) + _scrub_body(message, encoded)
+        if message.trailers:
+            changed += _scrub_headers(message.trailers, values)
+    return changed
+
+
 def redact_flow(flow: http.HTTPFlow, counts: Redactions | None = None) -> http.HTTPFlow:
     """A redacted copy of `flow`, with its id (the flow itself is left as it was)."""
     counts = counts if counts is not None else Redactions()
+    values = secrets_of(flow)
     copy = flow.copy()
     copy.id = flow.id  # the records name it
     request = copy.request
@@ -140,6 +306,7 @@ def redact_flow(flow: http.HTTPFlow, counts: Redactions | None = None) -> http.H
         _redact_headers(copy.response.headers, counts)
         if copy.response.trailers:
             _redact_headers(copy.response.trailers, counts)
+    counts.elsewhere += _scrub_flow(copy, values)
     return copy
 
 
