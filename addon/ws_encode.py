@@ -57,7 +57,7 @@ class WsEncode:
         self.updated: list[http.HTTPFlow] = []  # stalled flows whose update hook is due
         self._configured = False
         self.commands = Commands(self)
-        self.addons = [self.commands, self.bridge, self.opening]
+        self.addons = [self.commands, self.bridge, self.opening, self.at_exit]
 
     # -- options and life ------------------------------------------------------
 

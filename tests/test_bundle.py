@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
+import weakref
 
 import pytest
 from conftest import SECRETS, flows_read_by_each_line, handshake_flow, record
-from mitmproxy import io
+from mitmproxy import io, websocket
 from mitmproxy.test import tflow
+from wsproto.frame_protocol import Opcode
 
 from wsencode import bundle
 from wsencode.bundle import BundleError, write_bundle
@@ -83,7 +86,7 @@ def test_summary_has_a_timeline_diagnosis_policy_ab_environment_and_what_was_red
     out = write_bundle(tmp_path / "b", flows, records, options={"ws_encode_stall": "2"})
     summary = (out / bundle.SUMMARY).read_text()
     first = summary.split("## 1. ")[1].split("## 2. ")[0]
-    assert first.startswith("h2 https://example.com/echo/x?token=REDACTED: no-status ⌛")
+    assert first.startswith("h2 https://example.com/echo/x?token=REDACTED: no-status ⌛ (no message either way)")
     lines = [line.strip() for line in first.splitlines()]
     timeline = [line for line in lines if line.startswith("- ") and " s  " in line]
     assert [t.split(" s  ")[1].split(" (")[0] for t in timeline] == [
@@ -177,25 +180,6 @@ def test_the_flow_file_loads_in_mitmproxy_11_and_12(tmp_path, flows, records):
         pytest.skip("only this mitmproxy line read it: the other one is not set up")
 
 
-# -- where a bundle goes ----------------------------------------------------------------------------
-
-
-def test_a_link_to_a_folder_is_followed_and_a_fifo_or_unwritable_place_refused(tmp_path, flows, records):
-    real = tmp_path / "real"
-    real.mkdir()
-    (tmp_path / "link").symlink_to(real)
-    assert write_bundle(tmp_path / "link", flows, records) == tmp_path / "link"
-    assert sorted(p.name for p in real.iterdir()) == sorted(bundle.FILES)
-    with pytest.raises(bundle.FolderNotEmpty):
-        bundle.check_folder(tmp_path / "link")
-    os.mkfifo(tmp_path / "fifo")
-    with pytest.raises(BundleError, match="is a FIFO, not a folder"):
-        bundle.check_folder(tmp_path / "fifo")
-    with pytest.raises(BundleError, match="no folder can be made in /proc"):
-        bundle.check_folder("/proc/b")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link", "real"]  # the checks left nothing
-
-
 # -- redacted values elsewhere in a flow -----------------------------------------------------------
 
 
@@ -247,3 +231,69 @@ def test_a_link_to_a_folder_is_followed_and_a_fifo_or_unwritable_place_refused(t
     with pytest.raises(BundleError, match="no folder can be made in /proc"):
         bundle.check_folder("/proc/b")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link", "real"]  # the checks left nothing
+
+
+# -- what the bundle written at exit keeps -----------------------------------------------------------
+
+
+def websocket_flow(*sizes: int, from_client: bool = True):
+    f = tflow.twebsocketflow()
+    f.websocket.messages = [websocket.WebSocketMessage(Opcode.BINARY, from_client, b"x" * n) for n in sizes]
+    return f
+
+
+def test_an_ended_websocket_keeps_its_first_messages_and_lets_the_rest_go():
+    keeper = bundle.ExitBundle(10, kept_bytes=10_000, message_bytes=100)
+    f = websocket_flow(60, 30, 20, 500)
+    keeper.keep(f)
+    original = weakref.ref(f)
+    keeper.websocket_end(f)
+    del f
+    gc.collect()
+    assert original() is None  # the flow with all its messages is not held any more
+    [kept] = keeper.flows()
+    assert [len(m.content) for m in kept.websocket.messages] == [60, 30]
+    assert kept.metadata[bundle.LEFT_OUT_KEY] == {"messages": 2, "bytes": 520}
+    assert keeper.size == bundle.flow_bytes(kept)
+
+
+def test_past_its_bytes_the_oldest_ended_handshakes_go_whole_and_past_its_count_the_oldest():
+    live = websocket_flow(900)  # still open: mitmproxy holds it, and it counts only once it ends
+    ended = [websocket_flow(900) for _ in range(3)]
+    keeper = bundle.ExitBundle(10, kept_bytes=2 * bundle.flow_bytes(live) + 100, message_bytes=1_000)
+    keeper.keep(live)
+    for f in ended:
+        keeper.keep(f)
+        keeper.websocket_end(f)
+    assert len(keeper) == 3 and keeper.size == 2 * bundle.flow_bytes(live)  # ended[0] went
+    # At exit the live one is cut as if it ended, and is then the oldest to go.
+    assert [f.id for f in keeper.flows()] == [f.id for f in ended[1:]]
+    keeper = bundle.ExitBundle(2)
+    for f in ended:
+        keeper.keep(f)
+    assert [f.id for f in keeper.flows()] == [f.id for f in ended[1:]]
+
+
+def test_a_rejected_handshake_counts_at_its_response_and_one_without_status_at_its_error():
+    keeper = bundle.ExitBundle(10, kept_bytes=10_000)
+    rejected, failed = tflow.tflow(resp=True), tflow.tflow(err=True)
+    rejected.response.content = b"x" * 3_000
+    for f in (rejected, failed):
+        keeper.keep(f)
+    keeper.response(rejected)
+    keeper.error(failed)
+    assert keeper.size == bundle.flow_bytes(rejected) + bundle.flow_bytes(failed) > 3_000
+    assert keeper.flows() == [rejected, failed]  # as they were: nothing of theirs to cut
+
+
+def test_the_summary_says_who_spoke_first_and_what_was_left_out(tmp_path):
+    keeper = bundle.ExitBundle(10, message_bytes=100)
+    server_first = websocket_flow(10, 500, from_client=False)
+    keeper.keep(server_first)
+    keeper.websocket_end(server_first)
+    [kept] = keeper.flows()
+    summary = (write_bundle(tmp_path / "b", [kept, tflow.tflow()], [record(kept, "handshake")])
+               / bundle.SUMMARY).read_text()
+    assert "## 1. h2 https://example.com/echo/x: no-status ⌛ (server-first)" in summary
+    assert "- WebSocket messages: the first 1 kept; 1 later one (500 bytes) left out" in summary
+    assert "1 other flow in flows.mitm is not a handshake ws-encode followed." in summary

@@ -1,5 +1,5 @@
-"""What the bundle written at exit keeps, through a real mitmdump: of redacted values a server echoes
-elsewhere in a flow, nothing."""
+"""What the bundle written at exit keeps, through a real mitmdump: of large WebSockets, their first
+messages only; of redacted values a server echoes elsewhere in a flow, nothing."""
 
 from __future__ import annotations
 
@@ -25,6 +25,45 @@ async def echo_upstream():
             await ws.send(message)
 
     return await websockets.serve(echo, "127.0.0.1", 0, max_size=None, compression=None)
+
+
+# -- ws_encode_bundle: what ----------------------------------------------------------------------
+
+MESSAGE = 512 * 1024
+
+
+def test_the_exit_bundle_keeps_the_first_messages_of_each_websocket_not_all(tmp_path):
+    folder = tmp_path / "bundle"
+
+    async def scenario():
+        upstream = await echo_upstream()
+        port = upstream.sockets[0].getsockname()[1]
+        async with Mitmdump("--mode", f"reverse:http://127.0.0.1:{port}", "--set", "flow_detail=0",
+                            "--set", f"ws_encode_bundle={folder}") as md:
+            for n in range(2):
+                async with websockets.connect(f"ws://127.0.0.1:{md.port}/big/{n}", max_size=None,
+                                              compression=None) as ws:
+                    await ws.send("first")
+                    assert await ws.recv() == "first"
+                    for _ in range(4):
+                        await ws.send(b"x" * MESSAGE)
+                        await ws.recv()
+        upstream.close()
+        return md
+
+    md = run(scenario())
+    sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
+    # 2 x 4 x 512 KiB each way went through; each WebSocket keeps its first 64 KiB of messages.
+    assert sizes[bundle.FLOWS] < 2 * bundle.MESSAGE_BYTES + 64 * 1024, sizes
+    summary = (folder / bundle.SUMMARY).read_text()
+    assert summary.count(f"- WebSocket messages: the first 2 kept; 8 later ones ({8 * MESSAGE:,} bytes) left out") == 2
+    assert summary.count("(client-first)") == 2
+    from mitmproxy import io
+
+    with open(folder / bundle.FLOWS, "rb") as f:
+        flows = list(io.FlowReader(f).stream())
+    assert [[m.content for m in f.websocket.messages] for f in flows] == [[b"first", b"first"]] * 2
+    assert_clean_log(md)
 
 
 # -- ws_encode_bundle: redacted values a server echoes --------------------------------------------

@@ -11,9 +11,14 @@ writes into that folder:
 Nothing secret reaches any of the three: cookie, set-cookie, authorization and
 proxy-authorization values, query, path-parameter and fragment values and
 userinfo are replaced by REDACTED in the flows (URL-valued headers included),
-as `report.redact_url` does for the report. The bundle is written into a
-hidden sibling folder and renamed into place at the end, so an interrupted run
-never leaves a half bundle under the name asked for.
+as `report.redact_url` does for the report, and so is each of those values
+wherever else a flow holds it (a 401 page that prints the request, an echoed
+message). The bundle is written into a hidden sibling folder and renamed into
+place at the end, so an interrupted run never leaves a half bundle under the
+name asked for; a folder given as a link to one is written where it points.
+
+`ExitBundle` holds the handshakes of the bundle written when mitmproxy exits
+(`ws_encode_bundle`), bounded in count and in bytes (KEPT_BYTES, MESSAGE_BYTES).
 
 Standard library and mitmproxy only: it runs inside the addon.
 """
@@ -55,6 +60,11 @@ SECRET_HEADERS = ("cookie", "set-cookie", "authorization", "proxy-authorization"
 URL_HEADERS = ("referer", "origin", "location", "content-location")
 
 Record = Mapping[str, Any]
+# How a tool that made a handshake itself (scripts/probe) noted it on the flow:
+# {"speaker": "client" or "server", "message": what the client sent}.
+PROBE_KEY = "ws_encode_probe"
+# What the exit bundle left out of a WebSocket's messages: {"messages": n, "bytes": n}.
+LEFT_OUT_KEY = "ws_encode_bundle_left_out"
 
 
 class BundleError(Exception):
@@ -418,6 +428,31 @@ def _fared(records: Sequence[Record]) -> str:
     return text
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 flow`, `2 flows`, `0 flows`."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def first_speaker(flow: http.HTTPFlow) -> str | None:
+    """Who spoke first on this handshake's WebSocket: `client` or `server`,
+    as the tool that made it noted, else as its messages show; None if neither says."""
+    noted = flow.metadata.get(PROBE_KEY)
+    if isinstance(noted, Mapping) and noted.get("speaker") in ("client", "server"):
+        return noted["speaker"]
+    if flow.websocket is not None and flow.websocket.messages:
+        return "client" if flow.websocket.messages[0].from_client else "server"
+    return None
+
+
+def _left_out_line(flow: http.HTTPFlow) -> list[str]:
+    left_out = flow.metadata.get(LEFT_OUT_KEY)
+    if not isinstance(left_out, Mapping):
+        return []
+    kept = len(flow.websocket.messages) if flow.websocket else 0
+    return [f"- WebSocket messages: the first {kept} kept; {counted(left_out['messages'], 'later one')} "
+            f"({left_out['bytes']:,} bytes) left out, to keep the bundle small"]
+
+
 def summary_markdown(
     flows: Sequence[http.HTTPFlow],
     records: Sequence[Record],
@@ -432,23 +467,27 @@ def summary_markdown(
     for r in records:
         by_flow[r["flow_id"]].append(r)
     followed = [f for f in flows if by_flow.get(f.id)]
-    lines = [f"# {title}", "", f"{len(followed)} WebSocket handshake{'s' if len(followed) != 1 else ''} "
+    lines = [f"# {title}", "", f"{counted(len(followed), 'WebSocket handshake')} "
              f"({REPORT} has their records, {FLOWS} the flows: `mitmweb -r {FLOWS}`)."]
-    if len(followed) < len(flows):
-        lines.append(f"{len(flows) - len(followed)} other flows in {FLOWS} are not handshakes ws-encode followed.")
+    others = len(flows) - len(followed)
+    if others:
+        are = "is not a handshake" if others == 1 else "are not handshakes"
+        lines.append(f"{counted(others, 'other flow')} in {FLOWS} {are} ws-encode followed.")
     lines += [""] + [printable(n) for n in notes] + ([""] if notes else [])
     for i, f in enumerate(followed, 1):
         mine = by_flow[f.id]
         last = mine[-1]
+        speaker = first_speaker(f)
         lines += [
-            f"## {i}. {last['transport']} {last['url']}: {outcome_of(mine)}", "",
+            f"## {i}. {last['transport']} {last['url']}: {outcome_of(mine)} "
+            f"({f'{speaker}-first' if speaker else 'no message either way'})", "",
             f"- flow `{f.id}`; policy `{last['policy']}`; accept-encoding from the client: "
             f"{_code(last.get('accept_encoding_client'))}, upstream: {_code(last.get('accept_encoding_upstream'))}; "
             f"upstream transport: {last.get('upstream_transport') or 'none'}",
             "- timeline, seconds from receipt:",
         ]
         lines += [f"  - {offset:7.3f} s  {what}" for offset, what in timeline(mine)]
-        lines += [f"- diagnosis: {last['diagnosis']}", ""]
+        lines += _left_out_line(f) + [f"- diagnosis: {last['diagnosis']}", ""]
     ab = list(ab) or ab_lines(records)
     if ab:
         lines += ["## A/B", ""] + [printable(line) for line in ab] + [""]
@@ -580,3 +619,118 @@ def _sibling(folder: Path, what: str) -> Path:
             return sibling
         except FileExistsError:
             continue
+
+
+# -- what the bundle written at exit keeps ---------------------------------------------------
+
+# The bundle written at exit (ws_encode_bundle) keeps at most this many bytes
+# of the handshakes it will hold (their headers, bodies and WebSocket
+# messages): a bug report stays small enough to attach, and a proxy that
+# carries large messages does not keep them alive for it.
+KEPT_BYTES = 16 * 1024 * 1024
+# Of each WebSocket, its messages from the first up to this many bytes: who
+# spoke first and what they said is what a report (and scripts/replay) reads.
+MESSAGE_BYTES = 64 * 1024
+
+
+def flow_bytes(f: http.HTTPFlow) -> int:
+    """What a flow holds, near enough: its headers, bodies and WebSocket messages, in bytes."""
+    size = sum(len(m.content) for m in f.websocket.messages) if f.websocket else 0
+    for message in (f.request, f.response):
+        if message is not None:
+            size += sum(len(k) + len(v) for k, v in message.headers.fields) + len(message.raw_content or b"")
+    return size
+
+
+def with_first_messages(f: http.HTTPFlow, limit: int) -> http.HTTPFlow:
+    """`f`, or if its WebSocket's messages come to more than `limit` bytes, a
+    copy (with its id) keeping them from the first while they fit; how many
+    were left out, and their bytes, is in its metadata (LEFT_OUT_KEY)."""
+    messages = f.websocket.messages if f.websocket else []
+    kept = size = 0
+    for m in messages:
+        if size + len(m.content) > limit:
+            break
+        size += len(m.content)
+        kept += 1
+    if kept == len(messages):
+        return f
+    state = f.get_state()  # (its messages' contents are shared with the flow's, not copied)
+    del state["websocket"]["messages"][kept:]
+    copy = http.HTTPFlow.from_state(state)
+    left_out = messages[kept:]
+    copy.metadata[LEFT_OUT_KEY] = {"messages": len(left_out), "bytes": sum(len(m.content) for m in left_out)}
+    return copy
+
+
+class ExitBundle:
+    """The handshakes the bundle written at exit will hold: the last `count`,
+    and no more than `kept_bytes` of them.
+
+    While a flow is live mitmproxy holds it, every message of its WebSocket
+    included; once it ends only this would. So an ended WebSocket is kept
+    with its messages from the first up to `message_bytes` (the rest is left
+    out first), and every ended flow's bytes (flow_bytes) count towards
+    `kept_bytes`, past which the oldest ended handshakes are left out whole.
+    The addon calls `keep` for each handshake it follows; mitmproxy calls the
+    hooks, this being one of the addon's sub-addons (`addons`).
+    """
+
+    def __init__(self, count: int, kept_bytes: int = KEPT_BYTES, message_bytes: int = MESSAGE_BYTES) -> None:
+        self.count = count
+        self.kept_bytes = kept_bytes
+        self.message_bytes = message_bytes
+        self._flows: OrderedDict[str, http.HTTPFlow] = OrderedDict()  # oldest first
+        self._sizes: dict[str, int] = {}  # of the flows that ended
+        self.size = 0  # their sum
+        self._said = False  # that handshakes are being left out
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+    def keep(self, f: http.HTTPFlow) -> None:
+        self._flows[f.id] = f
+        while len(self._flows) > self.count:
+            self._leave_out(next(iter(self._flows)))
+
+    def clear(self) -> None:
+        self._flows.clear()
+        self._sizes.clear()
+        self.size = 0
+
+    def flows(self) -> list[http.HTTPFlow]:
+        """The flows to bundle, oldest first; those still live are cut as if they ended now."""
+        for flow_id, f in list(self._flows.items()):
+            if flow_id not in self._sizes:
+                self._ended(f)
+        return list(self._flows.values())
+
+    # -- hooks: where a kept flow ends -------------------------------------------
+
+    def websocket_end(self, f: http.HTTPFlow) -> None:
+        if f.id in self._flows and f.id not in self._sizes:
+            self._ended(f)
+
+    def response(self, f: http.HTTPFlow) -> None:
+        if f.websocket is None:  # (a WebSocket's flow ends with it)
+            self.websocket_end(f)
+
+    def error(self, f: http.HTTPFlow) -> None:
+        if f.websocket is None:
+            self.websocket_end(f)
+
+    def _ended(self, f: http.HTTPFlow) -> None:
+        kept = with_first_messages(f, self.message_bytes)
+        self._flows[f.id] = kept
+        self._sizes[f.id] = flow_bytes(kept)
+        self.size += self._sizes[f.id]
+        while self.size > self.kept_bytes:
+            self._leave_out(next(i for i in self._flows if i in self._sizes))
+
+    def _leave_out(self, flow_id: str) -> None:
+        del self._flows[flow_id]
+        self.size -= self._sizes.pop(flow_id, 0)
+        if not self._said:
+            self._said = True
+            logger.info("ws_encode_bundle: the bundle written at exit keeps the last %d handshakes and %d MiB of "
+                        "them; older ones are being left out", self.count, self.kept_bytes // 2**20)

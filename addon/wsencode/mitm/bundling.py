@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,11 +45,13 @@ def report_records(report: Path | None) -> list[dict] | None:
 
 
 class AtExit:
-    """The last handshakes seen, for the bundle written when mitmproxy exits."""
+    """The last handshakes seen, for the bundle written when mitmproxy exits
+    (bounded in count and in bytes: bundle.ExitBundle)."""
 
     def __init__(self) -> None:
         self.folder: str | None = None
-        self.flows: OrderedDict[str, flow.Flow] = OrderedDict()
+        self.flows = bundle.ExitBundle(BUNDLED_AT_EXIT)
+        self.addons = (self.flows,)  # (mitmproxy calls its hooks: it sees each kept flow end)
 
     def set_folder(self, folder: str | None) -> None:
         self.folder = folder
@@ -58,12 +59,9 @@ class AtExit:
             self.flows.clear()
 
     def keep(self, f: flow.Flow) -> None:
-        if self.folder is None:
-            return
-        self.flows[f.id] = f
-        while len(self.flows) > BUNDLED_AT_EXIT:
-            self.flows.popitem(last=False)
+        if self.folder is not None:
+            self.flows.keep(f)
 
     def write(self, report: Path | None, options: dict[str, Any]) -> None:
         if self.folder is not None and self.flows:
-            write(list(self.flows.values()), self.folder, report, options)
+            write(self.flows.flows(), self.folder, report, options)
