@@ -3,6 +3,9 @@ bundle against the lab is in test_probe.py, which records the bundle (one probe 
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 from mitmproxy.test import tflow
 from conftest import handshake_flow, record, replay
@@ -52,9 +55,91 @@ def test_redacted_items_are_left_out_of_the_path(path, kept):
 
 def test_who_spoke_first_comes_from_the_messages_when_the_probe_did_not_note_it():
     f = tflow.twebsocketflow()
-    assert f.websocket.messages[0].from_client and speaker_of(f, {}) == "client"
+    assert f.websocket.messages[0].from_client and speaker_of(f) == "client"
     f.websocket.messages = [m for m in f.websocket.messages if not m.from_client]
-    assert f.websocket.messages and speaker_of(f, {}) == "server"
+    assert f.websocket.messages and speaker_of(f) == "server"
     f.metadata["ws_encode_probe"] = {"speaker": "client"}
-    assert speaker_of(f, {}) == "client"
-    assert speaker_of(tflow.tflow(), {}) == "client"  # no messages: a browser waits for the status, then speaks
+    assert speaker_of(f) == "client"
+    assert speaker_of(tflow.tflow()) == "client"  # no messages: a browser waits for the status, then speaks
+
+
+# -- a damaged bundle: exit 2 and one line naming the file and what is wrong -------------------------
+
+
+@pytest.fixture
+def good(tmp_path):
+    f = handshake_flow("/echo/x", h2=True)
+    return write_bundle(tmp_path / "b", [f], [record(f, "stall"), record(f, "handshake")])
+
+
+def rewrite_report(folder, change) -> None:
+    path = folder / "report.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(line + "\n" for line in change(records)))
+
+
+def dropped(name):
+    return lambda records: [json.dumps({k: v for k, v in r.items() if k != name}) for r in records]
+
+
+def as_string(name):
+    return lambda records: [json.dumps({**r, name: str(r[name])}) for r in records]
+
+
+DAMAGES = {
+    "flows cut short": ("flows.mitm", lambda folder: (folder / "flows.mitm").write_bytes(
+        (folder / "flows.mitm").read_bytes()[:-40]), "not a flow file mitmproxy can read, or cut short"),
+    "flows not a flow": ("flows.mitm", lambda folder: (folder / "flows.mitm").write_bytes(b"5:hello,"),
+                         "not a flow file mitmproxy can read, or cut short"),
+    "a line that is a list": ("report.jsonl", lambda folder: rewrite_report(folder, lambda rs: ["[1, 2]"]),
+                              "line 1: an array, not a record (an object)"),
+    "a line that is not JSON": ("report.jsonl", lambda folder: rewrite_report(
+        folder, lambda rs: [json.dumps(rs[0]), '{"event": "handshake",']), "line 2 is not JSON"),
+    "no stuck_in": ("report.jsonl", lambda folder: rewrite_report(folder, dropped("stuck_in")),
+                    "line 1: a stall record without `stuck_in`"),
+    "no event": ("report.jsonl", lambda folder: rewrite_report(folder, dropped("event")),
+                 "line 1: `event` is null, not one of stall, handshake"),
+    "a string received_s": ("report.jsonl", lambda folder: rewrite_report(folder, as_string("received_s")),
+                            "line 1: `received_s` is a string, not a number"),
+    "a string status": ("report.jsonl", lambda folder: rewrite_report(
+        folder, lambda rs: [json.dumps({**r, "status": "101"}) for r in rs]),
+        "line 1: `status` is a string, not a number or null"),
+    "stalled not a bool": ("report.jsonl", lambda folder: rewrite_report(
+        folder, lambda rs: [json.dumps({**r, "stalled": "yes"}) for r in rs]),
+        "line 2: `stalled` is a string, not a boolean"),
+    "not UTF-8": ("report.jsonl", lambda folder: (folder / "report.jsonl").write_bytes(b"\xff\xfe{}\n"),
+                  "not UTF-8 text"),
+    "report a FIFO": ("report.jsonl", lambda folder: ((folder / "report.jsonl").unlink(),
+                                                      os.mkfifo(folder / "report.jsonl")),
+                      "cannot be read: not a regular file but a FIFO"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_bundle_exits_2_with_one_line_naming_the_file_and_what_is_wrong(good, damage):
+    name, do, says = DAMAGES[damage]
+    do(good)
+    done = replay(str(good), "--target", "wss://127.0.0.1:9")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout == f"replay: cannot read the bundle: {good / name}: {says}\n", done.stdout + done.stderr
+    assert done.stderr == ""
+
+
+def test_a_record_kept_on_a_flow_is_checked_too(tmp_path):
+    from mitmproxy import io
+
+    f = handshake_flow("/echo/x")
+    folder = write_bundle(tmp_path / "b", [f])  # no records: the flows' own are read
+    f.metadata["ws_encode"] = {**record(f, "handshake"), "received_s": "6.0"}
+    with open(folder / "flows.mitm", "wb") as out:
+        io.FlowWriter(out).add(f)
+    done = replay(str(folder), "--target", "wss://127.0.0.1:9")
+    assert done.returncode == 2 and done.stdout == (
+        f"replay: cannot read the bundle: {folder / 'flows.mitm'}: the record kept on flow {f.id[:8]}: "
+        "`received_s` is a string, not a number\n"), done.stdout + done.stderr
+
+
+def test_a_folder_that_does_not_exist_is_said_to_not_exist(tmp_path):
+    done = replay(str(tmp_path / "nothing-here"), "--target", "wss://127.0.0.1:9")
+    assert done.returncode == 2
+    assert done.stdout == f"replay: cannot read the bundle: {tmp_path / 'nothing-here'} does not exist\n"

@@ -18,21 +18,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mitmproxy import http
 
 from wsencode import bundle
-from wsencode.report import REDACTED, redact_path
+from wsencode.bundle import counted
+from wsencode.report import REDACTED, open_regular, printable, redact_path
 
 from .attempt import Handshake, TRANSPORT_NAMES
 from .probe import add_common, stall_threshold
 from .proxy import Attempt, ProbeProxy, Runner, start_all
-from .reporting import PROBE_KEY, read_flows
+from .reporting import DamagedFile, read_flows
 from .target import Target, parse_or_say, reach_and_say
 from .verdict import OTHER, seconds, status_line
 
@@ -49,7 +53,6 @@ class Recorded:
     shake: Handshake
 
 
-
 def without_redacted(path: str) -> str:
     """The recorded request target without the items whose values were redacted."""
     parts = urllib.parse.urlsplit(path)
@@ -59,21 +62,15 @@ def without_redacted(path: str) -> str:
     return "/".join(segments) + (f"?{query}" if query else "")
 
 
-def speaker_of(flow: http.HTTPFlow, end: dict) -> str:
-    """Who spoke first: as the probe noted it, else as the messages show, else the client (a
-    browser waits for the status, then speaks)."""
-    noted = flow.metadata.get(PROBE_KEY, {}).get("speaker")
-    if noted in ("client", "server"):
-        return noted
-    if flow.websocket is not None and flow.websocket.messages:
-        return "client" if flow.websocket.messages[0].from_client else "server"
-    return "client"
+def speaker_of(flow: http.HTTPFlow) -> str:
+    """Who spoke first (bundle.first_speaker), else the client: a browser waits for the status, then speaks."""
+    return bundle.first_speaker(flow) or "client"
 
 
 def message_of(flow: http.HTTPFlow) -> str:
-    noted = flow.metadata.get(PROBE_KEY, {}).get("message")
-    if isinstance(noted, str):
-        return noted
+    noted = flow.metadata.get(bundle.PROBE_KEY)
+    if isinstance(noted, Mapping) and isinstance(noted.get("message"), str):
+        return noted["message"]
     if flow.websocket is not None:
         sent = next((m for m in flow.websocket.messages if m.from_client and m.is_text), None)
         if sent is not None:
@@ -81,12 +78,84 @@ def message_of(flow: http.HTTPFlow) -> str:
     return "hello"
 
 
+# What replay reads of each record, by the JSON types it must have (SPEC's fields).
+FIELDS = {
+    "event": ("string",), "flow_id": ("string",), "transport": ("string",), "stuck_in": ("string",),
+    "received_s": ("number",), "accept_encoding_client": ("string", "null"), "status": ("number", "null"),
+}
+HANDSHAKE_FIELDS = {"outcome": ("string",), "stalled": ("boolean",)}
+EVENTS = ("stall", "handshake")
+
+
+def json_type(value: Any) -> str:
+    """The JSON type of a value json.loads made: object, array, string, number, boolean or null."""
+    if isinstance(value, bool):
+        return "boolean"  # (a bool is an int to Python)
+    kinds = ((dict, "object"), (list, "array"), (str, "string"), ((int, float), "number"), (type(None), "null"))
+    return next(name for kind, name in kinds if isinstance(value, kind))
+
+
+def _a(kind: str) -> str:
+    return kind if kind == "null" else f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
+def record_problem(record: Any) -> str | None:
+    """What keeps a report record from being replayed (one phrase), or None."""
+    if not isinstance(record, dict):
+        return f"{_a(json_type(record))}, not a record (an object)"
+    if record.get("event") not in EVENTS:
+        return f"`event` is {json.dumps(record.get('event'))[:40]}, not one of {', '.join(EVENTS)}"
+    for name, kinds in {**FIELDS, **(HANDSHAKE_FIELDS if record["event"] == "handshake" else {})}.items():
+        if name not in record:
+            return f"a {record['event']} record without `{name}`"
+        if json_type(record[name]) not in kinds:
+            return f"`{name}` is {_a(json_type(record[name]))}, not {' or '.join(map(_a, kinds))}"
+    return None
+
+
+def read_records(path: Path) -> list[dict]:
+    """A report's records, each fit to be replayed; none if there is no such file."""
+    if not path.exists():
+        return []
+    records = []
+    try:
+        with open_regular(path, os.O_RDONLY, "r", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    raise DamagedFile(f"{printable(str(path))}: line {n} is not JSON") from None
+                problem = record_problem(record)
+                if problem:
+                    raise DamagedFile(f"{printable(str(path))}: line {n}: {problem}")
+                records.append(record)
+    except OSError as e:
+        raise DamagedFile(f"{printable(str(path))}: cannot be read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise DamagedFile(f"{printable(str(path))}: not UTF-8 text") from None
+    return records
+
+
+def bundle_records(folder: Path, flows: list[http.HTTPFlow]) -> list[dict]:
+    """The records of these flows, from the report or as kept on each flow; DamagedFile naming a bad one."""
+    records = bundle.records_for(flows, read_records(folder / bundle.REPORT))
+    for r in records:  # (a report's passed already: these are the flows' own)
+        problem = record_problem(r)
+        if problem:
+            raise DamagedFile(f"{printable(str(folder / bundle.FLOWS))}: the record kept on flow "
+                              f"{r['flow_id'][:8]}: {problem}")
+    return records
+
+
 def recorded(folder: Path, target: Target) -> list[Recorded]:
-    """The bundle's handshakes, in the order they were made; ValueError if it has none."""
+    """The bundle's handshakes, in the order they were made; DamagedFile if it has none, or cannot be read."""
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is not a folder"
+        raise DamagedFile(f"{printable(str(folder))} {what}")
     flows = read_flows(folder / bundle.FLOWS)
-    report = folder / bundle.REPORT
-    lines = report.read_text(encoding="utf-8").splitlines() if report.exists() else []
-    records = bundle.records_for(flows, [json.loads(line) for line in lines if line.strip()])
+    records = bundle_records(folder, flows)
     own_path = target.path not in ("", "/")
     out = []
     for f in flows:
@@ -99,16 +168,17 @@ def recorded(folder: Path, target: Target) -> list[Recorded]:
         protocols = tuple(p.strip() for v in f.request.headers.get_all("sec-websocket-protocol")
                           for p in v.split(",") if p.strip())
         transport = end["transport"] if end["transport"] in TRANSPORT_NAMES else "h2"
-        shake = Handshake(transport, end["accept_encoding_client"], speaker_of(f, end),
+        shake = Handshake(transport, end["accept_encoding_client"], speaker_of(f),
                           target.path if own_path else without_redacted(f.request.path) or "/",
                           target.authority, headers, protocols, message_of(f))
         stalls = [r for r in mine if r["event"] == "stall"]
         # Withheld by the upstream, as the stall record says; a bundle made of
         # the flows' metadata alone has only the end's flag.
-        stalled = any(r["stuck_in"] == "forwarded" for r in stalls) if stalls else bool(end.get("stalled"))
+        stalled = any(r["stuck_in"] == "forwarded" for r in stalls) if stalls else end["stalled"]
         out.append(Recorded(f, end, stalled, shake))
     if not out:
-        raise ValueError(f"{folder} holds no WebSocket handshake with a record ({bundle.FLOWS}, {bundle.REPORT})")
+        raise DamagedFile(f"{printable(str(folder))} holds no WebSocket handshake with a record "
+                          f"({bundle.FLOWS}, {bundle.REPORT})")
     return out
 
 
@@ -129,11 +199,12 @@ async def replay(folder: Path, target: Target, args: argparse.Namespace, out=sys
 
     try:
         handshakes = recorded(folder, target)
-    except (OSError, ValueError) as e:
+    except DamagedFile as e:
         say(f"replay: cannot read the bundle: {e}")
         return OTHER
     stall_after = stall_threshold(args.timeout)
-    say(f"ws-encode replay of {len(handshakes)} handshakes from {folder} against {target.url}, under "
+    say(f"ws-encode replay of {counted(len(handshakes), 'handshake')} from {printable(str(folder))} against "
+        f"{target.url}, under "
         f"{' and '.join(POLICIES)} (ws_encode_stall={stall_after:g} s; attempts give up after {args.timeout:g} s)")
     found = await reach_and_say(target, args.insecure, args.timeout, say, f"replay: cannot reach {target.url}")
     if found is None:
@@ -160,8 +231,8 @@ async def replay(folder: Path, target: Target, args: argparse.Namespace, out=sys
         shake = h.shake
         say()
         say(f"{i + 1}. {shake.label}  {redact_path(shake.path)}  [recorded flow {h.flow.id[:8]}]")
-        recorded_outcome = h.end["outcome"] + (" ⌛" if h.stalled else "")
-        say(f"   {'recorded':<9}{record_line(h.end):<36}{recorded_outcome}")
+        recorded_outcome = printable(h.end["outcome"]) + (" ⌛" if h.stalled else "")
+        say(f"   {'recorded':<9}{record_line(h.end):<34}  {recorded_outcome}")
         for p in POLICIES:
             a = tasks[i, p].result()
             note = ""
@@ -171,15 +242,19 @@ async def replay(folder: Path, target: Target, args: argparse.Namespace, out=sys
             elif p == "observe" and h.stalled:
                 note = "the recorded stall is gone"
             now = record_line(a.record) if a.record else status_line(a, args.timeout)
-            say(f"   {p:<9}{now:<36}{outcome(a):<14}{note}".rstrip())
+            say(f"   {p:<9}{now:<34}  {outcome(a):<12}  {note}".rstrip())
     stalls = sum(h.stalled for h in handshakes)
     say()
     if recur:
-        say(f"replay: {recur} of {stalls} recorded stalls recur against {target.url}")
+        say(f"replay: {recur} of {counted(stalls, 'recorded stall')} {'recurs' if recur == 1 else 'recur'} "
+            f"against {target.url}")
         return 1
-    text = f"no recorded stall recurs against {target.url}" + (f" ({stalls} were recorded)" if stalls else "")
+    text = f"no recorded stall recurs against {target.url}"
+    if stalls:
+        text += f" ({stalls} {'was' if stalls == 1 else 'were'} recorded)"
     if new:
-        text += f"; but {new} handshakes that did not stall then stall now"
+        text += (f"; but {counted(new, 'handshake')} that did not stall then "
+                 f"{'stalls' if new == 1 else 'stall'} now")
     say(f"replay: {text}")
     return 0
 

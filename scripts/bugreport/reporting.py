@@ -7,26 +7,39 @@ who speaks first, the message), so that `scripts/replay` can make it again.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from mitmproxy import http, io
+from mitmproxy import exceptions, http, io
 
-from wsencode.bundle import runtime_environment, write_bundle
+from wsencode.bundle import PROBE_KEY, runtime_environment, write_bundle
+from wsencode.report import open_regular, printable
 
 from .attempt import BROWSER_CODINGS
 from .proxy import Attempt
 from .target import Target
 from .verdict import Verdict, status_line
 
-PROBE_KEY = "ws_encode_probe"
+
+class DamagedFile(ValueError):
+    """A file cannot be read as what it should be; the message names it and says what is wrong, on one line."""
 
 
 def read_flows(path: Path) -> list[http.HTTPFlow]:
+    """The HTTP flows of a flow file, in the order they were made; none if there is no such file."""
     if not path.exists():
         return []
-    with open(path, "rb") as f:
-        flows = [f for f in io.FlowReader(f).stream() if isinstance(f, http.HTTPFlow)]
+    try:
+        with open_regular(path, os.O_RDONLY, "rb") as f:
+            flows = [f for f in io.FlowReader(f).stream() if isinstance(f, http.HTTPFlow)]
+    except OSError as e:
+        raise DamagedFile(f"{printable(str(path))}: cannot be read: {e.strerror}") from None
+    # mitmproxy's reader raises FlowReadException for what it checks; from
+    # tnetstring data that is not a flow's state (mitmproxy 11 does not check
+    # it is a dict) the others escape from migrating and loading it.
+    except (exceptions.FlowReadException, ValueError, KeyError, TypeError, AttributeError):
+        raise DamagedFile(f"{printable(str(path))}: not a flow file mitmproxy can read, or cut short") from None
     return sorted(flows, key=lambda f: f.request.timestamp_start or 0)
 
 
