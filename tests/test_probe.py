@@ -4,6 +4,7 @@ over HTTP/1.1 and HTTP/2; an unreachable port and TLS failures; a bundle that ke
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -256,3 +257,125 @@ def test_a_recorded_stall_recurs_against_its_behaviour_and_not_against_fixed(rep
         else:
             assert "⌛" not in was and "upgraded" in observe and "stall" not in observe, block
     assert not [secret for secret in (*SECRETS, BASIC) if secret in out]
+
+
+# -- hostile servers, odd paths and bad arguments -------------------------------------------------
+
+TOKEN = "k8s-bearer-70ken-5ecret"
+
+
+async def probe_against(handler, *args: str) -> subprocess.CompletedProcess:
+    """The probe of a ws:// server on 127.0.0.1 that answers each connection with `handler`."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bugreport.probe", f"ws://127.0.0.1:{port}/socket", "--loopback-only", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=SCRIPTS_ENV)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 90)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        server.close()
+    return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
+
+
+async def handshake_head(reader: asyncio.StreamReader) -> dict[str, str] | None:
+    """The request's header fields (lowercase names), or None for the probe's bare TCP look at the port."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return None
+    lines = head.decode("latin-1").split("\r\n")[1:]
+    return {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines if line)}
+
+
+async def echo_subprotocols_whole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A 101 that echoes Sec-WebSocket-Protocol back whole, not one of the offered ones: a common bug."""
+    from wsproto.utilities import generate_accept_token
+
+    fields = await handshake_head(reader)
+    if fields is not None:
+        accept = generate_accept_token(fields["sec-websocket-key"].encode())
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+                     b"sec-websocket-accept: %s\r\nsec-websocket-protocol: %s\r\n\r\n"
+                     % (accept, fields["sec-websocket-protocol"].encode()))
+        await reader.read()  # until the client gives up
+    writer.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_subprotocol_the_server_echoes_back_whole_is_never_printed(tmp_path):
+    bundle = tmp_path / "bundle"
+    done = asyncio.run(probe_against(
+        echo_subprotocols_whole, "--subprotocol", f"base64url.bearer.authorization.k8s.io.{TOKEN}",
+        "--subprotocol", "base64.binary.k8s.io", "--timeout", "2", "--bundle", str(bundle)))
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out
+    assert TOKEN not in out
+    shown = "RemoteProtocolError: unrecognized subprotocol (value not shown)"
+    assert sum(shown in line for line in attempt_lines(done.stdout)) == 4
+    assert shown in done.stdout.splitlines()[-1]
+    for name in ("summary.md", "report.jsonl"):
+        assert TOKEN not in (bundle / name).read_text(), name
+    assert "Traceback" not in out
+
+
+ENDLESS = 64 * 1024 * 1024  # what the server sends of its head at the most
+
+
+@pytest.mark.timeout(120)
+def test_a_response_head_that_never_ends_is_cut_off_by_the_probes_proxy():
+    cut, endless = [], []
+
+    async def endless_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if await handshake_head(reader) is None:
+            writer.close()
+            return
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nx-endless: ")
+        sent = 0
+        try:
+            while sent < ENDLESS:
+                writer.write(b"a" * 65536)
+                sent += 65536
+                await writer.drain()
+        except ConnectionError:
+            cut.append(sent)
+            return
+        endless.append(sent)
+        writer.close()
+
+    done = asyncio.run(probe_against(endless_head, "--timeout", "3"))
+    out = done.stdout + done.stderr
+    assert done.returncode == 2 and "Traceback" not in out, out
+    assert not endless and len(cut) == 4, (cut, endless)  # every head cut off, long before the server's end
+    assert all("refused with 502" in line or "502 in" in line for line in attempt_lines(done.stdout)), out
+
+
+@pytest.mark.parametrize("tool", ["probe", "replay"])
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "soon"])
+def test_a_timeout_that_is_not_a_positive_number_is_refused_by_the_arguments(tmp_path, tool, value):
+    if tool == "probe":
+        done = probe("wss://127.0.0.1:9/echo", "--timeout", value)
+    else:
+        done = replay(str(tmp_path), "--target", "wss://127.0.0.1:9", "--timeout", value)
+    assert done.returncode == 2 and done.stdout == ""
+    assert f"argument --timeout: {value!r} " in done.stderr and "seconds" in done.stderr, done.stderr
+
+
+def test_a_bundle_folder_that_is_a_link_to_an_empty_folder_gets_the_probes_bundle(lab, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    done = lab_probe(f"wss://127.0.0.1:{lab[Behaviour.FIXED.value]}/echo", "--bundle", str(link))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"bundle written to {link}" in done.stdout and "Traceback" not in done.stderr
+    assert sorted(p.name for p in real.iterdir()) == ["flows.mitm", "report.jsonl", "summary.md"]
+
+
+def test_a_bundle_folder_nothing_can_be_written_in_is_refused_before_anything_runs():
+    done = probe("wss://127.0.0.1:9/echo", "--bundle", "/proc/ws-encode-bundle")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("probe: --bundle: no folder can be made in /proc:") and "--force" not in done.stderr

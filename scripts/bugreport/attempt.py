@@ -18,6 +18,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message, RejectConnection, Request, TextMessage
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from wsencode.report import printable
 from wslab.clients import BROWSER_CODINGS, h1_event
 
 # Set by the client itself: a user's copy would clash with it or break the
@@ -158,10 +159,30 @@ async def h1_handshake(port: int, shake: Handshake, timeout: float) -> Seen:
 
 CLIENTS = {"h1": h1_handshake, "h2": h2_handshake}
 
+# wsproto's handshake errors, as wsproto/handshake.py words them. Those that
+# quote what the server sent are cut before the quote: a server that echoes a
+# header back (Sec-WebSocket-Protocol, say) puts the user's credentials there.
+# A wording not listed here is not printed: it might quote one too.
+PROTOCOL_ERRORS = ("Missing header, 'Connection: Upgrade'", "Missing header, 'Upgrade: websocket'",
+                   "Bad accept token", "Bad HTTP message")
+QUOTING_PROTOCOL_ERRORS = ("unrecognized subprotocol", "unrecognized extension")
+
+
+def failure(e: BaseException) -> str:
+    """What went wrong with an attempt, for printing: never a value the server sent."""
+    message = str(e)
+    if isinstance(e, (LocalProtocolError, RemoteProtocolError)):
+        quoting = next((q for q in QUOTING_PROTOCOL_ERRORS if message.startswith(q)), None)
+        if quoting is not None:
+            message = f"{quoting} (value not shown)"
+        elif message not in PROTOCOL_ERRORS:
+            message = "a handshake response wsproto does not accept (details not shown)"
+    return printable(f"{type(e).__name__}: {message}" if message else type(e).__name__)
+
 
 async def run(port: int, shake: Handshake, timeout: float) -> Seen:
     """One attempt; a connection that fails is in `error`, not raised."""
     try:
         return await CLIENTS[shake.transport](port, shake, timeout)
     except (OSError, asyncio.TimeoutError, h2ws.WebSocketClosed, LocalProtocolError, RemoteProtocolError) as e:
-        return Seen(error=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+        return Seen(error=failure(e))

@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from wsencode.report import printable
+
 from .attempt import BROWSER_CODINGS, SPEAKERS, Handshake
 from .proxy import Attempt, ProbeProxy, Runner, start_all
 from .target import Target, parse_or_say, reach_and_say
@@ -38,6 +40,17 @@ def stall_threshold(timeout: float) -> float:
     return min(2.0, timeout / 2)
 
 
+def positive_seconds(text: str) -> float:
+    """A number of seconds > 0, for argparse."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds > 0, e.g. 5")
+    return seconds
+
+
 def parse_header(text: str) -> tuple[str, str]:
     name, colon, value = text.partition(":")
     if not colon or not name.strip() or name != name.strip() or " " in name:
@@ -49,7 +62,7 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     """Options probe and replay share."""
     parser.add_argument("--insecure", action="store_true",
                         help="do not check the target's TLS certificate (a self-signed test server)")
-    parser.add_argument("--timeout", type=float, default=5.0,
+    parser.add_argument("--timeout", type=positive_seconds, default=5.0,
                         help="seconds each attempt waits for its status, then for a message (default 5)")
     parser.add_argument("--loopback-only", action="store_true", default=os.environ.get(LOOPBACK_ENV) == "1",
                         help=f"the proxy connects to loopback addresses only (tests and the lab; also {LOOPBACK_ENV}=1)")
@@ -73,7 +86,7 @@ def attempt_line(a: Attempt, timeout: float) -> str:
     if a.seen.upgraded:
         reply = f", {'reply' if a.shake.speaker == 'client' else 'greeting'} " + (
             f"after {a.seen.reply_s:.2f} s" if a.seen.reply_s is not None else "none")
-    head = f"  {a.shake.label:<45}{status_line(a, timeout) + reply:<40}{outcome:<14}"
+    head = f"  {a.shake.label:<45}{status_line(a, timeout) + reply:<38}  {outcome:<12}  "
     return head + (record["diagnosis"] if record else "")
 
 
@@ -128,8 +141,8 @@ async def probe(target: Target, args: argparse.Namespace, out=sys.stdout) -> int
             try:
                 where = reporting.probe_bundle(args.bundle, work / "flows.mitm", records, attempts, target, verdict,
                                                args, stall_after)
-            except BundleError as e:
-                say(f"bundle not written: {e}")
+            except (BundleError, reporting.DamagedFile, OSError) as e:
+                say(f"bundle not written: {printable(str(e))}")
                 verdict = Verdict(verdict.code or OTHER, verdict.text)
             else:
                 say(f"bundle written to {where}")
@@ -155,12 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     if target is None:
         return OTHER
     if args.bundle:
-        from wsencode.bundle import BundleError, check_folder
+        from wsencode.bundle import BundleError, FolderNotEmpty, check_folder
 
         try:
             check_folder(args.bundle, args.force)
         except BundleError as e:
-            print(f"probe: --bundle: {e} (--force)", file=sys.stderr)
+            hint = " (--force)" if isinstance(e, FolderNotEmpty) else ""
+            print(f"probe: --bundle: {e}{hint}", file=sys.stderr)
             return OTHER
     return asyncio.run(probe(target, args))
 

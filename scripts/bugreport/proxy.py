@@ -4,7 +4,8 @@ The lab's `Proxy` (wslab/proxy.py) does the work: the process, its log line by
 line, the report's records. This one differs in what it may reach: a user's
 live server is not on loopback and its certificate is checked, so the
 loopback guard and `--ssl-insecure` are each a choice (on in tests and lab
-runs, off for real users).
+runs, off for real users); and what it takes from one: a response head has a
+bound (head_limit.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from . import attempt
 from .attempt import Handshake, Seen
 
 RECORD_WAIT = 10  # seconds the addon has to write a handshake's record once the client is done
+HEAD_LIMIT = Path(__file__).resolve().parent / "head_limit.py"  # a server's endless head cannot fill the proxy
 
 
 class ProbeProxy(Proxy):
@@ -42,7 +44,7 @@ class ProbeProxy(Proxy):
         self.lines = []
         self._proc = await asyncio.create_subprocess_exec(
             str(MITMDUMP), "--listen-host", "127.0.0.1", "--mode", f"reverse:{self.upstreams['target']}",
-            "-p", "0", "--set", "flow_detail=0", *self.guards, "-s", str(ADDON),
+            "-p", "0", "--set", "flow_detail=0", *self.guards, "-s", str(HEAD_LIMIT), "-s", str(ADDON),
             "--set", f"ws_encode_report={self.report}", *self.options,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )

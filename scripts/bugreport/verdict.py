@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from wsencode.report import printable
+
 from .attempt import TRANSPORT_NAMES
 from .proxy import Attempt
 
@@ -29,7 +31,7 @@ def status_line(a: Attempt, timeout: float) -> str:
         return f"no status in {seconds(timeout)}"
     text = f"{seen.status} in {seconds(seen.status_s)}"
     if seen.content_encoding:
-        text += f", content-encoding: {seen.content_encoding}"
+        text += f", content-encoding: {printable(seen.content_encoding)}"
     return text
 
 
