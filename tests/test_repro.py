@@ -40,7 +40,8 @@ def test_the_matrix_matches_every_behaviour_and_the_bundle_holds_the_run(tmp_pat
     lines = done.stdout.splitlines()
     row = next(i for i, line in enumerate(lines) if line.startswith("h2 hold-until-body client-first observe "))
     assert "gave up" in lines[row] and "no-status" in lines[row]
-    assert "mitmdump |" in lines[row + 1] and "stall on" in lines[row + 1]
+    after = next(line for line in lines[row + 1:] if not line.startswith(" " * 40))  # (past its wrapped diagnosis)
+    assert "mitmdump |" in after and "stall on" in after
 
     records = [json.loads(line) for line in (bundle / "report.jsonl").read_text().splitlines()]
     mine = [r for r in records if r["url"].split("?")[0].endswith("/echo/h2-hold-until-body-observe")]
@@ -96,3 +97,33 @@ def test_checks_catch_a_held_status_that_came_at_once_and_an_encoded_upgrade_not
     healthy = Cell("h2", "fixed", "server", "strip")
     assert check(result(healthy, Seen("greeted", 200, 0.01), accept_encoding_upstream=None),
                  expect(healthy), 1.0) == []
+
+
+@pytest.mark.timeout(60)
+def test_rows_come_in_the_grids_order_with_a_legend_and_whole_diagnoses(tmp_path):
+    """The strip cells finish first and the deadlocked observe cell last: the table still reads in
+    the grid's order, and the long diagnoses are wrapped, never cut."""
+    done = repro("--only", "h2 hold-until-body", "--stall", "0.4", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    names = [c.name for c in cells(haproxy.available()) if "h2 hold-until-body" in c.name]
+    rows = [next(i for i, line in enumerate(lines) if line.startswith(name + " ")) for name in names]
+    assert rows == sorted(rows), done.stdout
+    assert "…" not in done.stdout
+    held = lines[rows[0]:rows[1]]
+    diagnosis = " ".join(line.strip() for line in held if not line.lstrip().startswith("mitmdump |"))
+    assert len(held) > 1 and "retry with ws_encode_policy=strip to confirm." in diagnosis, held
+    legend = next(line for line in lines if line.startswith("client: "))
+    assert "unreadable = frames came back but not that message" in done.stdout.replace("\n  ", " "), legend
+
+
+def test_a_diagnosis_wraps_under_its_column_or_below_the_row_in_a_narrow_terminal():
+    from wslab.matrix import row_lines
+
+    cells_ = ["h2 fixed client-first observe", "echoed", "0.01 s", "upgraded", "word " * 40]
+    wide = row_lines(cells_, 160)
+    assert len(wide) == 3 and all(line.startswith(" " * 85) for line in wide[1:])
+    assert " ".join(line[85:] for line in wide).split() == ["word"] * 40
+    narrow = row_lines(cells_, 100)
+    assert narrow[0] == "h2 fixed client-first observe               echoed     0.01 s  upgraded"
+    assert all(line.startswith("    word") for line in narrow[1:])

@@ -4,7 +4,7 @@ Each cell is one real WebSocket handshake: transport (h1, h2) x behaviour x
 who speaks first x policy (observe, strip), plus `inject` against `fixed`,
 plus HAProxy's compression in front of the application where HAProxy is
 installed. `expect` says what each cell must produce; `run` prints the table
-as cells finish and returns the cells whose reality disagreed.
+in the grid's order as cells finish and returns the cells whose reality disagreed.
 """
 
 from __future__ import annotations
@@ -158,6 +158,15 @@ def check(result: Result, want: Expect, threshold: float) -> list[str]:
 
 COLUMNS = ("cell", "client", "status", "record", "diagnosis")
 WIDTHS = (44, 11, 8, 22)
+NARROWEST_DIAGNOSIS = 40  # columns; in a narrower terminal the diagnosis goes on lines of its own
+# What the client column says (Seen.outcome), for the table's legend.
+LEGEND = [
+    "client: echoed/greeted = the WebSocket worked (the echo of what it sent, or /greet's greeting, came back "
+    "as sent); unreadable = frames came back but not that message (compressed bytes: an encoded upgrade); "
+    "gave up = no status in time; refused N = status N; failed = the connection broke",
+    "status: seconds to the status, as the client saw it; record: the addon's outcome, ⌛ where it reported a "
+    "stall, ce= the response's content-encoding",
+]
 
 
 def describe_record(record: dict | None) -> str:
@@ -176,12 +185,26 @@ def row(result: Result) -> list[str]:
     return [result.cell.name, seen.outcome, status, describe_record(result.record), diagnosis]
 
 
-def print_row(cells_: list[str], out=sys.stdout) -> None:
-    width = max(shutil.get_terminal_size((160, 24)).columns, 100)
+def row_lines(cells_: list[str], width: int) -> list[str]:
+    """A table row in `width` columns: the diagnosis, last, wrapped at words under itself, never cut."""
     head = "".join(c.ljust(w) for c, w in zip(cells_, WIDTHS))
-    rest = width - len(head)
-    last = cells_[-1] if len(cells_[-1]) <= rest else cells_[-1][: max(rest - 1, 10)] + "…"
-    print(head + last, file=out, flush=True)
+    if width - len(head) < NARROWEST_DIAGNOSIS:
+        return [head.rstrip()] + textwrap.wrap(cells_[-1], width, initial_indent="    ", subsequent_indent="    ")
+    return textwrap.wrap(cells_[-1], width, initial_indent=head, subsequent_indent=" " * len(head)) or [head]
+
+
+def terminal_width() -> int:
+    return max(shutil.get_terminal_size((160, 24)).columns, 100)
+
+
+def print_row(cells_: list[str], out=sys.stdout) -> None:
+    print("\n".join(row_lines(cells_, terminal_width())), file=out, flush=True)
+
+
+def print_result(result: Result, out=sys.stdout) -> None:
+    print_row(row(result), out)
+    for line in result.stall_lines:
+        print(f"    mitmdump | {line.strip()}", file=out)
 
 
 @dataclass
@@ -228,8 +251,8 @@ async def run_cell(cell: Cell, proxy: Proxy, give_up: float, after: float, gate:
 
 async def run(threshold: float = 2.0, bundle: Path | None = None, out=sys.stdout,
               only: str = "", min_size: int = MIN_SIZE, force: bool = False) -> Run:
-    """Run every cell (or those whose name contains `only`); print the table
-    as cells finish; check them."""
+    """Run every cell (or those whose name contains `only`); print the table,
+    in the grid's order as cells finish; check them."""
     state = Run(threshold, bundle, haproxy.available(), only, force)
     state.environment = environment()
     give_up, after = threshold * 3, threshold * 2
@@ -260,20 +283,24 @@ async def run(threshold: float = 2.0, bundle: Path | None = None, out=sys.stdout
                                         "--set", f"ws_encode_policy={policy}",
                                         "--set", f"ws_encode_stall={threshold}", flows=flows)
             await asyncio.gather(*(p.start() for p in proxies.values()))
+            for line in LEGEND:
+                print(textwrap.fill(line, terminal_width(), subsequent_indent="  "), file=out)
+            print(file=out)
+            print_row(list(COLUMNS), out)
+            gate = asyncio.Semaphore(CONNECTING)
+            # The cells that wait start first; the rest run meanwhile, a few at a time.
+            tasks = {c: asyncio.ensure_future(run_cell(c, proxies[c.policy], give_up, after, gate))
+                     for c in sorted(grid, key=lambda c: not expect(c).stalled)}
             try:
-                print_row(list(COLUMNS), out)
-                gate = asyncio.Semaphore(CONNECTING)
-                # The cells that wait start first; the rest run meanwhile, a few at a time.
-                ordered = sorted(grid, key=lambda c: not expect(c).stalled)
-                tasks = [run_cell(c, proxies[c.policy], give_up, after, gate) for c in ordered]
-                for next_done in asyncio.as_completed(tasks):
-                    result = await next_done
+                # Rows are printed in the grid's order, each once it and those above it are done.
+                for cell in grid:
+                    result = await tasks[cell]
                     result.problems = check(result, expect(result.cell), threshold)
                     state.results.append(result)
-                    print_row(row(result), out)
-                    for line in result.stall_lines:
-                        print(f"    mitmdump | {line.strip()}", file=out)
+                    print_result(result, out)
             finally:
+                for task in tasks.values():
+                    task.cancel()  # (those not done: a cell above them failed)
                 await asyncio.gather(*(p.stop() for p in proxies.values()))
             if bundle:
                 write_bundle(state, bundle, list(proxies.values()), work)
@@ -322,7 +349,7 @@ def write_bundle(state: Run, folder: Path, proxies: list[Proxy], work: Path) -> 
     notes = [f"ws_encode_stall = {state.threshold} s; clients offer `accept-encoding: {BROWSER_CODINGS}` "
              f"(except `inject`) and give up after {state.threshold * 3:g} s; `/greet` speaks first after "
              f"{state.threshold * 2:g} s. Each cell's observe and strip rows are its A/B."]
-    ab = table_lines(state)
+    ab = table_lines(state) + [""] + [f"- {line}" for line in LEGEND]
     if state.with_haproxy:
         ab += ["", "HAProxy: " + textwrap.fill(haproxy.FINDING, 100)]
     options = {"ws_encode_stall": state.threshold, "ws_encode_policy": ", ".join(sorted({c.cell.policy

@@ -5,9 +5,9 @@
 Starts the lab (hypercorn with the project's compression middleware, one
 server per behaviour, on 127.0.0.1), mitmdump with the addon in front of it
 (observe, strip, inject), and HAProxy's compression where it is installed;
-runs one real client handshake per cell, prints the table as cells finish,
-then exits non-zero naming every cell whose result disagrees with what its
-behaviour must produce.
+runs one real client handshake per cell, prints the table in the grid's order
+as cells finish, then exits non-zero naming every cell whose result disagrees
+with what its behaviour must produce.
 """
 
 from __future__ import annotations
