@@ -167,3 +167,21 @@ def test_a_bundle_path_set_live_is_checked_then_and_the_previous_one_stays(tmp_p
     refused, md = run(scenario())
     assert refused.startswith(b"HTTP/1.1 400") and b"ws_encode_bundle: no folder can be made in /proc" in refused
     assert "/kept" in (folder / bundle.SUMMARY).read_text(), md.log
+
+
+def test_a_report_replaced_by_a_fifo_before_exit_does_not_hold_the_exit_bundle_back(tmp_path):
+    folder, report = tmp_path / "bundle", tmp_path / "report.jsonl"
+
+    async def scenario():
+        server, md = await proxied(Faults(), report, "--set", f"ws_encode_bundle={folder}")
+        await raw_exchange(md.port, upgrade_request("/before-the-fifo"), timeout=5)
+        await md.wait_for_record(event="handshake")
+        report.unlink()
+        os.mkfifo(report)  # what the bundle reads the records from, at exit
+        await close_proxied(server, md)
+        return md
+
+    md = run(scenario())
+    assert "the report cannot be read for the bundle (not a regular file but a FIFO)" in md.log, md.log
+    assert "/before-the-fifo" in (folder / bundle.SUMMARY).read_text()
+    assert_clean_log(md)

@@ -132,6 +132,9 @@ class NotARegularFile(OSError):
     """The path names a FIFO, a device, a socket or a folder: nothing a
     report or a bundle can be (its strerror says which, for a person)."""
 
+    def __str__(self) -> str:
+        return self.strerror  # (no "[Errno 22]": the errno is this module's choice, not the system's word)
+
 
 _KINDS = ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))

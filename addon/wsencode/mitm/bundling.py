@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 from mitmproxy import flow
 
 from .. import bundle
-from ..report import printable
+from ..report import open_regular, printable
 from .options import BUNDLED_AT_EXIT
 
 logger = logging.getLogger("ws_encode")
@@ -36,7 +37,7 @@ def report_records(report: Path | None) -> list[dict] | None:
     if report is None:
         return None
     try:
-        with open(report, encoding="utf-8") as f:
+        with open_regular(report, os.O_RDONLY, "r", encoding="utf-8") as f:  # (a FIFO put there: refused, not waited on)
             return [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError) as e:
         logger.warning("ws_encode: the report cannot be read for the bundle (%s); using the flows' records",
