@@ -53,7 +53,7 @@ class WsEncode:
         self.policy, self.codings, self.filter = EncodingPolicy.OBSERVE, "zstd, br, gzip", None
         self.output, self.waiting_line = Output(), WaitingLine(self.handshakes, lambda: self.clock(), _call_later)
         self.bridge, self.opening, self.at_exit = Bridge(), flowview.Opening(), bundling.AtExit()
-        self.carried = {"h2": True, "h3": True}  # what new client connections are offered (ws_encode_h2, _h3)
+        self.h2 = self.h3 = True  # what new client connections are offered (ws_encode_h2, ws_encode_h3)
         self.updated: list[http.HTTPFlow] = []  # stalled flows whose update hook is due
         self._configured = False
         self.commands = Commands(self)
@@ -92,9 +92,8 @@ class WsEncode:
         if "ws_encode_bundle" in values:
             self.at_exit.set_folder(values["ws_encode_bundle"])
         if "ws_encode_h2" in values or "ws_encode_h3" in values:
-            self.carried.update((name[len("ws_encode_"):], values[name]) for name in ("ws_encode_h2", "ws_encode_h3")
-                                if name in values)
-            self.bridge.install(**self.carried)
+            self.h2, self.h3 = values.get("ws_encode_h2", self.h2), values.get("ws_encode_h3", self.h3)
+            self.bridge.install(h2=self.h2, h3=self.h3)
 
     def done(self) -> None:
         self.waiting_line.cancel()

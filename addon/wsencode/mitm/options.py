@@ -109,9 +109,10 @@ OPTIONS = (
            "Only handle WebSocket handshakes matching this mitmproxy filter expression (empty: all). "
            "~websocket matches handshakes too.", parse_filter),
     Option("ws_encode_bundle", "",
-           f"Write a redacted bug-report bundle of the handshakes seen (the last {BUNDLED_AT_EXIT}) into this "
-           "empty folder when mitmproxy exits (empty: none). In the console or mitmweb, the wsencode.bundle "
-           "command does it for chosen flows.", parse_bundle_folder),
+           f"Write a redacted bug-report bundle of the handshakes seen (the last {BUNDLED_AT_EXIT}, at most "
+           f"{bundle.KEPT_BYTES >> 20} MiB in all; of each WebSocket its first {bundle.MESSAGE_BYTES >> 10} KiB of "
+           "messages) into this empty folder when mitmproxy exits (empty: none). In the console or mitmweb, the "
+           "wsencode.bundle command does it for chosen flows.", parse_bundle_folder),
     Option("ws_encode_h2", "true",
            "Let HTTP/2 clients open WebSockets through the proxy (RFC 8441 extended CONNECT): true or false. "
            "Takes effect for new connections.", parse_bool),
