@@ -341,11 +341,11 @@ def test_with_the_addon_stream_zero_is_a_stream_like_any_other(tmp_path, run_ind
     assert run.printed.endswith(STREAM_ZERO.outputs[3]), run.printed  # parts 2 and 3 as stock prints them
     assert any("<- WebSocket text message <-" in line for line in upgrade0)
     # What docs/upstream.md says the bridge does not do either: an HTTP/3 request with connection
-    # fields goes through, and the WebSocket layer crashes when the client closes, on both streams.
-    for session, stream in ((upgrade0, 0), (upgrade4, 4)):
+    # fields goes through, its 101 goes back, and the greeting cannot follow it; but the client's
+    # close is no crash in the WebSocket layer, on either stream.
+    for session in (upgrade0, upgrade4):
         assert any("DATA frame is not allowed in this state" in line for line in session)
-        crashed = websocket_layer_crashes(session)
-        assert crashed and f"got RequestProtocolError(stream_id={stream}," in crashed[0][-1], "\n".join(session)
+        assert not any(CRASH in line for line in session), "\n".join(session)
 
 
 # -- what the texts say of versions, and the names they use --
