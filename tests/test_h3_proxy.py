@@ -281,3 +281,30 @@ def test_stock_mitmdump_closes_the_whole_quic_connection_for_an_extended_connect
 
     advertised, closed = run(scenario())
     assert advertised and closed is not None and closed.error_code == ErrorCode.H3_GENERAL_PROTOCOL_ERROR
+
+
+def test_each_websocket_of_an_h3_client_gets_an_http1_connection_of_its_own(cert, report):
+    """An HTTP/1.1 connection carries one request at a time, and a WebSocket
+    holds it for its whole life: mitmproxy hands an HTTP/3 client's next
+    request an HTTP/1.1 connection it already has (it keeps only HTTP/2
+    clients' off them), and the second WebSocket crashed mitmproxy."""
+    async def scenario():
+        async with tcp_server(cert) as origin:  # HTTP/2 without RFC 8441, and HTTP/1.1
+            async with reverse_h3(origin.port, "--set", "ws_encode_h3_upstream=tcp",
+                                  "--set", "connection_strategy=lazy", report=report) as md:
+                client = await h3_client(md)
+                first = await client.open_websocket("/one", AUTHORITY)
+                assert await first.wait_status(5) == 200
+                second = await client.open_websocket("/two", AUTHORITY)
+                assert await second.wait_status(5) == 200
+                echoes = []
+                for ws, text in ((first, "one"), (second, "two")):
+                    await ws.send_text(text)
+                    echoes.append(await ws.receive(5))
+                    await ws.close()
+                await client.close()
+                return echoes, [r.target for r in origin.h1.received], md
+
+    echoes, targets, md = run(scenario())
+    assert echoes == ["one", "two"] and sorted(targets) == ["/one", "/two"]
+    assert "has crashed" not in md.log

@@ -28,12 +28,27 @@ from .common import (
     response_error,
 )
 
-class GetHttp1Connection(http_layers.GetHttpConnection):
-    """Ask the HTTP layer for a connection that speaks HTTP/1.1 (new, or
-    established and not HTTP/2)."""
+class GetWebSocketConnection(http_layers.GetHttpConnection):
+    """Ask the HTTP layer for a WebSocket's upstream connection: one that
+    can take another stream (HTTP/2, HTTP/3), or a new one. An HTTP/1.1
+    connection carries one request at a time, and a WebSocket holds it for
+    its whole life; mitmproxy keeps an HTTP/2 client's requests off such
+    connections ("tricky multiplexing edge case" in HttpLayer), not an
+    HTTP/3 client's, whose second WebSocket would be handed the first's."""
 
     def connection_spec_matches(self, conn: connection.Connection) -> bool:
-        return super().connection_spec_matches(conn) and conn.alpn not in (None, b"h2")
+        return super().connection_spec_matches(conn) and (conn.alpn == b"h2" or http_layers.is_h3_alpn(conn.alpn))
+
+    def __hash__(self):
+        return id(self)
+
+
+class GetHttp1Connection(http_layers.GetHttpConnection):
+    """Ask the HTTP layer for a new connection for a WebSocket that must go
+    over HTTP/1.1 (its address offers only that, `Http1OnlyAddress`)."""
+
+    def connection_spec_matches(self, conn: connection.Connection) -> bool:
+        return False
 
     def __hash__(self):
         return id(self)
@@ -306,9 +321,14 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
     def make_server_connection(self) -> layer.CommandGenerator[bool]:
         if facts_of(self.flow.request) is None:
             return (yield from super().make_server_connection())
-        if self.flow.server_conn.transport_protocol == "udp" and self.context.options.ws_encode_h3_upstream == "tcp":
-            return (yield from self._connect(http_layers.GetHttpConnection, TcpAddress, "tcp"))
-        return (yield from self._connect(http_layers.GetHttpConnection, WebSocketAddress))
+        # (an HTTP/1.1 client's own connection is for its one WebSocket: mitmproxy's choice stands)
+        get = GetWebSocketConnection if self.context.client.alpn == b"h2" or self._h3_client() else http_layers.GetHttpConnection
+        if self._h3_client() and self.context.options.ws_encode_h3_upstream == "tcp":
+            return (yield from self._connect(get, TcpAddress, "tcp"))
+        return (yield from self._connect(get, WebSocketAddress))
+
+    def _h3_client(self) -> bool:
+        return self.context.client.transport_protocol == "udp"
 
     def _connect(self, get: type[http_layers.GetHttpConnection], address: type[WebSocketAddress],
                  transport: str | None = None) -> layer.CommandGenerator[bool]:
