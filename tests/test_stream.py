@@ -108,10 +108,13 @@ def test_every_hook_of_an_extended_connect_sees_the_connect_and_then_its_2xx():
 def test_an_extended_connect_goes_upstream_after_its_request_hook_on_a_connection_marked_as_a_websockets():
     play = StreamPlay()
     request = extended_connect()
-    assert steps(play(*from_client(request))) == ["hook requestheaders", "hook request", "GetHttpConnection"]
+    assert steps(play(*from_client(request))) == ["hook requestheaders", "hook request", "GetWebSocketConnection"]
     asked = play.waiting
     assert asked.address == ("chat.test", 443) and asked.tls
     assert is_websocket_address(asked.address)  # past mitmproxy's per-server throttle
+    # An HTTP/1.1 connection another request holds is never reused for it; a multiplexed one may be.
+    held = open_server(("chat.test", 443), alpn=b"http/1.1")
+    assert not asked.connection_spec_matches(held) and asked.connection_spec_matches(open_server(("chat.test", 443)))
     assert facts_of(request).stage == CONNECTING and facts_of(request).forwarded_at is None
 
     upstream = open_server(("chat.test", 443))
@@ -323,7 +326,7 @@ def test_in_transparent_and_reverse_modes_an_extended_connect_goes_to_the_server
     is a request, and goes where any request goes in those modes."""
     play = StreamPlay(proxy_mode=proxy_mode)
     out = play(*from_client(extended_connect()))
-    assert steps(out) == ["hook requestheaders", "hook request", "GetHttpConnection"]
+    assert steps(out) == ["hook requestheaders", "hook request", "GetWebSocketConnection"]
     assert play.waiting.address == play.context.server.address
     assert (play.stream.flow.request.host, play.stream.flow.request.port) == play.context.server.address
 
