@@ -1,6 +1,6 @@
 """Run the lab on its own: the application behind one encoder behaviour.
 
-    scripts/lab [--behaviour hold-until-body ...] [--port 8443] [--min-size 1024] [--quiet] [--no-h3]
+    scripts/lab [--behaviour hold-until-body ...] [--port 8443] [--min-size 1024] [--quiet] [--no-h3 | --no-alt-svc]
 
 hypercorn serves it over TLS (a fresh self-signed certificate for localhost
 and 127.0.0.1) on 127.0.0.1, HTTP/1.1 and HTTP/2 with RFC 8441 on. The same
@@ -75,7 +75,8 @@ or with Chromium, which needs QUIC forced on for the origin, its RFC 9220 featur
 by hash (it prints the whole command):
   chromium --enable-quic --origin-to-force-quic-on=127.0.0.1:8443 --enable-features=EnableWebsocketsOverHttp3
            --ignore-certificate-errors-spki-list=<base64 SHA-256 of the certificate's SPKI> https://127.0.0.1:8443/
---no-h3 leaves HTTP/3 (and Alt-Svc) out."""
+--no-h3 leaves HTTP/3 (and Alt-Svc) out; --no-alt-svc serves HTTP/3 without naming it, so only a client
+told where finds it (scripts/probe --h3)."""
 
 
 def about(behaviour: str, min_size: int) -> str:
@@ -94,7 +95,8 @@ async def serve(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="wslab-cert-") as certdir:
         cert = h2ws.make_self_signed_cert(certdir)
         servers = [LabServer(b, *cert, port=args.port + i if args.port else 0, min_size=args.min_size,
-                             log=None if args.quiet else log, h3=not args.no_h3) for i, b in enumerate(behaviours)]
+                             log=None if args.quiet else log, h3=not args.no_h3, alt_svc=not args.no_alt_svc)
+                   for i, b in enumerate(behaviours)]
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -103,6 +105,7 @@ async def serve(args: argparse.Namespace) -> None:
         try:
             for server in servers:
                 h3 = f"; HTTP/3 on UDP port {server.h3.port}, RFC 9220 on" if server.h3 else ""
+                h3 += ", not named in Alt-Svc" if server.h3 and args.no_alt_svc else ""
                 print(f"{LISTENING.format(behaviour=server.behaviour, url=server.url)} "
                       f"(HTTP/1.1 and HTTP/2 over TLS, RFC 8441 on{h3}): {about(server.behaviour, args.min_size)}")
             if len(servers) == 1:
@@ -124,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8443,
                         help="on 127.0.0.1 (default 8443, then 8444... for more behaviours; 0: any free port)")
     parser.add_argument("--quiet", action="store_true", help="no line per request")
-    parser.add_argument("--no-h3", action="store_true", help="no HTTP/3 (QUIC) side, no Alt-Svc")
+    quic = parser.add_mutually_exclusive_group()
+    quic.add_argument("--no-h3", action="store_true", help="no HTTP/3 (QUIC) side, no Alt-Svc")
+    quic.add_argument("--no-alt-svc", action="store_true", help="HTTP/3 served, but no response names it in Alt-Svc")
     parser.add_argument("--min-size", type=int, default=MIN_SIZE,
                         help=f"bytes hold-until-min-size waits for (default {MIN_SIZE})")
     args = parser.parse_args(argv)

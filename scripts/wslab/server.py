@@ -69,10 +69,12 @@ class LabServer:
     """The application behind the encoder `behaviour` ("none": no encoder),
     served by hypercorn; `async with` starts and stops it. With `h3`, also over
     HTTP/3 on UDP `h3.port` (the TCP port's number where it is free), which
-    every TCP response names in `Alt-Svc: h3=":PORT"`."""
+    every TCP response names in `Alt-Svc: h3=":PORT"` unless `alt_svc` is
+    off (then only a client told where finds it)."""
 
     def __init__(self, behaviour: str, certfile: str, keyfile: str, port: int = 0,
-                 min_size: int = MIN_SIZE, quiet: bool = True, log=None, h3: bool = False) -> None:
+                 min_size: int = MIN_SIZE, quiet: bool = True, log=None, h3: bool = False,
+                 alt_svc: bool = True) -> None:
         self.behaviour = behaviour
         self.app, asgi = build(behaviour, min_size, log)
         self.asgi = asgi
@@ -92,7 +94,7 @@ class LabServer:
         self.port: int = self._socket.getsockname()[1]
         self.config.bind = [f"fd://{os.dup(self._socket.fileno())}"]
         self.h3 = H3Side(asgi, certfile, keyfile, self.port) if h3 else None
-        if self.h3:
+        if self.h3 and alt_svc:
             self.config.alt_svc_headers = [self.h3.alt_svc]
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -131,24 +133,32 @@ __all__ = ["LabApp", "LabServer"]
 
 class LabProcess:
     """Lab servers in a process of their own (`python -m wslab.lab`), so that
-    a busy client loop does not slow their answers; `ports[behaviour]`."""
+    a busy client loop does not slow their answers; `ports[behaviour]`, and
+    with `h3` the UDP port of each one's HTTP/3 side, `h3_ports[behaviour]`."""
 
-    def __init__(self, behaviours: list[str], min_size: int = MIN_SIZE) -> None:
+    def __init__(self, behaviours: list[str], min_size: int = MIN_SIZE, h3: bool = False) -> None:
         self.behaviours = behaviours
         self.min_size = min_size
+        self.h3 = h3
         self.ports: dict[str, int] = {}
+        self.h3_ports: dict[str, int] = {}
         self._proc: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task | None = None
 
     def url(self, behaviour: str) -> str:
         return f"https://127.0.0.1:{self.ports[behaviour]}"
 
+    def h3_url(self, behaviour: str) -> str:
+        """mitmproxy's reverse-mode URL of a behaviour's HTTP/3 side."""
+        return f"http3://127.0.0.1:{self.h3_ports[behaviour]}"
+
     async def start(self) -> LabProcess:
         scripts = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [scripts, os.environ.get("PYTHONPATH")])))
         self._proc = await asyncio.create_subprocess_exec(
-            # The matrix sends nothing over HTTP/3: no QUIC side, no Alt-Svc in what it records.
-            sys.executable, "-m", "wslab.lab", "--quiet", "--no-h3", "--port", "0", "--min-size", str(self.min_size),
+            # Without h3, no QUIC side and no Alt-Svc in what a run records.
+            sys.executable, "-m", "wslab.lab", "--quiet", *([] if self.h3 else ["--no-h3"]),
+            "--port", "0", "--min-size", str(self.min_size),
             *(a for b in self.behaviours for a in ("--behaviour", b)),
             env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT)
@@ -159,6 +169,8 @@ class LabProcess:
             seen.append(line)
             if m := re.match(r"lab: (\S+) listening on https://127\.0\.0\.1:(\d+)", line):
                 self.ports[m.group(1)] = int(m.group(2))
+                if udp := re.search(r"HTTP/3 on UDP port (\d+)", line):
+                    self.h3_ports[m.group(1)] = int(udp.group(1))
             if line.startswith("lab: ready"):
                 self._drain = asyncio.create_task(self._discard())
                 return self
