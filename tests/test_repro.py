@@ -1,4 +1,5 @@
-"""The README's main job: `scripts/repro`'s matrix, its checks and its bundle, from the outside."""
+"""The README's main job: `scripts/repro`'s matrix (HTTP/2, HTTP/3 and HTTP/1.1), its checks and its
+bundle, from the outside."""
 
 from __future__ import annotations
 
@@ -33,21 +34,27 @@ def test_the_matrix_matches_every_behaviour_and_the_bundle_holds_the_run(tmp_pat
     assert f"all {len(grid)} cells as expected" in done.stdout, out
     if not haproxy.available():
         assert "HAProxy is not installed" in done.stdout
+    assert "aioquic 1." in done.stdout  # the HTTP/3 side's library, in the environment line
     # The table, printed as it went: every cell has a row, and the addon's live
-    # stall line follows the deadlocked HTTP/2 cell.
+    # stall line follows each deadlocked cell whose success is a 200 (HTTP/2, HTTP/3).
     for cell in grid:
         assert cell.name in done.stdout, cell.name
+    assert sum(c.transport == "h3" for c in grid) == 21  # every behaviour, speaker and policy, and inject
     lines = done.stdout.splitlines()
-    row = next(i for i, line in enumerate(lines) if line.startswith("h2 hold-until-body client-first observe "))
-    assert "gave up" in lines[row] and "no-status" in lines[row]
-    after = next(line for line in lines[row + 1:] if not line.startswith(" " * 40))  # (past its wrapped diagnosis)
-    assert "mitmdump |" in after and "stall on" in after
+    for transport in ("h2", "h3"):
+        row = next(i for i, line in enumerate(lines)
+                   if line.startswith(f"{transport} hold-until-body client-first observe "))
+        assert "gave up" in lines[row] and "no-status" in lines[row]
+        after = next(line for line in lines[row + 1:] if not line.startswith(" " * 40))  # (past its wrapped diagnosis)
+        assert "mitmdump |" in after and "stall on" in after and f"/echo/{transport}-hold-until-body" in after
 
     records = [json.loads(line) for line in (bundle / "report.jsonl").read_text().splitlines()]
-    mine = [r for r in records if r["url"].split("?")[0].endswith("/echo/h2-hold-until-body-observe")]
-    assert [r["event"] for r in mine] == ["stall", "handshake"]
-    assert mine[0]["waited_s"] < STALL * 1.5 and "stall" in mine[0]["diagnosis"].lower()
-    assert mine[1]["outcome"] == "no-status" and mine[1]["stalled"] is True
+    for transport in ("h2", "h3"):
+        mine = [r for r in records if r["url"].split("?")[0].endswith(f"/echo/{transport}-hold-until-body-observe")]
+        assert [r["event"] for r in mine] == ["stall", "handshake"]
+        assert all((r["transport"], r["upstream_transport"]) == (transport, transport) for r in mine)
+        assert mine[0]["waited_s"] < STALL * 1.5 and "stall" in mine[0]["diagnosis"].lower()
+        assert mine[1]["outcome"] == "no-status" and mine[1]["stalled"] is True
     assert "REDACTED" in next(r["url"] for r in records if "/greet/" in r["url"])  # ?after= is a query value
 
     from mitmproxy import io
@@ -55,14 +62,18 @@ def test_the_matrix_matches_every_behaviour_and_the_bundle_holds_the_run(tmp_pat
     with open(bundle / "flows.mitm", "rb") as f:
         flows = list(io.FlowReader(f).stream())
     assert len(flows) == len(grid)
-    held = next(f for f in flows if f.request.path == "/echo/h2-hold-until-body-observe")
-    assert "stall" in held.comment.lower()
+    assert sum(f.request.http_version == "HTTP/3" for f in flows) == 21
+    for transport in ("h2", "h3"):
+        held = next(f for f in flows if f.request.path == f"/echo/{transport}-hold-until-body-observe")
+        assert "stall" in held.comment.lower()
 
     summary = (bundle / "summary.md").read_text()
     from mitmproxy.version import VERSION
 
     assert f"mitmproxy: {VERSION}" in summary and f"Python: {sys.version.split()[0]}" in summary
     assert "| h2 hold-until-body client-first observe | gave up |" in summary
+    assert "| h3 hold-until-body client-first observe | gave up |" in summary
+    assert "| h3 hold-1xx server-first observe | greeted |" in summary  # released with the greeting, late
     assert summary.count("| ok |") == len(grid)
 
 
@@ -79,7 +90,8 @@ def test_a_cell_that_disagrees_is_named_and_fails_the_run(tmp_path):
 
 def result(cell: Cell, seen: Seen, **record) -> Result:
     base = {"outcome": "upgraded", "stalled": False, "content_encoding": None, "diagnosis": "Upgraded.",
-            "accept_encoding_upstream": cell.accept_encoding, "waited_s": 0.01}
+            "accept_encoding_upstream": cell.accept_encoding, "waited_s": 0.01, "transport": cell.transport,
+            "upstream_transport": cell.transport}
     return Result(cell, seen, {**base, **record}, None, [])
 
 
@@ -97,6 +109,28 @@ def test_checks_catch_a_held_status_that_came_at_once_and_an_encoded_upgrade_not
     healthy = Cell("h2", "fixed", "server", "strip")
     assert check(result(healthy, Seen("greeted", 200, 0.01), accept_encoding_upstream=None),
                  expect(healthy), 1.0) == []
+
+
+def test_checks_catch_a_cell_carried_over_another_transport():
+    """An HTTP/3 handshake the addon saw as HTTP/2, or sent on over HTTP/1.1 (a fallback), is named."""
+    cell = Cell("h3", "fixed", "client", "observe")
+    problems = check(result(cell, Seen("echoed", 200, 0.01), transport="h3", upstream_transport="h1"),
+                     expect(cell), 1.0)
+    assert problems == ["upstream_transport 'h1', expected 'h3'"]
+    problems = check(result(cell, Seen("echoed", 200, 0.01), transport="h2", upstream_transport="h3"),
+                     expect(cell), 1.0)
+    assert problems == ["transport 'h2', expected 'h3'"]
+
+
+def test_http3_holds_the_status_where_http2_does():
+    """Over HTTP/3 the success is a 200 as over HTTP/2: the same behaviours hold it, and a server that
+    speaks first releases it with its first message, diagnosed by that."""
+    for behaviour in ("hold-until-body", "hold-until-min-size", "hold-1xx", "encode-upgrade", "fixed"):
+        for speaker in ("client", "server"):
+            h2, h3 = (expect(Cell(t, behaviour, speaker, "observe")) for t in ("h2", "h3"))
+            assert h3 == h2, (behaviour, speaker)
+    assert expect(Cell("h3", "hold-1xx", "server", "observe")).words == ("first response data",)
+    assert expect(Cell("h1", "hold-until-body", "client", "observe")).stalled is False
 
 
 @pytest.mark.timeout(60)

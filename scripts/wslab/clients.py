@@ -8,7 +8,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
-from wspeers import h2ws
+from wspeers import h2ws, h3ws
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message, RejectConnection, Request, TextMessage
 
@@ -38,16 +38,31 @@ def _judge(got, speaker: str) -> str:
 async def h2_client(port: int, path: str, speaker: str, accept_encoding: str | None, give_up: float,
                     gate: asyncio.Semaphore) -> Seen:
     """RFC 8441 over the proxy's HTTP/2 (scripts/wspeers/h2ws.py)."""
+    client = h2ws.H2WebSocketClient("127.0.0.1", port, server_hostname="localhost")
+    return await extended_connect_client(client, path, speaker, accept_encoding, give_up, gate)
+
+
+async def h3_client(port: int, path: str, speaker: str, accept_encoding: str | None, give_up: float,
+                    gate: asyncio.Semaphore) -> Seen:
+    """RFC 9220 over the proxy's HTTP/3, QUIC on UDP `port` (scripts/wspeers/h3ws.py)."""
+    client = h3ws.H3WebSocketClient("127.0.0.1", port, server_hostname="localhost")
+    return await extended_connect_client(client, path, speaker, accept_encoding, give_up, gate)
+
+
+async def extended_connect_client(client: h2ws.H2WebSocketClient | h3ws.H3WebSocketClient, path: str, speaker: str,
+                                  accept_encoding: str | None, give_up: float, gate: asyncio.Semaphore) -> Seen:
+    """One WebSocket by extended CONNECT: the h2ws and h3ws clients share this API."""
     headers = [("accept-encoding", accept_encoding)] if accept_encoding else []
-    async with gate:  # TLS handshakes a few at a time: mitmproxy spends milliseconds of CPU on each
-        client = await h2ws.H2WebSocketClient("127.0.0.1", port, server_hostname="localhost").connect()
+    async with gate:  # TLS or QUIC handshakes a few at a time: mitmproxy spends milliseconds of CPU on each
+        await client.connect()
     async with client:
         ws = await client.open_websocket(path, "localhost", headers=headers)
         sent = time.monotonic()
         try:
             status = await ws.wait_status(give_up)
         except asyncio.TimeoutError:
-            await ws.reset()
+            # Closing the connection ends the stream too; an HTTP/3 stream reset here is answered
+            # with STOP_SENDING, which aioquic 1.2 asserts on (a reset already sent).
             return Seen("gave up")
         seen = Seen("", status, time.monotonic() - sent, dict(ws.response_headers).get("content-encoding"))
         if not 200 <= status < 300:
@@ -115,4 +130,4 @@ async def h1_client(port: int, path: str, speaker: str, accept_encoding: str | N
         writer.close()
 
 
-CLIENTS = {"h1": h1_client, "h2": h2_client}
+CLIENTS = {"h1": h1_client, "h2": h2_client, "h3": h3_client}

@@ -1,10 +1,12 @@
 """The reproduction matrix: every encoder behaviour, through mitmdump with the addon.
 
-Each cell is one real WebSocket handshake: transport (h1, h2) x behaviour x
-who speaks first x policy (observe, strip), plus `inject` against `fixed`,
+Each cell is one real WebSocket handshake: transport (h2, h3, h1) x behaviour
+x who speaks first x policy (observe, strip), plus `inject` against `fixed`,
 plus HAProxy's compression in front of the application where HAProxy is
-installed. `expect` says what each cell must produce; `run` prints the table
-in the grid's order as cells finish and returns the cells whose reality disagreed.
+installed. An h3 cell goes over QUIC end to end: the client to mitmdump's
+HTTP/3 reverse mode, mitmdump to the lab's HTTP/3 side. `expect` says what
+each cell must produce; `run` prints the table in the grid's order as cells
+finish and returns the cells whose reality disagreed.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from .encoders import MIN_SIZE, Behaviour
 from .proxy import Proxy
 from .server import LabProcess
 
-TRANSPORTS = ("h2", "h1")
+TRANSPORTS = ("h2", "h3", "h1")
+STATUS_200 = ("h2", "h3")  # where a WebSocket's success is a plain 200, not an informational 101
 SPEAKERS = ("client", "server")
 POLICIES = ("observe", "strip")
 INJECTED = "zstd, br, gzip"  # the addon's default ws_encode_codings
@@ -50,6 +53,11 @@ class Cell:
     def path(self) -> str:
         endpoint = "echo" if self.speaker == "client" else "greet"
         return f"/{endpoint}/{self.transport}-{self.behaviour}-{self.policy}"
+
+    @property
+    def upstream(self) -> str:
+        """The name of the mitmdump mode it goes through: its behaviour's, over QUIC for h3."""
+        return f"{self.behaviour} h3" if self.transport == "h3" else self.behaviour
 
     @property
     def accept_encoding(self) -> str | None:
@@ -76,7 +84,7 @@ def holds_status(behaviour: str, transport: str) -> bool:
     if behaviour == Behaviour.HOLD_1XX:
         return True
     if behaviour in (Behaviour.HOLD_UNTIL_BODY, Behaviour.HOLD_UNTIL_MIN_SIZE):
-        return transport != "h1"  # a 101 is informational: it goes out at once
+        return transport in STATUS_200  # a 101 is informational: it goes out at once
     return False
 
 
@@ -96,7 +104,7 @@ def expect(cell: Cell) -> Expect:
     # The server's first message releases a status held for the first body
     # byte; a few bytes are not enough for one that waits for a minimum size.
     if cell.speaker == "server" and cell.behaviour != Behaviour.HOLD_UNTIL_MIN_SIZE:
-        words = ("first response data",) if cell.transport == "h2" else ()
+        words = ("first response data",) if cell.transport in STATUS_200 else ()
         return Expect(healthy, "upgraded", stalled=True, fast=False, words=words)
     return Expect("gave up", "no-status", stalled=True, fast=False, words=("stall",))
 
@@ -126,6 +134,10 @@ def check(result: Result, want: Expect, threshold: float) -> list[str]:
         problems.append(f"client {seen.outcome!r}, expected {want.client!r}")
     if record is None:
         return problems + ["no handshake record"]
+    # Every upstream in the lab speaks the client's transport, so the addon carries each cell as it came.
+    for name in ("transport", "upstream_transport"):
+        if record[name] != result.cell.transport:
+            problems.append(f"{name} {record[name]!r}, expected {result.cell.transport!r}")
     if record["outcome"] != want.outcome:
         problems.append(f"outcome {record['outcome']!r}, expected {want.outcome!r}")
     if record["stalled"] != want.stalled:
@@ -231,6 +243,7 @@ def environment() -> dict[str, str]:
         "OS": platform.platform(),
         "hypercorn": version("hypercorn"),
         "h2": version("h2"),
+        "aioquic": version("aioquic"),
         "zstd": f"{ZSTD_LIBRARY} (libzstd)",
         "brotli": getattr(brotli, "__version__", version("brotli")),
         "HAProxy": haproxy.version() or "not installed",
@@ -238,7 +251,7 @@ def environment() -> dict[str, str]:
 
 
 async def run_cell(cell: Cell, proxy: Proxy, give_up: float, after: float, gate: asyncio.Semaphore) -> Result:
-    port = proxy.ports[cell.behaviour]
+    port = proxy.ports[cell.upstream]
     path = cell.path + (f"?after={after}" if cell.speaker == "server" else "")
     try:
         seen = await CLIENTS[cell.transport](port, path, cell.speaker, cell.accept_encoding, give_up, gate)
@@ -268,16 +281,16 @@ async def run(threshold: float = 2.0, bundle: Path | None = None, out=sys.stdout
         work = Path(tmp)
         behaviours = [b.value for b in Behaviour]
         use_haproxy = any(c.behaviour == "haproxy" for c in grid)
-        lab = await LabProcess(behaviours + (["none"] if use_haproxy else []), min_size).start()
+        lab = await LabProcess(behaviours + (["none"] if use_haproxy else []), min_size, h3=True).start()
         front = None
         try:
-            upstreams = {b: lab.url(b) for b in behaviours}
+            upstreams = {b: lab.url(b) for b in behaviours} | {f"{b} h3": lab.h3_url(b) for b in behaviours}
             if use_haproxy:
                 front = await haproxy.Front(lab.ports["none"], h2ws.make_self_signed_cert(work), work).start()
                 upstreams["haproxy"] = front.url
             proxies = {}
             for policy in sorted({c.policy for c in grid}):
-                mine = upstreams if policy != "inject" else {"fixed": upstreams["fixed"]}
+                mine = {c.upstream: upstreams[c.upstream] for c in grid if c.policy == policy}
                 flows = work / f"flows-{policy}.mitm" if bundle else None
                 proxies[policy] = Proxy(mine, work / f"report-{policy}.jsonl",
                                         "--set", f"ws_encode_policy={policy}",

@@ -9,7 +9,7 @@ import signal
 import urllib.parse
 from pathlib import Path
 
-from mitmdump_proc import ADDON, LOOPBACK_ONLY, MITMDUMP, free_ports
+from mitmdump_proc import ADDON, LISTENING, LOOPBACK_ONLY, MITMDUMP, free_ports
 
 
 async def terminate(proc: asyncio.subprocess.Process | None, timeout: float = 10) -> None:
@@ -25,9 +25,9 @@ async def terminate(proc: asyncio.subprocess.Process | None, timeout: float = 10
 
 
 class Proxy:
-    """One mitmdump: `upstreams` maps a name to an upstream URL, each served
-    on its own port (`ports[name]`); the log is kept line by line and the
-    report in `report`."""
+    """One mitmdump: `upstreams` maps a name to an upstream URL (https://, or
+    http3:// for one over QUIC, served on a UDP port), each served on its own
+    port (`ports[name]`); the log is kept line by line and the report in `report`."""
 
     def __init__(self, upstreams: dict[str, str], report: Path, *options: str, flows: Path | None = None) -> None:
         self.upstreams = upstreams
@@ -39,23 +39,33 @@ class Proxy:
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task | None = None
 
+    def guards(self) -> list[str]:
+        """What bounds this mitmdump: the lab's proxies reach loopback only and take its self-signed certificates."""
+        return ["--ssl-insecure", "-s", str(LOOPBACK_ONLY)]
+
     async def start(self, attempts: int = 3) -> Proxy:
         for attempt in range(attempts):
-            self.ports = dict(zip(self.upstreams, free_ports(len(self.upstreams))))
-            modes = [a for name, url in self.upstreams.items()
-                     for a in ("--mode", f"reverse:{url}@127.0.0.1:{self.ports[name]}")]
+            # One mode takes the port the system gives; several need ports of
+            # their own, since mitmproxy refuses two servers on 127.0.0.1:0.
+            wanted = [0] if len(self.upstreams) == 1 else free_ports(len(self.upstreams))
+            modes = [a for url, port in zip(self.upstreams.values(), wanted)
+                     for a in ("--mode", f"reverse:{url}@127.0.0.1:{port}")]
             self.lines = []
             self._proc = await asyncio.create_subprocess_exec(
-                str(MITMDUMP), "--listen-host", "127.0.0.1", *modes, "--ssl-insecure",
-                "--set", "flow_detail=0", "-s", str(LOOPBACK_ONLY), "-s", str(ADDON),
-                "--set", f"ws_encode_report={self.report}", *self.options,
+                str(MITMDUMP), "--listen-host", "127.0.0.1", *modes, "--set", "flow_detail=0", *self.guards(),
+                "-s", str(ADDON), "--set", f"ws_encode_report={self.report}", *self.options,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             )
             self._reader = asyncio.create_task(self._read())
-            if await self._until(lambda: sum("listening at" in line for line in self.lines) == len(self.upstreams), 30):
+            if await self._until(lambda: len(self._listening()) == len(self.upstreams), 30):
+                self.ports = dict(zip(self.upstreams, self._listening() if wanted == [0] else wanted))
                 return self
             await self.stop()  # most likely a port taken meanwhile: try others
         raise RuntimeError("mitmdump did not start:\n" + "\n".join(self.lines))
+
+    def _listening(self) -> list[int]:
+        """The ports mitmdump said it listens at, in the order it said so."""
+        return [int(m.group(1)) for line in self.lines if (m := LISTENING.search(line.encode()))]
 
     async def stop(self) -> None:
         await terminate(self._proc)
