@@ -1,14 +1,16 @@
-"""How `scripts/replay` makes a bundle's handshakes again, and what it refuses. Replaying a probe's
-bundle against the lab is in test_probe.py, which records the bundle (one probe saved)."""
+"""How `scripts/replay` makes a bundle's handshakes again, and what it refuses; an HTTP/3 handshake
+replayed against a server without HTTP/3. Replaying a probe's bundle against the lab (HTTP/3 end to
+end included) is in test_probe.py, which records the bundle (one probe saved)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from mitmproxy.test import tflow
-from conftest import handshake_flow, record, replay
+from conftest import LabAlone, handshake_flow, record, replay
 
 from bugreport.replay import recorded, speaker_of, without_redacted
 from bugreport.target import Target
@@ -36,6 +38,49 @@ def test_handshakes_are_made_again_the_same_way_without_what_was_redacted(tmp_pa
         assert all("REDACTED" not in v for _, v in h.shake.headers)
     own = recorded(folder, Target.parse("wss://127.0.0.1:1/elsewhere?room=1"))
     assert {h.shake.path for h in own} == {"/elsewhere?room=1"}
+
+
+def h3_bundle(folder):
+    """A bundle of one HTTP/3 handshake that stalled: offered accept-encoding, its client speaking first."""
+    f = handshake_flow("/echo/h3", h2=True)
+    f.request.http_version = "HTTP/3"
+    return write_bundle(folder, [f], [record(f, "stall", transport="h3", upstream_transport="h3"),
+                                      record(f, "handshake", transport="h3", upstream_transport="h3")])
+
+
+def test_an_http3_handshake_is_made_again_over_http3(tmp_path):
+    [made] = recorded(h3_bundle(tmp_path / "b"), Target.parse("wss://127.0.0.1:1"))
+    assert (made.shake.transport, made.shake.offer, made.shake.speaker, made.stalled) == (
+        "h3", "gzip, deflate, br, zstd", "client", True)
+    assert made.shake.label.startswith("HTTP/3   with accept-encoding")
+
+
+@pytest.mark.timeout(120)
+def test_an_http3_stall_replayed_against_a_server_without_http3_goes_on_over_tcp_and_recurs(tmp_path):
+    """The client speaks HTTP/3 to the proxy as recorded; the proxy carries it over TCP
+    (ws_encode_h3_upstream=tcp) to a server whose HTTP/2 holds the status just the same."""
+    folder = h3_bundle(tmp_path / "b")
+    with LabAlone(tmp_path, "--quiet", "--no-h3", "--port", "0", "--behaviour", "hold-until-body") as lab:
+        port = re.search(r"listening on https://127\.0\.0\.1:(\d+)", lab.printed).group(1)
+        done = replay(str(folder), "--target", f"wss://127.0.0.1:{port}", "--insecure", "--loopback-only",
+                      "--timeout", "1.5")
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "; no HTTP/3 offered (no Alt-Svc: h3 on its responses)\n" in done.stdout
+    assert "  (HTTP/3 handshakes reach it through the proxy over TCP, as HTTP/2 or HTTP/1.1: no HTTP/3 offered" \
+           in done.stdout, out
+    head, was, observe, strip = done.stdout.split("\n\n")[1].splitlines()
+    assert head.startswith("1. HTTP/3   with accept-encoding  client-first  /echo/h3  [recorded flow"), out
+    assert "no-status ⌛" in was and "no-status ⌛" in observe and observe.endswith("the recorded stall recurs"), out
+    assert "upgraded" in strip and "⌛" not in strip, out
+    assert done.stdout.splitlines()[-1] == f"replay: 1 of 1 recorded stall recurs against wss://127.0.0.1:{port}/"
+
+
+def test_http3_handshakes_are_not_replayed_against_ws(tmp_path):
+    done = replay(str(h3_bundle(tmp_path / "b")), "--target", "ws://127.0.0.1:9")
+    assert done.returncode == 2
+    assert done.stdout.splitlines()[-1] == (
+        "replay: cannot replay HTTP/3 handshakes against ws://127.0.0.1:9/: HTTP/3 needs TLS (wss://)")
 
 
 def test_a_folder_without_a_bundle_is_refused(tmp_path):

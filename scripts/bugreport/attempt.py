@@ -13,7 +13,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 
-from wspeers import h2ws
+from wspeers import h2ws, h3ws
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message, RejectConnection, Request, TextMessage
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
@@ -28,9 +28,9 @@ MECHANICS = frozenset({
     "sec-websocket-protocol", "accept-encoding", "content-length", "transfer-encoding", "keep-alive",
     "proxy-connection", "te",
 })
-TRANSPORT_NAMES = {"h1": "HTTP/1.1", "h2": "HTTP/2"}
-# Seconds to set up TLS with the local proxy: not what is measured, and a
-# busy machine can take a while for the proxy's first certificate.
+TRANSPORT_NAMES = {"h2": "HTTP/2", "h3": "HTTP/3", "h1": "HTTP/1.1"}  # in the order they are tried and judged
+# Seconds to set up TLS or QUIC with the local proxy: not what is measured, and
+# a busy machine can take a while for the proxy's first certificate.
 PROXY_CONNECT = 15.0
 SPEAKERS = ("client", "server")
 __all__ = ["BROWSER_CODINGS", "Handshake", "Seen", "run"]
@@ -40,7 +40,7 @@ __all__ = ["BROWSER_CODINGS", "Handshake", "Seen", "run"]
 class Handshake:
     """What one attempt sends: its transport, encoding offer, who speaks first."""
 
-    transport: str  # h1 or h2, between the client and the proxy
+    transport: str  # h1, h2 or h3, between the client and the proxy
     offer: str | None  # the accept-encoding value, or None for none
     speaker: str  # client: send `message` once the status is in; server: wait for its first message
     path: str
@@ -92,8 +92,29 @@ def _no_verify(alpn: str) -> ssl.SSLContext:
 
 
 async def h2_handshake(port: int, shake: Handshake, timeout: float) -> Seen:
+    client = h2ws.H2WebSocketClient("127.0.0.1", port, server_hostname="localhost")
+    return await extended_connect_handshake(client, shake, timeout)
+
+
+async def h3_handshake(port: int, shake: Handshake, timeout: float) -> Seen:
+    """RFC 9220 through the proxy's HTTP/3, QUIC on UDP `port`."""
+    client = h3ws.H3WebSocketClient("127.0.0.1", port, server_hostname="localhost")
+    try:
+        return await extended_connect_handshake(client, shake, timeout)
+    except (ConnectionError, h3ws.WebSocketClosed) as e:
+        closed = client.closed
+        if closed is None or str(closed) not in str(e):
+            raise
+        # A connection close's reason phrase is the peer's words, and may quote a header: left out.
+        said = f"connection closed by {closed.initiator} with {h3ws.error_name(closed.error_code)}"
+        raise ConnectionError(str(e).replace(str(closed), said)) from None
+
+
+async def extended_connect_handshake(client: h2ws.H2WebSocketClient | h3ws.H3WebSocketClient, shake: Handshake,
+                                     timeout: float) -> Seen:
+    """One WebSocket by extended CONNECT: the h2ws and h3ws clients share this API."""
     seen = Seen()
-    client = await h2ws.H2WebSocketClient("127.0.0.1", port, server_hostname="localhost").connect(PROXY_CONNECT)
+    await client.connect(PROXY_CONNECT)
     async with client:
         headers = [(k.lower(), v) for k, v in shake.fields()]
         ws = await client.open_websocket(shake.path, shake.authority, headers=headers)
@@ -101,8 +122,7 @@ async def h2_handshake(port: int, shake: Handshake, timeout: float) -> Seen:
         try:
             seen.status = await ws.wait_status(timeout)
         except asyncio.TimeoutError:
-            await ws.reset()
-            return seen
+            return seen  # (closing the connection ends the stream: see wslab.clients.extended_connect_client)
         seen.status_s = time.monotonic() - sent
         seen.content_encoding = dict(ws.response_headers).get("content-encoding")
         if not seen.upgraded:
@@ -157,7 +177,7 @@ async def h1_handshake(port: int, shake: Handshake, timeout: float) -> Seen:
         writer.close()
 
 
-CLIENTS = {"h1": h1_handshake, "h2": h2_handshake}
+CLIENTS = {"h1": h1_handshake, "h2": h2_handshake, "h3": h3_handshake}
 
 # wsproto's handshake errors, as wsproto/handshake.py words them. Those that
 # quote what the server sent are cut before the quote: a server that echoes a

@@ -1,18 +1,20 @@
 """Does this server withhold the WebSocket status while accept-encoding is offered?
 
     scripts/probe wss://example.com/socket [--header 'Cookie: ...'] [--subprotocol graphql-ws]
-                  [--origin https://example.com] [--message TEXT] [--insecure] [--timeout 5] [--bundle DIR]
+                  [--origin https://example.com] [--message TEXT] [--insecure] [--timeout 5] [--h3] [--bundle DIR]
 
 Starts mitmdump with the ws-encode addon on 127.0.0.1 in front of the target
 and opens WebSockets through it as Chromium does, with accept-encoding offered
-(`gzip, deflate, br, zstd`) and without it, over HTTP/1.1 and, where the server
-speaks HTTP/2 with RFC 8441, over HTTP/2; each once with the client speaking
-first (it sends --message once the status is in) and once waiting for the
-server to speak. Prints each attempt as it finishes, the addon's records, and a
-verdict. Exit status: 0 no stall; 1 the offer breaks the handshake (a withheld
-status, or an encoded upgrade); 2 another failure (unreachable, refused, TLS),
-explained. Header values, query and path-parameter values and userinfo are
-never printed.
+(`gzip, deflate, br, zstd`) and without it, over HTTP/1.1, over HTTP/2 where
+the server speaks it with RFC 8441, and over HTTP/3 where it speaks that with
+RFC 9220 (offered in Alt-Svc, or asked for with --h3); each once with the
+client speaking first (it sends --message once the status is in) and once
+waiting for the server to speak. Prints which transports it tries (and why
+not the others), each attempt as it finishes, the addon's records, and a
+verdict. Exit status: 0 no stall; 1 the offer breaks the handshake (a
+withheld status, or an encoded upgrade); 2 another failure (unreachable,
+refused, TLS), explained. Header values, query and path-parameter values and
+userinfo are never printed.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ from pathlib import Path
 
 from wsencode.report import printable
 
-from .attempt import BROWSER_CODINGS, SPEAKERS, Handshake
+from .attempt import BROWSER_CODINGS, SPEAKERS, TRANSPORT_NAMES, Handshake
 from .proxy import Attempt, ProbeProxy, Runner, start_all
-from .target import Target, parse_or_say, reach_and_say
-from .verdict import OTHER, Verdict, judge, status_line
+from .target import Reach, Target, parse_or_say, reach_and_say
+from .verdict import OTHER, Verdict, judge, names, status_line
 
 LOOPBACK_ENV = "WSENCODE_LOOPBACK_ONLY"  # "1": the probe's proxy reaches loopback only (tests, the lab)
 
@@ -66,6 +68,19 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         help="seconds each attempt waits for its status, then for a message (default 5)")
     parser.add_argument("--loopback-only", action="store_true", default=os.environ.get(LOOPBACK_ENV) == "1",
                         help=f"the proxy connects to loopback addresses only (tests and the lab; also {LOOPBACK_ENV}=1)")
+    parser.add_argument("--h3", action="store_true",
+                        help="look for HTTP/3 on the URL's port (UDP) even where no Alt-Svc: h3 offers it")
+
+
+def proxy_modes(target: Target, found: Reach, h3: bool) -> tuple[dict[str, str], list[str]]:
+    """A proxy's reverse modes (ProbeProxy's upstreams) and the options they need: the target over
+    TCP and, with `h3`, an HTTP/3 listener in front of the target's HTTP/3 where that carries
+    WebSockets, else in front of its TCP side (ws_encode_h3_upstream=tcp: HTTP/2 or HTTP/1.1)."""
+    if not h3:
+        return {"target": target.upstream}, []
+    if found.h3.rfc9220:
+        return {"target": target.upstream, "h3": target.upstream_h3(found.h3.port)}, []
+    return {"target": target.upstream, "h3": target.upstream_h3(target.port)}, ["--set", "ws_encode_h3_upstream=tcp"]
 
 
 def handshakes(target: Target, transports: list[str], args: argparse.Namespace) -> list[Handshake]:
@@ -98,18 +113,20 @@ async def probe(target: Target, args: argparse.Namespace, out=sys.stdout) -> int
     say(f"ws-encode probe of {target.url} (ws_encode_stall={stall_after:g} s; attempts give up after "
         f"{args.timeout:g} s)")
     if args.header or target.authorization:
-        names = sorted({k.lower() for k, _ in args.header} | ({"authorization"} if target.authorization else set()))
-        say(f"  sending headers {', '.join(names)} (values not shown)")
-    found = await reach_and_say(target, args.insecure, args.timeout, say, f"verdict: cannot probe {target.url}")
+        sent = {k.lower() for k, _ in args.header} | ({"authorization"} if target.authorization else set())
+        say(f"  sending headers {', '.join(sorted(sent))} (values not shown)")
+    found = await reach_and_say(target, args.insecure, args.timeout, say, f"verdict: cannot probe {target.url}",
+                                args.h3)
     if found is None:
         return OTHER
-    transports = ["h2", "h1"] if found.rfc8441 else ["h1"]
-    skipped = "" if found.rfc8441 else "HTTP/2 not tried: " + (
-        "ws:// has no HTTP/2" if not target.tls else "the server does not offer RFC 8441 WebSockets")
+    transports, not_tried = found.transports(), found.not_tried(target)
+    say(f"  trying {names([TRANSPORT_NAMES[t] for t in transports])}, each with and without accept-encoding"
+        + "".join(f"; {reason}" for reason in not_tried))
     say()
     with tempfile.TemporaryDirectory(prefix="wsencode-probe-") as tmp:
         work = Path(tmp)
-        proxy = ProbeProxy(target.upstream, work / "report.jsonl", "--set", f"ws_encode_stall={stall_after}",
+        modes, options = proxy_modes(target, found, "h3" in transports)
+        proxy = ProbeProxy(modes, work / "report.jsonl", *options, "--set", f"ws_encode_stall={stall_after}",
                            flows=work / "flows.mitm" if args.bundle else None,
                            loopback_only=args.loopback_only, insecure=args.insecure)
         attempts: list[Attempt] = []
@@ -126,7 +143,7 @@ async def probe(target: Target, args: argparse.Namespace, out=sys.stdout) -> int
                 say(attempt_line(attempts[-1], args.timeout))
         finally:
             await proxy.stop()
-        verdict = judge(attempts, args.timeout, stall_after, skipped)
+        verdict = judge(attempts, args.timeout, stall_after, not_tried)
         records = proxy.records()
         say()
         say("records (the addon's own, as in its report):")
@@ -140,7 +157,7 @@ async def probe(target: Target, args: argparse.Namespace, out=sys.stdout) -> int
 
             try:
                 where = reporting.probe_bundle(args.bundle, work / "flows.mitm", records, attempts, target, verdict,
-                                               args, stall_after)
+                                               args, stall_after, not_tried)
             except (BundleError, reporting.DamagedFile, OSError) as e:
                 say(f"bundle not written: {printable(str(e))}")
                 verdict = Verdict(verdict.code or OTHER, verdict.text)

@@ -11,12 +11,11 @@ bound (head_limit.py).
 from __future__ import annotations
 
 import asyncio
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from mitmdump_proc import ADDON, LISTENING, LOOPBACK_ONLY, MITMDUMP
+from mitmdump_proc import LOOPBACK_ONLY
 from wslab.proxy import Proxy
 
 from . import attempt
@@ -27,37 +26,21 @@ HEAD_LIMIT = Path(__file__).resolve().parent / "head_limit.py"  # a server's end
 
 
 class ProbeProxy(Proxy):
-    """mitmdump in reverse mode in front of `upstream`, on a free port of 127.0.0.1."""
+    """mitmdump in reverse mode in front of `upstreams`: "target" (https:// or
+    http://) and, where HTTP/3 is tried, "h3" (http3://), on free ports of 127.0.0.1."""
 
-    def __init__(self, upstream: str, report: Path, *options: str, flows: Path | None = None,
+    def __init__(self, upstreams: dict[str, str], report: Path, *options: str, flows: Path | None = None,
                  loopback_only: bool = False, insecure: bool = False) -> None:
-        super().__init__({"target": upstream}, report, *options, flows=flows)
-        self.guards = ["-s", str(LOOPBACK_ONLY)] if loopback_only else []
-        self.guards += ["--ssl-insecure"] if insecure else []
+        super().__init__(upstreams, report, *options, flows=flows)
+        self._guards = ["-s", str(LOOPBACK_ONLY)] if loopback_only else []
+        self._guards += ["--ssl-insecure"] if insecure else []
 
-    @property
-    def port(self) -> int:
-        return self.ports["target"]
+    def guards(self) -> list[str]:
+        return self._guards + ["-s", str(HEAD_LIMIT)]
 
-    async def start(self) -> ProbeProxy:
-        """mitmdump on a port of the system's choice (0), as it says once it listens."""
-        self.lines = []
-        self._proc = await asyncio.create_subprocess_exec(
-            str(MITMDUMP), "--listen-host", "127.0.0.1", "--mode", f"reverse:{self.upstreams['target']}",
-            "-p", "0", "--set", "flow_detail=0", *self.guards, "-s", str(HEAD_LIMIT), "-s", str(ADDON),
-            "--set", f"ws_encode_report={self.report}", *self.options,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )
-        self._reader = asyncio.create_task(self._read())
-
-        def listening() -> re.Match | None:
-            return next((m for line in self.lines if (m := LISTENING.search(line.encode()))), None)
-
-        if await self._until(listening, 30):
-            self.ports = {"target": int(listening().group(1))}
-            return self
-        await self.stop()
-        raise RuntimeError("mitmdump did not start:\n" + "\n".join(self.lines))
+    def port_for(self, transport: str) -> int:
+        """Where a client of this transport connects: HTTP/3 on its UDP port, the others on TCP."""
+        return self.ports["h3" if transport == "h3" else "target"]
 
 
 async def start_all(proxies: list[ProbeProxy]) -> str | None:
@@ -117,7 +100,7 @@ class Runner:
     async def run(self, shake: Handshake) -> Attempt:
         async with self._turns[shake.transport, shake.offer]:
             before = len(self._records(shake, "handshake"))
-            seen = await attempt.run(self.proxy.port, shake, self.timeout)
+            seen = await attempt.run(self.proxy.port_for(shake.transport), shake, self.timeout)
             await self.proxy._until(lambda: len(self._records(shake, "handshake")) > before, RECORD_WAIT)
             ends = self._records(shake, "handshake")
             record = ends[before] if len(ends) > before else None

@@ -1,14 +1,16 @@
 """Make a bundle's handshakes again against a server: is the recorded stall still there?
 
-    scripts/replay BUNDLE_DIR --target wss://example.com [--timeout 5] [--insecure]
+    scripts/replay BUNDLE_DIR --target wss://example.com [--timeout 5] [--insecure] [--h3]
 
 Each handshake of the bundle goes again, the same way (transport, headers
 minus the redacted ones, accept-encoding offer, who speaks first), through
 mitmdump with the addon in front of the target, once under
 `ws_encode_policy=observe` and once under `strip`; per handshake it prints what
-was recorded and what happens now. The recorded path is kept, without the
-query and path-parameter items whose values were redacted, unless the target
-URL names a path of its own. Exit status: 0 when no recorded stall recurs
+was recorded and what happens now. An HTTP/3 handshake goes to the proxy over
+HTTP/3 again, and on to the target's HTTP/3 where that carries WebSockets
+(offered in Alt-Svc, or found with --h3), else over TCP. The recorded path is
+kept, without the query and path-parameter items whose values were redacted,
+unless the target URL names a path of its own. Exit status: 0 when no recorded stall recurs
 (under observe), 1 when one does, 2 when the bundle cannot be read or the
 target cannot be reached.
 """
@@ -34,7 +36,7 @@ from wsencode.bundle import counted
 from wsencode.report import REDACTED, open_regular, printable, redact_path
 
 from .attempt import Handshake, TRANSPORT_NAMES
-from .probe import add_common, stall_threshold
+from .probe import add_common, proxy_modes, stall_threshold
 from .proxy import Attempt, ProbeProxy, Runner, start_all
 from .reporting import DamagedFile, read_flows
 from .target import Target, parse_or_say, reach_and_say
@@ -206,13 +208,21 @@ async def replay(folder: Path, target: Target, args: argparse.Namespace, out=sys
     say(f"ws-encode replay of {counted(len(handshakes), 'handshake')} from {printable(str(folder))} against "
         f"{target.url}, under "
         f"{' and '.join(POLICIES)} (ws_encode_stall={stall_after:g} s; attempts give up after {args.timeout:g} s)")
-    found = await reach_and_say(target, args.insecure, args.timeout, say, f"replay: cannot reach {target.url}")
+    h3 = any(h.shake.transport == "h3" for h in handshakes)
+    if h3 and not target.tls:
+        say(f"replay: cannot replay HTTP/3 handshakes against {target.url}: HTTP/3 needs TLS (wss://)")
+        return OTHER
+    found = await reach_and_say(target, args.insecure, args.timeout, say, f"replay: cannot reach {target.url}",
+                                args.h3)
     if found is None:
         return OTHER
     if not found.rfc8441 and any(h.shake.transport == "h2" for h in handshakes):
         say("  (HTTP/2 handshakes reach it through the proxy as HTTP/1.1 upgrades: it has no RFC 8441)")
+    if h3 and not found.h3.rfc9220:
+        say(f"  (HTTP/3 handshakes reach it through the proxy over TCP, as HTTP/2 or HTTP/1.1: {found.h3.describe()})")
+    modes, options = proxy_modes(target, found, h3)
     with tempfile.TemporaryDirectory(prefix="wsencode-replay-") as tmp:
-        proxies = {p: ProbeProxy(target.upstream, Path(tmp) / f"report-{p}.jsonl", "--set", f"ws_encode_policy={p}",
+        proxies = {p: ProbeProxy(modes, Path(tmp) / f"report-{p}.jsonl", *options, "--set", f"ws_encode_policy={p}",
                                  "--set", f"ws_encode_stall={stall_after}", loopback_only=args.loopback_only,
                                  insecure=args.insecure) for p in POLICIES}
         failed = await start_all(list(proxies.values()))

@@ -16,10 +16,10 @@ from mitmproxy import exceptions, http, io
 from wsencode.bundle import PROBE_KEY, runtime_environment, write_bundle
 from wsencode.report import open_regular, printable
 
-from .attempt import BROWSER_CODINGS
+from .attempt import BROWSER_CODINGS, TRANSPORT_NAMES
 from .proxy import Attempt
 from .target import Target
-from .verdict import Verdict, status_line
+from .verdict import Verdict, status_line, tried
 
 
 class DamagedFile(ValueError):
@@ -47,13 +47,14 @@ def attempts_table(attempts: Sequence[Attempt], timeout: float) -> list[str]:
     lines = ["| transport | accept-encoding | speaks first | the client saw | record |", "|" + " --- |" * 5]
     for a in attempts:
         outcome = (a.record["outcome"] + (" ⌛" if a.stalled else "")) if a.record else "(none)"
-        lines.append(f"| {a.shake.transport} | {'offered' if a.shake.offer else 'none'} | {a.shake.speaker} "
+        offer = "offered" if a.shake.offer else "none"
+        lines.append(f"| {TRANSPORT_NAMES[a.shake.transport]} | {offer} | {a.shake.speaker} "
                      f"| {status_line(a, timeout)} | {outcome} |")
     return lines
 
 
 def probe_bundle(folder: Path, flows_file: Path, records: list[dict], attempts: Sequence[Attempt], target: Target,
-                 verdict: Verdict, args: argparse.Namespace, stall_after: float) -> Path:
+                 verdict: Verdict, args: argparse.Namespace, stall_after: float, not_tried: Sequence[str]) -> Path:
     flows = read_flows(flows_file)
     by_id = {f.id: f for f in flows}
     for a in attempts:
@@ -65,8 +66,9 @@ def probe_bundle(folder: Path, flows_file: Path, records: list[dict], attempts: 
         "probe --timeout": f"{args.timeout:g}", "offered": BROWSER_CODINGS,
         "certificate checked": "no (--insecure)" if args.insecure else "yes",
     }
-    notes = [f"`scripts/probe` of {target.url}: {len(attempts)} attempts with and without `accept-encoding`, "
-             "each transport once with the client speaking first and once waiting for the server."]
+    notes = [f"`scripts/probe` of {target.url}: {len(attempts)} attempts over {tried(attempts)}, with and without "
+             "`accept-encoding`, each transport once with the client speaking first and once waiting for the "
+             "server." + "".join(f" {reason}." for reason in not_tried)]
     if target.authorization:
         notes.append("The URL's userinfo went as an `authorization: Basic` header (redacted below).")
     ab = [f"verdict: {verdict.text}", ""] + attempts_table(attempts, args.timeout)

@@ -84,14 +84,24 @@ def _failure(attempts: Sequence[Attempt], timeout: float, stall_after: float) ->
     return ", ".join(reasons)
 
 
-def judge(attempts: Sequence[Attempt], timeout: float, stall_after: float, skipped: str = "") -> Verdict:
-    """The verdict over all attempts, by transport: the offer's side against the other."""
+def names(named: Sequence[str]) -> str:
+    """'HTTP/2', 'HTTP/2 and HTTP/1.1', 'HTTP/2, HTTP/3 and HTTP/1.1'."""
+    return ", ".join(named[:-1]) + f" and {named[-1]}" if len(named) > 1 else "".join(named)
+
+
+def tried(attempts: Sequence[Attempt]) -> str:
+    """The transports the attempts went over: 'HTTP/2, HTTP/3 and HTTP/1.1'."""
+    return names([n for t, n in TRANSPORT_NAMES.items() if any(a.shake.transport == t for a in attempts)])
+
+
+def judge(attempts: Sequence[Attempt], timeout: float, stall_after: float, not_tried: Sequence[str] = ()) -> Verdict:
+    """The verdict over all attempts, by transport: the offer's side against the other. `not_tried`:
+    why a transport was left out, one phrase each."""
     stalls, encoded, other, fine = [], [], [], []
-    for transport in ("h2", "h1"):  # HTTP/2 first: where the encoder's hold turns into a deadlock
+    for transport, name in TRANSPORT_NAMES.items():  # HTTP/2 and HTTP/3 first: where a held 200 deadlocks
         mine = [a for a in attempts if a.shake.transport == transport]
         if not mine:
             continue
-        name = TRANSPORT_NAMES[transport]
         offered = [a for a in mine if a.shake.offer]
         plain = [a for a in mine if not a.shake.offer]
         if not all(healthy(a, stall_after) for a in plain):
@@ -109,22 +119,23 @@ def judge(attempts: Sequence[Attempt], timeout: float, stall_after: float, skipp
             fine.append((name, mine))
     parts = []
     if stalls:
-        names = " and ".join(n for n, _ in stalls)
-        parts.append(f"this server withholds the {names} WebSocket status while accept-encoding is offered: "
+        parts.append(f"this server withholds the {names([n for n, _ in stalls])} WebSocket status while "
+                     "accept-encoding is offered: "
                      + "; ".join(f"{n}: {t}" if len(stalls) > 1 else t for n, t in stalls))
     if encoded:
-        names = " and ".join(n for n, _ in encoded)
-        parts.append(f"this server encodes the {names} WebSocket handshake response while accept-encoding is "
-                     "offered, so its messages arrive compressed: " + "; ".join(t for _, t in encoded))
+        parts.append(f"this server encodes the {names([n for n, _ in encoded])} WebSocket handshake response while "
+                     "accept-encoding is offered, so its messages arrive compressed: "
+                     + "; ".join(t for _, t in encoded))
     if parts:
         parts += [f"over {n} the status came in {seconds(max(a.seen.status_s for a in m))} either way"
                   for n, m in fine]
-        return Verdict(ENCODING, "; ".join(parts + other) + _also(skipped))
+        return Verdict(ENCODING, "; ".join(parts + other) + _also(not_tried))
     if other:
-        return Verdict(OTHER, "no stall attributable to encoding, but " + "; ".join(other) + _also(skipped))
+        return Verdict(OTHER, "no stall attributable to encoding, but " + "; ".join(other) + _also(not_tried))
     slowest = max(a.seen.status_s for a in attempts)
-    return Verdict(NO_STALL, f"no stall: status in {seconds(slowest)} on every attempt" + _also(skipped))
+    return Verdict(NO_STALL, f"no stall: status in {seconds(slowest)} on every attempt over {tried(attempts)}"
+                   + _also(not_tried))
 
 
-def _also(skipped: str) -> str:
-    return f" ({skipped})" if skipped else ""
+def _also(not_tried: Sequence[str]) -> str:
+    return f" ({'; '.join(not_tried)})" if not_tried else ""
