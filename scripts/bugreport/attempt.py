@@ -19,7 +19,7 @@ from wsproto.events import AcceptConnection, CloseConnection, Message, RejectCon
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from wsencode.report import printable
-from wslab.clients import BROWSER_CODINGS, h1_event
+from wslab.clients import BROWSER_CODINGS, cancel, h1_event
 
 # Set by the client itself: a user's copy would clash with it or break the
 # upgrade. (":protocol": a recorded HTTP/2 flow shows its extended CONNECT's.)
@@ -122,7 +122,8 @@ async def extended_connect_handshake(client: h2ws.H2WebSocketClient | h3ws.H3Web
         try:
             seen.status = await ws.wait_status(timeout)
         except asyncio.TimeoutError:
-            return seen  # (closing the connection ends the stream: see wslab.clients.extended_connect_client)
+            await cancel(ws)
+            return seen
         seen.status_s = time.monotonic() - sent
         seen.content_encoding = dict(ws.response_headers).get("content-encoding")
         if not seen.upgraded:

@@ -49,6 +49,16 @@ async def h3_client(port: int, path: str, speaker: str, accept_encoding: str | N
     return await extended_connect_client(client, path, speaker, accept_encoding, give_up, gate)
 
 
+async def cancel(ws: h2ws.ClientWebSocket | h3ws.ClientWebSocket) -> None:
+    """Cancel a WebSocket whose status never came, as a browser does: its stream reset, and the
+    connection to be closed right after, reading nothing more. Over HTTP/3 the peer answers the
+    reset with STOP_SENDING, which aioquic 1.2 asserts on when it reads it (a reset already sent)."""
+    await ws.reset()
+    # h3ws sends the reset from a callback it has just scheduled, which runs before this resumes;
+    # a QUIC connection that starts closing first would never send it.
+    await asyncio.sleep(0)
+
+
 async def extended_connect_client(client: h2ws.H2WebSocketClient | h3ws.H3WebSocketClient, path: str, speaker: str,
                                   accept_encoding: str | None, give_up: float, gate: asyncio.Semaphore) -> Seen:
     """One WebSocket by extended CONNECT: the h2ws and h3ws clients share this API."""
@@ -61,8 +71,7 @@ async def extended_connect_client(client: h2ws.H2WebSocketClient | h3ws.H3WebSoc
         try:
             status = await ws.wait_status(give_up)
         except asyncio.TimeoutError:
-            # Closing the connection ends the stream too; an HTTP/3 stream reset here is answered
-            # with STOP_SENDING, which aioquic 1.2 asserts on (a reset already sent).
+            await cancel(ws)
             return Seen("gave up")
         seen = Seen("", status, time.monotonic() - sent, dict(ws.response_headers).get("content-encoding"))
         if not 200 <= status < 300:
