@@ -26,19 +26,30 @@ PAGE = """<!doctype html>
 <body>
 <h1>ws-encode lab: <code>{behaviour}</code></h1>
 <p>{help}</p>
-<p>WebSocket <code>/greet</code>: <b id="greet">opening…</b></p>
+<p>This page opens a WebSocket to <code>/greet</code>, whose server speaks first: with
+<code>?after=N</code> in this page's address it waits N seconds before it does. The browser waits
+for the handshake's status before anything else: an encoder that holds that status until the
+body starts holds this page too.</p>
+<p><b id="greet">opening the WebSocket…</b></p>
 <p><a href="/stream">/stream</a> is a streamed response; <code>/echo</code> echoes what a client sends first.</p>
 <h2>Behaviours</h2>
 <dl>{behaviours}</dl>
 <script>
 const out = document.getElementById("greet");
 const query = new URLSearchParams(location.search);
-const ws = new WebSocket(`wss://${{location.host}}/greet?after=${{query.get("after") || 0}}`);
-const report = (what) => {{ out.textContent = what; fetch("/result?" + what); }};
+const after = Number(query.get("after") || 0);
+const started = performance.now();
+const seconds = () => ((performance.now() - started) / 1000).toFixed(1);
+let state = "waiting for the handshake's status";
+const tick = setInterval(() => {{ out.textContent = `${{state}}: ${{seconds()}} s so far`; }}, 100);
+const ws = new WebSocket(`wss://${{location.host}}/greet?after=${{after}}`);
+const report = (what, words) => {{ clearInterval(tick); out.textContent = words; fetch("/result?" + what); }};
+ws.onopen = () => {{ state = `open after ${{seconds()}} s; waiting for the server to speak (it waits ${{after}} s)`; }};
 // The socket stays open: hypercorn can drop the whole connection on a frame
 // for a stream it has closed, and the report shares that connection.
-ws.onmessage = (e) => report("greet=" + encodeURIComponent(e.data));
-ws.onerror = () => report("error=1");
+ws.onmessage = (e) => report("greet=" + encodeURIComponent(e.data),
+                             `the server said "${{e.data}}", ${{seconds()}} s after the page opened the WebSocket`);
+ws.onerror = () => report("error=1", `the WebSocket failed after ${{seconds()}} s`);
 </script>
 </body></html>
 """
