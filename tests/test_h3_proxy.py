@@ -308,3 +308,27 @@ def test_each_websocket_of_an_h3_client_gets_an_http1_connection_of_its_own(cert
     echoes, targets, md = run(scenario())
     assert echoes == ["one", "two"] and sorted(targets) == ["/one", "/two"]
     assert "has crashed" not in md.log
+
+
+def test_a_handshake_waiting_for_the_upstreams_quic_handshake_is_stuck_in_tls(cert, report):
+    """An HTTP/3 upstream that never answers QUIC: the stall is the proxy's
+    own wait (`stuck_in: tls`, the QUIC handshake), never blamed on the
+    upstream or an encoder."""
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        silent, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0))
+        try:
+            port = silent.get_extra_info("sockname")[1]
+            async with reverse_h3(port, "--set", "connection_strategy=lazy", report=report) as md:
+                client = await h3_client(md)
+                ws = await client.open_websocket("/chat", AUTHORITY, headers=[("accept-encoding", "gzip")])
+                stall = await md.wait_for_record(event="stall")
+                await ws.reset()
+                await client.close()
+                return stall
+        finally:
+            silent.close()
+
+    stall = run(scenario())
+    assert stall["stuck_in"] == "tls" and stall["waited_s"] is None and stall["upstream_transport"] is None
+    assert "neither the upstream nor an encoder is the cause" in stall["diagnosis"]

@@ -15,10 +15,10 @@ STRIP_HINT = "retry with ws_encode_policy=strip to confirm"
 # Where a handshake that never reached the upstream is held, and why.
 HELD_IN_PROXY = {
     Stage.CONNECTING: "still connecting to the upstream",
-    Stage.TLS: "still in the TLS handshake with the upstream",
+    Stage.TLS: "still in the TLS handshake with the upstream (for an HTTP/3 upstream, its QUIC handshake)",
     Stage.SETTINGS: (
-        "waiting for the HTTP/2 upstream's first SETTINGS frame, which must come before an "
-        "extended CONNECT (RFC 8441 section 3)"
+        "waiting for the HTTP/2 or HTTP/3 upstream's first SETTINGS, which must come before an "
+        "extended CONNECT (RFC 8441 section 3, RFC 9220 section 3)"
     ),
     Stage.QUEUED: (
         "queued inside the proxy (behind the upstream connection's MAX_CONCURRENT_STREAMS, "
