@@ -31,7 +31,7 @@ from wsencode.core.lifecycle import EndCause, Stage  # noqa: E402
 from wsencode.core.policy import EncodingPolicy  # noqa: E402
 from wsencode.core.stallwatch import StallWatch  # noqa: E402
 from wsencode.core.streamfacts import facts_of  # noqa: E402
-from wsencode.mitm import bundling, flowview, options  # noqa: E402
+from wsencode.mitm import bundling, eventstream, flowview, options  # noqa: E402
 from wsencode.mitm.commands import Commands  # noqa: E402
 from wsencode.mitm.output import Output, WaitingLine  # noqa: E402
 from wsencode.report import printable, redact_url  # noqa: E402
@@ -54,6 +54,7 @@ class WsEncode:
         self.output, self.waiting_line = Output(), WaitingLine(self.handshakes, lambda: self.clock(), _call_later)
         self.bridge, self.opening, self.at_exit = Bridge(), flowview.Opening(), bundling.AtExit()
         self.h2 = self.h3 = True  # what new client connections are offered (ws_encode_h2, ws_encode_h3)
+        self.event_streams = True  # ws_encode_event_streams
         self.updated: list[http.HTTPFlow] = []  # stalled flows whose update hook is due
         self._configured = False
         self.commands = Commands(self)
@@ -67,7 +68,8 @@ class WsEncode:
         if handed is not None:  # the script was reloaded while handshakes waited: follow them on
             delattr(ctx.master, HANDOFF)
             handoff, flows = handed
-            self.handshakes.take_over(handoff, lambda flow_id: flowview.classified(flows.get(flow_id)))
+            # (whatever the option says now: the earlier copy followed these)
+            self.handshakes.take_over(handoff, lambda flow_id: flowview.classified(flows.get(flow_id), event_streams=True))
             self.flows.update((i, flows[i]) for i in self.handshakes.waiting)
 
     def configure(self, updated: set[str]) -> None:
@@ -87,6 +89,7 @@ class WsEncode:
         self.policy = values.get("ws_encode_policy", self.policy)
         self.codings = values.get("ws_encode_codings", self.codings)
         self.filter = values.get("ws_encode_filter", self.filter)
+        self.event_streams = values.get("ws_encode_event_streams", self.event_streams)
         if "ws_encode_stall" in values:
             self.handshakes.stall_after_changed(values["ws_encode_stall"])
         if "ws_encode_bundle" in values:
@@ -115,7 +118,7 @@ class WsEncode:
         # has been waiting since, wherever the handshake gets stuck next.
         if f.response or not f.live:
             return
-        found = flowview.classified(f)
+        found = flowview.classified(f, self.event_streams)
         if found is None or not flowview.matches(f, self.filter):
             return
         handshake, facts = found
@@ -145,8 +148,15 @@ class WsEncode:
 
     def responseheaders(self, f: http.HTTPFlow) -> None:
         followed = self.handshakes.get(f.id)
-        if followed is not None and followed.facts.noted_by_hooks and f.response is not None:
+        if followed is None or f.response is None:
+            return
+        if followed.facts.noted_by_hooks:
             followed.facts.answer_status = followed.facts.upstream_status = f.response.status_code
+        if not followed.progress.handshake.is_websocket and eventstream.is_event_stream(f.response):
+            # Streamed, its head goes out once every addon has had this hook,
+            # and each event as it comes (the update hook times them).
+            f.response.stream = f.response.stream or True
+            self.handshakes.answered(f.id, flowview.upstream_transport(f.server_conn), False)
 
     def response(self, f: http.HTTPFlow) -> None:
         followed = self.handshakes.get(f.id)
@@ -166,8 +176,16 @@ class WsEncode:
         self.handshakes.watch.fire_due()
         for f in flows:
             followed = self.handshakes.get(f.id)
-            if followed is not None and followed.answered and not f.intercepted:
-                self._deliver(followed, f)
+            if followed is None or not followed.answered or f.intercepted:
+                continue
+            if followed.progress.status is None:
+                if f.response is not None and f.response.stream and not followed.progress.handshake.is_websocket:
+                    # (wrapping any stream function an addon after this one set)
+                    eventstream.pass_through(f, followed.facts, lambda f=f: self._call_update(f))
+                if f.response is None or f.response.stream or f.response.timestamp_end is not None:
+                    self._deliver(followed, f)  # (a response not streamed goes out at its end)
+            else:
+                self._stream_went_on(followed, f)
 
     def websocket_start(self, f: http.HTTPFlow) -> None:
         followed = self.handshakes.get(f.id)
@@ -206,7 +224,12 @@ class WsEncode:
         if record is None:
             return
         self.output.stalled(f, record)
-        # One update hook for all the stalls of this turn of the event loop.
+        self._call_update(f)
+
+    def _call_update(self, f: http.HTTPFlow) -> None:
+        """The update hook for `f` (a stall shown, an event stream's first
+        event), with every other flow's of this turn of the event loop: the
+        copy of the addon loaded by then takes what an event stream noted."""
         self.updated.append(f)
         if len(self.updated) == 1:
             try:
@@ -218,12 +241,25 @@ class WsEncode:
         flows, self.updated = self.updated, []
         ctx.master.addons.trigger(hooks.UpdateHook(flows))
 
+    def _stream_went_on(self, followed: FollowedHandshake, f: http.HTTPFlow) -> None:
+        """An opened event stream: its first event went through, or it ended without one."""
+        if followed.facts.first_event_at is not None:
+            record = self.handshakes.first_event(f.id, followed.facts.first_event_at)
+        elif f.response is not None and f.response.timestamp_end is not None:
+            record = self.handshakes.ended(f.id, EndCause.UPSTREAM_CLOSED, Stage.DONE, self.clock(), None)
+        else:
+            return
+        if record is not None:
+            self.flows.pop(f.id, None)
+            self.output.finished(f, record)
+
     def _deliver(self, followed: FollowedHandshake, f: http.HTTPFlow) -> None:
         if f.error is not None or f.response is None:  # killed, or failed, after its response hooks
             self._end(f.id, flowview.end_cause(f, followed.facts))
             return
         content_encoding = flowview.header(f.response.headers, "content-encoding")  # as the upstream sent it
-        if followed.progress.handshake.is_success(f.response.status_code):
+        handshake = followed.progress.handshake
+        if handshake.is_websocket and handshake.is_success(f.response.status_code):
             self.policy.apply_to_success(f.response.headers)
         record = self.handshakes.delivered(f.id, f.response.status_code, content_encoding, self.clock())
         if record is not None:

@@ -86,7 +86,7 @@ def opens_websocket(request: http.Request) -> bool:
         return False
     facts = facts_of(request)
     handshake = facts.handshake if facts is not None and facts.handshake is not None else classify(request)
-    return handshake is not None and not handshake.malformed
+    return handshake is not None and handshake.is_websocket and not handshake.malformed
 
 
 def is_extended_connect(request: http.Request) -> bool:

@@ -319,7 +319,8 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
     # -- where a handshake is upstream --
 
     def make_server_connection(self) -> layer.CommandGenerator[bool]:
-        if facts_of(self.flow.request) is None:
+        facts = facts_of(self.flow.request)
+        if facts is None or (facts.handshake is not None and not facts.handshake.is_websocket):  # (an event stream: a request)
             return (yield from super().make_server_connection())
         # (an HTTP/1.1 client's own connection is for its one WebSocket: mitmproxy's choice stands)
         get = GetWebSocketConnection if self.context.client.alpn == b"h2" or self._h3_client() else http_layers.GetHttpConnection

@@ -1,4 +1,5 @@
-"""Sentences that tell a person what happened to a handshake and what to try.
+"""Sentences that tell a person what happened to a handshake (or an event
+stream's opening) and what to try.
 
 Pure functions of a handshake's `Progress`, where it is (`Stage`) and the
 encoding it was sent with. They name headers and the `accept-encoding`/
@@ -52,16 +53,33 @@ def _held(progress: Progress, stage: Stage) -> str:
     return HELD_IN_PROXY[stage]
 
 
+def _noun(progress: Progress) -> str:
+    return "WebSocket handshake" if progress.handshake.is_websocket else "event-stream request"
+
+
+def _status(progress: Progress) -> str:
+    """What the client waits for: a status, or an event stream's response head."""
+    return "status" if progress.handshake.is_websocket else "response head"
+
+
 def stall(progress: Progress, stage: Stage, now: float, accept_encoding: str | None) -> str:
     """Why the status is still missing, said while the client waits."""
     received = progress.received(now)
     waited = progress.waited(now)
     if stage is not Stage.FORWARDED or waited is None:
         return (
-            f"{_malformed_prefix(progress)}Stall: no status {received:.1f} s after the proxy received "
-            f"the WebSocket handshake, which is {_held(progress, stage)}: the upstream has not had it "
+            f"{_malformed_prefix(progress)}Stall: no {_status(progress)} {received:.1f} s after the proxy received "
+            f"the {_noun(progress)}, which is {_held(progress, stage)}: the upstream has not had it "
             "yet, so neither the upstream nor an encoder is the cause."
         )
+    if not progress.handshake.is_websocket:
+        head = f"Stall: no response head {waited:.1f} s after an event-stream request that {_offered(accept_encoding)} was forwarded"
+        if accept_encoding:
+            return (
+                f"{head}: an encoding layer upstream is probably holding the head until enough of "
+                f"the stream's body has come to compress; {STRIP_HINT}."
+            )
+        return f"{head}: the upstream is slow to open the stream; the request offered no encoding, so an encoder is not the cause."
     head = (
         f"{_malformed_prefix(progress)}Stall: no status {waited:.1f} s after a WebSocket "
         f"handshake that {_offered(accept_encoding)} was forwarded, and "
@@ -136,6 +154,48 @@ def _upgraded(progress: Progress, now: float, accept_encoding: str | None) -> st
     return f"Upgraded after {waited:.2f} s; nothing withheld the status."
 
 
+def _first_event(progress: Progress, now: float) -> str:
+    if progress.first_event_s is not None:
+        return f"the first event came {progress.first_event_s:.2f} s after the head"
+    head_at = progress.status_at if progress.status_at is not None else now
+    until = progress.ended_at if progress.ended_at is not None else now
+    ended = "" if progress.end_cause is None else f" before {_ENDED_BY.get(progress.end_cause, 'it ended')}"
+    return f"no event came in the {max(0.0, until - head_at):.1f} s after the head{ended}"
+
+
+_ENDED_BY = {
+    EndCause.CLIENT_GONE: "the client left",
+    EndCause.UPSTREAM_CLOSED: "the upstream ended it",
+    EndCause.PROXY_STOPPED: "the proxy stopped",
+    EndCause.KILLED: "it was killed in the proxy",
+    EndCause.PROXY_RESET: "the proxy reset it",
+}
+
+
+def _opened(progress: Progress, now: float, accept_encoding: str | None) -> str:
+    """An event stream's record: its head came; when did its first event?"""
+    waited = _seconds(progress, now)
+    if (in_proxy := _answered_in_proxy(progress, "Opened")) is not None:
+        return in_proxy
+    first = _first_event(progress, now)
+    if progress.content_encoding:
+        return (
+            f"Opened after {waited:.2f} s, but the event stream carries content-encoding: "
+            f"{progress.content_encoding}, and {first}: an encoding layer upstream compresses it, and "
+            "unless it flushes every event the client gets them late or in bursts "
+            "(ws_encode_policy=strip stops the offer, to confirm)."
+        )
+    if progress.stalled:
+        cause = (
+            f"an encoding layer holding the head is likely since the request "
+            f"{_offered(accept_encoding)}; {STRIP_HINT}"
+            if accept_encoding
+            else "the upstream was slow; no encoding was offered"
+        )
+        return f"Opened late: the head came {waited:.1f} s after forwarding, {cause}; {first}."
+    return f"Opened after {waited:.2f} s, and {first}; nothing withheld the head."
+
+
 def _rejected(progress: Progress) -> str:
     if progress.answered_by is AnsweredBy.PROXY:
         return (
@@ -151,6 +211,8 @@ def _rejected(progress: Progress) -> str:
             f"The upstream refused the handshake with status {progress.status}, "
             "probably because the request is malformed."
         )
+    if not progress.handshake.is_websocket:
+        return f"The upstream answered the event-stream request with status {progress.status}: no stream opened."
     return (
         f"The upstream refused the upgrade with status {progress.status}: the "
         "endpoint does not accept WebSockets here, or refused this client."
@@ -161,44 +223,45 @@ def _no_status(progress: Progress, stage: Stage, now: float, accept_encoding: st
     stalled = " (reported as a stall)" if progress.stalled else ""
     waited = progress.waited(now)
     received = progress.received(now)
+    no, it = f"No {_status(progress)}", "handshake" if progress.handshake.is_websocket else "request"
     match progress.end_cause:
         case EndCause.CLIENT_GONE:
             why = (
                 "the client gave up"
                 + (f" after {received:.1f} s" if received >= 0.05 else "")
-                + f" without a status{stalled}"
+                + f" without a {_status(progress)}{stalled}"
             )
             if stage in HELD_IN_PROXY:
-                return f"No status: {why}, while the handshake was {_held(progress, stage)}."
+                return f"{no}: {why}, while the {it} was {_held(progress, stage)}."
             hint = (
                 f"; the request {_offered(accept_encoding)}, so an encoder holding "
-                f"the status is a likely cause — {STRIP_HINT}"
+                f"the {_status(progress)} is a likely cause — {STRIP_HINT}"
                 if accept_encoding and progress.stalled
                 else ""
             )
-            return f"No status: {why}{hint}."
+            return f"{no}: {why}{hint}."
         case EndCause.UPSTREAM_CLOSED if waited is not None:
             return (
-                f"No status: the upstream closed or reset the connection {waited:.1f} s "
-                f"after the handshake was forwarded, without answering it{stalled}."
+                f"{no}: the upstream closed or reset the connection {waited:.1f} s "
+                f"after the {it} was forwarded, without answering it{stalled}."
             )
         case EndCause.UPSTREAM_CLOSED:
-            return f"No status: the upstream connection failed before the handshake was sent{stalled}."
+            return f"{no}: the upstream connection failed before the {it} was sent{stalled}."
         case EndCause.UPSTREAM_UNREACHABLE:
-            return "No status: the proxy could not connect to the upstream."
+            return f"{no}: the proxy could not connect to the upstream."
         case EndCause.PROXY_RESET:
-            return f"No status: the proxy itself reset the stream ({progress.end_reason}){stalled}."
+            return f"{no}: the proxy itself reset the stream ({progress.end_reason}){stalled}."
         case EndCause.KILLED:
             answer = (
                 "" if progress.upstream_status is None
                 else f", after the upstream had answered {progress.upstream_status}"
             )
             return (
-                f"No status: the flow was killed in the proxy (by another addon or the user) "
+                f"{no}: the flow was killed in the proxy (by another addon or the user) "
                 f"{received:.1f} s after it arrived{answer}{stalled}."
             )
         case _:
-            return f"No status: the proxy stopped after {received:.1f} s of waiting{stalled}."
+            return f"{no}: the proxy stopped after {received:.1f} s of waiting{stalled}."
 
 
 def outcome(progress: Progress, stage: Stage, now: float, accept_encoding: str | None) -> str:
@@ -207,6 +270,8 @@ def outcome(progress: Progress, stage: Stage, now: float, accept_encoding: str |
     match progress.phase:
         case Phase.UPGRADED:
             text = _upgraded(progress, now, accept_encoding)
+        case Phase.OPENED:
+            text = _opened(progress, now, accept_encoding)
         case Phase.REJECTED:
             text = _rejected(progress)
         case _:

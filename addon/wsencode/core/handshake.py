@@ -1,4 +1,5 @@
-"""What a WebSocket handshake is, read from a request's headers alone.
+"""What a WebSocket handshake is, read from a request's headers alone; and
+an event-stream opening, which the addon follows the same way.
 
 Pure functions, no I/O and no mitmproxy state: `classify` is called for every
 request, so it answers `None` for ordinary traffic as cheaply as it can.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..report import printable
+from .records import EVENT_STREAM, WEBSOCKET
 
 
 class Transport(str, enum.Enum):
@@ -54,17 +56,19 @@ class Request(Protocol):
 # extended CONNECT's `:protocol`, which the flow keeps as a header field).
 _UPGRADE, _CONNECTION, _KEY, _VERSION = b"upgrade", b"connection", b"sec-websocket-key", b"sec-websocket-version"
 _PROTOCOL = b":protocol"
+_ACCEPT = b"accept"
 _READ = frozenset({_UPGRADE, _CONNECTION, _KEY, _VERSION, _PROTOCOL})
+_READ_WITH_ACCEPT = _READ | {_ACCEPT}
 
 
-def _handshake_headers(headers: Headers) -> dict[bytes, list[str]]:
+def _handshake_headers(headers: Headers, read: frozenset[bytes] = _READ) -> dict[bytes, list[str]]:
     """Each of the headers a handshake is read from that `headers` has, with
     all its values in order, decoded as mitmproxy decodes them: one pass over
     the fields for every request, most of which are not handshakes."""
     found: dict[bytes, list[str]] = {}
     for name, value in headers.fields:
         name = name.lower()
-        if name in _READ:
+        if name in read:
             found.setdefault(name, []).append(value.decode("utf-8", "surrogateescape"))
     return found
 
@@ -88,6 +92,10 @@ class Form(enum.Enum):
 
     UPGRADE = "upgrade"  # HTTP/1.1: GET with Upgrade: websocket (RFC 6455)
     EXTENDED_CONNECT = "extended CONNECT"  # HTTP/2 and HTTP/3: CONNECT with :protocol (RFC 8441, RFC 9220)
+    # Not a WebSocket: a request that accepts text/event-stream (what
+    # EventSource sends), whose response head the same encoders hold back.
+    EVENT_STREAM = "event stream"
+
 
 
 @dataclass(frozen=True)
@@ -107,10 +115,20 @@ class Handshake:
     def malformed(self) -> bool:
         return bool(self.problems)
 
+    @property
+    def is_websocket(self) -> bool:
+        return self.form is not Form.EVENT_STREAM
+
+    @property
+    def kind(self) -> str:
+        """The record's `kind`."""
+        return WEBSOCKET if self.is_websocket else EVENT_STREAM
+
     def is_success(self, status: int) -> bool:
         """Whether `status`, as the client got it, completes this handshake:
         an upgrade switches protocols with 101; RFC 8441 and RFC 9220 answer
-        the extended CONNECT with any 2xx."""
+        the extended CONNECT with any 2xx, and an event stream opens with a
+        2xx head."""
         if self.form is Form.UPGRADE:
             return status == 101
         return 200 <= status < 300
@@ -154,16 +172,33 @@ def _h1_problems(method: str, headers: dict[bytes, list[str]], protocols: list[s
             yield problem
 
 
-def classify(request: Request, transport: Transport | None = None) -> Handshake | None:
+def accepts_event_stream(values: Iterable[str]) -> bool:
+    """Whether `Accept` asks for text/event-stream by name, with a q above
+    zero (`*/*`, which every navigation sends, does not count)."""
+    for item in (t for v in values for t in v.split(",")):
+        media, *params = item.split(";")
+        if media.strip().lower() != "text/event-stream":
+            continue
+        q = next((p.split("=", 1)[1].strip() for p in params if p.strip().lower().startswith("q=")), "1")
+        try:
+            if float(q) > 0:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def classify(request: Request, transport: Transport | None = None, event_streams: bool = False) -> Handshake | None:
     """The handshake `request` opens, or None if it opens none.
 
     HTTP/1.1: `Upgrade` lists websocket. HTTP/2 and HTTP/3: a CONNECT with
     `:protocol: websocket`, which the flow keeps as a header field. The
     transport is the connection's when the caller knows it (an HTTP/1.1
     client can write `HTTP/2.0` in its request line), else the request's
-    version.
+    version. With `event_streams`, a request that accepts
+    text/event-stream and opens no WebSocket opens an event stream.
     """
-    headers = _handshake_headers(request.headers)
+    headers = _handshake_headers(request.headers, _READ_WITH_ACCEPT if event_streams else _READ)
     transport = transport or transport_of(request.http_version)
     if _PROTOCOL in headers and request.method == "CONNECT":
         if [p.strip().lower() for p in headers[_PROTOCOL]] != ["websocket"]:
@@ -171,6 +206,17 @@ def classify(request: Request, transport: Transport | None = None) -> Handshake 
         problem = _version_problem(headers.get(_VERSION, []))
         return Handshake(transport, (problem,) if problem else (), Form.EXTENDED_CONNECT)
     protocols = _upgrade_protocols(headers.get(_UPGRADE, ()))
-    if "websocket" not in protocols:
-        return None
-    return Handshake(transport, tuple(_h1_problems(request.method, headers, protocols)))
+    if "websocket" in protocols:
+        return Handshake(transport, tuple(_h1_problems(request.method, headers, protocols)))
+    if _ACCEPT in headers and request.method != "CONNECT" and accepts_event_stream(headers[_ACCEPT]):
+        return Handshake(transport, form=Form.EVENT_STREAM)
+    return None
+
+
+def classify_event_stream(request: Request, transport: Transport) -> Handshake | None:
+    """The event stream `request` opens, for a request already known to open
+    no WebSocket (one pass over its fields for `Accept` alone)."""
+    accept = _handshake_headers(request.headers, frozenset({_ACCEPT})).get(_ACCEPT)
+    if accept and request.method != "CONNECT" and accepts_event_stream(accept):
+        return Handshake(transport, form=Form.EVENT_STREAM)
+    return None

@@ -22,7 +22,7 @@ from typing import Any
 
 from . import diagnosis
 from .handshake import Handshake, Transport
-from .lifecycle import EndCause, HandshakeEnded, Progress, Stage
+from .lifecycle import EndCause, HandshakeEnded, Phase, Progress, Stage
 from .policy import EncodingPolicy
 from .records import HANDSHAKE, STALL, Outcome, Record
 from .stallwatch import StallWatch
@@ -77,6 +77,7 @@ class FollowedHandshake:
             stuck_in=self.stage.value,
             received_s=round(progress.received(now), 3),
             diagnosis=text,
+            kind=progress.handshake.kind,
             outcome=outcome,
         )
 
@@ -85,14 +86,16 @@ class FollowedHandshake:
 class Summary:
     """Counts since the addon was loaded (and across reloads)."""
 
-    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (outcome, transport)
+    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (outcome, transport), WebSockets'
+    event_streams: Counter[tuple[str, str]] = field(default_factory=Counter)  # (outcome, transport)
     stalls: int = 0
     slowest_s: float | None = None  # the longest time to a status a client got
     slowest_url: str | None = None
 
     def note(self, followed: FollowedHandshake, now: float) -> None:
         progress = followed.progress
-        self.outcomes[progress.phase.value, followed.transport.value] += 1
+        counts = self.outcomes if progress.handshake.is_websocket else self.event_streams
+        counts[progress.phase.value, followed.transport.value] += 1
         if progress.status is not None:
             seconds = progress.received(now)
             if self.slowest_s is None or seconds > self.slowest_s:
@@ -139,6 +142,10 @@ class Handshakes:
     def longest_wait(self, now: float) -> float | None:
         return max((f.progress.received(now) for f in self.waiting.values() if not f.answered), default=None)
 
+    def without_status(self) -> int:
+        """How many still wait for a status (not an opened event stream's first event)."""
+        return sum(f.progress.status is None for f in self.waiting.values())
+
     # -- events ------------------------------------------------------------
 
     def received(self, flow_id: str, client_id: str, handshake: Handshake, facts: StreamFacts, now: float,
@@ -167,11 +174,29 @@ class Handshakes:
             followed.upstream_transport = upstream_transport
 
     def delivered(self, flow_id: str, status: int, content_encoding: str | None, now: float) -> Record | None:
-        """The client got `status`: the handshake's record."""
+        """The client got `status`: the handshake's record. An event stream
+        that opened has its record at its first event (`first_event`) or its
+        end: it stays followed, with no stall due."""
+        followed = self.waiting.get(flow_id)
+        if followed is None or followed.progress.status is not None:
+            return None
+        phase = followed.progress.status_arrived(status, now, content_encoding=content_encoding,
+                                                 bad_accept=followed.bad_accept)
+        if phase is Phase.OPENED:
+            followed.answered, followed.stage = True, Stage.DONE
+            self.watch.disarm(flow_id)
+            return None
+        return self._finish(followed, Stage.DONE, now)
+
+    def first_event(self, flow_id: str, now: float) -> Record | None:
+        """An opened event stream's first event went through: its record."""
         followed = self.waiting.get(flow_id)
         if followed is None:
             return None
-        followed.progress.status_arrived(status, now, content_encoding=content_encoding, bad_accept=followed.bad_accept)
+        try:
+            followed.progress.first_event(now)
+        except HandshakeEnded:
+            return None
         return self._finish(followed, Stage.DONE, now)
 
     def ended(self, flow_id: str, cause: EndCause, stage: Stage, now: float, upstream_transport: str | None,
@@ -184,7 +209,10 @@ class Handshakes:
             followed.progress.end(cause, now, reason)
         except HandshakeEnded:
             return None
-        followed.upstream_transport = upstream_transport
+        if followed.progress.phase is Phase.OPENED:  # its head reached the client: it is nowhere stuck
+            stage = Stage.DONE
+        else:
+            followed.upstream_transport = upstream_transport
         return self._finish(followed, stage, now)
 
     def stalled(self, flow_id: str, stage: Stage, now: float, upstream_transport: str | None) -> Record | None:
@@ -228,7 +256,10 @@ class Handshakes:
              "stalled": f.progress.stalled, "policy": f.policy.value, "url": f.url,
              "accept_encoding_client": f.accept_encoding_client,
              "accept_encoding_upstream": f.accept_encoding_upstream, "answered": f.answered,
-             "bad_accept": f.bad_accept}
+             "bad_accept": f.bad_accept, "upstream_transport": f.upstream_transport,
+             # an event stream that opened: its head (status, when, content-encoding)
+             "opened": None if f.progress.phase is not Phase.OPENED
+             else (f.progress.status, f.progress.status_at, f.progress.content_encoding)}
             for f in self.waiting.values()
         ]
         for flow_id in list(self.waiting):
@@ -248,12 +279,17 @@ class Handshakes:
             followed = FollowedHandshake(
                 item["flow_id"], item["client_id"], Progress(handshake, received_at=item["received_at"], facts=facts),
                 EncodingPolicy(item["policy"]), item["url"], item["accept_encoding_client"],
-                item["accept_encoding_upstream"], answered=item["answered"], bad_accept=item["bad_accept"],
+                item["accept_encoding_upstream"], item.get("upstream_transport"), answered=item["answered"],
+                bad_accept=item["bad_accept"],
             )
             if item["stalled"]:
                 followed.progress.stall()
             self._follow(followed)
-            if not followed.progress.stalled:
+            if item.get("opened"):
+                status, status_at, content_encoding = item["opened"]
+                followed.progress.status_arrived(status, status_at, content_encoding)
+                followed.stage = Stage.DONE
+            elif not followed.progress.stalled:
                 self._arm_from_receipt(followed)
 
     # -- -----------------------------------------------------------------------
@@ -282,4 +318,6 @@ class Handshakes:
         if followed.flow_id in self.stalls:
             self.stalls[followed.flow_id] = (followed.url, text)
         self.summary.note(followed, now)
-        return followed.record(HANDSHAKE, now, text, Outcome(progress.phase.value, progress.stalled, progress.content_encoding))
+        first_event_s = None if progress.first_event_s is None else round(progress.first_event_s, 3)
+        return followed.record(HANDSHAKE, now, text, Outcome(progress.phase.value, progress.stalled,
+                                                             progress.content_encoding, first_event_s))

@@ -2,10 +2,14 @@
 
     WAITING --stall timer--> STALLED
     WAITING | STALLED --success status--> UPGRADED
+    WAITING | STALLED --2xx head-->       OPENED  (an event stream)
     WAITING | STALLED --other status-->   REJECTED
     WAITING | STALLED --flow ended-->     NO_STATUS
 
-UPGRADED, REJECTED and NO_STATUS are final: each handshake gets exactly one
+An event stream's outcome comes with its head; its record waits for its first
+event or its end, which are noted on its OPENED progress, not transitions.
+
+UPGRADED, OPENED, REJECTED and NO_STATUS are final: each handshake gets exactly one
 `handshake` record, and at most one `stall` record. Where a waiting
 handshake is (`Stage`) is a separate, observed fact: it says who is holding
 it, not what may happen next. Times are passed in by the caller (seconds
@@ -25,17 +29,19 @@ class Phase(enum.Enum):
     WAITING = "waiting"
     STALLED = "stalled"
     UPGRADED = "upgraded"
+    OPENED = "opened"  # an event stream's 2xx head reached the client
     REJECTED = "rejected"
     NO_STATUS = "no-status"
 
     @property
     def final(self) -> bool:
-        return self in (Phase.UPGRADED, Phase.REJECTED, Phase.NO_STATUS)
+        return self in (Phase.UPGRADED, Phase.OPENED, Phase.REJECTED, Phase.NO_STATUS)
 
 
 class Event(enum.Enum):
     STALL_TIMER = "stall timer"
     SUCCESS_STATUS = "success status"
+    STREAM_OPENED = "2xx head"
     OTHER_STATUS = "other status"
     ENDED = "ended"
 
@@ -48,6 +54,8 @@ TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
     (Phase.STALLED, Event.SUCCESS_STATUS): Phase.UPGRADED,
     (Phase.STALLED, Event.OTHER_STATUS): Phase.REJECTED,
     (Phase.STALLED, Event.ENDED): Phase.NO_STATUS,
+    (Phase.WAITING, Event.STREAM_OPENED): Phase.OPENED,
+    (Phase.STALLED, Event.STREAM_OPENED): Phase.OPENED,
 }
 
 
@@ -126,6 +134,7 @@ class Progress:
     end_cause: EndCause | None = None
     end_reason: str | None = None  # the proxy's own words for PROXY_RESET
     ended_at: float | None = None
+    first_event_at: float | None = None  # an event stream's first event through the proxy
 
     @property
     def forwarded_at(self) -> float | None:
@@ -161,8 +170,11 @@ class Progress:
     def status_arrived(self, status: int, now: float, content_encoding: str | None = None,
                        bad_accept: bool = False) -> Phase:
         """The client got `status`."""
-        success = self.handshake.is_success(status)
-        phase = self._advance(Event.SUCCESS_STATUS if success else Event.OTHER_STATUS)
+        if not self.handshake.is_success(status):
+            event = Event.OTHER_STATUS
+        else:
+            event = Event.SUCCESS_STATUS if self.handshake.is_websocket else Event.STREAM_OPENED
+        phase = self._advance(event)
         self.status = status
         self.status_at = now
         self.answered_by = who_answered(self.facts, status)
@@ -171,11 +183,27 @@ class Progress:
         return phase
 
     def end(self, cause: EndCause, now: float, reason: str | None = None) -> Phase:
-        phase = self._advance(Event.ENDED)
+        if self.phase is Phase.OPENED and self.ended_at is None:
+            phase = self.phase  # an event stream that opened: its end is only noted, for its record
+        else:
+            phase = self._advance(Event.ENDED)
         self.end_cause = cause
         self.end_reason = reason
         self.ended_at = now
         return phase
+
+    def first_event(self, now: float) -> None:
+        """An opened event stream's first event went through the proxy."""
+        if self.phase is not Phase.OPENED or self.first_event_at is not None:
+            raise HandshakeEnded(f"a first event after {self.phase.value}")
+        self.first_event_at = now
+
+    @property
+    def first_event_s(self) -> float | None:
+        """Seconds from an event stream's head to its first event; None if none came."""
+        if self.first_event_at is None or self.status_at is None:
+            return None
+        return max(0.0, self.first_event_at - self.status_at)
 
     def _until(self, now: float) -> float:
         until = self.status_at if self.status_at is not None else self.ended_at

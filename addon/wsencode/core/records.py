@@ -12,16 +12,18 @@ from typing import Any
 
 STALL = "stall"
 HANDSHAKE = "handshake"
-WEBSOCKET = "websocket"  # the record's kind; event streams will be the other
+WEBSOCKET = "websocket"  # the record's kind
+EVENT_STREAM = "event-stream"
 
 
 @dataclass(frozen=True)
 class Outcome:
     """What only a `handshake` record says."""
 
-    outcome: str  # lifecycle.Phase's value: upgraded, rejected, no-status
+    outcome: str  # lifecycle.Phase's value: upgraded, opened, rejected, no-status
     stalled: bool
     content_encoding: str | None
+    first_event_s: float | None = None  # an event stream's: from its head to its first event
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,11 @@ class Record:
     diagnosis: str
     kind: str = WEBSOCKET
     outcome: Outcome | None = None  # a `handshake` record's
+
+    @property
+    def what(self) -> str:
+        """What the record is about, in a log line."""
+        return "WebSocket handshake" if self.kind == WEBSOCKET else "Event stream"
 
     def as_dict(self) -> dict[str, Any]:
         fields = {
@@ -66,4 +73,6 @@ class Record:
         if self.outcome is not None:
             fields.update(outcome=self.outcome.outcome, stalled=self.outcome.stalled,
                           content_encoding=self.outcome.content_encoding)
+            if self.kind == EVENT_STREAM:
+                fields["first_event_s"] = self.outcome.first_event_s
         return fields

@@ -75,6 +75,9 @@ class StreamFacts:
     # could not reach it as it was (a wrong accept, a 2xx that ignored the
     # upgrade), if it did.
     proxy_refused: str | None = None
+    # When an event stream's first event went through the proxy (its stream
+    # function notes it; the addon's update hook takes it from here).
+    first_event_at: float | None = None
     # The addon's clock, which it gives the facts when it starts to follow
     # the handshake (before anything goes upstream), so that the times the
     # bridge notes are on the clock the addon measures with.

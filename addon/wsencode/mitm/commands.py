@@ -25,7 +25,7 @@ logger = logging.getLogger("ws_encode")
 
 ANSWER_WIDTH = 60
 # The flows that stalled, for the console's and mitmweb's flow list.
-STALLED_FILTER = '~comment "Stall: no status"'
+STALLED_FILTER = '~comment "Stall: no (status|response head)"'
 # What `wsencode.waiting` says a handshake is doing, by where it is.
 DOING = {
     Stage.CONNECTING: "connecting to the upstream",
@@ -51,19 +51,15 @@ def summary_lines(summary: Summary, waiting: int, longest_s: float | None, repor
     """The summary a person reads: one fact a line."""
     total = sum(summary.outcomes.values())
     report_line = f"report: {report or 'off (set ws_encode_report)'}"
-    if not total and not waiting:
+    if not total and not waiting and not summary.event_streams:
         return ["no WebSocket handshake seen yet", report_line]
-    by_outcome: Counter[str] = Counter()
-    by_transport: Counter[str] = Counter()
-    for (outcome, transport), n in summary.outcomes.items():
-        by_outcome[outcome] += n
-        by_transport[transport] += n
     if total:
-        outcomes = ", ".join(f"{n} {o}" for o, n in sorted(by_outcome.items()))
-        transports = ", ".join(f"{n} over {t}" for t, n in sorted(by_transport.items()))
-        lines = [f"{plural(total, 'WebSocket handshake')} finished: {outcomes} ({transports})"]
+        lines = [f"{plural(total, 'WebSocket handshake')} finished: {counted(summary.outcomes)}"]
     else:
         lines = ["no WebSocket handshake finished yet"]
+    if summary.event_streams:
+        streams = sum(summary.event_streams.values())
+        lines.append(f"{plural(streams, 'event stream')} followed: {counted(summary.event_streams)}")
     if waiting:
         lines.append(f"{waiting} waiting for a status now, longest {longest_s:.1f} s")
     lines.append(f"{plural(summary.stalls, 'stall')} reported")
@@ -71,6 +67,17 @@ def summary_lines(summary: Summary, waiting: int, longest_s: float | None, repor
         lines.append(f"slowest status: {summary.slowest_s:.2f} s, {summary.slowest_url}")
     lines.append(report_line)
     return lines
+
+
+def counted(outcomes: Counter[tuple[str, str]]) -> str:
+    """`3 upgraded, 1 no-status (2 over h1, 2 over h2)` from (outcome, transport) counts."""
+    by_outcome: Counter[str] = Counter()
+    by_transport: Counter[str] = Counter()
+    for (outcome, transport), n in outcomes.items():
+        by_outcome[outcome] += n
+        by_transport[transport] += n
+    listed = ", ".join(f"{n} {o}" for o, n in sorted(by_outcome.items()))
+    return listed + " (" + ", ".join(f"{n} over {t}" for t, n in sorted(by_transport.items())) + ")"
 
 
 def stall_lines(handshakes: Handshakes) -> list[str]:
@@ -85,6 +92,11 @@ def stall_lines(handshakes: Handshakes) -> list[str]:
 def waiting_lines(handshakes: Handshakes, stage_of: Callable[[FollowedHandshake], Stage], now: float) -> list[str]:
     lines = []
     for followed in handshakes:
+        if followed.progress.status is not None:  # an event stream that opened
+            head = now - (followed.progress.status_at or now)
+            lines.append(f"[flow {followed.flow_id[:8]}] {followed.url}")
+            lines += wrap(f"opened, waiting for its first event: the head came {head:.1f} s ago")
+            continue
         stage = stage_of(followed)
         waited = followed.progress.waited(now)
         since = "not forwarded" if waited is None else f"forwarded {waited:.1f} s ago"
@@ -116,7 +128,7 @@ class Commands:
 
     def summary_lines(self) -> list[str]:
         handshakes = self.addon.handshakes
-        return summary_lines(handshakes.summary, len(handshakes), handshakes.longest_wait(self.addon.clock()),
+        return summary_lines(handshakes.summary, handshakes.without_status(), handshakes.longest_wait(self.addon.clock()),
                              self.addon.report_path())
 
     @command.command("wsencode.summary")

@@ -14,23 +14,26 @@ from mitmproxy import connection, flow, flowfilter, http, websocket
 from mitmproxy.proxy import server_hooks
 
 from ..core.extconnect import accept_for
-from ..core.handshake import Handshake, Transport, classify
+from ..core.handshake import Handshake, Transport, classify, classify_event_stream
 from ..core.lifecycle import EndCause, Stage
 from ..report import printable
 from ..core.streamfacts import CLIENT, CONNECTING, StreamFacts, facts_for, facts_of, not_a_handshake
 
 
-def classified(f: http.HTTPFlow | None) -> tuple[Handshake, StreamFacts] | None:
-    """The handshake `f` opens and its facts (made if no bridge noted any),
-    or None: most requests, and a flow that is gone."""
+def classified(f: http.HTTPFlow | None, event_streams: bool = False) -> tuple[Handshake, StreamFacts] | None:
+    """The handshake `f` opens (with `event_streams`, or the event stream)
+    and its facts (made if no bridge noted any), or None: most requests, and
+    a flow that is gone."""
     if f is None:
         return None
     facts = facts_of(f.request)
-    if facts is None and not_a_handshake(f.request):  # the bridge's stream asked already
-        return None
     transport = client_transport(f)
-    known = facts.handshake if facts is not None else None
-    handshake = known if known is not None and known.transport is transport else classify(f.request, transport)
+    if facts is None and not_a_handshake(f.request):  # the bridge's stream asked already: no WebSocket
+        handshake = classify_event_stream(f.request, transport) if event_streams else None
+    else:
+        known = facts.handshake if facts is not None else None
+        handshake = (known if known is not None and known.transport is transport
+                     else classify(f.request, transport, event_streams))
     return None if handshake is None else (handshake, facts or facts_for(f.request))
 
 

@@ -94,9 +94,9 @@ class Option:
 
 OPTIONS = (
     Option("ws_encode_policy", EncodingPolicy.OBSERVE.value,
-           "What to do with encoding on WebSocket handshakes: observe (forward as is), strip (remove "
-           "accept-encoding from the request and content-encoding from a successful response), inject (set "
-           "accept-encoding to ws_encode_codings).", parse_policy),
+           "What to do with encoding on WebSocket handshakes and event-stream requests: observe (forward as is), "
+           "strip (remove accept-encoding from the request, and content-encoding from a successful WebSocket "
+           "handshake's response), inject (set accept-encoding to ws_encode_codings).", parse_policy),
     Option("ws_encode_codings", "zstd, br, gzip",
            "The accept-encoding value that ws_encode_policy=inject sets on handshakes.", parse_codings),
     Option("ws_encode_stall", "2",
@@ -120,6 +120,10 @@ OPTIONS = (
            "Let HTTP/3 clients open WebSockets through the proxy (RFC 9220 extended CONNECT): true or false. "
            "false: the proxy does not advertise it, so clients use another way. Takes effect for new connections.",
            parse_bool),
+    Option("ws_encode_event_streams", "true",
+           "Follow event-stream requests (accept: text/event-stream, as EventSource sends) as well as WebSocket "
+           "handshakes: their response head timed and a stall reported, the stream passed through as it comes, "
+           "the time to its first event recorded: true or false.", parse_bool),
     Option("ws_encode_h3_upstream", "quic",
            "Where an HTTP/3 client's WebSocket goes: quic (as mitmproxy connects, HTTP/3, falling back to "
            "HTTP/1.1 over TCP when the upstream cannot take it) or tcp (HTTP/2 or HTTP/1.1 over TCP, for origins "

@@ -5,6 +5,7 @@ handshakes wait too long, how many and for how long."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,7 +61,7 @@ class Output:
             f.marked = STALL_MARK
         comment(f, record.diagnosis)
         self._write(f, record)
-        logger.warning("WebSocket handshake stall on %s: %s", record.url, record.diagnosis)
+        logger.warning("%s stall on %s: %s", record.what, record.url, record.diagnosis)
 
     def finished(self, f: http.HTTPFlow, record: Record) -> None:
         comment(f, record.diagnosis)
@@ -69,11 +70,13 @@ class Output:
             line, f.metadata["ws_encode_wire"] = wirenote.described(f.request.path, record, facts.key_sent)
             comment(f, line)
         self._write(f, record)
-        quiet = record.outcome.outcome == "upgraded" and not record.outcome.stalled
+        outcome = record.outcome
+        quiet = not outcome.stalled and (outcome.outcome == "upgraded"
+                                         or outcome.outcome == "opened" and not outcome.content_encoding)
         if quiet and not info_shown():
             return
         (logger.info if quiet else logger.warning)(
-            "WebSocket handshake %s on %s: %s", record.outcome.outcome, record.url, record.diagnosis)
+            "%s %s on %s: %s", record.what, outcome.outcome, record.url, record.diagnosis)
 
     def _write(self, f: http.HTTPFlow, record: Record) -> None:
         fields = {"event": record.event, "ts": utc_now_iso(), **record.as_dict()}
@@ -108,6 +111,12 @@ class WaitingLine:
             return
         longest = self.handshakes.longest_wait(self.clock())
         if longest is not None and longest >= self.handshakes.stall_after:
-            n = len(self.handshakes)
-            logger.warning("%d WebSocket handshake%s waiting for a status, longest %.1f s", n, "" if n == 1 else "s", longest)
+            logger.warning("%s waiting for a status, longest %.1f s", self._waiting(), longest)
         self.keep()
+
+    def _waiting(self) -> str:
+        """`3 WebSocket handshakes`, `1 WebSocket handshake and 2 event streams`."""
+        kinds = Counter(f.progress.handshake.is_websocket for f in self.handshakes if f.progress.status is None)
+        said = [f"{n} {what}{'' if n == 1 else 's'}"
+                for n, what in ((kinds[True], "WebSocket handshake"), (kinds[False], "event stream")) if n]
+        return " and ".join(said)
