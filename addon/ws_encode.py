@@ -119,7 +119,7 @@ class WsEncode:
         if f.response or not f.live:
             return
         found = flowview.classified(f, self.event_streams)
-        if found is None or not flowview.matches(f, self.filter):
+        if found is None or not flowview.matches(f, self.filter, found[0]):
             return
         handshake, facts = found
         facts.clock = self.clock  # the bridge notes this handshake's times on the addon's clock

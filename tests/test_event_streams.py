@@ -204,6 +204,26 @@ def test_strip_takes_the_offer_off_an_event_stream_request_and_leaves_the_respon
     assert record["accept_encoding_upstream"] is None
 
 
+@pytest.mark.parametrize("flt, followed", [("~websocket", False), ("~u /events", True)])
+def test_the_filter_scopes_event_streams_and_inject_offers_them_encoding(report, flt, followed):
+    async def scenario():
+        # (one that is not followed mitmproxy holds until it ends, as without the addon: this one ends)
+        async with EventServer(end=True) as server, proxy(server, report, "--set", f"ws_encode_filter={flt}",
+                                                          "--set", "ws_encode_policy=inject") as md:
+            server.events.set()
+            client = EventClient(md.port, accept_encoding=None)
+            await client.open()
+            await client.read_head()
+            await client.read_until(b"the first event")
+            client.close()
+            if followed:
+                await md.wait_for_record(event="handshake")
+            return md.records(), server.requests[0].lower()
+    records, upstream_saw = asyncio.run(scenario())
+    assert [r["outcome"] for r in records] == (["opened"] if followed else [])
+    assert (b"accept-encoding: zstd, br, gzip" in upstream_saw) is followed  # (what is not followed is not touched)
+
+
 def test_a_client_that_leaves_before_the_first_event_gets_an_opened_record_without_one(report):
     async def scenario():
         async with EventServer() as server, proxy(server, report) as md:

@@ -37,9 +37,9 @@ def classified(f: http.HTTPFlow | None, event_streams: bool = False) -> tuple[Ha
     return None if handshake is None else (handshake, facts or facts_for(f.request))
 
 
-def matches(f: http.HTTPFlow, flt: flowfilter.TFilter | None) -> bool:
-    """Whether `flt` (ws_encode_filter) takes a handshake's flow."""
-    if flt is None or f.websocket is not None:
+def matches(f: http.HTTPFlow, flt: flowfilter.TFilter | None, handshake: Handshake) -> bool:
+    """Whether `flt` (ws_encode_filter) takes a handshake's flow (or an event stream's)."""
+    if flt is None or f.websocket is not None or not handshake.is_websocket:
         return flt is None or flt(f)
     # mitmproxy sets flow.websocket only once the upgrade is done, so
     # `~websocket` could never match a handshake: let it, for the filter.
