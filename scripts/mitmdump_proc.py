@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -41,3 +42,23 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def signal_if_running(proc: asyncio.subprocess.Process, signum: int) -> None:
+    """Send `signum` to `proc`, which the caller started (so by its own pid),
+    unless it has exited: asyncio raises ProcessLookupError for a process
+    whose exit it has seen, so that is checked here, with no await between
+    the check and the signal."""
+    if proc.returncode is None:
+        proc.send_signal(signum)
+
+
+async def stop_process(proc: asyncio.subprocess.Process, timeout: float = 10) -> int:
+    """SIGTERM `proc`, SIGKILL if it lingers; its exit status. One that has
+    exited already, by itself or while the caller awaited, is not an error."""
+    signal_if_running(proc, signal.SIGTERM)
+    try:
+        return await asyncio.wait_for(proc.wait(), timeout)
+    except asyncio.TimeoutError:
+        signal_if_running(proc, signal.SIGKILL)
+        return await proc.wait()

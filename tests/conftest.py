@@ -28,6 +28,7 @@ LOOPBACK_ONLY = ROOT / "scripts" / "loopback_only.py"
 import ws_encode  # noqa: E402,F401
 from wspeers import h2ws  # noqa: E402
 from wspeers.fault_server import FaultServer  # noqa: E402
+from mitmdump_proc import stop_process  # noqa: E402
 
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 LISTENING = re.compile(r"listening at (?:\[?[\d.:a-f]+\]?):(\d+)")
@@ -65,9 +66,21 @@ class Mitmdump:
             stderr=asyncio.subprocess.STDOUT,
         )
         self._reader = asyncio.create_task(self._read())
-        line = await self.wait_for(LISTENING, timeout=20)
+        line = await self._wait_until_started(LISTENING)
         self.port = int(LISTENING.search(line).group(1))
         return self
+
+    async def _wait_until_started(self, ready: re.Pattern | str, timeout: float = 20) -> str:
+        """The line saying it is ready. One that has not said so in time is
+        stopped before the failure is raised, not left running after the
+        test; one that ended its output is exiting by itself, and its caller
+        may still wait for its exit status."""
+        try:
+            return await self.wait_for(ready, timeout)
+        except AssertionError:
+            if "<exited>" not in self.lines:
+                await self.stop()
+            raise
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
         await self.stop()
@@ -80,12 +93,7 @@ class Mitmdump:
         assert self._proc
         if self._proc.returncode is None:
             await self._let_closing_connections_finish()
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self._proc.wait(), 10)
-            except asyncio.TimeoutError:
-                self._proc.kill()
-                await self._proc.wait()
+        await stop_process(self._proc)  # it may have exited meanwhile
         if self._reader:
             await self._reader
         return self._proc.returncode

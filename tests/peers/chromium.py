@@ -5,6 +5,7 @@ browser makes background requests of its own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -96,10 +97,17 @@ async def start(url: str, home: Path, proxy_port: int | None = None,
 async def stop(proc: asyncio.subprocess.Process) -> None:
     # Chromium's renderers and helpers are in its own process group, which
     # the test started; its crash handlers leave the group and exit by themselves.
-    if proc.returncode is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+    signal_group(proc, signal.SIGTERM)
     try:
         await asyncio.wait_for(proc.wait(), 10)
     except asyncio.TimeoutError:
-        os.killpg(proc.pid, signal.SIGKILL)
+        signal_group(proc, signal.SIGKILL)
         await proc.wait()
+
+
+def signal_group(proc: asyncio.subprocess.Process, signum: int) -> None:
+    """Signal the process group `proc` leads, unless it has exited: a group
+    whose every process is gone already is not an error."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
