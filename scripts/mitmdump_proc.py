@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import signal
 import socket
@@ -13,6 +14,11 @@ ADDON = Path(__file__).resolve().parent.parent / "addon" / "ws_encode.py"
 LOOPBACK_ONLY = Path(__file__).resolve().parent / "loopback_only.py"
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 LISTENING = re.compile(rb"listening at [^\s]*:(\d+)")
+# Where Linux picks the port of every outgoing connection and of every server
+# given port 0, by default (/proc/sys/net/ipv4/ip_local_port_range says where).
+EPHEMERAL = (32768, 60999)
+# Ports below this are left to people (8080, 8443...).
+LOWEST_CHOSEN = 10000
 
 
 async def start_reverse_proxy(upstream: str, *options: str) -> tuple[asyncio.subprocess.Process, int]:
@@ -32,16 +38,37 @@ async def start_reverse_proxy(upstream: str, *options: str) -> tuple[asyncio.sub
 def free_ports(count: int) -> list[int]:
     """Ports on 127.0.0.1 that nothing listens on (bound together, then
     released), for a mitmdump with several modes: mitmproxy refuses two
-    servers on 127.0.0.1:0, and proxies here bind to 127.0.0.1 only. Since
-    another process may take one meanwhile, callers start again with others
-    when mitmdump does not come up; a single-mode mitmdump takes port 0
-    instead (`start_reverse_proxy`, `LISTENING`)."""
-    sockets = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
+    servers on 127.0.0.1:0, and proxies here bind to 127.0.0.1 only. They are
+    drawn at random from outside the ephemeral range, which the kernel hands
+    out to every outgoing connection and port-0 server (two mitmproxy lines
+    side by side make thousands): between the release here and mitmdump's
+    bind, only another explicit chooser could take one. Since one still may,
+    callers start again with others when mitmdump does not come up; a
+    single-mode mitmdump takes port 0 instead (`start_reverse_proxy`, `LISTENING`)."""
+    pool = chosen_range()
+    sockets = []
     try:
-        return [s.getsockname()[1] for s in sockets]
+        for port in random.sample(pool, len(pool)):
+            try:
+                sockets.append(socket.create_server(("127.0.0.1", port)))
+            except OSError:  # in use
+                continue
+            if len(sockets) == count:
+                return [s.getsockname()[1] for s in sockets]
+        raise OSError(f"fewer than {count} free ports in {pool}")
     finally:
         for s in sockets:
             s.close()
+
+
+def chosen_range() -> range:
+    """The ports free_ports draws from: the larger stretch outside the
+    ephemeral range, from LOWEST_CHOSEN up."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):  # not Linux
+        low, high = EPHEMERAL
+    return max(range(LOWEST_CHOSEN, low), range(high + 1, 65536), key=len)
 
 
 def signal_if_running(proc: asyncio.subprocess.Process, signum: int) -> None:

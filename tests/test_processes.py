@@ -7,8 +7,11 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
+from pathlib import Path
 
 from conftest import CLIENT_CONNECT, Mitmdump
+from mitmdump_proc import free_ports
 
 
 def wait_until_exited(pid: int) -> None:
@@ -38,3 +41,12 @@ def test_stopping_a_mitmdump_that_exits_meanwhile_is_not_an_error():
     # both reap it, and the loser reports 255.)
     assert code is not None and md.lines[-1] == "<exited>", md.log
 
+
+def test_free_ports_are_distinct_free_and_never_ones_the_kernel_hands_out():
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = free_ports(5)
+    assert len(set(ports)) == 5
+    assert all(port < low or port > high for port in ports), (ports, low, high)
+    for port in ports:
+        with socket.create_server(("127.0.0.1", port)):  # nothing listens there
+            pass
