@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -12,10 +13,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from mitmproxy import http
+from mitmproxy.certs import CertStore
+from mitmproxy.options import CONF_BASENAME, CONF_DIR, KEY_SIZE
 from mitmproxy.test import tflow, tutils
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -427,6 +431,38 @@ def upgrade_request(path: str = "/chat", **headers: str) -> bytes:
         base[match] = value
     lines = [f"GET {path} HTTP/1.1"] + [f"{k}: {v}" for k, v in base.items() if v is not None]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")  # ("\udcff": the byte 0xff)
+
+
+# -- the session: what every test finds in place --
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    make_mitmproxy_ca(Path(CONF_DIR).expanduser())
+
+
+def make_mitmproxy_ca(confdir: Path) -> None:
+    """The certificate authority every mitmdump of the suite loads from
+    `confdir`, made before any starts. mitmproxy makes one at start-up where
+    it is missing, writing its files in place, so on a fresh machine two
+    mitmdumps starting at once (the two lines run side by side) could read
+    each other's half-written key. Here it is made in a folder of its own and
+    renamed into place, under a lock the other line's session waits on."""
+    key_file = confdir / f"{CONF_BASENAME}-ca.pem"
+    if key_file.exists():
+        return
+    confdir.mkdir(parents=True, exist_ok=True)
+    folder = os.open(confdir, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        if key_file.exists():  # the other session made it meanwhile
+            return
+        with tempfile.TemporaryDirectory(dir=confdir) as new:
+            CertStore.create_store(Path(new), CONF_BASENAME, KEY_SIZE)
+            # The key file last: mitmproxy makes a store wherever it is missing.
+            for made in sorted(Path(new).iterdir(), key=lambda f: f.name == key_file.name):
+                os.replace(made, confdir / made.name)
+    finally:
+        os.close(folder)  # (and so unlocked)
 
 
 @pytest.fixture(scope="session")

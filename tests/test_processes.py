@@ -8,10 +8,12 @@ import contextlib
 import os
 import signal
 import socket
+import threading
 from pathlib import Path
 
-from conftest import CLIENT_CONNECT, Mitmdump
+from conftest import CLIENT_CONNECT, Mitmdump, make_mitmproxy_ca
 from mitmdump_proc import free_ports
+from mitmproxy.certs import CertStore
 
 
 def wait_until_exited(pid: int) -> None:
@@ -40,6 +42,31 @@ def test_stopping_a_mitmdump_that_exits_meanwhile_is_not_an_error():
     # (Not -9 for sure: on Python 3.11 asyncio's watcher thread and Popen may
     # both reap it, and the loser reports 255.)
     assert code is not None and md.lines[-1] == "<exited>", md.log
+
+
+def test_the_mitmproxy_ca_is_made_whole_once_and_an_existing_one_is_kept(tmp_path):
+    confdir = tmp_path / "conf"
+    start = threading.Barrier(2)
+
+    def session() -> None:
+        start.wait()
+        make_mitmproxy_ca(confdir)
+
+    sessions = [threading.Thread(target=session) for _ in range(2)]
+    for thread in sessions:
+        thread.start()
+    for thread in sessions:
+        thread.join()
+    key_and_cert = (confdir / "mitmproxy-ca.pem").read_bytes()
+    # One authority: the certificate a browser is given is the one beside the key.
+    assert (confdir / "mitmproxy-ca-cert.pem").read_bytes() in key_and_cert
+    assert CertStore.from_store(confdir, "mitmproxy", 2048).default_ca.cn == "mitmproxy"
+    assert sorted(p.name for p in confdir.iterdir()) == [
+        "mitmproxy-ca-cert.cer", "mitmproxy-ca-cert.p12", "mitmproxy-ca-cert.pem",
+        "mitmproxy-ca.p12", "mitmproxy-ca.pem", "mitmproxy-dhparam.pem"]  # no folder left behind
+
+    make_mitmproxy_ca(confdir)  # one that exists is kept
+    assert (confdir / "mitmproxy-ca.pem").read_bytes() == key_and_cert
 
 
 def test_free_ports_are_distinct_free_and_never_ones_the_kernel_hands_out():
