@@ -2,9 +2,13 @@
 # Set up and run the whole test suite, once per supported mitmproxy line:
 # mitmproxy 12 on the newest Python >= 3.12 found, mitmproxy 11 on Python 3.11/3.10.
 #
+# usage: scripts/test.sh [11|12] [--quick] [pytest's arguments]
 #   scripts/test.sh            # both lines (a line with no Python here is skipped, loudly)
 #   scripts/test.sh 11         # one line
+#   scripts/test.sh --quick    # the quick subset (pytest -m quick, under 90 s): the tests that
+#                              # start no proxy, and one through a real mitmdump per transport
 #   scripts/test.sh 12 -k h2   # extra arguments go to pytest
+#   scripts/test.sh --help     # this text (pytest's own: .venv-mitmproxy12/bin/python -m pytest --help)
 #
 # Both lines are set up, one after the other, before either runs: pip is not
 # to be run twice at once, and some tests (a flow file written on one line
@@ -15,6 +19,14 @@ set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 lines=(12 11)
 if [[ "${1:-}" =~ ^1[12]$ ]]; then lines=("$1"); shift; fi
+pytest_args=()
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;;  # the comment above, before anything is built
+    --quick) pytest_args+=(-m quick) ;;  # (the marker is applied in tests/conftest.py)
+    *) pytest_args+=("$arg") ;;
+  esac
+done
 
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
@@ -36,7 +48,7 @@ for line in "${lines[@]}"; do
   [ -n "$venv" ] || continue
   (
     echo "== mitmproxy $("$venv/bin/python" -c 'import mitmproxy.version as v; print(v.VERSION)') on $("$venv/bin/python" --version)"
-    cd "$root" && exec "$venv/bin/python" -m pytest -p no:cacheprovider "$@"
+    cd "$root" && exec "$venv/bin/python" -m pytest -p no:cacheprovider "${pytest_args[@]}"
   ) > "$logs/$line.log" 2>&1 &
   pids[$line]=$!
 done

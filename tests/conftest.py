@@ -433,7 +433,33 @@ def upgrade_request(path: str = "/chat", **headers: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")  # ("\udcff": the byte 0xff)
 
 
-# -- the session: what every test finds in place --
+# -- the session: what every test finds in place, and the quick subset --
+
+# `scripts/test.sh --quick` (pytest -m quick): the test files that start no
+# proxy and open no socket, and one test through a real mitmdump per transport.
+QUICK_FILES = {"test_core.py", "test_addon.py", "test_stallwatch.py", "test_wireform.py", "test_h2codecs.py",
+               "test_bundle.py", "test_replay.py"}
+QUICK_TESTS = {"test_h1_proxy.py::test_observe_reports_stall_while_client_waits",
+               "test_h2_proxy.py::test_h2_stall_is_reported_live_and_strip_opens_it"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Registered here rather than in pyproject.toml: scripts/venv.sh stamps the
+    # environments with that file's hash, so editing it reinstalls them.
+    config.addinivalue_line("markers", "quick: the quick subset (scripts/test.sh --quick)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by it
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    names = set()
+    for item in items:
+        name = f"{item.path.name}::{item.originalname}"
+        names.add(name)
+        if item.path.name in QUICK_FILES or name in QUICK_TESTS:
+            item.add_marker(pytest.mark.quick)
+    missing = QUICK_TESTS - names
+    if missing and config.args_source is pytest.Config.ArgsSource.TESTPATHS:  # the whole suite: all should be here
+        raise pytest.UsageError(f"tests/conftest.py QUICK_TESTS names tests that do not exist: {sorted(missing)}")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
