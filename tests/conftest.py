@@ -437,8 +437,8 @@ def upgrade_request(path: str = "/chat", **headers: str) -> bytes:
 
 # `scripts/test.sh --quick` (pytest -m quick): the test files that start no
 # proxy and open no socket, and one test through a real mitmdump per transport.
-QUICK_FILES = {"test_core.py", "test_addon.py", "test_stallwatch.py", "test_wireform.py", "test_h2codecs.py",
-               "test_bundle.py", "test_replay.py"}
+QUICK_FILES = {"test_core.py", "test_addon.py", "test_stallwatch.py", "test_h2codecs.py", "test_h1codec.py",
+               "test_extconnect.py", "test_stream.py", "test_bundle.py", "test_replay.py"}
 QUICK_TESTS = {"test_h1_proxy.py::test_observe_reports_stall_while_client_waits",
                "test_h2_proxy.py::test_h2_stall_is_reported_live_and_strip_opens_it"}
 
@@ -454,12 +454,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     names = set()
     for item in items:
         name = f"{item.path.name}::{item.originalname}"
-        names.add(name)
+        names.update((item.path.name, name))
         if item.path.name in QUICK_FILES or name in QUICK_TESTS:
             item.add_marker(pytest.mark.quick)
-    missing = QUICK_TESTS - names
+    missing = (QUICK_FILES | QUICK_TESTS) - names
     if missing and config.args_source is pytest.Config.ArgsSource.TESTPATHS:  # the whole suite: all should be here
-        raise pytest.UsageError(f"tests/conftest.py QUICK_TESTS names tests that do not exist: {sorted(missing)}")
+        raise pytest.UsageError(f"tests/conftest.py's quick subset names tests that do not exist: {sorted(missing)}")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
