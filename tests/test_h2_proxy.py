@@ -85,8 +85,7 @@ def test_h2_stall_is_reported_live_and_strip_opens_it(cert, report):
             return outcome, upstream.requests
 
     (stall, seen, still_waiting, end), _ = run(scenario("observe"))
-    assert still_waiting and seen <= STALL + 0.25 + 0.2
-    assert STALL <= stall["received_s"] <= STALL + 0.25
+    assert still_waiting and STALL <= stall["received_s"] <= seen  # (how late: the bench's goal 4)
     assert stall["waited_s"] <= stall["received_s"] and stall["stuck_in"] == "forwarded"
     assert stall["transport"] == "h2" and stall["upstream_transport"] == "h2"
     assert "encoding layer" in stall["diagnosis"]

@@ -76,7 +76,7 @@ def test_an_upstream_that_never_finishes_tls_is_a_stall_in_tls(report):
 
     stall, end, md = run(scenario())
     assert stall["stuck_in"] == "tls" and stall["waited_s"] is None
-    assert STALL <= stall["received_s"] < STALL + 0.5
+    assert STALL <= stall["received_s"]  # (how late: the bench's goal 4)
     assert "TLS handshake with the upstream" in stall["diagnosis"]
     assert "neither the upstream nor an encoder" in stall["diagnosis"]
     assert end["outcome"] == "no-status" and end["stuck_in"] == "tls"

@@ -53,7 +53,7 @@ def test_the_matrix_matches_every_behaviour_and_the_bundle_holds_the_run(tmp_pat
         mine = [r for r in records if r["url"].split("?")[0].endswith(f"/echo/{transport}-hold-until-body-observe")]
         assert [r["event"] for r in mine] == ["stall", "handshake"]
         assert all((r["transport"], r["upstream_transport"]) == (transport, transport) for r in mine)
-        assert mine[0]["waited_s"] < STALL * 1.5 and "stall" in mine[0]["diagnosis"].lower()
+        assert STALL <= mine[0]["received_s"] and "stall" in mine[0]["diagnosis"].lower()  # (how late: the bench's goal 4)
         assert mine[1]["outcome"] == "no-status" and mine[1]["stalled"] is True
     assert "REDACTED" in next(r["url"] for r in records if "/greet/" in r["url"])  # ?after= is a query value
 
