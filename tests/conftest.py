@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 from mitmproxy import http
 from mitmproxy.certs import CertStore
 from mitmproxy.options import CONF_BASENAME, CONF_DIR, KEY_SIZE
@@ -35,6 +36,12 @@ from wspeers.fault_server import FaultServer  # noqa: E402
 from mitmdump_proc import stop_process  # noqa: E402
 
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
+# How long a test waits for an event (a log line, a record, a start) before
+# it fails: only a hang should take this long, and on a busy machine (the two
+# lines side by side beside other work) a mitmdump takes many seconds to start
+# and each event comes seconds late. A test that passes never waits this out.
+EVENT_TIMEOUT = 30.0
+STARTUP_TIMEOUT = 60.0
 LISTENING = re.compile(r"listening at (?:\[?[\d.:a-f]+\]?):(\d+)")
 CLIENT_CONNECT = re.compile(r"\] client connect$")
 CLIENT_DISCONNECT = re.compile(r"\] client disconnect$")
@@ -74,7 +81,7 @@ class Mitmdump:
         self.port = int(LISTENING.search(line).group(1))
         return self
 
-    async def _wait_until_started(self, ready: re.Pattern | str, timeout: float = 20) -> str:
+    async def _wait_until_started(self, ready: re.Pattern | str, timeout: float = STARTUP_TIMEOUT) -> str:
         """The line saying it is ready. One that has not said so in time is
         stopped before the failure is raised, not left running after the
         test; one that ended its output is exiting by itself, and its caller
@@ -128,7 +135,7 @@ class Mitmdump:
             self.lines.append("<exited>")
             self._changed.notify_all()
 
-    async def wait_for(self, pattern: str | re.Pattern, timeout: float = 10) -> str:
+    async def wait_for(self, pattern: str | re.Pattern, timeout: float = EVENT_TIMEOUT) -> str:
         """The first log line matching `pattern`, waiting for it if need be."""
         rx = re.compile(pattern) if isinstance(pattern, str) else pattern
 
@@ -147,7 +154,7 @@ class Mitmdump:
             raise AssertionError(f"no log line matching {rx.pattern!r} in:\n{self.log}")
         return line
 
-    async def wait_for_count(self, pattern: str, count: int, timeout: float = 10) -> None:
+    async def wait_for_count(self, pattern: str, count: int, timeout: float = EVENT_TIMEOUT) -> None:
         """Wait until `count` log lines match `pattern`."""
         rx = re.compile(pattern)
 
@@ -168,7 +175,7 @@ class Mitmdump:
             return []
         return [json.loads(line) for line in self.report.read_text().splitlines()]
 
-    async def wait_for_record(self, timeout: float = 10, **fields) -> dict:
+    async def wait_for_record(self, timeout: float = EVENT_TIMEOUT, **fields) -> dict:
         """The first report record with these fields; the addon logs each record it
         writes, so this waits on the log rather than polling the file."""
         loop = asyncio.get_running_loop()
@@ -460,6 +467,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     missing = (QUICK_FILES | QUICK_TESTS) - names
     if missing and config.args_source is pytest.Config.ArgsSource.TESTPATHS:  # the whole suite: all should be here
         raise pytest.UsageError(f"tests/conftest.py's quick subset names tests that do not exist: {sorted(missing)}")
+
+
+# An example's time says how busy the machine is, not how fast the code is
+# (the bench measures that): no deadline, and no health check on slowness.
+settings.register_profile("ws-encode", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ws-encode")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

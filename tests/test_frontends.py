@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ADDON, LISTENING, LOOPBACK_ONLY, Mitmdump, assert_clean_log, upgrade_request
+from conftest import ADDON, EVENT_TIMEOUT, LISTENING, LOOPBACK_ONLY, Mitmdump, assert_clean_log, upgrade_request
 from wspeers import h2ws
 from wspeers.fault_server import Faults, FaultServer
 from peers import chromium
@@ -40,9 +40,7 @@ STALL = "1"
 # The console and mitmweb both turn the addon's `:hourglass:` into the emoji (mitmweb's
 # text holds it; without an emoji font, as Debian's headless Chromium here, it shows as a box).
 MARK = "⌛"
-DEADLINE = 15.0  # seconds any one thing may take to show up on screen
-
-pytestmark = pytest.mark.timeout(60)
+DEADLINE = EVENT_TIMEOUT  # seconds any one thing may take to show up on screen
 
 
 def listening_ports(pid: int) -> set[int]:
