@@ -171,9 +171,7 @@ class Mitmdump:
 
     def records(self) -> list[dict]:
         assert self.report
-        if not self.report.exists():
-            return []
-        return [json.loads(line) for line in self.report.read_text().splitlines()]
+        return whole_records(self.report)
 
     async def wait_for_record(self, timeout: float = EVENT_TIMEOUT, **fields) -> dict:
         """The first report record with these fields; the addon logs each record it
@@ -195,6 +193,16 @@ class Mitmdump:
                     )
                 except asyncio.TimeoutError:
                     pass
+
+
+def whole_records(report: Path) -> list[dict]:
+    """The records in a report a mitmdump may be writing: its whole lines. A
+    read can fall inside the write of a record (the kernel copies a write into
+    the file a page at a time, and a read does not wait for it)."""
+    if not report.exists():
+        return []
+    written = report.read_bytes()
+    return [json.loads(line) for line in written[:written.rfind(b"\n") + 1].splitlines()]
 
 
 def addon_copy(tmp_path: Path) -> Path:

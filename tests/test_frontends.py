@@ -27,7 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ADDON, EVENT_TIMEOUT, LISTENING, LOOPBACK_ONLY, Mitmdump, assert_clean_log, upgrade_request
+from conftest import (ADDON, EVENT_TIMEOUT, LISTENING, LOOPBACK_ONLY, Mitmdump, assert_clean_log, upgrade_request,
+                      whole_records)
 from wspeers import h2ws
 from wspeers.fault_server import Faults, FaultServer
 from peers import chromium
@@ -75,10 +76,6 @@ async def open_stalling_handshake(port: int) -> asyncio.StreamWriter:
                                  accept_encoding="gzip, deflate, br, zstd"))
     await writer.drain()
     return writer
-
-
-def records(report: Path) -> list[dict]:
-    return [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
 
 
 def flat(text: str) -> str:
@@ -263,7 +260,7 @@ def test_the_console_shows_the_mark_the_commands_and_the_outcome(tmux, tmp_path)
             screen = await tmux.wait_for(MARK)
             row = next(line for line in screen.splitlines() if "/echo" in line)
             assert row.rstrip().endswith(MARK), screen
-            stall = next(r for r in records(report) if r["event"] == "stall")
+            stall = next(r for r in whole_records(report) if r["event"] == "stall")
 
             # wsencode.stalls: a headline with the flow and the URL, the sentence wrapped at words.
             tmux.command("wsencode.stalls")
@@ -308,7 +305,7 @@ def test_the_console_shows_the_mark_the_commands_and_the_outcome(tmux, tmp_path)
             # the flow's Detail tab shows under the stall's sentence.
             client.close()
             await tmux.wait_for("no-status")  # the console's status bar shows the warning
-            end = next(r for r in records(report) if r["event"] == "handshake")
+            end = next(r for r in whole_records(report) if r["event"] == "handshake")
             assert end["outcome"] == "no-status" and end["diagnosis"].startswith("No status: the client gave up")
 
             tmux.command("wsencode.stalls")  # now with the latest sentence
@@ -365,7 +362,7 @@ def test_the_console_shows_http2_websockets_as_they_were_on_the_wire(tmux, tmp_p
             # path in a column of its own; the WebSocket answered 200, the
             # stalled one keeps its mark. (The status bar's warning follows the record.)
             screen = await tmux.wait_for("no-status")
-            end = next(r for r in records(report) if r.get("outcome") == "no-status")
+            end = next(r for r in whole_records(report) if r.get("outcome") == "no-status")
             rows = [line for line in screen.splitlines() if re.search(r" CON(NECT|…) ", line)]
             assert len(rows) == 2 and "GET" not in screen, screen
             assert "/open" in rows[0] and re.search(r" 200 ", rows[0]) and MARK not in rows[0], screen

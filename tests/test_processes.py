@@ -1,5 +1,6 @@
-"""The test helpers' processes and ports: starting and stopping a mitmdump is
-free of races, and ports are chosen where nothing else is handed them."""
+"""The test helpers' processes, ports and files: starting and stopping a
+mitmdump is free of races, ports are chosen where nothing else is handed
+them, and a report is read whole while it is written."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import socket
 import threading
 from pathlib import Path
 
-from conftest import CLIENT_CONNECT, Mitmdump, make_mitmproxy_ca
+from conftest import CLIENT_CONNECT, Mitmdump, make_mitmproxy_ca, whole_records
 from mitmdump_proc import free_ports
 from mitmproxy.certs import CertStore
 
@@ -77,3 +78,10 @@ def test_free_ports_are_distinct_free_and_never_ones_the_kernel_hands_out():
     for port in ports:
         with socket.create_server(("127.0.0.1", port)):  # nothing listens there
             pass
+
+
+def test_a_report_being_written_is_read_up_to_its_last_whole_record(tmp_path):
+    report = tmp_path / "report.jsonl"
+    assert whole_records(report) == []  # not written yet
+    report.write_bytes(b'{"event": "stall"}\n{"event": "handshake", "url": "https://\xc3')  # cut inside a character
+    assert whole_records(report) == [{"event": "stall"}]

@@ -95,7 +95,9 @@ class Proxy:
         """Report records, optionally only those for the handshake to `path`."""
         if not self.report.exists():
             return []
-        records = [json.loads(line) for line in self.report.read_text().splitlines() if line.strip()]
+        # Whole lines only: mitmdump may be writing one (a read can fall inside a write).
+        written = self.report.read_bytes()
+        records = [json.loads(line) for line in written[:written.rfind(b"\n") + 1].splitlines() if line.strip()]
         if path is None:
             return records
         return [r for r in records if urllib.parse.urlsplit(r["url"]).path == path]
