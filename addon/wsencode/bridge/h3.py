@@ -36,6 +36,7 @@ from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import _http2, _http3
 from mitmproxy.proxy.layers.http import _http_h3
 from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers.quic import QuicStreamReset, QuicStreamStopSending
 
 from ..core.extconnect import ClientSideStream, ClientStep, UpstreamPhase, UpstreamStream, stream_fields, upgrade_key
 from ..core.streamfacts import SETTINGS, facts_for, facts_of
@@ -82,7 +83,17 @@ class WsH3Connection(_http_h3.LayeredH3Connection):
             return []
 
     def handle_stream_event(self, event) -> list[H3Event]:
+        # A peer cancels a stream with RESET_STREAM and STOP_SENDING together
+        # (RFC 9114 section 4.1.1); mitmproxy makes a StreamClosed of each
+        # (_http_h3.LayeredH3Connection.handle_stream_event). Once the stream
+        # is closed, by either side, the stream has had its end: a second one
+        # would reach an upgraded stream's WebSocket layer as an error event,
+        # which it does not take ("mitmproxy has crashed!").
+        closed_already = (isinstance(event, (QuicStreamReset, QuicStreamStopSending))
+                          and event.stream_id in self._closed_streams)
         batch = super().handle_stream_event(event)
+        if closed_already:
+            batch = []
         if self.ws_screen is not None:
             for e in batch:
                 if isinstance(e, HeadersReceived) and e.stream_id not in self._closed_streams:
