@@ -49,14 +49,19 @@ MIB = 1 << 20
 # connection's life. `send_buffered` is the most any one QUIC stream has
 # waiting in aioquic's send buffer (sent and not acknowledged, or not sent).
 PROBE = '''
-import gc, json, os
+import asyncio, gc, json, logging, os
 from mitmproxy import http
 from mitmproxy.proxy.layers import quic
 from mitmproxy.proxy.layers.http import HttpLayer
 
 CODECS = {"WsHttp3Server": ("websockets", "parsed"), "WsHttp3Client": ("websockets", "refused", "held")}
+STARTED = "proxy state probe: every running hook has run"
 
 class ProxyState:
+    def running(self):
+        # Said once the running hooks after this one have run too (none of them waits).
+        asyncio.get_running_loop().call_soon(logging.info, STARTED)
+
     def request(self, flow):
         if flow.request.path != "/__proxy_state__":
             return
@@ -109,9 +114,18 @@ def probe(tmp_path) -> Path:
     return path
 
 
-def reverse_h3(port: int, probe: Path, *options: str, report=None) -> Mitmdump:
-    return Mitmdump("--mode", f"reverse:http3://127.0.0.1:{port}", "--ssl-insecure", "--set", "flow_detail=0",
-                    "-s", str(probe), "-s", str(COMMAND_ANSWERS), *options, report=report)
+@contextlib.asynccontextmanager
+async def reverse_h3(port: int, probe: Path, *options: str, report=None):
+    """A started mitmdump in front of an HTTP/3 upstream (QUIC on UDP `port`),
+    with the probe. mitmdump listens before its addons' running hooks have
+    run, and tlsconfig makes its certificate store only in its own: a QUIC
+    client that comes in between fails mitmdump's startup ("'NoneType' object
+    has no attribute 'get_cert'", seen on a loaded machine). So the proxy is
+    ready once the probe says every running hook has run."""
+    async with Mitmdump("--mode", f"reverse:http3://127.0.0.1:{port}", "--ssl-insecure", "--set", "flow_detail=0",
+                        "-s", str(probe), "-s", str(COMMAND_ANSWERS), *options, report=report) as md:
+        await md.wait_for("proxy state probe: every running hook has run", timeout=30)
+        yield md
 
 
 async def h3_client(md: Mitmdump) -> h3ws.H3WebSocketClient:
@@ -449,3 +463,93 @@ def test_a_close_from_either_side_ends_both_streams_in_order(cert, probe, first)
     assert closed is None
     assert holds_nothing(after), after
     assert_clean_log(md)
+
+
+# -- a peer that does not read ------------------------------------------------------
+#
+# aioquic grants a peer more window as its data arrives, whether anyone read it
+# or not (quic/connection.py, _write_stream_limits and _write_connection_limits),
+# so the proxy takes all a client sends; what the other side's window holds
+# back waits in aioquic's send buffer of that stream (QuicStreamSender._buffer),
+# without bound. The bridge resets a WebSocket's stream once more than
+# MAX_BUFFERED_BYTES wait there, as over HTTP/2.
+
+
+def megabyte_messages(frames: MessageConnection, cap: int) -> list[bytes]:
+    """Binary messages of 1 MiB as `frames` sends them, more than `cap` in all."""
+    return [frames.send_data(bytes(MIB)) for _ in range(cap // MIB + 5)]
+
+
+async def until_reset(md: Mitmdump, client: h3ws.H3WebSocketClient, pattern: str) -> tuple[str, int, int]:
+    """Wait for the proxy's line about a stream it reset, asking the proxy
+    meanwhile what it has waiting in its QUIC send buffers: (the line, the
+    most any stream had waiting, the most memory the proxy had)."""
+    buffered = peak = 0
+    for _ in range(180):
+        state = await proxy_state(client)
+        buffered, peak = max(buffered, state["send_buffered"]), max(peak, state["rss"])
+        with contextlib.suppress(AssertionError):  # (not yet: the next sample in a second)
+            line = await md.wait_for(pattern, timeout=1)
+            return line, buffered, max(peak, resident_bytes(state["pid"]))
+    raise AssertionError(f"no line matching {pattern!r} after 180 samples a second apart, while up to {buffered / MIB:.1f} MiB "
+                         f"waited in one stream's send buffer and the proxy took {peak / MIB:.0f} MiB:\n{md.log}")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("deaf", ["upstream", "client"])
+def test_a_peer_that_does_not_read_is_reset_alone(cert, probe, deaf):
+    from wsencode.bridge.common import MAX_BUFFERED_BYTES
+
+    path = "/deaf?deaf" if deaf == "upstream" else "/deaf"  # (h3ws's server never reads a ?deaf one)
+    reset = {"upstream": "reset upstream HTTP/3 stream .*does not read",
+             "client": r"reset HTTP/3 stream \d+: the client does not read"}[deaf]
+
+    async def scenario():
+        async with upstream("h3", cert) as (server, _), reverse_h3(server.port, probe) as md:
+            client = await h3_client(md)
+            ws = await client.open_websocket(path, AUTHORITY)
+            other = await client.open_websocket("/other", AUTHORITY)
+            assert [await ws.wait_status(30), await other.wait_status(30)] == [200, 200]
+            before = await proxy_state(client)
+            stream = server.stream_of(path)
+            if deaf == "upstream":  # the client sends
+                messages = megabyte_messages(ws._frames, MAX_BUFFERED_BYTES)  # (masked, as the client sends them)
+                await ws._send_frames(messages, 30)
+            else:  # the upstream sends
+                client._peer.stop_reading(ws.stream_id)  # (its QUIC window stays shut: h3ws.H3Peer)
+                messages = megabyte_messages(server.frames(*stream), MAX_BUFFERED_BYTES)
+                server.peers[stream[0]].send_data(stream[1], b"".join(messages))
+            line, buffered, peak = await until_reset(md, client, reset)
+            # What the peer that still reads sees of it: its peer went away.
+            if deaf == "upstream":
+                seen = await ws.wait_ended(60)
+            else:
+                await server.wait_until(lambda: server.ends(*stream), 30)
+                seen = server.ends(*stream), type(server.received(*stream)[-1]).__name__
+            await other.send_text("still here")
+            echo = await other.receive(30)
+            await other.close(timeout=30)
+            after = await released_state(client)
+            closed = client.closed
+            await client.close()
+        return len(messages), line, buffered, before, peak, seen, echo, after, closed, server.ends(*stream), md
+
+    sent, line, buffered, before, peak, seen, echo, after, closed, upstream_ends, md = asyncio.run(scenario())
+    print(f"{sent} MiB to a{'n' if deaf == 'upstream' else ''} {deaf} that does not read: at most "
+          f"{buffered / MIB:.1f} MiB seen waiting; the proxy grew by {(peak - before['rss']) / MIB:.1f} MiB")
+    assert f"the {deaf} does not read: more than {MAX_BUFFERED_BYTES} bytes" in line
+    if deaf == "upstream":
+        assert "stop_sending:268" in upstream_ends  # (H3_REQUEST_CANCELLED)
+        assert seen == "end_stream"  # the WebSocket layer closed the client's side: its peer went away
+    else:
+        assert seen == (["fin"], "CloseConnection")  # the upstream's peer closed: a Close frame, then the FIN
+    assert (echo, closed) == ("still here", None)
+    # Each message reaches the send buffer whole before the cap is checked.
+    assert buffered <= MAX_BUFFERED_BYTES + 2 * MIB
+    # What can be held for the stream: its send buffer, as much again in its
+    # flow's messages (mitmproxy keeps a WebSocket's messages), and what was
+    # on its way.
+    assert peak - before["rss"] < 4 * MAX_BUFFERED_BYTES, (before, peak)
+    assert holds_nothing(after) and after["send_buffered"] < MIB, after
+    assert_clean_log(md)
+    assert not [line for line in md.lines if "unexpectedly" in line]  # (data sent to a stream reset already)
