@@ -15,6 +15,10 @@ dies too. The same model as over HTTP/2 (`extconnect`, `common`):
   the stream's 2xx goes out with the stream left open; a reset after it is
   the client going away, and the WebSocket layer's close ends the stream in
   order (FIN, not a reset).
+- a peer that does not read gets that stream reset once MAX_BUFFERED_BYTES
+  wait for its QUIC window (`QuicBacklog`): aioquic grants the other side
+  window as its data arrives, read or not, and keeps what it cannot send in
+  the stream's send buffer, without bound.
 - upstream side (`WsHttp3Client`): a WebSocket waits for the upstream's
   SETTINGS (RFC 9220 section 3) and goes out as an extended CONNECT if they
   enable it; else, or on H3_VERSION_FALLBACK, the stream takes it over TCP
@@ -36,12 +40,17 @@ from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import _http2, _http3
 from mitmproxy.proxy.layers.http import _http_h3
 from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers.quic import (
+    ClientQuicLayer, QuicConnectionClosed, QuicStreamEvent, QuicStreamReset, QuicStreamStopSending, ServerQuicLayer,
+)
+from mitmproxy.proxy.utils import expect
 
 from ..core.extconnect import ClientSideStream, ClientStep, UpstreamPhase, UpstreamStream, stream_fields, upgrade_key
 from ..core.streamfacts import SETTINGS, facts_for, facts_of
 from .common import (
-    NeedsHttp1, _protocol, extended_connect, extended_connect_headers, handed_over, is_extended_connect,
-    is_passthrough_close, opens_websocket, request_error, response_error, upstream_success, without_values,
+    MAX_BUFFERED_BYTES, Backlog, NeedsHttp1, _protocol, extended_connect, extended_connect_headers, handed_over,
+    is_extended_connect, is_passthrough_close, not_reading, opens_websocket, request_error, response_error,
+    upstream_success, without_values,
 )
 
 HTTP3 = b"HTTP/3"
@@ -82,7 +91,17 @@ class WsH3Connection(_http_h3.LayeredH3Connection):
             return []
 
     def handle_stream_event(self, event) -> list[H3Event]:
+        # A peer cancels a stream with RESET_STREAM and STOP_SENDING together
+        # (RFC 9114 section 4.1.1); mitmproxy makes a StreamClosed of each
+        # (_http_h3.LayeredH3Connection.handle_stream_event). Once the stream
+        # is closed, by either side, the stream has had its end: a second one
+        # would reach an upgraded stream's WebSocket layer as an error event,
+        # which it does not take ("mitmproxy has crashed!").
+        closed_already = (isinstance(event, (QuicStreamReset, QuicStreamStopSending))
+                          and event.stream_id in self._closed_streams)
         batch = super().handle_stream_event(event)
+        if closed_already:
+            batch = []
         if self.ws_screen is not None:
             for e in batch:
                 if isinstance(e, HeadersReceived) and e.stream_id not in self._closed_streams:
@@ -102,6 +121,36 @@ class WsH3Connection(_http_h3.LayeredH3Connection):
             self.send_headers(stream_id, [(b":status", b"%d" % status)], end_stream=True)
         self._closed_streams.add(stream_id)
         self._mock.stop_send(stream_id, H3ErrorCode.H3_NO_ERROR.value)
+
+    def give_up(self, stream_id: int, code: int) -> None:
+        """Reset a stream both ways (RESET_STREAM and STOP_SENDING, mitmproxy's
+        close_stream) and read no more of it: its receiving side is done too,
+        so the connection's close reports no error for it later."""
+        self.close_stream(stream_id, code)
+        stream = self._get_or_create_stream(stream_id)
+        stream.ended = True
+        stream.headers_recv_state = HeadersState.AFTER_TRAILERS
+
+
+class QuicBacklog(Backlog):
+    """`Backlog` over QUIC. mitmproxy's HTTP/3 codec writes through to the
+    QuicLayer of its connection, a layer above it (QuicLayer._handle_command:
+    aioquic's send_stream_data), and aioquic keeps what the peer's window
+    holds back, and what is not acknowledged yet, in the stream's send buffer
+    (QuicStreamSender._buffer): that is what is counted."""
+
+    def __init__(self, codec: _http3.Http3Connection) -> None:  # (Backlog's h2 buffers are not needed)
+        self.later = {}
+        self.codec = codec
+        self.quic = None
+
+    def over_cap(self, sid: int) -> bool:
+        if self.quic is None:
+            self.quic = next((layer.quic for layer in self.codec.context.layers
+                              if isinstance(layer, (ClientQuicLayer, ServerQuicLayer)) and layer.conn is self.codec.conn),
+                             None)
+        stream = self.quic._streams.get(sid) if self.quic is not None else None
+        return stream is not None and len(stream.sender._buffer) > MAX_BUFFERED_BYTES
 
 
 NOT_CARRIED = (501, "the proxy does not carry extended CONNECT over HTTP/3 here (ws_encode_h3)")
@@ -143,8 +192,15 @@ class WsHttp3Server(_http3.Http3Server):
         self.h3_conn = WsH3Connection(self.conn, is_client=False, connect_protocol=True, screen=self._screen)
         self.websockets: dict[int, ClientSideStream] = {}
         self.parsed: dict[int, http.Request] = {}  # requests the screen read, for parse_headers
+        self.backlog = QuicBacklog(self)
 
     _logged_refusals = QuietHttp3Server._logged_refusals
+
+    @expect(http_layers.HttpEvent, QuicStreamEvent, QuicConnectionClosed, events.Wakeup)
+    def done(self, _) -> layer.CommandGenerator[None]:
+        # What mitmproxy's codec becomes once its connection is closed, which
+        # also takes the wakeup of an end deferred before the close.
+        yield from ()
 
     def _screen(self, event: HeadersReceived) -> Refusal | None:
         """Every request's headers, before mitmproxy's codec reads them:
@@ -171,10 +227,15 @@ class WsHttp3Server(_http3.Http3Server):
                                           end_stream=event.stream_ended or event.stream_id in self.websockets)
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if (due := self.backlog.due(event)) is not None:
+            yield http_layers.ReceiveHttp(due)
+            return
         ws = self.websockets.get(event.stream_id) if isinstance(event, http_layers.HttpEvent) else None
         if ws is not None:
             yield from self._from_stream(event, ws)
             return
+        if isinstance(event, QuicConnectionClosed):
+            yield from self.backlog.due_now()
         for command in super()._handle_event(event):
             if isinstance(command, http_layers.ReceiveHttp) and command.event.stream_id in self.websockets:
                 yield from self._from_client(command.event, self.websockets[command.event.stream_id])
@@ -234,15 +295,20 @@ class WsHttp3Server(_http3.Http3Server):
             yield from self.h3_conn.transmit()
         else:
             yield from super()._handle_event(event)
+            if isinstance(event, http_layers.ResponseData) and self.backlog.over_cap(sid):
+                yield from self._reset(sid, ws, not_reading("client"), H3ErrorCode.H3_REQUEST_CANCELLED, later=True)
 
-    def _reset(self, sid: int, ws: ClientSideStream, reason: str) -> layer.CommandGenerator[None]:
+    def _reset(self, sid: int, ws: ClientSideStream, reason: str, code: H3ErrorCode = H3ErrorCode.H3_MESSAGE_ERROR,
+               *, later: bool = False) -> layer.CommandGenerator[None]:
         yield commands.Log(f"ws_encode: reset HTTP/3 stream {sid}: {reason}", logging.WARNING)
         ws.facts.ended_by_proxy = reason
         del self.websockets[sid]
-        self.h3_conn.close_stream(sid, H3ErrorCode.H3_MESSAGE_ERROR.value)
+        self.h3_conn.give_up(sid, code.value)
         yield from self.h3_conn.transmit()
         end = http_layers.RequestEndOfMessage(sid) if ws.is_open else request_error(sid, reason)
-        yield http_layers.ReceiveHttp(end)
+        # A WebSocket layer that is sending right now must not be handed an
+        # event (it is not re-entrant): then its peer's end comes next turn.
+        yield self.backlog.defer(end) if later else http_layers.ReceiveHttp(end)
 
 
 def _request(headers: list[tuple[bytes, bytes]]) -> http.Request:
@@ -263,12 +329,18 @@ class WsHttp3Client(_http3.Http3Client):
         self.websockets: dict[int, UpstreamStream] = {}  # by our stream id
         self.refused: set[int] = set()  # their stream ids sent back for HTTP/1.1 over TCP
         self.closed = False
+        self.backlog = QuicBacklog(self)
+
+    done = WsHttp3Server.done
 
     @property
     def settings(self) -> dict[int, int] | None:
         return self.h3_conn.received_settings
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if (due := self.backlog.due(event)) is not None:
+            yield http_layers.ReceiveHttp(due)
+            return
         if isinstance(event, http_layers.HttpEvent):
             if event.stream_id in self.refused:
                 return  # the rest of a request that went elsewhere
@@ -288,12 +360,14 @@ class WsHttp3Client(_http3.Http3Client):
             if ws is not None:
                 yield from self._to_upstream(event, ws)
                 return
+        if isinstance(event, QuicConnectionClosed):
+            yield from self.backlog.due_now()
         for command in super()._handle_event(event):
             if isinstance(command, http_layers.ReceiveHttp):
                 yield from self._from_upstream(command.event)
             else:
                 yield command
-        if isinstance(event, _http3.QuicConnectionClosed):
+        if isinstance(event, QuicConnectionClosed):
             self.closed = True
         if self.held and (self.settings is not None or self.closed):
             held, self.held = self.held, []
@@ -333,7 +407,8 @@ class WsHttp3Client(_http3.Http3Client):
         yield from self.h3_conn.transmit()
 
     def _to_upstream(self, event: http_layers.HttpEvent, ws: UpstreamStream) -> layer.CommandGenerator[None]:
-        ours = self.our_stream_id[event.stream_id]
+        theirs = event.stream_id  # (mitmproxy's codec renames the event as it sends it)
+        ours = self.our_stream_id[theirs]
         if isinstance(event, http_layers.RequestEndOfMessage):
             return  # the CONNECT stream stays open for the WebSocket
         if isinstance(event, http_layers.RequestProtocolError) and is_passthrough_close(event):
@@ -344,6 +419,19 @@ class WsHttp3Client(_http3.Http3Client):
         if isinstance(event, http_layers.RequestProtocolError):
             del self.websockets[ours]
         yield from super()._handle_event(event)
+        if isinstance(event, http_layers.RequestData) and self.backlog.over_cap(ours):
+            yield from self._give_up(theirs, ours, ws, not_reading("upstream"))
+
+    def _give_up(self, theirs: int, ours: int, ws: UpstreamStream, reason: str) -> layer.CommandGenerator[None]:
+        """The bridge ends an open upstream WebSocket stream itself: a reset
+        both ways, and the stream sees its peer close on the next turn (the
+        WebSocket layer is sending right now, and is not re-entrant)."""
+        yield commands.Log(f"ws_encode: reset upstream HTTP/3 stream {ours}: {reason}", logging.WARNING)
+        ws.facts.ended_by_proxy = reason
+        del self.websockets[ours]
+        self.h3_conn.give_up(ours, H3ErrorCode.H3_REQUEST_CANCELLED.value)
+        yield from self.h3_conn.transmit()
+        yield self.backlog.defer(http_layers.ResponseEndOfMessage(theirs))
 
     def _from_upstream(self, event: http_layers.HttpEvent) -> layer.CommandGenerator[None]:
         if event.stream_id in self.refused:
