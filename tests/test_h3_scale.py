@@ -282,18 +282,6 @@ def test_120_websockets_at_once_on_one_quic_connection_with_requests_between(cer
     assert_clean_log(md)
 
 
-H3_CLIENT_SHARES_AN_HTTP1_CONNECTION = (
-    "an HTTP/3 client's WebSocket that goes to an HTTP/1.1 upstream over TCP is sent on the HTTP/1.1 connection "
-    "of another WebSocket still open: stream.GetHttp1Connection (and a plain GetHttpConnection for "
-    "ws_encode_h3_upstream=tcp) matches any established HTTP/1.1 connection, and mitmproxy's HttpLayer.get_connection "
-    "and register_connection keep one connection per request only for an HTTP/2 client (their h2_to_h1 check on "
-    "the client's ALPN); Http1Client.send asserts its stream id: 'mitmproxy has crashed!', the second WebSocket "
-    "never gets a status (120 at once: dozens of crashes and a 502 for a wrong accept). A fix belongs in "
-    "bridge/stream.py: a WebSocket never takes an HTTP/1.1 connection that is, or may become, another's"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=H3_CLIENT_SHARES_AN_HTTP1_CONNECTION)
 @pytest.mark.parametrize("kind", ["h3 without RFC 9220", "tcp (ws_encode_h3_upstream)"])
 def test_an_h3_clients_websockets_to_an_http1_upstream_get_a_connection_each(cert, probe, kind):
     async def scenario():
