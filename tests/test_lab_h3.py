@@ -92,6 +92,7 @@ WITH_ENCODING = {
     "hold-1xx": (False, True, None),  # a final status is held as by hold-until-body
     "hold-until-min-size": (False, False, None),  # the small echo is not enough; the large one is
     "encode-upgrade": (True, True, "zstd"),
+    "buffer-events": (True, True, None),  # never wraps a WebSocket: Starlette's and Express's encoders see none
 }
 
 

@@ -1,22 +1,28 @@
-"""The lab's WebSocket application (ASGI), healthy on its own.
+"""The lab's WebSocket and event-stream application (ASGI), healthy on its own.
 
-    /          a page (a few KB, so it is compressed) that opens /greet and shows what it says
+    /          a page (a few KB, so it is compressed) that opens /greet and /events and shows what they say
     /stream    a streamed response: ?n= chunks, one every ?every= seconds
+    /events    an event stream (text/event-stream): its head at once, then an event
+               after ?after= seconds and one every ?every= seconds, ?n= of them (else until the client goes)
     /echo      WebSocket, the client speaks first: every message comes back
     /greet     WebSocket, the server speaks first (after ?after= seconds), then echoes
     /private   WebSocket refused with 403 and an HTML error page
-    /result    where the page reports what /greet said (kept in `results`)
+    /result    where the page reports what /greet said (kept in `results`) and what
+               /events did (kept in `event_results`)
 
-Any path below /echo/, /greet/ and /private/ is the same endpoint, so a client
-can name its handshake in the path (query values never reach the proxy's report).
+Any path below /echo/, /greet/, /private/ and /events/ is the same endpoint, so a
+client can name its request in the path (query values never reach the proxy's report).
 """
 
 from __future__ import annotations
 
 import asyncio
 import html
+import itertools
+import time
 import urllib.parse
 
+from . import sse
 from .encoders import HELP, Behaviour
 
 GREETING = "hello from /greet"
@@ -31,6 +37,11 @@ PAGE = """<!doctype html>
 for the handshake's status before anything else: an encoder that holds that status until the
 body starts holds this page too.</p>
 <p><b id="greet">opening the WebSocket…</b></p>
+<p>It also opens an event stream (<code>EventSource</code>) to <code>/events</code>, whose server sends the
+response's head at once and its first event after the same N seconds. The browser fires
+<code>open</code> when the head arrives: an encoder that holds the head until the body starts holds
+<code>open</code> until the first event, and one that keeps the events in its compressor holds them.</p>
+<p><b id="events">opening the event stream…</b></p>
 <p><a href="/stream">/stream</a> is a streamed response; <code>/echo</code> echoes what a client sends first.</p>
 <h2>Behaviours</h2>
 <dl>{behaviours}</dl>
@@ -50,6 +61,33 @@ ws.onopen = () => {{ state = `open after ${{seconds()}} s; waiting for the serve
 ws.onmessage = (e) => report("greet=" + encodeURIComponent(e.data),
                              `the server said "${{e.data}}", ${{seconds()}} s after the page opened the WebSocket`);
 ws.onerror = () => report("error=1", `the WebSocket failed after ${{seconds()}} s`);
+// The event stream, timed from the same start: when its head came (open), when its first event did.
+const shown = document.getElementById("events");
+let eventState = "waiting for the event stream's head", opened = null, first = null, events = 0, reported = false;
+const eventTick = setInterval(() => {{ shown.textContent = `${{eventState}}: ${{seconds()}} s so far`; }}, 100);
+const reportEvents = (what) => {{ if (!reported) {{ reported = true; fetch("/result?events=" + what); }} }};
+const es = new EventSource(`/events?after=${{after}}`);
+es.onopen = () => {{
+  opened = seconds();
+  eventState = `the head came after ${{opened}} s; waiting for the first event ` +
+               `(the server sends it after ${{after}} s)`;
+}};
+es.addEventListener("tick", (e) => {{
+  events += 1;
+  if (first === null) {{
+    first = seconds();
+    clearInterval(eventTick);
+    reportEvents(`open:${{opened}},first:${{first}}`);
+  }}
+  shown.textContent = `the head came after ${{opened}} s, the first event after ${{first}} s; ` +
+                      `${{events}} so far, the last: "${{e.data}}"`;
+}});
+es.onerror = () => {{
+  if (first !== null) return;  // the browser reconnects by itself; what it saw first is reported
+  clearInterval(eventTick);
+  shown.textContent = `the event stream failed after ${{seconds()}} s`;
+  reportEvents(`error:${{seconds()}}`);
+}};
 </script>
 </body></html>
 """
@@ -59,6 +97,21 @@ ERROR_PAGE = (
     + "<p>This endpoint does not accept WebSockets from you.</p>" * 40
     + "</body></html>"
 )
+
+
+EVERY = 1.0  # seconds between two events of /events, unless ?every= says
+
+
+def tick(i: int, n: int | None, every: float) -> bytes:
+    """The i-th event of /events: small (about 50 bytes), as most real events are."""
+    of = f" of {n}" if n is not None else ""
+    return sse.format_event(f"event {i}{of}, one every {every:g} s", event="tick", id=str(i))
+
+
+async def disconnected(receive) -> None:
+    """Return once the server says the client is gone."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def query(scope) -> dict[str, str]:
@@ -73,7 +126,10 @@ class LabApp:
     def __init__(self, behaviour: str, log=None) -> None:
         self.behaviour = behaviour
         self.log = log  # called with one line per request, if set
-        self.results: asyncio.Queue[str] = asyncio.Queue()
+        self.results: asyncio.Queue[str] = asyncio.Queue()  # the page's reports of /greet
+        self.event_results: asyncio.Queue[str] = asyncio.Queue()  # and of /events ("events=...")
+        # (path, event id, time.monotonic()) of every event /events handed on, as it did
+        self.events_sent: list[tuple[str, int, float]] = []
         # (scope type, http_version, path, accept-encoding) of every request, as received
         self.requests: list[tuple[str, str, str, str | None]] = []
 
@@ -122,9 +178,11 @@ class LabApp:
                 await send({"type": "http.response.body", "body": line.encode(), "more_body": True})
                 await asyncio.sleep(every)
             await send({"type": "http.response.body", "body": b""})
+        elif path == "/events":
+            await self.event_stream(scope, receive, send)
         elif path == "/result":
             report = scope.get("query_string", b"").decode("latin-1")
-            self.results.put_nowait(report)
+            (self.event_results if report.startswith("events=") else self.results).put_nowait(report)
             if self.log:
                 self.log(f"the page reports: {urllib.parse.unquote(report)}")
             await start(204, b"text/plain")
@@ -132,6 +190,32 @@ class LabApp:
         else:
             await start(404, b"text/plain")
             await send({"type": "http.response.body", "body": b"not found\n"})
+
+    async def event_stream(self, scope, receive, send) -> None:
+        """/events: the head at once, flushed as an SSE handler flushes it (Go's Flush, Express's
+        flushHeaders), then the events; they stop when the client goes."""
+        q = query(scope)
+        after, every, n = float(q.get("after", 0)), float(q.get("every", EVERY)), int(q["n"]) if "n" in q else None
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", sse.CONTENT_TYPE.encode()), (b"cache-control", b"no-store")]})
+        await send({"type": "http.response.body", "body": b"", "more_body": True})
+        ticking = asyncio.ensure_future(self._tick(scope["path"], after, every, n, send))
+        gone = asyncio.ensure_future(disconnected(receive))
+        done, pending = await asyncio.wait({ticking, gone}, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if ticking in done:
+            ticking.result()
+
+    async def _tick(self, path: str, after: float, every: float, n: int | None, send) -> None:
+        await asyncio.sleep(after)
+        for i in itertools.count(1) if n is None else range(1, n + 1):
+            if i > 1:
+                await asyncio.sleep(every)
+            self.events_sent.append((path, i, time.monotonic()))
+            await send({"type": "http.response.body", "body": tick(i, n, every), "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
 
     async def websocket(self, scope, receive, send) -> None:
         if (await receive())["type"] != "websocket.connect":

@@ -1,9 +1,10 @@
 """A response-compression middleware (ASGI) with the encoder behaviours that shipped.
 
 Each behaviour is what a real compression layer did with a WebSocket
-handshake; the public reports are cited in HELP. All of them compress
-ordinary responses for real (see `codings`); they differ in when they let
-the status out and what they do to an upgrade.
+handshake or an event stream (text/event-stream); the public reports are
+cited in HELP. All of them compress ordinary responses for real (see
+`codings`); they differ in when they let the status out, whether they flush
+what the application flushes, and what they do to an upgrade.
 
 The middleware sees the ASGI scope, so it knows what the server will put on
 the wire: over HTTP/1.1 `websocket.accept` becomes a `101`, an informational
@@ -20,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .codings import Encoder, NotAcceptable, choose
+from .sse import is_event_stream
 
 Message = dict[str, Any]
 Send = Callable[[Message], Awaitable[None]]
@@ -38,20 +40,30 @@ class Behaviour(str, enum.Enum):
     HOLD_UNTIL_MIN_SIZE = "hold-until-min-size"
     HOLD_1XX = "hold-1xx"
     ENCODE_UPGRADE = "encode-upgrade"
+    BUFFER_EVENTS = "buffer-events"
     FIXED = "fixed"
+
+
+# The behaviours a WebSocket handshake meets: what buffer-events emulates never
+# wraps one (Starlette's GZipMiddleware leaves websocket scopes alone, Express's
+# compression never sees an upgrade), so there a handshake is the application's own.
+HANDSHAKE_BEHAVIOURS = tuple(b for b in Behaviour if b is not Behaviour.BUFFER_EVENTS)
 
 
 HELP = {
     Behaviour.HOLD_UNTIL_BODY: (
         "status and headers held until the first body byte, so the coding can still be chosen: "
         "Caddy's encode before 2.9 (caddyserver/caddy#6733); on an HTTP/2 extended CONNECT the 200 "
-        "waits for the server's first message. Also how Traefik's compress and Starlette's "
+        "waits for the server's first message. An event stream's head waits for its first event, "
+        "the handler's flush ignored, as in Caddy's encode until #7905 (caddyserver/caddy#6293); "
+        "each event after it is flushed as written. Also how Traefik's compress and Starlette's "
         "GZipMiddleware hold the response start."
     ),
     Behaviour.HOLD_UNTIL_MIN_SIZE: (
         "held until {min_size} bytes or the end, flushes ignored meanwhile: NYTimes gziphandler "
         "before its fix (nytimes/gziphandler#60, #74); a server that speaks first with small "
-        "messages stalls too."
+        "messages stalls too, and an event stream gets neither its head nor an event until its "
+        "events add up to {min_size} bytes (SSE died whenever the client offered gzip, #74)."
     ),
     Behaviour.HOLD_1XX: (
         "an HTTP/1.1 101 held until the first bytes after it (final statuses as hold-until-body): "
@@ -63,9 +75,20 @@ HELP = {
         "ASGI hands the middleware messages, not the tunnel's bytes, so each message the server "
         "sends is replaced by its compressed bytes from one running stream."
     ),
+    Behaviour.BUFFER_EVENTS: (
+        "the status goes out with the first body write, but the body is compressed without a "
+        "flush: events stay in the compressor until its own buffer fills (with the lab's small "
+        "events, about 220 KB for gzip, 128 KB for zstd, more than 5 MB for br) or the stream "
+        "ends, so they arrive late and in bursts, gzip's first chunk its 10-byte header alone: "
+        "Starlette's GZipMiddleware before it "
+        "left event streams alone (Kludex/starlette#2753, #2871), Express's compression without "
+        "res.flush() (expressjs/compression#17). WebSockets pass through, never wrapped."
+    ),
     Behaviour.FIXED: (
         "a 2xx to an extended CONNECT and a 101 go out at once and are never encoded, while a "
-        "failed upgrade's error page is still encoded: Caddy 2.9 and later (caddyserver/caddy#6738, #6740)."
+        "failed upgrade's error page is still encoded: Caddy 2.9 and later (caddyserver/caddy#6738, #6740). "
+        "An event stream's head goes out at once and each event is compressed and flushed as it "
+        "is written (caddyserver/caddy#7905, cloudflare/workerd#7390)."
     ),
 }
 
@@ -94,10 +117,15 @@ class ResponseEncoding:
     SENT (start written). What ends HOLDING is the behaviour's whole
     difference for ordinary responses:
       encode-upgrade (Envoy): never holds; it decides from the headers.
+      fixed (Caddy 2.9, and #7905 for event streams): an event stream's
+        start goes out at once, encoded; otherwise as the rest.
       hold-until-min-size (gziphandler): min_size body bytes, or the end;
         an empty chunk (a flush) changes nothing.
       the rest (Caddy, Traefik, Starlette): the first non-empty body chunk,
         or the end; an empty flush before it is dropped.
+    Once SENT, each body chunk is compressed and flushed with the codec's
+    sync flush, except under buffer-events (Starlette, Express), which only
+    passes on what its compressor lets out by itself.
     """
 
     def __init__(self, behaviour: Behaviour, coding: str, send: Send, min_size: int, prefix: str) -> None:
@@ -110,6 +138,11 @@ class ResponseEncoding:
         self.start: Message | None = None
         self.held: list[bytes] = []
         self.encoder: Encoder | None = None
+
+    def _released_at_once(self, start: Message) -> bool:
+        if self.behaviour is Behaviour.FIXED:
+            return is_event_stream(header(start, b"content-type"))
+        return self.behaviour is Behaviour.ENCODE_UPGRADE
 
     def _compressible(self, start: Message) -> bool:
         headers = {k.lower(): v for k, v in start.get("headers", [])}
@@ -135,15 +168,21 @@ class ResponseEncoding:
 
     async def _body(self, data: bytes, more: bool) -> None:
         if self.encoder:
-            data = self.encoder.compress(data) + (self.encoder.flush() if more else self.encoder.finish())
+            data = self.encoder.compress(data) + (self._flush() if more else self.encoder.finish())
+            if not data and more:
+                return  # the compressor kept it all
         await self._send({"type": f"{self.prefix}.body", "body": data, "more_body": more})
+
+    def _flush(self) -> bytes:
+        assert self.encoder is not None
+        return b"" if self.behaviour is Behaviour.BUFFER_EVENTS else self.encoder.flush()
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == f"{self.prefix}.start":
             self.start = message
             self.state = "HOLDING"
-            if self.behaviour is Behaviour.ENCODE_UPGRADE:
+            if self._released_at_once(message):
                 await self._release(self._compressible(message), more=True)
             return
         if kind != f"{self.prefix}.body":
@@ -275,8 +314,8 @@ class EncodingMiddleware:
                             "headers": [(b"content-type", b"text/plain")]})
                 await send({"type": "http.response.body", "body": b"no acceptable content-coding\n"})
                 return
-        if coding is None:
-            # Nothing to encode: real encoders do not wrap the response at all.
+        if coding is None or (scope["type"] == "websocket" and self.behaviour not in HANDSHAKE_BEHAVIOURS):
+            # Nothing to encode, or an encoder that never sees upgrades: not wrapped at all.
             return await self.app(scope, receive, send)
         if scope["type"] == "http":
             wrapper: ResponseEncoding | WebSocketEncoding = ResponseEncoding(

@@ -1,4 +1,5 @@
-"""Run the lab on its own: the application behind one encoder behaviour.
+"""Run the lab on its own: the application (WebSockets, an event stream, a page)
+behind one encoder behaviour.
 
     scripts/lab [--behaviour hold-until-body ...] [--port 8443] [--min-size 1024] [--quiet] [--no-h3 | --no-alt-svc]
 
@@ -49,8 +50,9 @@ def h3_urls(server: LabServer, certfile: str) -> list[str]:
 def urls(server: LabServer, certfile: str) -> str:
     base, ws = server.url, server.url.replace("https://", "wss://")
     rows = [
-        (f"{base}/", f"a page (compressed) that opens {ws}/greet and shows what it says"),
+        (f"{base}/", f"a page (compressed) that opens {ws}/greet and /events and shows what they say"),
         (f"{base}/stream", "a streamed response (?n=5&every=0.2)"),
+        (f"{base}/events", "an event stream: the head at once, events from ?after=SECONDS, every ?every=, ?n= of them"),
         (f"{ws}/echo", "WebSocket, the client speaks first"),
         (f"{ws}/greet", "WebSocket, the server speaks first (?after=SECONDS), then echoes"),
         (f"{ws}/private", "WebSocket refused with 403 and an HTML error page"),
@@ -67,6 +69,15 @@ def urls(server: LabServer, certfile: str) -> str:
 
 
 LISTENING = "lab: {behaviour} listening on {url}"
+EVENTS_EPILOG = """Event streams: /events answers 200 text/event-stream (cache-control: no-store) and flushes its head at
+once, then writes a small event (id:, event: tick, data:, about 50 bytes) after ?after= seconds (default 0) and
+one every ?every= seconds (default 1), ?n= of them (default: until the client goes). Only a request that offers
+accept-encoding meets the encoder: hold-until-body and hold-1xx hold the head until the first event (then flush
+each event), hold-until-min-size holds the head and the events until --min-size bytes of them, buffer-events lets
+the head out with the first event and keeps the events in its compressor, fixed and encode-upgrade send the head
+at once and flush each event. Watch one with curl (-N: curl buffers nothing itself):
+  curl -kN --compressed 'https://127.0.0.1:8443/events?after=1&every=0.5&n=5'
+or from Python, timed as EventSource sees it: wslab.clients.read_event_stream."""
 H3_EPILOG = """HTTP/3: every behaviour is served over QUIC too, on UDP 127.0.0.1 at the TCP port's number (another
 where that one is taken), WebSockets by extended CONNECT (RFC 9220); every TCP response says where in
 Alt-Svc: h3=":PORT", and the lab prints the UDP port. Reach it with the peers' client,
@@ -119,7 +130,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/lab", description=__doc__,
-                                     epilog=behaviour_help() + "\n\n" + H3_EPILOG,
+                                     epilog=behaviour_help() + "\n\n" + EVENTS_EPILOG + "\n\n" + H3_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--behaviour", choices=CHOICES, action="append",
                         help="the encoder in front (default hold-until-body); repeat it to serve several, "

@@ -1,7 +1,8 @@
 """The reproduction matrix: every encoder behaviour, through mitmdump with the addon.
 
 Each cell is one real WebSocket handshake: transport (h2, h3, h1) x behaviour
-x who speaks first x policy (observe, strip), plus `inject` against `fixed`,
+(each that meets a handshake: buffer-events never wraps one) x who speaks first
+x policy (observe, strip), plus `inject` against `fixed`,
 plus HAProxy's compression in front of the application where HAProxy is
 installed. An h3 cell goes over QUIC end to end: the client to mitmdump's
 HTTP/3 reverse mode, mitmdump to the lab's HTTP/3 side. `expect` says what
@@ -26,7 +27,7 @@ from mitmdump_proc import ADDON
 from . import haproxy
 from .clients import BROWSER_CODINGS, CLIENTS, Seen
 from .codings import ZSTD_LIBRARY, choose
-from .encoders import MIN_SIZE, Behaviour
+from .encoders import HANDSHAKE_BEHAVIOURS, MIN_SIZE, Behaviour
 from .proxy import Proxy
 from .server import LabProcess
 
@@ -110,7 +111,8 @@ def expect(cell: Cell) -> Expect:
 
 
 def cells(with_haproxy: bool) -> list[Cell]:
-    grid = [Cell(t, b.value, s, p) for t in TRANSPORTS for b in Behaviour for s in SPEAKERS for p in POLICIES]
+    grid = [Cell(t, b.value, s, p)
+            for t in TRANSPORTS for b in HANDSHAKE_BEHAVIOURS for s in SPEAKERS for p in POLICIES]
     grid += [Cell(t, Behaviour.FIXED.value, "client", "inject") for t in TRANSPORTS]
     if with_haproxy:
         grid += [Cell("h2", "haproxy", s, p) for s in SPEAKERS for p in POLICIES]
@@ -279,7 +281,7 @@ async def run(threshold: float = 2.0, bundle: Path | None = None, out=sys.stdout
     print(file=out)
     with tempfile.TemporaryDirectory(prefix="wslab-") as tmp:
         work = Path(tmp)
-        behaviours = [b.value for b in Behaviour]
+        behaviours = [b.value for b in HANDSHAKE_BEHAVIOURS]
         use_haproxy = any(c.behaviour == "haproxy" for c in grid)
         lab = await LabProcess(behaviours + (["none"] if use_haproxy else []), min_size, h3=True).start()
         front = None
