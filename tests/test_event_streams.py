@@ -12,16 +12,19 @@ import asyncio
 import json
 import time
 import zlib
+from collections import Counter
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import STALL, Mitmdump, addon_copy, assert_clean_log, reload_script
+from wsencode.core import diagnosis
 from wsencode.core.handshake import Form, Transport, accepts_event_stream, classify
+from wsencode.core.handshakes import Summary
 from wsencode.core.lifecycle import EndCause, Phase, Progress
 from wsencode.core.streamfacts import StreamFacts
-from wsencode.core import diagnosis
+from wsencode.mitm.commands import summary_lines
 from mitmproxy.test import tutils
 
 EVENT = b"id: 1\ndata: the first event\n\n"
@@ -357,3 +360,22 @@ def test_an_opened_event_stream_notes_its_first_event_and_its_end_without_anothe
     assert p.phase is Phase.OPENED and p.first_event_s is None
     text = diagnosis.outcome(p, None, 103.0, "gzip")
     assert text.startswith("Opened after 0.50 s") and "no event came in the 2.5 s after the head before the client left" in text
+
+
+@pytest.mark.parametrize("first_event_after, held", [(0.0, True), (0.19, True), (0.3, False)])
+def test_a_stalled_head_that_came_with_the_first_event_is_named_an_encoders_hold(first_event_after, held):
+    handshake = classify(tutils.treq(headers=((b"accept", b"text/event-stream"),)), event_streams=True)
+    p = Progress(handshake, received_at=100.0, facts=StreamFacts(forwarded_at=100.0, answer_status=200))
+    p.stall()
+    p.status_arrived(200, 102.0)
+    p.first_event(102.0 + first_event_after)
+    text = diagnosis.outcome(p, None, 103.0, "gzip")
+    # Within a tenth of the 2 s wait for the head: they came together.
+    assert ("the head only came with the first event" in text) is held, text
+    assert not held or text.endswith("retry with ws_encode_policy=strip to confirm."), text
+
+
+def test_a_summary_of_event_streams_alone_says_nothing_of_websockets():
+    summary = Summary(event_streams=Counter({("opened", "h2"): 2}), stalls=1)
+    assert summary_lines(summary, 0, None, None) == [
+        "2 event streams followed: 2 opened (2 over h2)", "1 stall reported", "report: off (set ws_encode_report)"]

@@ -12,6 +12,11 @@ from __future__ import annotations
 from .lifecycle import AnsweredBy, EndCause, Phase, Progress, Stage
 
 STRIP_HINT = "retry with ws_encode_policy=strip to confirm"
+# A stalled event stream whose first event came this soon after its head (or
+# within a tenth of the wait for the head) came with it: an encoder that held
+# the head for the body (Caddy's encode before caddyserver/caddy#7905). A
+# server that is only slow flushes its head, and its events come in their time.
+HEAD_WITH_FIRST_EVENT_S = 0.05
 
 # Where a handshake that never reached the upstream is held, and why.
 HELD_IN_PROXY = {
@@ -178,6 +183,14 @@ def _opened(progress: Progress, now: float, accept_encoding: str | None) -> str:
     if (in_proxy := _answered_in_proxy(progress, "Opened")) is not None:
         return in_proxy
     first = _first_event(progress, now)
+    if (progress.stalled and accept_encoding and progress.first_event_s is not None
+            and progress.first_event_s <= max(HEAD_WITH_FIRST_EVENT_S, waited / 10)):
+        coded = f", with content-encoding: {progress.content_encoding}" if progress.content_encoding else ""
+        return (
+            f"Opened after {waited:.1f} s, but the head only came with the first event "
+            f"({progress.first_event_s:.2f} s apart{coded}): the fingerprint of an encoding layer that "
+            f"holds the head until the body starts (the request {_offered(accept_encoding)}); {STRIP_HINT}."
+        )
     if progress.content_encoding:
         return (
             f"Opened after {waited:.2f} s, but the event stream carries content-encoding: "

@@ -55,6 +55,8 @@ def summary_lines(summary: Summary, waiting: int, longest_s: float | None, repor
         return ["no WebSocket handshake seen yet", report_line]
     if total:
         lines = [f"{plural(total, 'WebSocket handshake')} finished: {counted(summary.outcomes)}"]
+    elif summary.event_streams:
+        lines = []  # only event streams so far: their line says it
     else:
         lines = ["no WebSocket handshake finished yet"]
     if summary.event_streams:
