@@ -9,12 +9,20 @@ upstream the test steers; this file is the same promises on each transport."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from dataclasses import dataclass
 
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
 import pytest
+from aioquic.h3.connection import ErrorCode
+from aioquic.quic.configuration import QuicConfiguration
 from conftest import STALL, Mitmdump, assert_clean_log
+from wspeers import h3ws
 
-from wslab.clients import EventStreamSeen, read_event_stream
+from wslab.clients import EventStreamSeen, _tls, read_event_stream
 from wslab.server import LabServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -118,3 +126,150 @@ def assert_held_head_diagnosed(held: Passage) -> None:
     assert any("Event stream stall on " in line and "/events/held" in line for line in held.md.lines)
     assert (end["outcome"], end["stalled"], end["status"]) == ("opened", True, 200), end
     assert "the head only came with the first event" in end["diagnosis"], end
+
+
+class H2Streams:
+    """Many requests on one HTTP/2 connection, each stream's events kept in
+    order: what a page with several EventSources over one connection sends."""
+
+    def __init__(self) -> None:
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.events: dict[int, list[str]] = {}
+        self.changed = asyncio.Condition()
+
+    async def connect(self, port: int) -> H2Streams:
+        self.reader, self.writer = await _tls("127.0.0.1", port, "localhost", "h2")
+        self.conn.initiate_connection()
+        self._flush()
+        self.reading = asyncio.ensure_future(self._read())
+        return self
+
+    def open(self, path: str, offer: bool) -> int:
+        stream_id = self.conn.get_next_available_stream_id()
+        fields = [(":method", "GET"), (":scheme", "https"), (":authority", "localhost"), (":path", path),
+                  ("accept", "text/event-stream"), *([("accept-encoding", BROWSER)] if offer else [])]
+        self.conn.send_headers(stream_id, [(k.encode(), v.encode()) for k, v in fields], end_stream=True)
+        self.events[stream_id] = []
+        self._flush()
+        return stream_id
+
+    def reset(self, stream_id: int) -> None:
+        self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        self._flush()
+
+    async def wait(self, check, timeout: float = 30) -> None:
+        async with self.changed:
+            await asyncio.wait_for(self.changed.wait_for(check), timeout)
+
+    def _flush(self) -> None:
+        self.writer.write(self.conn.data_to_send())
+
+    async def _read(self) -> None:
+        while data := await self.reader.read(65536):
+            async with self.changed:
+                for event in self.conn.receive_data(data):
+                    stream_id = getattr(event, "stream_id", None)
+                    if isinstance(event, h2.events.DataReceived):
+                        self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    if stream_id in self.events:
+                        self.events[stream_id].append(type(event).__name__)
+                self._flush()
+                self.changed.notify_all()
+
+    async def close(self) -> None:
+        self.conn.close_connection()
+        self._flush()
+        self.writer.close()
+        await asyncio.gather(self.reading, return_exceptions=True)
+
+
+def test_many_event_streams_on_one_http2_connection_each_recorded_once_and_resets_touch_no_other(cert, report):
+    """Six held heads on one connection, three of them left by the client
+    (RST_STREAM) after their stall, and three requests that offer no encoding:
+    each stall reported once, each stream recorded once with its own outcome,
+    the others unharmed."""
+    async def scenario():
+        async with LabServer("hold-until-body", *cert) as server:
+            async with Mitmdump("--mode", f"reverse:{server.url}", "--ssl-insecure",
+                                "--set", f"ws_encode_stall={STALL}", report=report) as md:
+                client = await H2Streams().connect(md.port)
+                query = f"?after={HELD}&every={EVERY}&n=2"
+                held = [client.open(f"/events/held-{i}{query}", True) for i in range(6)]
+                plain = [client.open(f"/events/plain-{i}{query}", False) for i in range(3)]
+                await md.wait_for_count(r"Event stream stall on", len(held))
+                for stream_id in held[:3]:
+                    client.reset(stream_id)
+                await client.wait(lambda: all("StreamEnded" in client.events[s] for s in held[3:] + plain))
+                await client.close()
+                await md.wait_for_count(r"Event stream (?!stall)\S+ on", len(held) + len(plain))
+            return client.events, held, plain, md.records(), md
+
+    events, held, plain, records, md = asyncio.run(scenario())
+    by_path: dict[str, list[dict]] = {}
+    for record in records:
+        by_path.setdefault(record["url"].split("/events/")[1].split("?")[0], []).append(record)
+    assert sorted(by_path) == sorted([f"held-{i}" for i in range(6)] + [f"plain-{i}" for i in range(3)])
+    for i in range(6):
+        stall, end = by_path[f"held-{i}"]  # one stall, one end: nothing twice
+        assert stall["event"] == "stall" and end["event"] == "handshake" and end["stalled"] is True
+        if i < 3:  # the client left while the head was held
+            assert end["outcome"] == "no-status" and "the client gave up" in end["diagnosis"], end
+            assert events[held[i]] == []  # nothing came on a stream the client reset
+        else:
+            assert end["outcome"] == "opened" and "the head only came with the first event" in end["diagnosis"]
+            assert events[held[i]][0] == "ResponseReceived" and events[held[i]][-1] == "StreamEnded"
+    for i in range(3):
+        [end] = by_path[f"plain-{i}"]
+        assert (end["outcome"], end["stalled"], end["accept_encoding_client"]) == ("opened", False, None), end
+        assert end["first_event_s"] is not None
+    assert "StreamReset" not in str(events) and "ConnectionTerminated" not in str(events)
+    assert_clean_log(md)
+
+
+def test_an_http3_client_that_cancels_a_held_event_stream_is_the_one_that_gave_up(cert, report):
+    """RESET_STREAM and STOP_SENDING (H3_REQUEST_CANCELLED) on one of two held
+    event streams on one QUIC connection: that one is the client's giving up,
+    the other opens, and the connection lives on."""
+    streams: dict[int, list[str]] = {0: [], 4: []}
+    changed = asyncio.Event()
+
+    def on_event(event) -> None:
+        if getattr(event, "stream_id", None) in streams:
+            streams[event.stream_id].append("end" if getattr(event, "stream_ended", False) else type(event).__name__)
+            changed.set()
+
+    async def scenario():
+        async with LabServer("hold-until-body", *cert, h3=True) as server:
+            async with Mitmdump("--mode", f"reverse:http3://127.0.0.1:{server.h3.port}", "--ssl-insecure",
+                                "--set", f"ws_encode_stall={STALL}", report=report) as md:
+                configuration = QuicConfiguration(is_client=True, alpn_protocols=h3ws.ALPN, server_name="localhost",
+                                                  verify_mode=ssl.CERT_NONE)
+                transport, peer = await asyncio.get_running_loop().create_datagram_endpoint(
+                    lambda: h3ws.H3Peer(h3ws.HeldWindowQuic(configuration=configuration), on_event),
+                    local_addr=("127.0.0.1", 0))
+                try:
+                    peer.connect(("127.0.0.1", md.port))
+                    await peer.wait_connected()
+                    for stream_id, name in ((0, "left"), (4, "kept")):
+                        headers = [(":method", "GET"), (":scheme", "https"), (":authority", "localhost"),
+                                   (":path", f"/events/{name}?after={HELD}&every={EVERY}&n=2"),
+                                   ("accept", "text/event-stream"), ("accept-encoding", BROWSER)]
+                        peer.send_headers(stream_id, [(k.encode(), v.encode()) for k, v in headers], end_stream=True)
+                    await md.wait_for_count(r"Event stream stall on", 2)
+                    peer.abort(0, ErrorCode.H3_REQUEST_CANCELLED)
+                    while "end" not in streams[4]:
+                        changed.clear()
+                        await asyncio.wait_for(changed.wait(), 30)
+                    closed = peer.closed
+                    await md.wait_for_count(r"Event stream (?!stall)\S+ on", 2)
+                finally:
+                    peer.close_connection()
+                    transport.close()
+            return md.records(), closed, md
+
+    records, closed, md = asyncio.run(scenario())
+    ends = {r["url"].split("/events/")[1].split("?")[0]: r for r in records if r["event"] == "handshake"}
+    assert ends["left"]["outcome"] == "no-status" and "the client gave up" in ends["left"]["diagnosis"], ends["left"]
+    assert ends["kept"]["outcome"] == "opened" and ends["kept"]["transport"] == "h3"
+    assert closed is None and streams[4][0] == "HeadersReceived"
+    assert_clean_log(md)

@@ -383,6 +383,10 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
         running (an intercepted request, a slow addon) mitmproxy queues the
         event, and the error hook it then fires must know already."""
         facts = self.ws_facts
+        if facts is None and getattr(self, "flow", None) is not None:
+            # An event stream: the addon's hooks made its facts, after the
+            # stream classified its request (it is no WebSocket).
+            facts = facts_of(self.flow.request)
         if facts is None or facts.ended_by is not None or is_passthrough_close(event):
             return
         if isinstance(event, NeedsHttp1) and self.ws_route is Route.FIRST:
