@@ -39,7 +39,8 @@ def test_the_matrix_matches_every_behaviour_and_the_bundle_holds_the_run(tmp_pat
     # stall line follows each deadlocked cell whose success is a 200 (HTTP/2, HTTP/3).
     for cell in grid:
         assert cell.name in done.stdout, cell.name
-    assert sum(c.transport == "h3" for c in grid) == 21  # every behaviour, speaker and policy, and inject
+    # every behaviour, speaker and policy, and inject; and the event streams' four behaviours and two policies
+    assert sum(c.transport == "h3" for c in grid) == 21 + 8
     lines = done.stdout.splitlines()
     for transport in ("h2", "h3"):
         row = next(i for i, line in enumerate(lines)
@@ -56,13 +57,18 @@ def test_the_matrix_matches_every_behaviour_and_the_bundle_holds_the_run(tmp_pat
         assert STALL <= mine[0]["received_s"] and "stall" in mine[0]["diagnosis"].lower()  # (how late: the bench's goal 4)
         assert mine[1]["outcome"] == "no-status" and mine[1]["stalled"] is True
     assert "REDACTED" in next(r["url"] for r in records if "/greet/" in r["url"])  # ?after= is a query value
+    # An event stream whose head an encoder held: one stall, then opened with the first event.
+    for transport in ("h1", "h2", "h3"):
+        mine = [r for r in records if r["url"].split("?")[0].endswith(f"/events/{transport}-hold-until-body-observe")]
+        assert [(r["event"], r["kind"]) for r in mine] == [("stall", "event-stream"), ("handshake", "event-stream")]
+        assert mine[1]["outcome"] == "opened" and mine[1]["first_event_s"] is not None
 
     from mitmproxy import io
 
     with open(bundle / "flows.mitm", "rb") as f:
         flows = list(io.FlowReader(f).stream())
     assert len(flows) == len(grid)
-    assert sum(f.request.http_version == "HTTP/3" for f in flows) == 21
+    assert sum(f.request.http_version == "HTTP/3" for f in flows) == 21 + 8
     for transport in ("h2", "h3"):
         held = next(f for f in flows if f.request.path == f"/echo/{transport}-hold-until-body-observe")
         assert "stall" in held.comment.lower()
@@ -74,6 +80,7 @@ def test_the_matrix_matches_every_behaviour_and_the_bundle_holds_the_run(tmp_pat
     assert "| h2 hold-until-body client-first observe | gave up |" in summary
     assert "| h3 hold-until-body client-first observe | gave up |" in summary
     assert "| h3 hold-1xx server-first observe | greeted |" in summary  # released with the greeting, late
+    assert "| h3 buffer-events event-stream observe | head only |" in summary
     assert summary.count("| ok |") == len(grid)
 
 

@@ -203,7 +203,8 @@ async def read_event_stream(transport: str, port: int, path: str = "/events", *,
                             give_up: float = 5.0) -> EventStreamSeen:
     """GET `path` as `EventSource` does, over TLS to `host`:`port` (certificates not verified),
     and read it as an event stream until it ends, `count` events are decoded, or `give_up`
-    seconds (from this call, connecting included) are up; then close and say what was seen.
+    seconds from the request going out are up (connecting may take as long again: a busy
+    machine's TLS handshakes are not the server's delay); then close and say what was seen.
 
     `transport`: "h1" (HTTP/1.1, ALPN http/1.1), "h2" (HTTP/2, ALPN h2) or "h3" (HTTP/3 over
     QUIC on UDP `port`; `host` must be an IP address). The request carries `accept: text/event-stream`
@@ -226,8 +227,10 @@ async def read_event_stream(transport: str, port: int, path: str = "/events", *,
               *([("accept-encoding", accept_encoding)] if accept_encoding else []), *headers]
     opener = EVENT_STREAM_TRANSPORTS[transport](host, port, authority, path, fields, note)
     task = asyncio.ensure_future(_reporting_failures(opener, note))
+    reading = _Reading(seen, count)
     try:
-        await asyncio.wait_for(_read(feed, _Reading(seen, count)), give_up)
+        if not await asyncio.wait_for(_read(feed, reading, until_sent=True), give_up):
+            await asyncio.wait_for(_read(feed, reading), give_up)
     except asyncio.TimeoutError:
         seen.outcome = "gave up"
     finally:
@@ -245,9 +248,15 @@ async def _reporting_failures(opener, note: Note) -> None:
         note("failed", "the connection closed before the response ended")
 
 
-async def _read(feed: asyncio.Queue, reading: _Reading) -> None:
-    while not reading.noted(*await feed.get()):
-        pass
+async def _read(feed: asyncio.Queue, reading: _Reading, until_sent: bool = False) -> bool:
+    """Take what the transport notes until the client is done (True) or, `until_sent`, until
+    the request went out (False)."""
+    while True:
+        kind, value, at = await feed.get()
+        if reading.noted(kind, value, at):
+            return True
+        if until_sent and kind == "sent":
+            return False
 
 
 class _Reading:

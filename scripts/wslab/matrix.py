@@ -4,7 +4,8 @@ Each cell is one real WebSocket handshake: transport (h2, h3, h1) x behaviour
 (each that meets a handshake: buffer-events never wraps one) x who speaks first
 x policy (observe, strip), plus `inject` against `fixed`,
 plus HAProxy's compression in front of the application where HAProxy is
-installed. An h3 cell goes over QUIC end to end: the client to mitmdump's
+installed; or one event stream (`/events`, read as EventSource reads it):
+transport x the behaviours of the event-stream reports x policy. An h3 cell goes over QUIC end to end: the client to mitmdump's
 HTTP/3 reverse mode, mitmdump to the lab's HTTP/3 side. `expect` says what
 each cell must produce; `run` prints the table in the grid's order as cells
 finish and returns the cells whose reality disagreed.
@@ -25,7 +26,7 @@ from wspeers import h2ws
 from mitmdump_proc import ADDON
 
 from . import haproxy
-from .clients import BROWSER_CODINGS, CLIENTS, Seen
+from .clients import BROWSER_CODINGS, CLIENTS, EventStreamSeen, Seen, read_event_stream
 from .codings import ZSTD_LIBRARY, choose
 from .encoders import HANDSHAKE_BEHAVIOURS, MIN_SIZE, Behaviour
 from .proxy import Proxy
@@ -34,6 +35,14 @@ from .server import LabProcess
 TRANSPORTS = ("h2", "h3", "h1")
 STATUS_200 = ("h2", "h3")  # where a WebSocket's success is a plain 200, not an informational 101
 SPEAKERS = ("client", "server")
+EVENTS = "events"  # a cell's `speaker` for an event stream: the server speaks, in events
+# The behaviours of the event-stream reports (docs/lab.md, "Event streams"):
+# the head held until the first event, events kept in the compressor, head
+# and events held until a size an endless stream of small events never has,
+# and the fix.
+EVENT_STREAM_BEHAVIOURS = (Behaviour.HOLD_UNTIL_BODY, Behaviour.BUFFER_EVENTS, Behaviour.HOLD_UNTIL_MIN_SIZE,
+                           Behaviour.FIXED)
+EVENTS_WANTED = 2  # an event-stream client reads this many events, then leaves
 POLICIES = ("observe", "strip")
 INJECTED = "zstd, br, gzip"  # the addon's default ws_encode_codings
 CONNECTING = 3  # client connections set up at once
@@ -43,16 +52,21 @@ CONNECTING = 3  # client connections set up at once
 class Cell:
     transport: str
     behaviour: str  # an encoder Behaviour value, or "haproxy"
-    speaker: str  # who speaks first: client (/echo) or server (/greet)
+    speaker: str  # who speaks first: client (/echo) or server (/greet); EVENTS: an event stream (/events)
     policy: str
 
     @property
     def name(self) -> str:
-        return f"{self.transport} {self.behaviour} {self.speaker}-first {self.policy}"
+        what = "event-stream" if self.is_event_stream else f"{self.speaker}-first"
+        return f"{self.transport} {self.behaviour} {what} {self.policy}"
+
+    @property
+    def is_event_stream(self) -> bool:
+        return self.speaker == EVENTS
 
     @property
     def path(self) -> str:
-        endpoint = "echo" if self.speaker == "client" else "greet"
+        endpoint = {"client": "echo", "server": "greet", EVENTS: "events"}[self.speaker]
         return f"/{endpoint}/{self.transport}-{self.behaviour}-{self.policy}"
 
     @property
@@ -90,6 +104,8 @@ def holds_status(behaviour: str, transport: str) -> bool:
 
 
 def expect(cell: Cell) -> Expect:
+    if cell.is_event_stream:
+        return expect_event_stream(cell)
     healthy = "echoed" if cell.speaker == "client" else "greeted"
     if cell.behaviour == "haproxy":
         return haproxy.expect(cell, healthy)
@@ -110,13 +126,43 @@ def expect(cell: Cell) -> Expect:
     return Expect("gave up", "no-status", stalled=True, fast=False, words=("stall",))
 
 
+def expect_event_stream(cell: Cell) -> Expect:
+    """An endless stream whose events start after the stall threshold: the
+    client reads EVENTS_WANTED of them, or gives up."""
+    if cell.policy == "strip":  # no offer: no encoder wraps it
+        return Expect(EVENTS, "opened", stalled=False, upstream_coding=None)
+    coding = choose(BROWSER_CODINGS)
+    if cell.behaviour == Behaviour.FIXED:  # the head at once, each event flushed
+        return Expect(EVENTS, "opened", stalled=False, content_encoding=coding, words=("content-encoding",))
+    if cell.behaviour == Behaviour.HOLD_UNTIL_BODY:  # the head comes with the first event
+        return Expect(EVENTS, "opened", stalled=True, fast=False, content_encoding=coding,
+                      words=("head only came with the first event",))
+    if cell.behaviour == Behaviour.BUFFER_EVENTS:  # the head with the first write, no event decodable
+        return Expect("head only", "opened", stalled=True, fast=False, content_encoding=coding,
+                      words=("content-encoding", "no event came"))
+    # hold-until-min-size: a few small events never add up to its size
+    return Expect("gave up", "no-status", stalled=True, fast=False, words=("no response head",))
+
+
 def cells(with_haproxy: bool) -> list[Cell]:
     grid = [Cell(t, b.value, s, p)
             for t in TRANSPORTS for b in HANDSHAKE_BEHAVIOURS for s in SPEAKERS for p in POLICIES]
     grid += [Cell(t, Behaviour.FIXED.value, "client", "inject") for t in TRANSPORTS]
     if with_haproxy:
         grid += [Cell("h2", "haproxy", s, p) for s in SPEAKERS for p in POLICIES]
+    grid += [Cell(t, b.value, EVENTS, p) for t in TRANSPORTS for b in EVENT_STREAM_BEHAVIOURS for p in POLICIES]
     return grid
+
+
+def event_stream_seen(seen: EventStreamSeen) -> Seen:
+    """An event stream's client in the table's terms: its head for the status."""
+    if seen.outcome.startswith("failed"):
+        outcome = seen.outcome
+    elif len(seen.events) >= EVENTS_WANTED:
+        outcome = EVENTS
+    else:
+        outcome = "gave up" if seen.status is None else "head only"
+    return Seen(outcome, seen.status, seen.head_s, seen.content_encoding)
 
 
 @dataclass
@@ -157,7 +203,8 @@ def check(result: Result, want: Expect, threshold: float) -> list[str]:
     # before a held one could come (this machine may be busy).
     if want.fast and (seen.status_s is None or seen.status_s >= threshold * 1.5):
         problems.append(f"status after {seen.status_s} s, expected within {threshold * 1.5:g} s")
-    if not want.fast and want.outcome == "upgraded" and seen.status_s is not None and seen.status_s < threshold:
+    if not want.fast and want.outcome in ("upgraded", "opened") and seen.status_s is not None \
+            and seen.status_s < threshold:
         problems.append(f"status after {seen.status_s:.2f} s, expected it held past {threshold} s")
     if record["content_encoding"] != want.content_encoding:
         problems.append(f"content-encoding {record['content_encoding']!r}, expected {want.content_encoding!r}")
@@ -177,8 +224,9 @@ NARROWEST_DIAGNOSIS = 40  # columns; in a narrower terminal the diagnosis goes o
 LEGEND = [
     "client: echoed/greeted = the WebSocket worked (the echo of what it sent, or /greet's greeting, came back "
     "as sent); unreadable = frames came back but not that message (compressed bytes: an encoded upgrade); "
-    "gave up = no status in time; refused N = status N; failed = the connection broke",
-    "status: seconds to the status, as the client saw it; record: the addon's outcome, ⌛ where it reported a "
+    "gave up = no status in time; refused N = status N; failed = the connection broke; an event stream's: "
+    f"events = its head and {EVENTS_WANTED} events came, head only = its head came but no event in time",
+    "status: seconds to the status (an event stream's head), as the client saw it; record: the addon's outcome, ⌛ where it reported a "
     "stall, ce= the response's content-encoding",
 ]
 
@@ -254,11 +302,18 @@ def environment() -> dict[str, str]:
 
 async def run_cell(cell: Cell, proxy: Proxy, give_up: float, after: float, gate: asyncio.Semaphore) -> Result:
     port = proxy.ports[cell.upstream]
-    path = cell.path + (f"?after={after}" if cell.speaker == "server" else "")
-    try:
-        seen = await CLIENTS[cell.transport](port, path, cell.speaker, cell.accept_encoding, give_up, gate)
-    except (OSError, ConnectionError, h2ws.WebSocketClosed) as e:
-        seen = Seen(f"failed ({type(e).__name__})")
+    if cell.is_event_stream:
+        # Endless, its events from `after` on, a few tenths of the threshold apart.
+        path = f"{cell.path}?after={after}&every={after / 8:g}"
+        seen = event_stream_seen(await read_event_stream(cell.transport, port, path,
+                                                         accept_encoding=cell.accept_encoding,
+                                                         count=EVENTS_WANTED, give_up=give_up))
+    else:
+        path = cell.path + (f"?after={after}" if cell.speaker == "server" else "")
+        try:
+            seen = await CLIENTS[cell.transport](port, path, cell.speaker, cell.accept_encoding, give_up, gate)
+        except (OSError, ConnectionError, h2ws.WebSocketClosed) as e:
+            seen = Seen(f"failed ({type(e).__name__})")
     record = await proxy.handshake_record(cell.path, timeout=5)
     stall = next((r for r in proxy.records(cell.path) if r["event"] == "stall"), None)
     return Result(cell, seen, record, stall, proxy.stall_lines(cell.path))
@@ -272,16 +327,18 @@ async def run(threshold: float = 2.0, bundle: Path | None = None, out=sys.stdout
     state.environment = environment()
     give_up, after = threshold * 3, threshold * 2
     grid = [c for c in cells(state.with_haproxy) if only in c.name]
-    print(f"ws-encode lab: {len(grid)} handshake{'s' if len(grid) != 1 else ''} through mitmdump with the addon "
-          f"(ws_encode_stall={threshold}; clients give up after {give_up:g} s; /greet speaks after {after:g} s)",
-          file=out)
+    streams = sum(c.is_event_stream for c in grid)
+    counted = ", ".join(f"{n} {what}{'s' if n != 1 else ''}"
+                        for n, what in ((len(grid) - streams, "handshake"), (streams, "event stream")) if n)
+    print(f"ws-encode lab: {counted or 'nothing'} through mitmdump with the addon (ws_encode_stall={threshold}; "
+          f"clients give up after {give_up:g} s; /greet and /events speak after {after:g} s)", file=out)
     print("  " + ", ".join(f"{k} {v}" for k, v in state.environment.items()), file=out)
     if not state.with_haproxy:
         print("  HAProxy is not installed (Debian package haproxy): its rows are skipped", file=out)
     print(file=out)
     with tempfile.TemporaryDirectory(prefix="wslab-") as tmp:
         work = Path(tmp)
-        behaviours = [b.value for b in HANDSHAKE_BEHAVIOURS]
+        behaviours = sorted({c.behaviour for c in grid} - {"haproxy"})
         use_haproxy = any(c.behaviour == "haproxy" for c in grid)
         lab = await LabProcess(behaviours + (["none"] if use_haproxy else []), min_size, h3=True).start()
         front = None

@@ -1,11 +1,12 @@
-"""Reproduce every encoder behaviour through mitmdump with the addon, and check the diagnosis.
+"""Reproduce every encoder behaviour through mitmdump with the addon, and check the diagnosis:
+WebSocket handshakes and event streams.
 
     scripts/repro [--stall SECONDS] [--bundle DIR [--force]]
 
 Starts the lab (hypercorn with the project's compression middleware, one
 server per behaviour, on 127.0.0.1), mitmdump with the addon in front of it
 (observe, strip, inject), and HAProxy's compression where it is installed;
-runs one real client handshake per cell, prints the table in the grid's order
+runs one real client handshake (or event stream) per cell, prints the table in the grid's order
 as cells finish, then exits non-zero naming every cell whose result disagrees
 with what its behaviour must produce.
 """

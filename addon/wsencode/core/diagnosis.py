@@ -193,7 +193,8 @@ def _opened(progress: Progress, now: float, accept_encoding: str | None) -> str:
         )
     if progress.content_encoding:
         return (
-            f"Opened after {waited:.2f} s, but the event stream carries content-encoding: "
+            f"Opened after {waited:.2f} s{' (reported as a stall)' if progress.stalled else ''}, "
+            f"but the event stream carries content-encoding: "
             f"{progress.content_encoding}, and {first}: an encoding layer upstream compresses it, and "
             "unless it flushes every event the client gets them late or in bursts "
             "(ws_encode_policy=strip stops the offer, to confirm)."
