@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import urllib.parse
 from dataclasses import dataclass
 
 import h2.config
@@ -20,6 +21,7 @@ import pytest
 from aioquic.h3.connection import ErrorCode
 from aioquic.quic.configuration import QuicConfiguration
 from conftest import STALL, Mitmdump, assert_clean_log
+from peers import chromium
 from wspeers import h3ws
 
 from wslab.clients import EventStreamSeen, _tls, read_event_stream
@@ -273,3 +275,55 @@ def test_an_http3_client_that_cancels_a_held_event_stream_is_the_one_that_gave_u
     assert ends["kept"]["outcome"] == "opened" and ends["kept"]["transport"] == "h3"
     assert closed is None and streams[4][0] == "HeadersReceived"
     assert_clean_log(md)
+
+
+@chromium.needs_chromium
+def test_chromiums_event_source_through_the_proxy_is_reported_held_and_strip_opens_it_at_once(
+        cert, tmp_path, tmp_path_factory):
+    """The lab's page in Chromium, through mitmdump in front of hold-until-body:
+    Chromium offers its codings on its EventSource request, the encoder holds
+    the head until the first event, and the proxy reports the stall while the
+    page still waits for its event stream; under strip, `open` comes at once
+    and the first event when the server sends it."""
+    after = 8 * STALL
+
+    async def visit(policy: str):
+        async with LabServer("hold-until-body", *cert) as server:
+            async with Mitmdump("--mode", f"reverse:{server.url}", "--ssl-insecure",
+                                "--set", f"ws_encode_stall={STALL}", "--set", f"ws_encode_policy={policy}",
+                                report=tmp_path / f"{policy}.jsonl") as md:
+                browser = await chromium.start(f"https://127.0.0.1:{md.port}/?after={after}",
+                                               tmp_path_factory.mktemp(policy))
+                try:
+                    waiting_at_stall = None
+                    if policy == "observe":
+                        await md.wait_for_record(event="stall", kind="event-stream")
+                        waiting_at_stall = server.app.event_results.empty()
+                    events = await asyncio.wait_for(server.app.event_results.get(), 60)
+                    record = await md.wait_for_record(event="handshake", kind="event-stream")
+                finally:
+                    await chromium.stop(browser)
+            streams = [r for r in server.app.requests if r[0] == "http" and r[2] == "/events"]
+            return waiting_at_stall, page_times(events), record, streams, md
+
+    def page_times(report: str) -> dict[str, float]:
+        fields = urllib.parse.unquote(report).removeprefix("events=").split(",")
+        return {k: float(v) for k, v in (f.split(":") for f in fields)}
+
+    async def scenario():
+        return await visit("observe"), await visit("strip")
+
+    (waiting, held, held_record, held_streams, md), (_, stripped, stripped_record, stripped_streams, md2) = \
+        asyncio.run(scenario())
+    assert waiting is True  # the stall was reported while the page still waited for its event stream
+    assert held["open"] >= held["first"] - 0.1, held  # `open` came with the first event (the page ticks in tenths)
+    assert (held_record["outcome"], held_record["stalled"], held_record["transport"]) == ("opened", True, "h2")
+    assert "the head only came with the first event" in held_record["diagnosis"]
+    assert stripped["open"] < stripped["first"] - after / 2, stripped  # the head at once, the event in its time
+    assert (stripped_record["outcome"], stripped_record["stalled"]) == ("opened", False)
+    # Chromium offered its codings both times; only strip kept them from the encoder.
+    assert len(held_streams) == 1 and "zstd" in held_streams[0][3] and held_streams[0][1] == "2"
+    assert len(stripped_streams) == 1 and stripped_streams[0][3] is None
+    assert stripped_record["accept_encoding_client"] and "zstd" in stripped_record["accept_encoding_client"]
+    assert_clean_log(md)
+    assert_clean_log(md2)
