@@ -32,6 +32,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import pylsqpack
 from aioquic.h3.connection import ErrorCode as H3ErrorCode
 from aioquic.h3.connection import HeadersState, MessageError, Setting
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
@@ -54,8 +55,41 @@ from .common import (
 )
 
 HTTP3 = b"HTTP/3"
+# pylsqpack, which aioquic encodes header sections with, writes one into a
+# fixed buffer of 4096 bytes less a 16-byte prefix, and one field of at most
+# 4096 bytes; a section past either raises in the middle of the encoder's
+# work (and leaves the encoder in that header). mitmproxy re-encodes every
+# header section it forwards to an HTTP/3 peer: one too large crashes its
+# connection handler ("mitmproxy has crashed!", the stream never answered).
+QPACK_SECTION_BYTES = 4096 - 16
+QPACK_FIELD_OVERHEAD = 6  # a literal field's prefixes, at most; Huffman and the dynamic table only shrink it
+TOO_LARGE = "header fields too large to encode for HTTP/3 (aioquic's QPACK encoder takes about 4 KB)"
 # A request the proxy answers itself: the status, and why (logged).
 Refusal = tuple[int, str]
+
+
+def qpack_encodes(fields: list[tuple[bytes, bytes]]) -> bool:
+    """Whether aioquic's QPACK encoder can encode these fields: surely when
+    written out as literals they fit its buffer; else when a scratch
+    encoder (no dynamic table, so never more than the connection's would
+    write) manages them."""
+    if sum(len(name) + len(value) + QPACK_FIELD_OVERHEAD for name, value in fields) <= QPACK_SECTION_BYTES:
+        return True
+    try:
+        pylsqpack.Encoder().encode(0, fields)
+    except (ValueError, RuntimeError):  # (pylsqpack's two ways of saying it does not fit)
+        return False
+    return True
+
+
+def request_fields(request: http.Request) -> list[tuple[bytes, bytes]]:
+    data = request.data
+    return [(b":method", data.method), (b":scheme", data.scheme), (b":authority", data.authority),
+            (b":path", data.path), *request.headers.fields]
+
+
+def response_fields(response: http.Response) -> list[tuple[bytes, bytes]]:
+    return [(b":status", b"%d" % response.status_code), *response.headers.fields]
 
 
 class WsH3Connection(_http_h3.LayeredH3Connection):
@@ -192,6 +226,7 @@ class WsHttp3Server(_http3.Http3Server):
         self.h3_conn = WsH3Connection(self.conn, is_client=False, connect_protocol=True, screen=self._screen)
         self.websockets: dict[int, ClientSideStream] = {}
         self.parsed: dict[int, http.Request] = {}  # requests the screen read, for parse_headers
+        self.unsent: set[int] = set()  # streams whose response was too large to encode: the rest goes nowhere
         self.backlog = QuicBacklog(self)
 
     _logged_refusals = QuietHttp3Server._logged_refusals
@@ -234,6 +269,16 @@ class WsHttp3Server(_http3.Http3Server):
         if ws is not None:
             yield from self._from_stream(event, ws)
             return
+        if isinstance(event, http_layers.HttpEvent) and event.stream_id in self.unsent:
+            if isinstance(event, (http_layers.ResponseEndOfMessage, http_layers.ResponseProtocolError)):
+                self.unsent.discard(event.stream_id)
+            return
+        if isinstance(event, http_layers.ResponseHeaders) and not qpack_encodes(response_fields(event.response)):
+            yield commands.Log(f"ws_encode: HTTP/3 stream {event.stream_id} gets 502: the upstream's response "
+                               f"{TOO_LARGE}", logging.WARNING)
+            if not event.end_stream:
+                self.unsent.add(event.stream_id)
+            event = response_error(event.stream_id, f"the upstream's response {TOO_LARGE}")
         if isinstance(event, QuicConnectionClosed):
             yield from self.backlog.due_now()
         for command in super()._handle_event(event):
@@ -327,7 +372,9 @@ class WsHttp3Client(_http3.Http3Client):
         self.h3_conn = WsH3Connection(self.conn, is_client=True, connect_protocol=False)
         self.held: list[http_layers.HttpEvent] = []  # WebSocket events before the upstream's SETTINGS
         self.websockets: dict[int, UpstreamStream] = {}  # by our stream id
-        self.refused: set[int] = set()  # their stream ids sent back for HTTP/1.1 over TCP
+        # their stream ids whose rest goes nowhere here: sent back for HTTP/1.1
+        # over TCP, or refused as too large to encode
+        self.refused: set[int] = set()
         self.closed = False
         self.backlog = QuicBacklog(self)
 
@@ -344,6 +391,12 @@ class WsHttp3Client(_http3.Http3Client):
         if isinstance(event, http_layers.HttpEvent):
             if event.stream_id in self.refused:
                 return  # the rest of a request that went elsewhere
+            if isinstance(event, http_layers.RequestHeaders) and not qpack_encodes(request_fields(event.request)):
+                self.refused.add(event.stream_id)
+                yield commands.Log(f"ws_encode: HTTP/3 stream {event.stream_id} not sent upstream: its request "
+                                   f"{TOO_LARGE}", logging.WARNING)
+                yield http_layers.ReceiveHttp(response_error(event.stream_id, f"the request {TOO_LARGE}"))
+                return
             if self._must_hold(event):
                 if isinstance(event, http_layers.RequestHeaders):
                     facts_for(event.request).waiting(SETTINGS)
