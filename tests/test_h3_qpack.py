@@ -98,3 +98,22 @@ def test_a_request_or_response_too_large_for_qpack_gets_a_502_on_its_stream_and_
     assert len(reached) == 3, reached
     assert md.log.count("too large to encode for HTTP/3") >= 5
     assert_clean_log(md)
+
+
+
+def test_a_handshake_too_large_to_send_upstream_is_recorded_as_the_proxys_doing(cert, report):
+    async def scenario():
+        async with h3ws.H3WebSocketServer(*cert) as upstream:
+            async with Mitmdump("--mode", f"reverse:http3://127.0.0.1:{upstream.port}", "--ssl-insecure",
+                                report=report) as md:
+                client = await h3ws.H3WebSocketClient("127.0.0.1", md.port, server_hostname=AUTHORITY).connect()
+                status = await exchange(client, CONNECT + [(b"cookie", b"c" * 5000)], end_stream=False)
+                record = await md.wait_for_record(event="handshake")
+                await client.close()
+            return status, record, upstream.requests
+
+    (status, _body), record, reached = asyncio.run(scenario())
+    assert status == 502 and reached == []
+    assert record["transport"] == "h3" and record["outcome"] == "no-status", record
+    assert "the proxy itself reset the stream" in record["diagnosis"] and "too large" in record["diagnosis"], record
+    assert "c" * 50 not in str(record)  # (the cookie, a secret, is nowhere)

@@ -147,6 +147,22 @@ class WsH3Connection(_http_h3.LayeredH3Connection):
         self.last_batch = batch
         return batch
 
+    def close_stream(self, stream_id: int, error_code: int, stop_send: bool = True) -> None:
+        # mitmproxy closes a stream the peer reset or stopped by resetting its
+        # own side too. Where that side has already ended (its FIN sent: a
+        # whole response, a refusal), there is nothing to reset, and aioquic
+        # may have forgotten the stream once both ends were done: the reset
+        # would be a ValueError in mitmproxy's QUIC layer ("mitmproxy has
+        # crashed!"), as a client that cancels a request just answered does.
+        stream = self._stream.get(stream_id)
+        if (stream is None or stream_id in self._closed_streams
+                or stream.headers_send_state is not HeadersState.AFTER_TRAILERS):
+            super().close_stream(stream_id, error_code, stop_send)
+            return
+        self._closed_streams.add(stream_id)
+        if stop_send:  # (mitmproxy's QUIC layer sends it only to a stream it still has)
+            self._mock.stop_send(stream_id=stream_id, error_code=error_code)
+
     def refuse(self, stream_id: int, refusal: Refusal) -> None:
         """Answer a request on its own stream, and read no more of it."""
         status, why = refusal
@@ -393,6 +409,8 @@ class WsHttp3Client(_http3.Http3Client):
                 return  # the rest of a request that went elsewhere
             if isinstance(event, http_layers.RequestHeaders) and not qpack_encodes(request_fields(event.request)):
                 self.refused.add(event.stream_id)
+                if (facts := facts_of(event.request)) is not None:  # a handshake the proxy ends, not the upstream
+                    facts.ended_by_proxy = f"its request {TOO_LARGE}"
                 yield commands.Log(f"ws_encode: HTTP/3 stream {event.stream_id} not sent upstream: its request "
                                    f"{TOO_LARGE}", logging.WARNING)
                 yield http_layers.ReceiveHttp(response_error(event.stream_id, f"the request {TOO_LARGE}"))
