@@ -184,6 +184,9 @@ class WsEncode:
                     eventstream.pass_through(f, followed.facts, lambda f=f: self._call_update(f))
                 if f.response is None or f.response.stream or f.response.timestamp_end is not None:
                     self._deliver(followed, f)  # (a response not streamed goes out at its end)
+                    if (self.handshakes.get(f.id) is not None and f.response is not None
+                            and f.response.timestamp_end is not None):
+                        self._stream_went_on(followed, f)  # an event stream's whole response: no event to come
             else:
                 self._stream_went_on(followed, f)
 
@@ -261,7 +264,8 @@ class WsEncode:
         handshake = followed.progress.handshake
         if handshake.is_websocket and handshake.is_success(f.response.status_code):
             self.policy.apply_to_success(f.response.headers)
-        record = self.handshakes.delivered(f.id, f.response.status_code, content_encoding, self.clock())
+        record = self.handshakes.delivered(f.id, f.response.status_code, content_encoding, self.clock(),
+                                           flowview.header(f.response.headers, "content-type") or "")
         if record is not None:
             self.flows.pop(f.id, None)
             self.output.finished(f, record)

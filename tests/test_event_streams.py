@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 import zlib
 from collections import Counter
@@ -18,7 +20,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import STALL, Mitmdump, addon_copy, assert_clean_log, reload_script
+import mitmproxy.version
+from conftest import ROOT, STALL, Mitmdump, addon_copy, assert_clean_log, reload_script
 from wsencode.core import diagnosis
 from wsencode.core.handshake import Form, Transport, accepts_event_stream, classify
 from wsencode.core.handshakes import Summary
@@ -35,10 +38,12 @@ class EventServer:
     (set at once unless `hold_head`); `events` to let the events go. With
     `gzip`, as an encoder that buffers (Starlette's GZipMiddleware, Express
     compression without flush): the head and gzip's header at once, the
-    compressed events only when they are let go."""
+    compressed events only when they are let go. `content_type` is what the
+    head says the body is."""
 
-    def __init__(self, hold_head: bool = False, gzip: bool = False, end: bool = False) -> None:
-        self.gzip, self.end = gzip, end
+    def __init__(self, hold_head: bool = False, gzip: bool = False, end: bool = False,
+                 content_type: bytes = b"text/event-stream") -> None:
+        self.gzip, self.end, self.content_type = gzip, end, content_type
         self.head, self.events = asyncio.Event(), asyncio.Event()
         if not hold_head:
             self.head.set()
@@ -61,7 +66,7 @@ class EventServer:
             self.requests.append(await reader.readuntil(b"\r\n\r\n"))
             await self.head.wait()
             coding = b"content-encoding: gzip\r\n" if self.gzip else b""
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-store\r\n"
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: " + self.content_type + b"\r\ncache-control: no-store\r\n"
                          + coding + b"transfer-encoding: chunked\r\n\r\n")
             encoder = zlib.compressobj(wbits=31) if self.gzip else None
             if encoder is not None:
@@ -379,3 +384,49 @@ def test_a_summary_of_event_streams_alone_says_nothing_of_websockets():
     summary = Summary(event_streams=Counter({("opened", "h2"): 2}), stalls=1)
     assert summary_lines(summary, 0, None, None) == [
         "2 event streams followed: 2 opened (2 over h2)", "1 stall reported", "report: off (set ws_encode_report)"]
+
+
+def test_an_event_stream_request_answered_with_a_page_is_not_called_an_event_stream(report):
+    """A login or error page answering in the event stream's place: 200, but
+    text/html. EventSource fails it at once; the record must not say the
+    stream opened and waited for its events."""
+    async def scenario():
+        async with EventServer(content_type=b"text/html; charset=utf-8", end=True) as server, \
+                proxy(server, report) as md:
+            server.events.set()
+            client = EventClient(md.port)
+            await client.open()
+            await client.read_head()
+            record = await md.wait_for_record(event="handshake")
+            client.close()
+            return record, md
+    record, md = asyncio.run(scenario())
+    assert record["kind"] == "event-stream" and record["status"] == 200 and record["outcome"] == "opened"
+    assert "the response is text/html; charset=utf-8, not text/event-stream" in record["diagnosis"], record
+    assert "EventSource fails it" in record["diagnosis"] and "nothing withheld" not in record["diagnosis"]
+    assert_clean_log(md)
+
+
+@pytest.mark.skipif(int(mitmproxy.version.VERSION.split(".")[0]) < 12, reason="mitmproxy 11 depends on zstandard")
+def test_the_addon_decodes_zstd_with_mitmproxy_12s_own_zstd_and_no_zstandard():
+    """mitmproxy 12 decodes zstd with the standard library's or backports.zstd
+    and does not depend on zstandard (its standalone binaries lack it): the
+    addon loads, and times a zstd event stream's first event, without it."""
+    code = """if True:
+        import sys
+        sys.modules["zstandard"] = None  # (an import of it raises ImportError)
+        import ws_encode
+        from wsencode.mitm import eventstream
+        try:
+            from compression import zstd
+        except ImportError:
+            from backports import zstd
+        compressor = zstd.ZstdCompressor()
+        frame = compressor.compress(b"data: one\\n\\n") + compressor.flush(zstd.ZstdCompressor.FLUSH_BLOCK)
+        decode = eventstream.decoder("zstd")
+        print(decode(frame[:4]), decode(frame[4:]))
+    """
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "addon", capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "b'' b'data: one\\n\\n'", done.stdout

@@ -9,6 +9,7 @@ characters escaped), never other header values or the query.
 
 from __future__ import annotations
 
+from .handshake import is_event_stream_type
 from .lifecycle import AnsweredBy, EndCause, Phase, Progress, Stage
 
 STRIP_HINT = "retry with ws_encode_policy=strip to confirm"
@@ -182,6 +183,13 @@ def _opened(progress: Progress, now: float, accept_encoding: str | None) -> str:
     waited = _seconds(progress, now)
     if (in_proxy := _answered_in_proxy(progress, "Opened")) is not None:
         return in_proxy
+    if progress.content_type is not None and not is_event_stream_type(progress.content_type):
+        what = progress.content_type or "without a content-type"
+        return (
+            f"Opened with status {progress.status} after {waited:.2f} s, but the response is {what}, not "
+            "text/event-stream: EventSource fails it at once. Something answered in the event stream's "
+            "place (a login or error page, a proxy's), or the endpoint does not serve one."
+        )
     first = _first_event(progress, now)
     if (progress.stalled and accept_encoding and progress.first_event_s is not None
             and progress.first_event_s <= max(HEAD_WITH_FIRST_EVENT_S, waited / 10)):

@@ -172,6 +172,14 @@ def _h1_problems(method: str, headers: dict[bytes, list[str]], protocols: list[s
             yield problem
 
 
+EVENT_STREAM_TYPE = "text/event-stream"
+
+
+def is_event_stream_type(content_type: str | None) -> bool:
+    """Whether a response's content-type is an event stream's (parameters aside)."""
+    return (content_type or "").split(";", 1)[0].strip().lower() == EVENT_STREAM_TYPE
+
+
 def accepts_event_stream(values: Iterable[str]) -> bool:
     """Whether `Accept` asks for text/event-stream by name, with a q above
     zero (`*/*`, which every navigation sends, does not count)."""

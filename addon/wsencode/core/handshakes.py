@@ -173,7 +173,8 @@ class Handshakes:
             followed.answered, followed.bad_accept = True, bad_accept
             followed.upstream_transport = upstream_transport
 
-    def delivered(self, flow_id: str, status: int, content_encoding: str | None, now: float) -> Record | None:
+    def delivered(self, flow_id: str, status: int, content_encoding: str | None, now: float,
+                  content_type: str | None = None) -> Record | None:
         """The client got `status`: the handshake's record. An event stream
         that opened has its record at its first event (`first_event`) or its
         end: it stays followed, with no stall due."""
@@ -181,7 +182,7 @@ class Handshakes:
         if followed is None or followed.progress.status is not None:
             return None
         phase = followed.progress.status_arrived(status, now, content_encoding=content_encoding,
-                                                 bad_accept=followed.bad_accept)
+                                                 bad_accept=followed.bad_accept, content_type=content_type)
         if phase is Phase.OPENED:
             followed.answered, followed.stage = True, Stage.DONE
             self.watch.disarm(flow_id)

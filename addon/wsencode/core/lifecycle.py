@@ -130,6 +130,7 @@ class Progress:
     status_at: float | None = None
     answered_by: AnsweredBy | None = None
     content_encoding: str | None = None
+    content_type: str | None = None  # the success response's as the upstream sent it, "" for none; None: not known
     bad_accept: bool = False  # a 101 whose Sec-WebSocket-Accept does not answer the key
     end_cause: EndCause | None = None
     end_reason: str | None = None  # the proxy's own words for PROXY_RESET
@@ -168,7 +169,7 @@ class Progress:
         self.stalled = True
 
     def status_arrived(self, status: int, now: float, content_encoding: str | None = None,
-                       bad_accept: bool = False) -> Phase:
+                       bad_accept: bool = False, content_type: str | None = None) -> Phase:
         """The client got `status`."""
         if not self.handshake.is_success(status):
             event = Event.OTHER_STATUS
@@ -179,6 +180,7 @@ class Progress:
         self.status_at = now
         self.answered_by = who_answered(self.facts, status)
         self.content_encoding = content_encoding
+        self.content_type = content_type
         self.bad_accept = bad_accept
         return phase
 

@@ -15,19 +15,41 @@ import zlib
 from collections.abc import Callable, Iterable
 
 import brotli
-import zstandard
 from mitmproxy import http
 
+from ..core.handshake import is_event_stream_type
 from ..core.streamfacts import StreamFacts
 from .flowview import value_of
 
 Decode = Callable[[bytes], bytes]
 StreamFunction = Callable[[bytes], "bytes | Iterable[bytes]"]
 
+# The zstd that mitmproxy itself decodes with (its net/encoding.py): the
+# standard library's from Python 3.14, else backports.zstd on mitmproxy 12,
+# zstandard on mitmproxy 11; none of them is there on every line.
+try:
+    from compression import zstd
+except ImportError:
+    try:
+        from backports import zstd
+    except ImportError:
+        zstd = None
+if zstd is None:
+    import zstandard
+
+    def zstd_decoder() -> Decode:
+        return zstandard.ZstdDecompressor().decompressobj().decompress
+
+    ZSTD_ERROR: type[Exception] = zstandard.ZstdError
+else:
+    def zstd_decoder() -> Decode:
+        return zstd.ZstdDecompressor().decompress
+
+    ZSTD_ERROR = zstd.ZstdError
+
 
 def is_event_stream(response: http.Response) -> bool:
-    media = (value_of(response.headers, "content-type") or "").split(";", 1)[0]
-    return media.strip().lower() == "text/event-stream"
+    return is_event_stream_type(value_of(response.headers, "content-type"))
 
 
 def decoder(content_encoding: str | None) -> Decode | None:
@@ -42,7 +64,7 @@ def decoder(content_encoding: str | None) -> Decode | None:
     if coding == "br":
         return brotli.Decompressor().process
     if coding == "zstd":
-        return zstandard.ZstdDecompressor().decompressobj().decompress
+        return zstd_decoder()
     return None
 
 
@@ -75,7 +97,7 @@ class FirstEvent:
             return True
         try:
             return bool(self.decode(data))
-        except (zlib.error, brotli.error, zstandard.ZstdError):
+        except (zlib.error, brotli.error, ZSTD_ERROR, EOFError):  # (EOFError: bytes past a zstd frame's end)
             self.decode = None  # not what it says it is: its bytes are what the client gets
             return True
 
