@@ -179,6 +179,7 @@ class EventStreamSeen:
     ended_s: float | None = None  # when the server ended the response
     events: list[ServerEvent] = field(default_factory=list)  # decoded, each with its `at_s`
     chunks: list[tuple[float, int]] = field(default_factory=list)  # (when, bytes) of each body chunk as it came
+    decoded: list[tuple[float, int]] = field(default_factory=list)  # (when, bytes) decoded out of each chunk
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k == name), None)
@@ -196,14 +197,23 @@ class EventStreamSeen:
         """When the first event could be decoded: its bytes out of the decompressor, its blank line in."""
         return self.events[0].at_s if self.events else None
 
+    @property
+    def first_event_bytes(self) -> int | None:
+        """How many decoded bytes were readable when the first event was: what an encoder let go at once."""
+        if self.first_event_s is None:
+            return None
+        return sum(size for when, size in self.decoded if when <= self.first_event_s)
+
 
 async def read_event_stream(transport: str, port: int, path: str = "/events", *, host: str = "127.0.0.1",
                             authority: str = "localhost", accept_encoding: str | None = None,
                             headers: Sequence[tuple[str, str]] = (), count: int | None = None,
-                            give_up: float = 5.0) -> EventStreamSeen:
+                            give_up: float = 5.0, connect_within: float | None = None) -> EventStreamSeen:
     """GET `path` as `EventSource` does, over TLS to `host`:`port` (certificates not verified),
     and read it as an event stream until it ends, `count` events are decoded, or `give_up`
-    seconds (from this call, connecting included) are up; then close and say what was seen.
+    seconds (from this call, connecting included) are up; then close and say what was seen. With
+    `connect_within`, connecting and sending get that many seconds of their own, and `give_up`
+    counts from the request going out (a busy proxy's TLS handshake is not what is timed).
 
     `transport`: "h1" (HTTP/1.1, ALPN http/1.1), "h2" (HTTP/2, ALPN h2) or "h3" (HTTP/3 over
     QUIC on UDP `port`; `host` must be an IP address). The request carries `accept: text/event-stream`
@@ -226,8 +236,12 @@ async def read_event_stream(transport: str, port: int, path: str = "/events", *,
               *([("accept-encoding", accept_encoding)] if accept_encoding else []), *headers]
     opener = EVENT_STREAM_TRANSPORTS[transport](host, port, authority, path, fields, note)
     task = asyncio.ensure_future(_reporting_failures(opener, note))
+    reading = _Reading(seen, count)
     try:
-        await asyncio.wait_for(_read(feed, _Reading(seen, count)), give_up)
+        done = connect_within is not None and await asyncio.wait_for(_read(feed, reading, until_sent=True),
+                                                                     connect_within)
+        if not done:
+            await asyncio.wait_for(_read(feed, reading), give_up)
     except asyncio.TimeoutError:
         seen.outcome = "gave up"
     finally:
@@ -245,9 +259,15 @@ async def _reporting_failures(opener, note: Note) -> None:
         note("failed", "the connection closed before the response ended")
 
 
-async def _read(feed: asyncio.Queue, reading: _Reading) -> None:
-    while not reading.noted(*await feed.get()):
-        pass
+async def _read(feed: asyncio.Queue, reading: _Reading, until_sent: bool = False) -> bool:
+    """Hand `reading` what the transport notes until the client is done (True), or, `until_sent`,
+    until the request has gone out (False)."""
+    while True:
+        kind, value, at = await feed.get()
+        if reading.noted(kind, value, at):
+            return True
+        if until_sent and kind == "sent":
+            return False
 
 
 class _Reading:
@@ -295,6 +315,7 @@ class _Reading:
         except Exception as e:  # zlib.error, brotli.error, zstd's: whatever the codec raises
             seen.outcome = f"failed (undecodable {seen.content_encoding}: {e})"
             return True
+        seen.decoded.append((since, len(text)))
         for event in self.parser.feed(text) if self.parser else []:
             event.at_s = since
             seen.events.append(event)
