@@ -472,6 +472,13 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
+def kinds_counted(websockets: int, event_streams: int) -> str:
+    """'2 WebSocket handshakes', '3 event streams', '1 WebSocket handshake and 1 event stream'."""
+    kinds = [counted(n, noun) for n, noun in ((websockets, "WebSocket handshake"), (event_streams, "event stream"))
+             if n]
+    return " and ".join(kinds) or counted(0, "WebSocket handshake")
+
+
 def first_speaker(flow: http.HTTPFlow) -> str | None:
     """Who spoke first on this handshake's WebSocket: `client` or `server`,
     as the tool that made it noted, else as its messages show; None if neither says."""
@@ -507,9 +514,7 @@ def summary_markdown(
         by_flow[r["flow_id"]].append(r)
     followed = [f for f in flows if by_flow.get(f.id)]
     streams = sum(is_event_stream(by_flow[f.id][-1]) for f in followed)
-    kinds = [counted(n, noun) for n, noun in ((len(followed) - streams, "WebSocket handshake"),
-                                              (streams, "event stream")) if n] or [counted(0, "WebSocket handshake")]
-    lines = [f"# {title}", "", f"{' and '.join(kinds)} "
+    lines = [f"# {title}", "", f"{kinds_counted(len(followed) - streams, streams)} "
              f"({REPORT} has their records, {FLOWS} the flows: `mitmweb -r {FLOWS}`)."]
     others = len(flows) - len(followed)
     if others:

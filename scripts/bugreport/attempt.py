@@ -235,8 +235,9 @@ def stream_failure(outcome: str) -> str:
 async def event_stream(port: int, shake: Handshake, timeout: float) -> Seen:
     """An event-stream request through the proxy, read until it ends, EVENTS_READ events have
     decoded, or `timeout` seconds from sending it; connecting has PROXY_CONNECT of its own."""
+    headers = [(k.lower(), v) for k, v in shake.fields()]  # (HTTP/2 and HTTP/3 refuse a name in capitals)
     stream = await read_event_stream(shake.transport, port, shake.path, authority=shake.authority,
-                                     accept_encoding=shake.offer, headers=shake.fields(), count=EVENTS_READ,
+                                     accept_encoding=shake.offer, headers=headers, count=EVENTS_READ,
                                      give_up=timeout, connect_within=PROXY_CONNECT)
     seen = Seen(stream.status, stream.head_s, stream.content_encoding, stream=stream)
     if stream.sent_at is None and not stream.outcome.startswith("failed"):
