@@ -232,3 +232,64 @@ def test_a_recorded_head_stall_recurs_against_its_behaviour_and_not_against_fixe
         else:
             assert "⌛" not in was and "opened" in observe and "stall" not in observe, block
     assert not [secret for secret in SECRETS if secret in out]
+
+
+# -- what is printed of a failure, and the rules of the verdict, without a server ----------------------
+
+
+@pytest.mark.parametrize("outcome, printed", [
+    ("failed (connection closed: connection closed by peer with H3_MESSAGE_ERROR (0x10e): 'refused x-token "
+     "70ken-echoed')", "connection closed by peer with H3_MESSAGE_ERROR (0x10e)"),
+    ("failed (the connection closed before the response ended)", "the connection closed before the response ended"),
+    ("failed (stream reset with error code 2)", "stream reset with error code 2"),
+    ("failed (RemoteProtocolError: illegal header value b'sid=70ken-echoed')",
+     "RemoteProtocolError (details not shown)"),
+    ("failed (ConnectionRefusedError: [Errno 111] Connect call failed ('127.0.0.1', 9))",
+     "ConnectionRefusedError: [Errno 111] Connect call failed ('127.0.0.1', 9)"),
+])
+def test_an_event_stream_failure_is_printed_without_what_a_peer_said(outcome, printed):
+    from bugreport.attempt import stream_failure
+
+    assert stream_failure(outcome) == printed
+
+
+def stream_attempt(offer: bool, head: float | None, events: list[float], ended: float | None = None, record=None):
+    """An event-stream attempt as the probe makes one: the client saw its head at `head` s and its
+    events at `events` (50 bytes each)."""
+    from bugreport.attempt import Handshake, Seen
+    from bugreport.proxy import Attempt
+    from wslab.clients import EventStreamSeen
+    from wslab.sse import ServerEvent
+
+    stream = EventStreamSeen("h2", "ended" if ended else "gave up", 200 if head is not None else None,
+                             [("content-type", "text/event-stream")], 0.0, head, ended,
+                             [ServerEvent(str(i), at_s=t) for i, t in enumerate(events)],
+                             decoded=[(t, 50) for t in events])
+    shake = Handshake("h2", "gzip" if offer else None, None, "/events", "localhost", kind="event-stream")
+    return Attempt(shake, Seen(stream.status, head, stream=stream), record, None)
+
+
+def test_a_head_or_first_event_is_held_only_well_beyond_jitter():
+    from bugreport.verdict import ENCODING, NO_STALL, OTHER, judge_event_streams
+
+    plain = stream_attempt(False, 0.02, [1.0, 1.3])
+
+    def judged(offered):
+        return judge_event_streams([offered, plain], 3.0, 1.5)
+
+    # A head 0.2 s late, well before the first event: jitter, not a hold.
+    assert judged(stream_attempt(True, 0.2, [1.0, 1.3])).code == NO_STALL
+    # A head held until the first event; the first event held until the stream ended.
+    assert judged(stream_attempt(True, 1.0, [1.0, 1.3])).text.endswith(
+        "over HTTP/2 the offer delays the head by 980 ms (it came with the first event after 1.0 s with the "
+        "offer, 20 ms without)")
+    held = judged(stream_attempt(True, 0.02, [1.6, 1.6], ended=1.6))
+    assert held.code == ENCODING and held.text.endswith(
+        "holds the first event until the stream ends (2 events at once after 1.6 s with the offer, the first "
+        "after 1.0 s without)")
+    # One event a little late, alone: not a hold.
+    assert judged(stream_attempt(True, 0.02, [1.3, 1.6])).code == NO_STALL
+    # The probe's own proxy passed the first event long before its client got it: not the server's doing.
+    proxied = stream_attempt(True, 0.02, [2.9], record={"received_s": 0.02, "first_event_s": 0.98})
+    assert judged(proxied).code == OTHER and "the probe's own proxy passed the first event 1.9 s late" in \
+        judged(proxied).text
