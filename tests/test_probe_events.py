@@ -2,7 +2,8 @@
 behaviour is the server under study, over HTTP/1.1, HTTP/2 and HTTP/3 (offered in Alt-Svc), with
 and without accept-encoding; a URL whose answer is no event stream; a bundle of event streams that
 keeps no secret; and `scripts/replay` of it, whose recorded stall (a head withheld) recurs against
-its behaviour and not against fixed.
+its behaviour and not against fixed. Then the verdict's rules and the failure texts without a
+server, and a plain http:// event stream, over HTTP/1.1 alone.
 
 The lab writes an event every EVERY s from AFTER s on, N of them (/events?QUERY), each about 50
 bytes; its hold-until-min-size lets go at MIN_SIZE bytes. What each verdict says follows from those
@@ -10,13 +11,15 @@ numbers, not from how fast the machine is: a head held until the first event com
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import flows_read_by_each_line, replay
-from test_probe import T, probe, start_lab, stop
+from conftest import SCRIPTS_ENV, flows_read_by_each_line, replay
+from test_probe import T, handshake_head, probe, start_lab, stop
 
 from wslab.app import tick
 from wslab.encoders import Behaviour
@@ -293,3 +296,55 @@ def test_a_head_or_first_event_is_held_only_well_beyond_jitter():
     proxied = stream_attempt(True, 0.02, [2.9], record={"received_s": 0.02, "first_event_s": 0.98})
     assert judged(proxied).code == OTHER and "the probe's own proxy passed the first event 1.9 s late" in \
         judged(proxied).text
+
+
+# -- an event stream over plain HTTP ------------------------------------------------------------------
+
+
+async def head_held_when_offered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An http:// event stream behind an encoder that holds the head while accept-encoding is offered,
+    until the client goes; without the offer, the head at once and an event EVERY s later, then the end."""
+    fields = await handshake_head(reader)
+    try:
+        if fields is not None and "accept-encoding" not in fields:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(EVERY)  # (the application's own pace, as the lab's ?after=)
+            event = tick(1, 1, EVERY)
+            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+            await writer.drain()
+        await reader.read()  # until the client goes
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_plain_http_event_stream_is_probed_over_http1_and_its_withheld_head_found():
+    async def scenario():
+        server = await asyncio.start_server(head_held_when_offered, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bugreport.probe", f"http://127.0.0.1:{port}/events", "--loopback-only",
+            "--timeout", "2", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=SCRIPTS_ENV)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), 90)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            server.close()
+        return proc.returncode, out.decode(), err.decode()
+
+    code, out, err = asyncio.run(scenario())
+    assert code == 1, out + err
+    not_tried = "HTTP/2 and HTTP/3 not tried: http:// has neither"
+    assert f"  target: plain TCP (http://): HTTP/1.1 only\n  trying HTTP/1.1, each with and without " \
+           f"accept-encoding; {not_tried}\n" in out, out
+    lines = attempt_lines(out)
+    assert len(lines) == 2 and re.search(rf"no accept-encoding +200 in {T}, first event after {T} +opened", out), out
+    assert re.search(r"with accept-encoding +no head in 2\.0 s +no-status ⌛", out), out
+    assert re.search(rf"^verdict: this server holds its event stream while accept-encoding is offered: over "
+                     rf"HTTP/1\.1 the offer withholds the head \(none in 2\.0 s with the offer, {T} without\) "
+                     rf"\({not_tried}\)$", out.splitlines()[-1]), out
