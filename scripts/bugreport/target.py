@@ -133,7 +133,9 @@ class Http3:
             return "HTTP/3 not tried: the server offers none in Alt-Svc, and --h3 was not given"
         if self.failure:
             return f"HTTP/3 not tried: {self.failure}"
-        return "" if self.rfc9220 or kind != WEBSOCKET else "HTTP/3 not tried: the server's HTTP/3 does not offer RFC 9220 WebSockets"
+        if self.rfc9220 or kind != WEBSOCKET:
+            return ""
+        return "HTTP/3 not tried: the server's HTTP/3 does not offer RFC 9220 WebSockets"
 
 
 @dataclass(frozen=True)

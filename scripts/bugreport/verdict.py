@@ -165,6 +165,11 @@ def _at_once(stream: EventStreamSeen) -> int:
     return sum(e.at_s == stream.first_event_s for e in stream.events)
 
 
+def _all_at_the_end(stream: EventStreamSeen) -> bool:
+    """Every event came at once, and the stream ended: only its end let them out."""
+    return stream.ended_s is not None and bool(stream.events) and _at_once(stream) == len(stream.events)
+
+
 def head_held(offered: Attempt, plain: Attempt, stall_after: float) -> bool:
     """The offer held the head: withheld past the stall (by the addon's clock, from forwarding), or sent
     MIN_DELAY or more later than without the offer and no earlier than the server's first event came
@@ -183,8 +188,8 @@ def first_event_held(offered: Attempt, plain: Attempt) -> bool:
     if without.first_event_s is None or offered.seen.status is None:
         return False
     if with_offer.first_event_s is None:
-        return with_offer.ended_s is None
-    burst = _at_once(with_offer) > 1 or (with_offer.ended_s is not None and _at_once(with_offer) == len(with_offer.events))
+        return True
+    burst = _at_once(with_offer) > 1 or _all_at_the_end(with_offer)
     return burst and with_offer.first_event_s - without.first_event_s >= MIN_DELAY
 
 
@@ -195,16 +200,18 @@ def _head_phrase(offered: Attempt, plain: Attempt, timeout: float) -> str:
     delay = max(0.0, offered.seen.status_s - plain.seen.status_s)
     first = offered.seen.stream.first_event_s
     came = "with the first event " if first is not None and first - offered.seen.status_s < MIN_DELAY else ""
-    return f"delays the head by {seconds(delay)} (it came {came}after {seconds(offered.seen.status_s)} with the offer, {without})"
+    return (f"delays the head by {seconds(delay)} (it came {came}after {seconds(offered.seen.status_s)} with the "
+            f"offer, {without})")
 
 
 def _event_phrase(offered: Attempt, plain: Attempt, timeout: float) -> str:
     stream = offered.seen.stream
     without = f"the first after {seconds(plain.seen.stream.first_event_s)} without"
     if stream.first_event_s is None:
-        return f"holds the first event (none in {seconds(timeout)} with the offer, {without})"
+        none = "the stream ended without one" if stream.ended_s is not None else f"none in {seconds(timeout)}"
+        return f"holds the first event ({none} with the offer, {without})"
     came = f"{counted(_at_once(stream), 'event')} at once after {seconds(stream.first_event_s)} with the offer"
-    if stream.ended_s is not None and _at_once(stream) == len(stream.events):
+    if _all_at_the_end(stream):
         return f"holds the first event until the stream ends ({came}, {without})"
     return f"holds the first event until {stream.first_event_bytes} bytes ({came}, {without})"
 
