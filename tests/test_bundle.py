@@ -297,3 +297,61 @@ def test_the_summary_says_who_spoke_first_and_what_was_left_out(tmp_path):
     assert "## 1. h2 https://example.com/echo/x: no-status ⌛ (server-first)" in summary
     assert "- WebSocket messages: the first 1 kept; 1 later one (500 bytes) left out" in summary
     assert "1 other flow in flows.mitm is not a handshake ws-encode followed." in summary
+
+
+# -- event streams -----------------------------------------------------------------------------------
+
+
+def event_stream_flow(path: str):
+    """An event stream's GET, with a cookie and a token, answered 200 text/event-stream in zstd."""
+    f = tflow.tflow(resp=True)
+    f.request.path = path
+    f.request.headers.clear()
+    f.request.headers.update({"accept": "text/event-stream", "cookie": f"sid={SECRETS['cookie']}",
+                              "accept-encoding": "gzip, deflate, br, zstd"})
+    f.response.headers.clear()
+    f.response.headers.update({"content-type": "text/event-stream", "content-encoding": "zstd"})
+    return f
+
+
+def test_an_event_streams_summary_says_opened_its_head_and_when_its_first_event_came(tmp_path):
+    held = event_stream_flow(f"/events?token={SECRETS['token']}")
+    prompt, silent = event_stream_flow("/events"), event_stream_flow("/quiet")
+    url = "https://example.com/events?token=REDACTED"
+    opened = dict(kind="event-stream", outcome="opened", status=200, upstream_status=200, stuck_in="done",
+                  content_encoding="zstd")
+    records = [
+        record(held, "stall", kind="event-stream", url=url, waited_s=0.75, received_s=0.752),
+        record(held, "handshake", **{**opened, "stalled": True}, url=url, waited_s=1.6, received_s=1.602,
+               first_event_s=0.001, diagnosis="Opened late: the head came 1.6 s after forwarding."),
+        record(prompt, "handshake", **{**opened, "stalled": False, "content_encoding": None},
+               url=url, accept_encoding_client=None, accept_encoding_upstream=None,
+               waited_s=0.011, received_s=0.013, first_event_s=0.988),
+        record(silent, "handshake", **{**opened, "stalled": False}, url="https://example.com/quiet",
+               waited_s=0.01, received_s=0.012, first_event_s=None),
+    ]
+    out = write_bundle(tmp_path / "b", [held, prompt, silent], records)
+    summary = (out / bundle.SUMMARY).read_text()
+    assert "3 event streams (report.jsonl has their records" in summary
+    first = summary.split("## 1. ")[1].split("## 2. ")[0]
+    assert first.startswith(f"h2 {url}: opened ⌛ (stalled head, first event 0.00 s after the head)")
+    assert [line.strip().split(" s  ")[1].split(" (")[0] for line in first.splitlines() if " s  " in line] == [
+        "received by the proxy", "forwarded upstream", "stall reported, stuck in `forwarded`",
+        "head 200, content-encoding: zstd", "first event, 0.001 s after the head"]
+    assert "1.603 s  first event" in first
+    assert f"## 2. h2 {url}: opened (first event 0.99 s after the head)" in summary
+    assert "## 3. h2 https://example.com/quiet: opened (no event)" in summary
+    # The A/B of /events: the head held with the offer, at once without it.
+    assert (f"- h2 {url}: with accept-encoding upstream 0 of 1 opened without a stall; "
+            "without 1 of 1 opened without a stall (slowest head 0.013 s, first event 0.988 s after it)") in summary
+    assert not [what for what, secret in SECRETS.items() if secret.encode() in every_byte(out)]
+    written = [json.loads(line) for line in (out / bundle.REPORT).read_text().splitlines()]
+    assert [r["kind"] for r in written] == ["event-stream"] * 4 and written[1]["first_event_s"] == 0.001
+
+
+def test_a_summary_of_both_kinds_counts_each():
+    stream, socket = event_stream_flow("/events"), handshake_flow("/echo/x")
+    summary = bundle.summary_markdown([stream, socket], [record(stream, "handshake", kind="event-stream"),
+                                                         record(socket, "handshake")],
+                                      {}, {}, bundle.Redactions())
+    assert "\n1 WebSocket handshake and 1 event stream (report.jsonl" in summary

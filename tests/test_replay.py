@@ -188,3 +188,21 @@ def test_a_folder_that_does_not_exist_is_said_to_not_exist(tmp_path):
     done = replay(str(tmp_path / "nothing-here"), "--target", "wss://127.0.0.1:9")
     assert done.returncode == 2
     assert done.stdout == f"replay: cannot read the bundle: {tmp_path / 'nothing-here'} does not exist\n"
+
+
+def test_an_event_stream_is_made_again_as_an_event_stream_request(tmp_path):
+    from test_bundle import event_stream_flow
+
+    f = event_stream_flow("/events?token=secret-70ken&room=7")
+    f.request.headers["x-kept"] = "kept-value"
+    folder = write_bundle(tmp_path / "b", [f], [
+        record(f, "stall", kind="event-stream"),
+        record(f, "handshake", kind="event-stream", transport="h3", upstream_transport="h3"),
+    ])
+    [made] = recorded(folder, Target.parse("https://127.0.0.1:1"))
+    shake = made.shake
+    assert (shake.kind, shake.transport, shake.offer, shake.speaker, shake.path, made.stalled) == (
+        "event-stream", "h3", "gzip, deflate, br, zstd", None, "/events", True)  # (every query value redacted)
+    assert shake.label == "HTTP/3   with accept-encoding "
+    # The user's headers go again but the redacted ones; EventSource's own and the offer the client sets itself.
+    assert shake.fields() == [("x-kept", "kept-value")]

@@ -1,12 +1,14 @@
-"""A bug-report bundle: the records, the flows and a summary of some handshakes, redacted.
+"""A bug-report bundle: the records, the flows and a summary of some handshakes (WebSocket
+handshakes and event-stream openings), redacted.
 
     write_bundle("bug-123", flows, records, options={"ws_encode_policy": "observe"})
 
 writes into that folder:
 - `report.jsonl`: the addon's records for those flows, as the report has them;
 - `flows.mitm`: redacted copies of the flows, readable by mitmproxy 11 and 12 (`mitmweb -r`);
-- `summary.md`: per handshake a timeline, its diagnosis and policy; the A/B result when there is
-  one; the environment and the addon's options; what was redacted.
+- `summary.md`: per handshake a timeline (an event stream's: its head, then its first event), its
+  diagnosis and policy; the A/B result when there is one; the environment and the addon's
+  options; what was redacted.
 
 Nothing secret reaches any of the three: cookie, set-cookie, authorization and
 proxy-authorization values, query, path-parameter and fragment values and
@@ -45,6 +47,7 @@ from typing import Any
 from mitmproxy import http, io
 from mitmproxy.flow import Flow
 
+from .core.records import EVENT_STREAM
 from .report import REDACTED, kind_of, printable, redact_path, redact_url
 
 logger = logging.getLogger("ws_encode")
@@ -363,6 +366,11 @@ def _clock(when: datetime.datetime | None) -> str:
     return when.astimezone(datetime.timezone.utc).strftime("%H:%M:%S.%f")[:-3] + " UTC" if when else "?"
 
 
+def is_event_stream(record: Record) -> bool:
+    """An event stream's record; one without `kind` was written before there were any."""
+    return record.get("kind") == EVENT_STREAM
+
+
 def timeline(records: Sequence[Record]) -> list[tuple[float, str]]:
     """(seconds from receipt, what happened) for one handshake's records."""
     end = next((r for r in records if r["event"] == "handshake"), None)
@@ -385,17 +393,28 @@ def timeline(records: Sequence[Record]) -> list[tuple[float, str]]:
         events.append((stall["received_s"], f"stall reported, stuck in `{stall['stuck_in']}` ({at(stall['received_s'])})"))
     elif end is not None and end.get("stalled"):
         events.append((end["received_s"], "a stall was reported (its record is not among those bundled)"))
+    status = "head" if is_event_stream(last) else "status"
     if end is None:
-        events.append((last["received_s"], "still waiting for its status when the bundle was written"))
+        events.append((last["received_s"], f"still waiting for its {status} when the bundle was written"))
     elif end.get("status") is not None:
         upstream = end.get("upstream_status")
         extra = f", upstream {upstream}" if upstream not in (None, end["status"]) else ""
         encoded = f", content-encoding: {end['content_encoding']}" if end.get("content_encoding") else ""
-        events.append((end["received_s"], f"status {end['status']}{extra}{encoded} ({at(end['received_s'])})"))
+        events.append((end["received_s"], f"{status} {end['status']}{extra}{encoded} ({at(end['received_s'])})"))
+        events += _first_event(end, at)
     else:
-        events.append((end["received_s"], f"ended without a status, stuck in `{end['stuck_in']}` "
+        events.append((end["received_s"], f"ended without a {status}, stuck in `{end['stuck_in']}` "
                                           f"({at(end['received_s'])})"))
     return sorted(events, key=lambda e: e[0])
+
+
+def _first_event(end: Record, at: Callable[[float], str]) -> list[tuple[float, str]]:
+    """An opened event stream's first event on its timeline: none if it is not one, or none came."""
+    first = end.get("first_event_s")
+    if end.get("outcome") != "opened" or not isinstance(first, (int, float)):
+        return []
+    when = end["received_s"] + first
+    return [(when, f"first event, {first:.3f} s after the head ({at(when)})")]
 
 
 def outcome_of(records: Sequence[Record]) -> str:
@@ -404,15 +423,26 @@ def outcome_of(records: Sequence[Record]) -> str:
     return (end["outcome"] if end else "waiting") + (" ⌛" if stalled else "")
 
 
+def event_stream_note(records: Sequence[Record]) -> str:
+    """An event stream's section title's note: 'stalled head, first event 0.40 s after the head'."""
+    end = next((r for r in records if r["event"] == "handshake"), None)
+    stalled = any(r["event"] == "stall" for r in records) or bool(end and end.get("stalled"))
+    said = ["stalled head"] if stalled else []
+    if end is not None and end.get("outcome") == "opened":
+        first = end.get("first_event_s")
+        said.append(f"first event {first:.2f} s after the head" if isinstance(first, (int, float)) else "no event")
+    return ", ".join(said) or "event stream"
+
+
 def ab_lines(records: Sequence[Record]) -> list[str]:
     """The A/B result where the same handshake (transport and URL) went both
     with accept-encoding upstream and without: how each side fared."""
     ends = [r for r in records if r["event"] == "handshake"]
-    groups: dict[tuple[str, str], dict[bool, list[Record]]] = defaultdict(lambda: {True: [], False: []})
+    groups: dict[tuple[str, str, bool], dict[bool, list[Record]]] = defaultdict(lambda: {True: [], False: []})
     for r in ends:
-        groups[r["transport"], r["url"]][r.get("accept_encoding_upstream") is not None].append(r)
+        groups[r["transport"], r["url"], is_event_stream(r)][r.get("accept_encoding_upstream") is not None].append(r)
     lines = []
-    for (transport, url), sides in groups.items():
+    for (transport, url, _), sides in groups.items():
         if not sides[True] or not sides[False]:
             continue
         lines.append(f"- {transport} {url}: with accept-encoding upstream {_fared(sides[True])}; "
@@ -421,16 +451,32 @@ def ab_lines(records: Sequence[Record]) -> list[str]:
 
 
 def _fared(records: Sequence[Record]) -> str:
-    healthy = [r for r in records if r["outcome"] == "upgraded" and not r["stalled"]]
-    text = f"{len(healthy)} of {len(records)} upgraded without a stall"
+    """'1 of 2 upgraded without a stall (slowest status 0.012 s)'; of event streams, 'opened' and
+    their heads, and when their first events came."""
+    events = is_event_stream(records[0])
+    success, status = ("opened", "head") if events else ("upgraded", "status")
+    healthy = [r for r in records if r["outcome"] == success and not r["stalled"]]
+    text = f"{len(healthy)} of {len(records)} {success} without a stall"
     if healthy:
-        text += f" (slowest status {max(r['received_s'] for r in healthy):.3f} s)"
+        text += f" (slowest {status} {max(r['received_s'] for r in healthy):.3f} s"
+        firsts = [r["first_event_s"] for r in healthy if isinstance(r.get("first_event_s"), (int, float))]
+        if events:
+            text += f", first event {max(firsts):.3f} s after it" if len(firsts) == len(healthy) else \
+                f", {len(healthy) - len(firsts)} without an event"
+        text += ")"
     return text
 
 
 def counted(n: int, noun: str, plural: str | None = None) -> str:
     """`1 flow`, `2 flows`, `0 flows`."""
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def kinds_counted(websockets: int, event_streams: int) -> str:
+    """'2 WebSocket handshakes', '3 event streams', '1 WebSocket handshake and 1 event stream'."""
+    kinds = [counted(n, noun) for n, noun in ((websockets, "WebSocket handshake"), (event_streams, "event stream"))
+             if n]
+    return " and ".join(kinds) or counted(0, "WebSocket handshake")
 
 
 def first_speaker(flow: http.HTTPFlow) -> str | None:
@@ -467,7 +513,8 @@ def summary_markdown(
     for r in records:
         by_flow[r["flow_id"]].append(r)
     followed = [f for f in flows if by_flow.get(f.id)]
-    lines = [f"# {title}", "", f"{counted(len(followed), 'WebSocket handshake')} "
+    streams = sum(is_event_stream(by_flow[f.id][-1]) for f in followed)
+    lines = [f"# {title}", "", f"{kinds_counted(len(followed) - streams, streams)} "
              f"({REPORT} has their records, {FLOWS} the flows: `mitmweb -r {FLOWS}`)."]
     others = len(flows) - len(followed)
     if others:
@@ -478,9 +525,10 @@ def summary_markdown(
         mine = by_flow[f.id]
         last = mine[-1]
         speaker = first_speaker(f)
+        note = event_stream_note(mine) if is_event_stream(last) else \
+            f"{speaker}-first" if speaker else "no message either way"
         lines += [
-            f"## {i}. {last['transport']} {last['url']}: {outcome_of(mine)} "
-            f"({f'{speaker}-first' if speaker else 'no message either way'})", "",
+            f"## {i}. {last['transport']} {last['url']}: {outcome_of(mine)} ({note})", "",
             f"- flow `{f.id}`; policy `{last['policy']}`; accept-encoding from the client: "
             f"{_code(last.get('accept_encoding_client'))}, upstream: {_code(last.get('accept_encoding_upstream'))}; "
             f"upstream transport: {last.get('upstream_transport') or 'none'}",

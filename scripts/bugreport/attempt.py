@@ -3,12 +3,15 @@
 Like the lab's clients (wslab/clients.py) the client waits for the status
 before it speaks, as browsers do; unlike them it carries the user's headers,
 sub-protocols and Origin, sends the user's message, and judges nothing but
-time: a live server's replies are its own business.
+time: a live server's replies are its own business. An event stream is read
+by the lab's own event-stream client (`read_event_stream`), as EventSource
+reads one: its head, and its events as they decode.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -18,8 +21,9 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message, RejectConnection, Request, TextMessage
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from wsencode.core.records import EVENT_STREAM, WEBSOCKET
 from wsencode.report import printable
-from wslab.clients import BROWSER_CODINGS, cancel, h1_event
+from wslab.clients import BROWSER_CODINGS, EventStreamSeen, cancel, h1_event, read_event_stream
 
 # Set by the client itself: a user's copy would clash with it or break the
 # upgrade. (":protocol": a recorded HTTP/2 flow shows its extended CONNECT's.)
@@ -28,6 +32,10 @@ MECHANICS = frozenset({
     "sec-websocket-protocol", "accept-encoding", "content-length", "transfer-encoding", "keep-alive",
     "proxy-connection", "te",
 })
+# An event-stream request's own: the client sends them as EventSource does.
+EVENT_STREAM_MECHANICS = MECHANICS | {"accept", "cache-control"}
+# Events an event-stream attempt reads at the most before it closes: the first, and what came with it.
+EVENTS_READ = 20
 TRANSPORT_NAMES = {"h2": "HTTP/2", "h3": "HTTP/3", "h1": "HTTP/1.1"}  # in the order they are tried and judged
 # Seconds to set up TLS or QUIC with the local proxy: not what is measured, and
 # a busy machine can take a while for the proxy's first certificate.
@@ -38,23 +46,28 @@ __all__ = ["BROWSER_CODINGS", "Handshake", "Seen", "run"]
 
 @dataclass(frozen=True)
 class Handshake:
-    """What one attempt sends: its transport, encoding offer, who speaks first."""
+    """What one attempt sends: its transport, encoding offer, who speaks first (a WebSocket's), or
+    that it is an event stream's request."""
 
     transport: str  # h1, h2 or h3, between the client and the proxy
     offer: str | None  # the accept-encoding value, or None for none
-    speaker: str  # client: send `message` once the status is in; server: wait for its first message
+    speaker: str | None  # client: send `message` once the status is in; server: wait for its first message
     path: str
     authority: str
     headers: tuple[tuple[str, str], ...] = ()  # the user's, without MECHANICS
     subprotocols: tuple[str, ...] = ()
     message: str = "hello"
+    kind: str = WEBSOCKET  # or EVENT_STREAM: a GET that accepts text/event-stream, speaker None
 
     @property
     def label(self) -> str:
         offer = "with accept-encoding" if self.offer else "no accept-encoding"
-        return f"{TRANSPORT_NAMES[self.transport]:<8} {offer:<21} {self.speaker}-first"
+        speaker = f" {self.speaker}-first" if self.kind == WEBSOCKET else ""
+        return f"{TRANSPORT_NAMES[self.transport]:<8} {offer:<21}{speaker}"
 
     def fields(self) -> list[tuple[str, str]]:
+        if self.kind == EVENT_STREAM:  # (read_event_stream adds its own and the offer)
+            return [(k, v) for k, v in self.headers if k.lower() not in EVENT_STREAM_MECHANICS]
         extra = [("accept-encoding", self.offer)] if self.offer else []
         if self.subprotocols:
             extra.append(("sec-websocket-protocol", ", ".join(self.subprotocols)))
@@ -71,6 +84,7 @@ class Seen:
     reply_s: float | None = None  # the first message from the server, within the attempt's timeout
     error: str | None = None  # the connection failed (not: no status in time)
     events: list[str] = field(default_factory=list)
+    stream: EventStreamSeen | None = None  # an event stream's: its head, chunks and events
 
     @property
     def upgraded(self) -> bool:
@@ -201,8 +215,46 @@ def failure(e: BaseException) -> str:
     return printable(f"{type(e).__name__}: {message}" if message else type(e).__name__)
 
 
+# What the event-stream client says of a failure in its own words (or the system's), printed as is.
+OWN_STREAM_FAILURES = ("the connection closed before the response ended", "stream reset with ", "GOAWAY with ",
+                       "cannot decode content-encoding ", "undecodable ", "ConnectionError: ",
+                       "ConnectionRefusedError: ", "ConnectionResetError: ", "OSError: ")
+
+
+def stream_failure(outcome: str) -> str:
+    """Why an event-stream attempt failed (its outcome, "failed (...)"), for printing: never a reason
+    phrase a peer sent, nor a protocol error's, which may quote a header."""
+    said = outcome.removeprefix("failed (").removesuffix(")")
+    if said.startswith("connection closed: "):  # an HTTP/3 connection close: its code, not its reason
+        return printable(said.removeprefix("connection closed: ").split(": ", 1)[0])
+    if said.startswith(OWN_STREAM_FAILURES):
+        return printable(said)
+    return printable(re.split(r"[:\s]", said, maxsplit=1)[0] + " (details not shown)")
+
+
+async def event_stream(port: int, shake: Handshake, timeout: float) -> Seen:
+    """An event-stream request through the proxy, read until it ends, EVENTS_READ events have
+    decoded, or `timeout` seconds from sending it; connecting has PROXY_CONNECT of its own."""
+    headers = [(k.lower(), v) for k, v in shake.fields()]  # (HTTP/2 and HTTP/3 refuse a name in capitals)
+    stream = await read_event_stream(shake.transport, port, shake.path, authority=shake.authority,
+                                     accept_encoding=shake.offer, headers=headers, count=EVENTS_READ,
+                                     give_up=timeout, connect_within=PROXY_CONNECT)
+    seen = Seen(stream.status, stream.head_s, stream.content_encoding, stream=stream)
+    if stream.sent_at is None and not stream.outcome.startswith("failed"):
+        seen.error = f"no connection to the probe's proxy in {PROXY_CONNECT:g} s"
+    elif stream.outcome.startswith("failed"):
+        failure = stream_failure(stream.outcome)
+        if stream.status is None:
+            seen.error = failure
+        else:
+            seen.events.append(failure)  # after its head: what the stream did, not a failed attempt
+    return seen
+
+
 async def run(port: int, shake: Handshake, timeout: float) -> Seen:
     """One attempt; a connection that fails is in `error`, not raised."""
+    if shake.kind == EVENT_STREAM:
+        return await event_stream(port, shake, timeout)
     try:
         return await CLIENTS[shake.transport](port, shake, timeout)
     except (OSError, asyncio.TimeoutError, h2ws.WebSocketClosed, LocalProtocolError, RemoteProtocolError) as e:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mitmdump_proc import LOOPBACK_ONLY
+from wsencode.core.records import WEBSOCKET
 from wslab.proxy import Proxy
 
 from . import attempt
@@ -57,7 +58,7 @@ async def start_all(proxies: list[ProbeProxy]) -> str | None:
 class Attempt:
     shake: Handshake
     seen: Seen
-    record: dict | None  # the addon's handshake record
+    record: dict | None  # the addon's handshake record (an event stream's: its `opened` one, or how it ended)
     stall: dict | None  # its stall record, if one was written
 
     @property
@@ -85,20 +86,20 @@ class Runner:
     """Runs attempts through one proxy, each matched to the addon's records.
 
     A record names no header, so attempts that the records cannot tell apart
-    (same transport, same accept-encoding from the client) take turns; the
-    others run at once."""
+    (same kind, same transport, same accept-encoding from the client) take
+    turns; the others run at once."""
 
     def __init__(self, proxy: ProbeProxy, timeout: float) -> None:
         self.proxy = proxy
         self.timeout = timeout
-        self._turns: defaultdict[tuple[str, str | None], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._turns: defaultdict[tuple[str, str, str | None], asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def _records(self, shake: Handshake, event: str) -> list[dict]:
         return [r for r in self.proxy.records() if r["event"] == event and r["transport"] == shake.transport
-                and r["accept_encoding_client"] == shake.offer]
+                and r["accept_encoding_client"] == shake.offer and r.get("kind", WEBSOCKET) == shake.kind]
 
     async def run(self, shake: Handshake) -> Attempt:
-        async with self._turns[shake.transport, shake.offer]:
+        async with self._turns[shake.kind, shake.transport, shake.offer]:
             before = len(self._records(shake, "handshake"))
             seen = await attempt.run(self.proxy.port_for(shake.transport), shake, self.timeout)
             await self.proxy._until(lambda: len(self._records(shake, "handshake")) > before, RECORD_WAIT)

@@ -3,14 +3,17 @@
     scripts/replay BUNDLE_DIR --target wss://example.com [--timeout 5] [--insecure] [--h3]
 
 Each handshake of the bundle goes again, the same way (transport, headers
-minus the redacted ones, accept-encoding offer, who speaks first), through
+minus the redacted ones, accept-encoding offer, who speaks first; an event
+stream as an event-stream request, read as the probe reads one), through
 mitmdump with the addon in front of the target, once under
 `ws_encode_policy=observe` and once under `strip`; per handshake it prints what
 was recorded and what happens now. An HTTP/3 handshake goes to the proxy over
 HTTP/3 again, and on to the target's HTTP/3 where that carries WebSockets
 (offered in Alt-Svc, or found with --h3), else over TCP. The recorded path is
 kept, without the query and path-parameter items whose values were redacted,
-unless the target URL names a path of its own. Exit status: 0 when no recorded stall recurs
+unless the target URL names a path of its own (ws://, wss://, http:// or
+https://: only the scheme's TLS or not counts). An event stream's stall is
+its head withheld. Exit status: 0 when no recorded stall recurs
 (under observe), 1 when one does, 2 when the bundle cannot be read or the
 target cannot be reached.
 """
@@ -32,7 +35,8 @@ from typing import Any
 from mitmproxy import http
 
 from wsencode import bundle
-from wsencode.bundle import counted
+from wsencode.bundle import counted, kinds_counted
+from wsencode.core.records import EVENT_STREAM, WEBSOCKET
 from wsencode.report import REDACTED, open_regular, printable, redact_path
 
 from .attempt import Handshake, TRANSPORT_NAMES
@@ -170,16 +174,20 @@ def recorded(folder: Path, target: Target) -> list[Recorded]:
         protocols = tuple(p.strip() for v in f.request.headers.get_all("sec-websocket-protocol")
                           for p in v.split(",") if p.strip())
         transport = end["transport"] if end["transport"] in TRANSPORT_NAMES else "h2"
-        shake = Handshake(transport, end["accept_encoding_client"], speaker_of(f),
-                          target.path if own_path else without_redacted(f.request.path) or "/",
-                          target.authority, headers, protocols, message_of(f))
+        path = target.path if own_path else without_redacted(f.request.path) or "/"
+        if bundle.is_event_stream(end):
+            shake = Handshake(transport, end["accept_encoding_client"], None, path, target.authority, headers,
+                              kind=EVENT_STREAM)
+        else:
+            shake = Handshake(transport, end["accept_encoding_client"], speaker_of(f), path, target.authority,
+                              headers, protocols, message_of(f))
         stalls = [r for r in mine if r["event"] == "stall"]
         # Withheld by the upstream, as the stall record says; a bundle made of
         # the flows' metadata alone has only the end's flag.
         stalled = any(r["stuck_in"] == "forwarded" for r in stalls) if stalls else end["stalled"]
         out.append(Recorded(f, end, stalled, shake))
     if not out:
-        raise DamagedFile(f"{printable(str(folder))} holds no WebSocket handshake with a record "
+        raise DamagedFile(f"{printable(str(folder))} holds no WebSocket handshake or event stream with a record "
                           f"({bundle.FLOWS}, {bundle.REPORT})")
     return out
 
@@ -189,10 +197,14 @@ def outcome(a: Attempt) -> str:
 
 
 def record_line(end: dict) -> str:
-    """A handshake record's status and when the proxy had it, from receipt."""
+    """A handshake record's status and when the proxy had it, from receipt; an event stream's first event."""
     if end.get("status") is None:
-        return f"no status, ended after {seconds(end['received_s'])}"
-    return f"{end['status']} after {seconds(end['received_s'])}"
+        return f"no {'head' if bundle.is_event_stream(end) else 'status'}, ended after {seconds(end['received_s'])}"
+    line = f"{end['status']} after {seconds(end['received_s'])}"
+    first = end.get("first_event_s")
+    if bundle.is_event_stream(end) and end.get("outcome") == "opened":
+        line += f", first event +{seconds(first)}" if isinstance(first, (int, float)) else ", no event"
+    return line
 
 
 async def replay(folder: Path, target: Target, args: argparse.Namespace, out=sys.stdout) -> int:
@@ -205,22 +217,29 @@ async def replay(folder: Path, target: Target, args: argparse.Namespace, out=sys
         say(f"replay: cannot read the bundle: {e}")
         return OTHER
     stall_after = stall_threshold(args.timeout)
-    say(f"ws-encode replay of {counted(len(handshakes), 'handshake')} from {printable(str(folder))} against "
-        f"{target.url}, under "
+    streams = sum(h.shake.kind == EVENT_STREAM for h in handshakes)
+    say(f"ws-encode replay of {kinds_counted(len(handshakes) - streams, streams)} from {printable(str(folder))} "
+        f"against {target.url}, under "
         f"{' and '.join(POLICIES)} (ws_encode_stall={stall_after:g} s; attempts give up after {args.timeout:g} s)")
-    h3 = any(h.shake.transport == "h3" for h in handshakes)
-    if h3 and not target.tls:
-        say(f"replay: cannot replay HTTP/3 handshakes against {target.url}: HTTP/3 needs TLS (wss://)")
+    h3_kinds = {h.shake.kind for h in handshakes if h.shake.transport == "h3"}
+    if h3_kinds and not target.tls:
+        say(f"replay: cannot replay HTTP/3 handshakes against {target.url}: HTTP/3 needs TLS "
+            f"({'wss' if target.websocket else 'https'}://)")
         return OTHER
+    kind = EVENT_STREAM if streams == len(handshakes) else WEBSOCKET  # what the target's description is about
     found = await reach_and_say(target, args.insecure, args.timeout, say, f"replay: cannot reach {target.url}",
-                                args.h3)
+                                args.h3, kind)
     if found is None:
         return OTHER
-    if not found.rfc8441 and any(h.shake.transport == "h2" for h in handshakes):
-        say("  (HTTP/2 handshakes reach it through the proxy as HTTP/1.1 upgrades: it has no RFC 8441)")
-    if h3 and not found.h3.rfc9220:
-        say(f"  (HTTP/3 handshakes reach it through the proxy over TCP, as HTTP/2 or HTTP/1.1: {found.h3.describe()})")
-    modes, options = proxy_modes(target, found, h3)
+    for h2_kind in sorted({h.shake.kind for h in handshakes if h.shake.transport == "h2"}):
+        if not found.carries(h2_kind)["h2"]:
+            say("  (HTTP/2 handshakes reach it through the proxy as HTTP/1.1 upgrades: it has no RFC 8441)"
+                if h2_kind == WEBSOCKET else "  (HTTP/2 event streams reach it through the proxy over HTTP/1.1: "
+                                             "it does not speak HTTP/2)")
+    if h3_kinds and not all(found.carries(k)["h3"] for k in h3_kinds):
+        say(f"  (HTTP/3 handshakes reach it through the proxy over TCP, as HTTP/2 or HTTP/1.1: "
+            f"{found.h3.describe(kind)})")
+    modes, options = proxy_modes(target, found, bool(h3_kinds), h3_kinds)
     with tempfile.TemporaryDirectory(prefix="wsencode-replay-") as tmp:
         proxies = {p: ProbeProxy(modes, Path(tmp) / f"report-{p}.jsonl", *options, "--set", f"ws_encode_policy={p}",
                                  "--set", f"ws_encode_stall={stall_after}", loopback_only=args.loopback_only,

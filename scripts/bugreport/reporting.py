@@ -1,7 +1,8 @@
 """The probe's bundle: its mitmdump's report and flow file, redacted by the addon's own bundle module.
 
-Each flow also keeps how the probe made it (`flow.metadata["ws_encode_probe"]`:
-who speaks first, the message), so that `scripts/replay` can make it again.
+Each WebSocket's flow also keeps how the probe made it (`flow.metadata["ws_encode_probe"]`:
+who speaks first, the message), so that `scripts/replay` can make it again; an event stream's
+record says what it is (`kind`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from pathlib import Path
 from mitmproxy import exceptions, http, io
 
 from wsencode.bundle import PROBE_KEY, runtime_environment, write_bundle
+from wsencode.core.records import WEBSOCKET
 from wsencode.report import open_regular, printable
 
-from .attempt import BROWSER_CODINGS, TRANSPORT_NAMES
+from .attempt import BROWSER_CODINGS, EVENTS_READ, TRANSPORT_NAMES
 from .proxy import Attempt
 from .target import Target
 from .verdict import Verdict, status_line, tried
@@ -44,13 +46,30 @@ def read_flows(path: Path) -> list[http.HTTPFlow]:
 
 
 def attempts_table(attempts: Sequence[Attempt], timeout: float) -> list[str]:
-    lines = ["| transport | accept-encoding | speaks first | the client saw | record |", "|" + " --- |" * 5]
+    """The attempts as a Markdown table; a WebSocket's with who spoke first."""
+    websockets = all(a.shake.kind == WEBSOCKET for a in attempts)
+    speaks = "speaks first | " if websockets else ""
+    lines = [f"| transport | accept-encoding | {speaks}the client saw | record |", "|" + " --- |" * (4 + websockets)]
     for a in attempts:
         outcome = (a.record["outcome"] + (" ⌛" if a.stalled else "")) if a.record else "(none)"
         offer = "offered" if a.shake.offer else "none"
-        lines.append(f"| {TRANSPORT_NAMES[a.shake.transport]} | {offer} | {a.shake.speaker} "
-                     f"| {status_line(a, timeout)} | {outcome} |")
+        speaker = f" {a.shake.speaker} |" if websockets else ""
+        lines.append(f"| {TRANSPORT_NAMES[a.shake.transport]} | {offer} |{speaker} "
+                     f"{status_line(a, timeout)} | {outcome} |")
     return lines
+
+
+def probe_notes(attempts: Sequence[Attempt], target: Target, not_tried: Sequence[str]) -> list[str]:
+    """What the probe did, for the summary."""
+    websockets = all(a.shake.kind == WEBSOCKET for a in attempts)
+    how = ("each transport once with the client speaking first and once waiting for the server" if websockets
+           else f"each an event-stream request (`accept: text/event-stream`) read until it ended, {EVENTS_READ} "
+                "events came or the time was up")
+    notes = [f"`scripts/probe` of {target.url}: {len(attempts)} attempts over {tried(attempts)}, with and without "
+             f"`accept-encoding`, {how}." + "".join(f" {reason}." for reason in not_tried)]
+    if target.authorization:
+        notes.append("The URL's userinfo went as an `authorization: Basic` header (redacted below).")
+    return notes
 
 
 def probe_bundle(folder: Path, flows_file: Path, records: list[dict], attempts: Sequence[Attempt], target: Target,
@@ -58,7 +77,7 @@ def probe_bundle(folder: Path, flows_file: Path, records: list[dict], attempts: 
     flows = read_flows(flows_file)
     by_id = {f.id: f for f in flows}
     for a in attempts:
-        if a.record and a.record["flow_id"] in by_id:
+        if a.record and a.record["flow_id"] in by_id and a.shake.kind == WEBSOCKET:
             by_id[a.record["flow_id"]].metadata[PROBE_KEY] = {"speaker": a.shake.speaker, "message": a.shake.message}
     environment = {**runtime_environment(), "tool": "scripts/probe", "target": target.url}
     options = {
@@ -66,11 +85,7 @@ def probe_bundle(folder: Path, flows_file: Path, records: list[dict], attempts: 
         "probe --timeout": f"{args.timeout:g}", "offered": BROWSER_CODINGS,
         "certificate checked": "no (--insecure)" if args.insecure else "yes",
     }
-    notes = [f"`scripts/probe` of {target.url}: {len(attempts)} attempts over {tried(attempts)}, with and without "
-             "`accept-encoding`, each transport once with the client speaking first and once waiting for the "
-             "server." + "".join(f" {reason}." for reason in not_tried)]
-    if target.authorization:
-        notes.append("The URL's userinfo went as an `authorization: Basic` header (redacted below).")
     ab = [f"verdict: {verdict.text}", ""] + attempts_table(attempts, args.timeout)
-    return write_bundle(folder, flows, records, environment=environment, options=options, ab=ab, notes=notes,
-                        title=f"ws-encode probe of {target.url}", force=args.force)
+    return write_bundle(folder, flows, records, environment=environment, options=options, ab=ab,
+                        notes=probe_notes(attempts, target, not_tried), title=f"ws-encode probe of {target.url}",
+                        force=args.force)

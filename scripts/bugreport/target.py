@@ -1,5 +1,7 @@
 """The server under study: its URL, and whether it can be reached at all (TCP, TLS, HTTP/2 with
-RFC 8441), and over HTTP/3 with RFC 9220 where it offers that (Alt-Svc: h3) or is asked to.
+RFC 8441), and over HTTP/3 with RFC 9220 where it offers that (Alt-Svc: h3) or is asked to. A
+WebSocket goes over HTTP/2 and HTTP/3 only where they carry WebSockets; an event stream, a plain
+GET, goes over whichever the server speaks.
 
 A failure here is not a stall, and says what to do about it: nothing listens,
 the name does not resolve, the certificate is not trusted (`--insecure`).
@@ -21,7 +23,10 @@ from aioquic.h3.connection import Setting
 from aioquic.quic.configuration import QuicConfiguration
 from wspeers import h2ws, h3ws
 
+from wsencode.core.records import WEBSOCKET
 from wsencode.report import redact_url
+
+SCHEMES = {"ws": False, "wss": True, "http": False, "https": True}  # scheme -> over TLS
 
 
 def parse_or_say(url: str, prog: str) -> Target | None:
@@ -39,7 +44,7 @@ class Unreachable(Exception):
 
 @dataclass(frozen=True)
 class Target:
-    scheme: str  # ws or wss
+    scheme: str  # ws or wss (a WebSocket), http or https (an event stream)
     host: str
     port: int
     path: str  # with the query: what goes on the request line
@@ -48,10 +53,10 @@ class Target:
     @classmethod
     def parse(cls, url: str) -> Target:
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise ValueError(f"{redact_url(url)!r} is not a ws:// or wss:// URL")
+        if parts.scheme not in SCHEMES or not parts.hostname:
+            raise ValueError(f"{redact_url(url)!r} is not a ws://, wss://, http:// or https:// URL")
         try:
-            port = parts.port or (443 if parts.scheme == "wss" else 80)
+            port = parts.port or (443 if SCHEMES[parts.scheme] else 80)
         except ValueError:
             raise ValueError(f"{redact_url(url)!r} has no valid port") from None
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -63,7 +68,12 @@ class Target:
 
     @property
     def tls(self) -> bool:
-        return self.scheme == "wss"
+        return SCHEMES[self.scheme]
+
+    @property
+    def websocket(self) -> bool:
+        """Its URL names a WebSocket (ws://, wss://), not an event stream (http://, https://)."""
+        return self.scheme in ("ws", "wss")
 
     @property
     def authority(self) -> str:
@@ -97,26 +107,35 @@ class Http3:
     failure: str | None = None  # why no HTTP/3 connection came up
 
     @property
+    def up(self) -> bool:
+        """A QUIC connection came up and the server's SETTINGS came."""
+        return self.port is not None and self.failure is None
+
+    @property
     def how(self) -> str:
         return f"Alt-Svc: h3, UDP port {self.port}" if self.offered else f"--h3, UDP port {self.port}"
 
-    def describe(self) -> str:
+    def describe(self, kind: str = WEBSOCKET) -> str:
         if self.port is None:
             return "no HTTP/3 offered (no Alt-Svc: h3 on its responses)"
         if self.failure:
             return f"HTTP/3 ({self.how}) did not come up: {self.failure}"
+        if kind != WEBSOCKET:
+            return f"HTTP/3 ({self.how})"
         if not self.rfc9220:
             return (f"HTTP/3 ({self.how}), but without RFC 9220 WebSockets (browsers use HTTP/2 or HTTP/1.1 for "
                     "them there)")
         return f"HTTP/3 ({self.how}) with RFC 9220 WebSockets"
 
-    def not_tried(self) -> str:
-        """Why its WebSockets are not tried over HTTP/3 ("" when they are)."""
+    def not_tried(self, kind: str = WEBSOCKET) -> str:
+        """Why its WebSockets (or event streams) are not tried over HTTP/3 ("" when they are)."""
         if self.port is None:
             return "HTTP/3 not tried: the server offers none in Alt-Svc, and --h3 was not given"
         if self.failure:
             return f"HTTP/3 not tried: {self.failure}"
-        return "" if self.rfc9220 else "HTTP/3 not tried: the server's HTTP/3 does not offer RFC 9220 WebSockets"
+        if self.rfc9220 or kind != WEBSOCKET:
+            return ""
+        return "HTTP/3 not tried: the server's HTTP/3 does not offer RFC 9220 WebSockets"
 
 
 @dataclass(frozen=True)
@@ -128,29 +147,41 @@ class Reach:
     verified: bool  # the certificate was checked
     h3: Http3 = Http3(None, False)
 
-    def describe(self, target: Target) -> str:
+    def describe(self, target: Target, kind: str = WEBSOCKET) -> str:
         if not target.tls:
-            return "plain TCP (ws://): HTTP/1.1 only"
+            return f"plain TCP ({target.scheme}://): HTTP/1.1 only"
         tls = "TLS ok, certificate verified" if self.verified else "TLS ok, certificate not checked (--insecure)"
         if self.alpn != "h2":
             tcp = f"HTTP/1.1 only over TCP (ALPN {self.alpn or 'none'})"
+        elif kind != WEBSOCKET:
+            tcp = "HTTP/2"
         elif not self.rfc8441:
             tcp = "HTTP/2, but without RFC 8441 WebSockets (browsers use HTTP/1.1 for them there)"
         else:
             tcp = "HTTP/2 with RFC 8441 WebSockets"
-        return f"{tls}; {tcp}; {self.h3.describe()}"
+        return f"{tls}; {tcp}; {self.h3.describe(kind)}"
 
-    def transports(self) -> list[str]:
-        """What the probe tries, as browsers would: HTTP/2 and HTTP/3 where the server carries WebSockets there."""
-        return [t for t, carried in (("h2", self.rfc8441), ("h3", self.h3.rfc9220), ("h1", True)) if carried]
+    def carries(self, kind: str = WEBSOCKET) -> dict[str, bool]:
+        """Whether HTTP/2 and HTTP/3 carry `kind` to the server: a WebSocket needs RFC 8441 and RFC 9220."""
+        if kind == WEBSOCKET:
+            return {"h2": self.rfc8441, "h3": self.h3.rfc9220}
+        return {"h2": self.alpn == "h2", "h3": self.h3.up}
 
-    def not_tried(self, target: Target) -> list[str]:
+    def transports(self, kind: str = WEBSOCKET) -> list[str]:
+        """What the probe tries, as browsers would: HTTP/2 and HTTP/3 where they carry `kind`."""
+        carried = self.carries(kind)
+        return [t for t in ("h2", "h3", "h1") if carried.get(t, True)]
+
+    def not_tried(self, target: Target, kind: str = WEBSOCKET) -> list[str]:
         """Why a transport is not tried, one phrase each."""
         if not target.tls:
-            return ["HTTP/2 and HTTP/3 not tried: ws:// has neither"]
-        reasons = [] if self.rfc8441 else ["HTTP/2 not tried: the server does not offer RFC 8441 WebSockets"]
-        if self.h3.not_tried():
-            reasons.append(self.h3.not_tried())
+            return [f"HTTP/2 and HTTP/3 not tried: {target.scheme}:// has neither"]
+        reasons = []
+        if not self.carries(kind)["h2"]:
+            reasons.append("HTTP/2 not tried: the server does not offer RFC 8441 WebSockets" if kind == WEBSOCKET
+                           else f"HTTP/2 not tried: the server does not speak it (ALPN {self.alpn or 'none'})")
+        if self.h3.not_tried(kind):
+            reasons.append(self.h3.not_tried(kind))
         return reasons
 
 
@@ -189,7 +220,8 @@ async def reach(target: Target, insecure: bool, timeout: float, h3: bool = False
             f"TLS failed: the certificate of {where} is not trusted ({e.verify_message}); if you trust this "
             "server (a test server with a self-signed certificate), add --insecure") from None
     except ssl.SSLError as e:
-        raise Unreachable(f"TLS failed with {where}: {e.reason or e} (is it a TLS port? ws:// is plain)") from None
+        plain = "ws" if target.websocket else "http"
+        raise Unreachable(f"TLS failed with {where}: {e.reason or e} (is it a TLS port? {plain}:// is plain)") from None
     except asyncio.TimeoutError:
         raise Unreachable(f"TLS failed: no TLS answer from {where} in {timeout:g} s (is it a TLS port?)") from None
     except (ConnectionError, OSError) as e:
@@ -294,12 +326,12 @@ async def look_at_h3(target: Target, port: int, offered: bool, insecure: bool, t
 
 
 async def reach_and_say(target: Target, insecure: bool, timeout: float, say, failure: str,
-                        h3: bool = False) -> Reach | None:
+                        h3: bool = False, kind: str = WEBSOCKET) -> Reach | None:
     """`reach`, with what it found said (`say`, one line), or None once `failure` and why are said."""
     try:
         found = await reach(target, insecure, timeout, h3)
     except Unreachable as e:
         say(f"{failure}: {e}")
         return None
-    say(f"  target: {found.describe(target)}")
+    say(f"  target: {found.describe(target, kind)}")
     return found

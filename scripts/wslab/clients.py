@@ -179,6 +179,7 @@ class EventStreamSeen:
     ended_s: float | None = None  # when the server ended the response
     events: list[ServerEvent] = field(default_factory=list)  # decoded, each with its `at_s`
     chunks: list[tuple[float, int]] = field(default_factory=list)  # (when, bytes) of each body chunk as it came
+    decoded: list[tuple[float, int]] = field(default_factory=list)  # (when, bytes) decoded out of each chunk
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k == name), None)
@@ -196,15 +197,23 @@ class EventStreamSeen:
         """When the first event could be decoded: its bytes out of the decompressor, its blank line in."""
         return self.events[0].at_s if self.events else None
 
+    @property
+    def first_event_bytes(self) -> int | None:
+        """How many decoded bytes were readable when the first event was: what an encoder let go at once."""
+        if self.first_event_s is None:
+            return None
+        return sum(size for when, size in self.decoded if when <= self.first_event_s)
+
 
 async def read_event_stream(transport: str, port: int, path: str = "/events", *, host: str = "127.0.0.1",
                             authority: str = "localhost", accept_encoding: str | None = None,
                             headers: Sequence[tuple[str, str]] = (), count: int | None = None,
-                            give_up: float = 5.0) -> EventStreamSeen:
+                            give_up: float = 5.0, connect_within: float | None = None) -> EventStreamSeen:
     """GET `path` as `EventSource` does, over TLS to `host`:`port` (certificates not verified),
     and read it as an event stream until it ends, `count` events are decoded, or `give_up`
-    seconds from the request going out are up (connecting may take as long again: a busy
-    machine's TLS handshakes are not the server's delay); then close and say what was seen.
+    seconds from the request going out are up; then close and say what was seen. Connecting
+    and sending get `connect_within` seconds of their own (by default `give_up` again): a busy
+    proxy's TLS handshake is not what is timed.
 
     `transport`: "h1" (HTTP/1.1, ALPN http/1.1), "h2" (HTTP/2, ALPN h2) or "h3" (HTTP/3 over
     QUIC on UDP `port`; `host` must be an IP address). The request carries `accept: text/event-stream`
@@ -229,7 +238,8 @@ async def read_event_stream(transport: str, port: int, path: str = "/events", *,
     task = asyncio.ensure_future(_reporting_failures(opener, note))
     reading = _Reading(seen, count)
     try:
-        if not await asyncio.wait_for(_read(feed, reading, until_sent=True), give_up):
+        connecting = give_up if connect_within is None else connect_within
+        if not await asyncio.wait_for(_read(feed, reading, until_sent=True), connecting):
             await asyncio.wait_for(_read(feed, reading), give_up)
     except asyncio.TimeoutError:
         seen.outcome = "gave up"
@@ -249,8 +259,8 @@ async def _reporting_failures(opener, note: Note) -> None:
 
 
 async def _read(feed: asyncio.Queue, reading: _Reading, until_sent: bool = False) -> bool:
-    """Take what the transport notes until the client is done (True) or, `until_sent`, until
-    the request went out (False)."""
+    """Hand `reading` what the transport notes until the client is done (True), or, `until_sent`,
+    until the request has gone out (False)."""
     while True:
         kind, value, at = await feed.get()
         if reading.noted(kind, value, at):
@@ -304,6 +314,7 @@ class _Reading:
         except Exception as e:  # zlib.error, brotli.error, zstd's: whatever the codec raises
             seen.outcome = f"failed (undecodable {seen.content_encoding}: {e})"
             return True
+        seen.decoded.append((since, len(text)))
         for event in self.parser.feed(text) if self.parser else []:
             event.at_s = since
             seen.events.append(event)
