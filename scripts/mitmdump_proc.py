@@ -10,7 +10,11 @@ import socket
 import sys
 from pathlib import Path
 
-ADDON = Path(__file__).resolve().parent.parent / "addon" / "ws_encode.py"
+import wsencode
+
+# The addon script the tools and tests load: the one beside the `wsencode` imported here.
+ADDON = wsencode.SCRIPT
+# Beside this module in a checkout (scripts/) and installed (site-packages) alike.
 LOOPBACK_ONLY = Path(__file__).resolve().parent / "loopback_only.py"
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 LISTENING = re.compile(rb"listening at [^\s]*:(\d+)")

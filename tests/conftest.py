@@ -24,6 +24,11 @@ from mitmproxy.options import CONF_BASENAME, CONF_DIR, KEY_SIZE
 from mitmproxy.test import tflow, tutils
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every Python this suite starts (the tools, the peers, the lab, mitmdump) imports this checkout's
+# addon and tools first, as the suite itself does (pyproject.toml's pytest `pythonpath`), also where
+# the environment's editable install is another checkout's (git worktrees sharing one environment).
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "addon"), str(ROOT / "scripts"),
+                                                         os.environ.get("PYTHONPATH")]))
 ADDON = ROOT / "addon" / "ws_encode.py"
 # Loaded into every test proxy: it refuses any upstream that is not loopback.
 LOOPBACK_ONLY = ROOT / "scripts" / "loopback_only.py"
@@ -370,9 +375,8 @@ class LabAlone:
         self.returncode: int | None = None
 
     def __enter__(self) -> LabAlone:
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "scripts"))
         self.proc = subprocess.Popen([sys.executable, "-m", "wslab.lab", *self.options], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=env, cwd=self.cwd)
+                                     stderr=subprocess.STDOUT, text=True, cwd=self.cwd)
         head = []
         for line in self.proc.stdout:
             head.append(line)
@@ -543,8 +547,8 @@ def unused_port():
 
 # -- bundles: flows and records as the addon makes them, and scripts/replay --
 
-# What the tools in scripts/ are run with (also the width their output is written for).
-SCRIPTS_ENV = dict(os.environ, PYTHONPATH=str(ROOT / "scripts"), COLUMNS="200")
+# What the tools in scripts/ are run with: the width their output is written for.
+SCRIPTS_ENV = dict(os.environ, COLUMNS="200")
 
 # Each secret is unique, so finding any of them anywhere in the bundle is a leak.
 SECRETS = {
