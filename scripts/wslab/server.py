@@ -14,11 +14,11 @@ import sys
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 from hypercorn.protocol import h2 as hypercorn_h2
+from mitmdump_proc import stop_process
 
 from .app import LabApp, build
 from .encoders import MIN_SIZE, RELEASING_HELD_STATUS
 from .h3 import H3Side
-from .proxy import terminate
 
 _hypercorn_flush = hypercorn_h2.H2Protocol._flush
 
@@ -181,6 +181,7 @@ class LabProcess:
             sys.stderr.write("lab | " + raw.decode(errors="replace"))  # only errors come here (--quiet)
 
     async def stop(self) -> None:
-        await terminate(self._proc)
+        if self._proc:
+            await stop_process(self._proc)
         if self._drain:
             await self._drain
