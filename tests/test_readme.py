@@ -7,7 +7,9 @@ path they name exists, scripts run directly are executable and answer
 is one mitmdump knows, the options table names exactly the addon's options,
 and the "Use" section's recipes run as written (on free ports and paths of
 the test's own) and end in the stall they promise: the reverse-mode one with
-its client, and strip opening it; the browser one on a fresh profile.
+its client, and strip opening it; the browser one on a fresh profile. The
+"Install" section's commands, which need an environment of their own, are
+run by tests/test_package.py.
 """
 
 from __future__ import annotations
