@@ -59,7 +59,8 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want_stam
   quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" >&2 || true; }; }
   quiet "$venv/bin/python" -m pip install -q --upgrade pip
   if [ "$line" = 11.1 ]; then quiet "$venv/bin/python" -m pip install -q "$spec"
-  else quiet "$venv/bin/python" -m pip install -q "$spec" "$root[test]"; fi
+  # Editable: the venv imports the addon and the tools from this checkout, and has its console scripts.
+  else quiet "$venv/bin/python" -m pip install -q "$spec" -e "$root[test]"; fi
   echo "$want_stamp" > "$stamp"
 fi
 echo "$venv"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import fcntl
 import json
 import os
@@ -24,59 +23,53 @@ from mitmproxy.options import CONF_BASENAME, CONF_DIR, KEY_SIZE
 from mitmproxy.test import tflow, tutils
 
 ROOT = Path(__file__).resolve().parent.parent
-ADDON = ROOT / "addon" / "ws_encode.py"
-# Loaded into every test proxy: it refuses any upstream that is not loopback.
-LOOPBACK_ONLY = ROOT / "scripts" / "loopback_only.py"
+# Every Python this suite starts (the tools, the peers, the lab, mitmdump) imports this checkout's
+# addon and tools first, as the suite itself does (pyproject.toml's pytest `pythonpath`), also where
+# the environment's editable install is another checkout's (git worktrees sharing one environment).
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "addon"), str(ROOT / "scripts"),
+                                                         os.environ.get("PYTHONPATH")]))
 # addon/ and scripts/ are on the import path by pyproject.toml's pytest
 # `pythonpath`. Imported first: the script resets the `wsencode` package when it is
 # (re)imported, so tests and addon then share the same module objects.
 import ws_encode  # noqa: E402,F401
 from wspeers import h2ws  # noqa: E402
 from wspeers.fault_server import FaultServer  # noqa: E402
-from mitmdump_proc import stop_process  # noqa: E402
+# The one mitmdump launcher, the tools' too; ADDON is addon/ws_encode.py, and
+# LOOPBACK_ONLY, loaded into every test proxy, refuses any upstream that is not loopback.
+from mitmdump_proc import ADDON, LISTENING, LOOPBACK_ONLY, MITMDUMP, Process  # noqa: E402
 
-MITMDUMP = Path(sys.executable).with_name("mitmdump")
 # How long a test waits for an event (a log line, a record, a start) before
 # it fails: only a hang should take this long, and on a busy machine (the two
 # lines side by side beside other work) a mitmdump takes many seconds to start
 # and each event comes seconds late. A test that passes never waits this out.
 EVENT_TIMEOUT = 30.0
 STARTUP_TIMEOUT = 60.0
-LISTENING = re.compile(r"listening at (?:\[?[\d.:a-f]+\]?):(\d+)")
 CLIENT_CONNECT = re.compile(r"\] client connect$")
 CLIENT_DISCONNECT = re.compile(r"\] client disconnect$")
 
 
-class Mitmdump:
+class Mitmdump(Process):
     """A mitmdump process with the addon loaded, stopped by its pid when done.
 
     Its output is collected line by line, so tests can wait for a log line
     (an event) instead of sleeping.
     """
 
-    def __init__(self, *args: str, report: Path | None = None, addon: Path = ADDON, mitmdump: Path = MITMDUMP):
+    def __init__(self, *args: str, report: Path | None = None, addon: Path = ADDON, mitmdump: Path = MITMDUMP,
+                 env: dict[str, str] | None = None):
+        super().__init__()
         self.args = list(args)
         self.mitmdump = mitmdump
         self.addon = addon
         self.report = report
-        self.lines: list[str] = []
+        self.env = {**os.environ, **(env or {})}  # its environment: this one's, and `env`
         self.port = 0
-        self._changed = asyncio.Condition()
-        self._proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task | None = None
 
     async def __aenter__(self) -> Mitmdump:
-        cmd = [str(self.mitmdump), "--listen-host", "127.0.0.1", "-p", "0", "-s", str(self.addon), "-s", str(LOOPBACK_ONLY)]
+        cmd = [self.mitmdump, "--listen-host", "127.0.0.1", "-p", "0", "-s", self.addon, "-s", LOOPBACK_ONLY]
         if self.report:
             cmd += ["--set", f"ws_encode_report={self.report}"]
-        self._proc = await asyncio.create_subprocess_exec(
-            *cmd,
-            *self.args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        self._reader = asyncio.create_task(self._read())
+        await self.spawn(*cmd, *self.args, env=self.env)
         line = await self._wait_until_started(LISTENING)
         self.port = int(LISTENING.search(line).group(1))
         return self
@@ -89,7 +82,7 @@ class Mitmdump:
         try:
             return await self.wait_for(ready, timeout)
         except AssertionError:
-            if "<exited>" not in self.lines:
+            if not self.exited:
                 await self.stop()
             raise
 
@@ -100,14 +93,11 @@ class Mitmdump:
             # a hang under load is only explained by it.
             print(f"--- the last 80 lines of {self.args} ---", *self.lines[-80:], sep="\n")
 
-    async def stop(self) -> int:
+    async def stop(self, timeout: float = 10) -> int:
         assert self._proc
         if self._proc.returncode is None:
             await self._let_closing_connections_finish()
-        await stop_process(self._proc)  # it may have exited meanwhile
-        if self._reader:
-            await self._reader
-        return self._proc.returncode
+        return await super().stop(timeout)
 
     async def _let_closing_connections_finish(self, timeout: float = 0.3) -> None:
         """mitmproxy 11 prints a traceback when it is stopped while it is still
@@ -119,21 +109,9 @@ class Mitmdump:
         def all_closed() -> bool:
             opened = sum(bool(CLIENT_CONNECT.search(line)) for line in self.lines)
             closed = sum(bool(CLIENT_DISCONNECT.search(line)) for line in self.lines)
-            return closed >= opened or "<exited>" in self.lines
+            return closed >= opened
 
-        with contextlib.suppress(asyncio.TimeoutError):
-            async with self._changed:
-                await asyncio.wait_for(self._changed.wait_for(all_closed), timeout)
-
-    async def _read(self) -> None:
-        assert self._proc and self._proc.stdout
-        async for raw in self._proc.stdout:
-            async with self._changed:
-                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-                self._changed.notify_all()
-        async with self._changed:
-            self.lines.append("<exited>")
-            self._changed.notify_all()
+        await self.until(all_closed, timeout)
 
     async def wait_for(self, pattern: str | re.Pattern, timeout: float = EVENT_TIMEOUT) -> str:
         """The first log line matching `pattern`, waiting for it if need be."""
@@ -142,13 +120,7 @@ class Mitmdump:
         def found() -> str | None:
             return next((line for line in self.lines if rx.search(line)), None)
 
-        async with self._changed:
-            try:
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: found() or "<exited>" in self.lines), timeout
-                )
-            except asyncio.TimeoutError:
-                pass
+        await self.until(found, timeout)
         line = found()
         if line is None:
             raise AssertionError(f"no log line matching {rx.pattern!r} in:\n{self.log}")
@@ -159,15 +131,9 @@ class Mitmdump:
         rx = re.compile(pattern)
 
         def enough() -> bool:
-            return sum(bool(rx.search(line)) for line in self.lines) >= count or "<exited>" in self.lines
+            return sum(bool(rx.search(line)) for line in self.lines) >= count
 
-        async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(enough), timeout)
-        assert sum(bool(rx.search(line)) for line in self.lines) >= count, self.log
-
-    @property
-    def log(self) -> str:
-        return "\n".join(self.lines)
+        assert await self.until(enough, timeout), self.log
 
     def records(self) -> list[dict]:
         assert self.report
@@ -370,9 +336,8 @@ class LabAlone:
         self.returncode: int | None = None
 
     def __enter__(self) -> LabAlone:
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "scripts"))
         self.proc = subprocess.Popen([sys.executable, "-m", "wslab.lab", *self.options], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=env, cwd=self.cwd)
+                                     stderr=subprocess.STDOUT, text=True, cwd=self.cwd)
         head = []
         for line in self.proc.stdout:
             head.append(line)
@@ -543,8 +508,8 @@ def unused_port():
 
 # -- bundles: flows and records as the addon makes them, and scripts/replay --
 
-# What the tools in scripts/ are run with (also the width their output is written for).
-SCRIPTS_ENV = dict(os.environ, PYTHONPATH=str(ROOT / "scripts"), COLUMNS="200")
+# What the tools in scripts/ are run with: the width their output is written for.
+SCRIPTS_ENV = dict(os.environ, COLUMNS="200")
 
 # Each secret is unique, so finding any of them anywhere in the bundle is a leak.
 SECRETS = {

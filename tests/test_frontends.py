@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import (ADDON, EVENT_TIMEOUT, LISTENING, LOOPBACK_ONLY, Mitmdump, assert_clean_log, upgrade_request,
+from conftest import (ADDON, EVENT_TIMEOUT, LOOPBACK_ONLY, Mitmdump, assert_clean_log, upgrade_request,
                       whole_records)
 from wspeers import h2ws
 from wspeers.fault_server import Faults, FaultServer
@@ -551,22 +551,14 @@ class Mitmweb(Mitmdump):
     def __init__(self, upstream: str, report: Path, home: Path):
         # The Comment column is not among mitmweb's default columns: add it.
         columns = ["tls", "icon", "path", "method", "status", "size", "time", "comment"]
-        self.home = home
         super().__init__(
             "--mode", f"reverse:{upstream}", "--web-host", "127.0.0.1", "--web-port", "0",
             "--set", "web_open_browser=false", *(a for c in columns for a in ("--set", f"web_columns={c}")),
-            "--set", f"ws_encode_stall={STALL}", report=report,
+            "--set", f"ws_encode_stall={STALL}", report=report, mitmdump=MITMWEB, env={"HOME": str(home)},
         )
 
     async def __aenter__(self) -> Mitmweb:
-        self._proc = await asyncio.create_subprocess_exec(
-            str(MITMWEB), "--listen-host", "127.0.0.1", "-p", "0", "-s", str(ADDON), "-s", str(LOOPBACK_ONLY),
-            "--set", f"ws_encode_report={self.report}", *self.args,
-            env=dict(os.environ, HOME=str(self.home)), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )
-        self._reader = asyncio.create_task(self._read())
-        self.port = int(LISTENING.search(await self._wait_until_started(LISTENING)).group(1))
+        await super().__aenter__()
         # mitmweb 12 prints its UI's URL with a fresh token (?token=...); 11 needs none.
         line = await self.wait_for("Web server listening at http://")
         # It says port 0, as it was given: the UI's is the other one it listens on.

@@ -4,10 +4,8 @@ server: so that the peers can be trusted when mitmproxy is put between them."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pylsqpack
 import pytest
@@ -18,8 +16,6 @@ from peers import chromium
 from wspeers import h3ws
 from wspeers.h3ws import ErrorCode, Setting
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS_ON_PATH = {**os.environ, "PYTHONPATH": str(ROOT / "scripts")}
 AUTHORITY = "localhost"
 pytestmark = pytest.mark.timeout(30)
 
@@ -224,7 +220,7 @@ def test_the_command_line_peers(cert):
     status is a stall (exit 1), no encoding an echo (exit 0)."""
     server_proc = subprocess.Popen([sys.executable, "-m", "wspeers.h3ws", "server", "--withhold",
                                     "--cert", cert[0], "--key", cert[1]],
-                                   stdout=subprocess.PIPE, text=True, env=SCRIPTS_ON_PATH)
+                                   stdout=subprocess.PIPE, text=True)
     try:
         line = server_proc.stdout.readline()
         assert line.startswith("listening on udp 127.0.0.1:"), line
@@ -232,7 +228,7 @@ def test_the_command_line_peers(cert):
 
         def run_client(*options: str) -> subprocess.CompletedProcess:
             return subprocess.run([sys.executable, "-m", "wspeers.h3ws", "client", "--url", url, "--timeout", "1",
-                                   *options], capture_output=True, text=True, env=SCRIPTS_ON_PATH, timeout=20)
+                                   *options], capture_output=True, text=True, timeout=20)
 
         stalled, echoed = run_client("--accept-encoding", "gzip"), run_client()
     finally:

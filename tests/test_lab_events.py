@@ -8,13 +8,11 @@ against slack on an idle machine. Then the page's EventSource in Chromium."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import urllib.parse
 
 import pytest
-from conftest import ROOT
 from peers import chromium
 
 from wslab.app import GREETING, tick
@@ -197,9 +195,7 @@ def test_fixed_flushes_each_event_and_buffer_events_keeps_them_in_every_coding(c
 
 
 def test_the_labs_help_describes_the_event_stream_and_cites_the_reports():
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "scripts"))
-    done = subprocess.run([sys.executable, "-m", "wslab.lab", "--help"], capture_output=True, text=True, env=env,
-                          timeout=20)
+    done = subprocess.run([sys.executable, "-m", "wslab.lab", "--help"], capture_output=True, text=True, timeout=20)
     assert done.returncode == 0, done.stderr
     assert "  buffer-events: " in done.stdout and "/events answers 200 text/event-stream" in done.stdout
     for report in ("caddyserver/caddy#6293", "#7905", "nytimes/gziphandler#60, #74", "Kludex/starlette#2753",

@@ -20,9 +20,8 @@ from wspeers import h2ws
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# The RFC 8441 peers as a person runs them: `PYTHONPATH=scripts python -m wspeers.h2ws ...`.
+# The RFC 8441 peers as a person runs them: `.venv-mitmproxy12/bin/python -m wspeers.h2ws ...`.
 H2WS = [sys.executable, "-m", "wspeers.h2ws"]
-SCRIPTS_ON_PATH = {**os.environ, "PYTHONPATH": str(ROOT / "scripts")}
 NODE_SERVER = ROOT / "tests" / "peers" / "node_h2_ws_server.js"
 AUTHORITY = "localhost"
 STARTUP_TIMEOUT = 10.0
@@ -343,7 +342,7 @@ def test_server_stop_ends_open_websockets(cert):
 
 def _cli(*args: str, timeout: float = 15) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*H2WS, *args], capture_output=True, text=True, timeout=timeout, env=SCRIPTS_ON_PATH
+        [*H2WS, *args], capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -362,7 +361,6 @@ def test_cli_client_reports_the_stall(cert):
         [*H2WS, "server", "--port", "0", "--withhold", "--cert", certfile, "--key", keyfile],
         stdout=subprocess.PIPE,
         text=True,
-        env=SCRIPTS_ON_PATH,
     )
     try:
         line = _read_line(server, STARTUP_TIMEOUT)

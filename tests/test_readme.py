@@ -7,7 +7,9 @@ path they name exists, scripts run directly are executable and answer
 is one mitmdump knows, the options table names exactly the addon's options,
 and the "Use" section's recipes run as written (on free ports and paths of
 the test's own) and end in the stall they promise: the reverse-mode one with
-its client, and strip opening it; the browser one on a fresh profile.
+its client, and strip opening it; the browser one on a fresh profile. The
+"Install" section's commands, which need an environment of their own, are
+run by tests/test_package.py.
 """
 
 from __future__ import annotations
@@ -162,15 +164,11 @@ class Started(Mitmdump):
     for the line `ready` before it counts as started."""
 
     def __init__(self, argv: list[str], ready: re.Pattern, report=None, env: dict[str, str] | None = None):
-        super().__init__(report=report)
-        self.argv, self.ready, self.env = argv, ready, env
+        super().__init__(report=report, env=env)
+        self.argv, self.ready = argv, ready
 
     async def __aenter__(self) -> Started:
-        self._proc = await asyncio.create_subprocess_exec(
-            *self.argv, cwd=ROOT, stdin=asyncio.subprocess.DEVNULL, env={**os.environ, **(self.env or {})},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )
-        self._reader = asyncio.create_task(self._read())
+        await self.spawn(*self.argv, cwd=ROOT, env=self.env)
         self.match = self.ready.search(await self.wait_for(self.ready, timeout=30))
         return self
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 
 from wslab import haproxy
 from wslab.clients import Seen
@@ -19,7 +18,7 @@ STALL = 1.0
 
 
 def repro(*args: str, cwd, timeout: float = 100) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "scripts"), COLUMNS="220")
+    env = dict(os.environ, COLUMNS="220")
     return subprocess.run([sys.executable, "-m", "wslab.repro", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=env)
 

@@ -4,10 +4,3 @@ status?), bundles (a redacted record of it) and `scripts/replay` (is it fixed?).
 The bundle itself is written by the addon's own module, `addon/wsencode/bundle.py`, which
 runs inside mitmproxy too; it is imported from there.
 """
-
-import sys
-from pathlib import Path
-
-ADDON_DIR = Path(__file__).resolve().parent.parent.parent / "addon"
-if str(ADDON_DIR) not in sys.path:
-    sys.path.append(str(ADDON_DIR))

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .proxy import free_ports, terminate
+from mitmdump_proc import free_ports, stop_process
 
 HAPROXY = shutil.which("haproxy") or next(
     (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if Path(p).exists()), None)
@@ -113,4 +113,5 @@ class Front:
         return False
 
     async def stop(self) -> None:
-        await terminate(self._proc, 5)
+        if self._proc:
+            await stop_process(self._proc, 5)

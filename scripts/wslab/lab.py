@@ -40,7 +40,7 @@ def h3_urls(server: LabServer, certfile: str) -> list[str]:
     base = f"https://127.0.0.1:{server.h3.port}"
     return [
         f"over HTTP/3 (QUIC on UDP 127.0.0.1:{server.h3.port}, WebSockets by RFC 9220):",
-        f"  PYTHONPATH=scripts {sys.executable} -m wspeers.h3ws client --url {base}/echo --accept-encoding gzip",
+        f"  {sys.executable} -m wspeers.h3ws client --url {base}/echo --accept-encoding gzip",
         f"  chromium --enable-quic --origin-to-force-quic-on=127.0.0.1:{server.h3.port} "
         f"--enable-features=EnableWebsocketsOverHttp3 "
         f"--ignore-certificate-errors-spki-list={h3ws.spki_sha256(certfile)} {base}/",
@@ -80,8 +80,9 @@ at once and flush each event. Watch one with curl (-N: curl buffers nothing itse
 or from Python, timed as EventSource sees it: wslab.clients.read_event_stream."""
 H3_EPILOG = """HTTP/3: every behaviour is served over QUIC too, on UDP 127.0.0.1 at the TCP port's number (another
 where that one is taken), WebSockets by extended CONNECT (RFC 9220); every TCP response says where in
-Alt-Svc: h3=":PORT", and the lab prints the UDP port. Reach it with the peers' client,
-  PYTHONPATH=scripts python -m wspeers.h3ws client --url https://127.0.0.1:8443/echo --accept-encoding gzip
+Alt-Svc: h3=":PORT", and the lab prints the UDP port. Reach it with the peers' client (the Python of the lab's
+environment: .venv-mitmproxy12/bin/python in a checkout set up by scripts/lab, any with ws-encode installed),
+  python -m wspeers.h3ws client --url https://127.0.0.1:8443/echo --accept-encoding gzip
 or with Chromium, which needs QUIC forced on for the origin, its RFC 9220 feature, and the lab's key trusted
 by hash (it prints the whole command):
   chromium --enable-quic --origin-to-force-quic-on=127.0.0.1:8443 --enable-features=EnableWebsocketsOverHttp3

@@ -22,8 +22,8 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wsencode import bundle
 from wspeers import h2ws
-from mitmdump_proc import ADDON
 
 from . import haproxy
 from .clients import BROWSER_CODINGS, CLIENTS, EventStreamSeen, Seen, read_event_stream
@@ -398,19 +398,9 @@ def table_lines(state: Run) -> list[str]:
     return lines
 
 
-def bundle_module():
-    """The addon's bundle writer (addon/wsencode/bundle.py), which redacts and writes atomically."""
-    if str(ADDON.parent) not in sys.path:
-        sys.path.append(str(ADDON.parent))
-    from wsencode import bundle
-
-    return bundle
-
-
 def write_bundle(state: Run, folder: Path, proxies: list[Proxy], work: Path) -> None:
     from mitmproxy import io
 
-    bundle = bundle_module()
     records = sorted((r for p in proxies for r in p.records()), key=lambda r: r["ts"])
     flows = []
     for path in sorted(work.glob("flows-*.mitm")):

@@ -2,42 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import signal
 import urllib.parse
 from pathlib import Path
 
-from mitmdump_proc import ADDON, LISTENING, LOOPBACK_ONLY, MITMDUMP, free_ports
+from mitmdump_proc import ADDON, LISTENING, LOOPBACK_ONLY, MITMDUMP, Process, free_ports
 
 
-async def terminate(proc: asyncio.subprocess.Process | None, timeout: float = 10) -> None:
-    """SIGTERM a process this lab started, by its pid; SIGKILL if it lingers."""
-    if proc is None or proc.returncode is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        await asyncio.wait_for(proc.wait(), timeout)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-
-
-class Proxy:
+class Proxy(Process):
     """One mitmdump: `upstreams` maps a name to an upstream URL (https://, or
     http3:// for one over QUIC, served on a UDP port), each served on its own
     port (`ports[name]`); the log is kept line by line and the report in `report`."""
 
     def __init__(self, upstreams: dict[str, str], report: Path, *options: str, flows: Path | None = None) -> None:
+        super().__init__()
         self.upstreams = upstreams
         self.report = report
         self.options = list(options) + (["-w", str(flows)] if flows else [])
         self.ports: dict[str, int] = {}
-        self.lines: list[str] = []
-        self._changed = asyncio.Condition()
-        self._proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task | None = None
+
+    _until = Process.until  # (the probe's name for it: bugreport/proxy.py)
 
     def guards(self) -> list[str]:
         """What bounds this mitmdump: the lab's proxies reach loopback only and take its self-signed certificates."""
@@ -50,14 +35,11 @@ class Proxy:
             wanted = [0] if len(self.upstreams) == 1 else free_ports(len(self.upstreams))
             modes = [a for url, port in zip(self.upstreams.values(), wanted)
                      for a in ("--mode", f"reverse:{url}@127.0.0.1:{port}")]
-            self.lines = []
-            self._proc = await asyncio.create_subprocess_exec(
-                str(MITMDUMP), "--listen-host", "127.0.0.1", *modes, "--set", "flow_detail=0", *self.guards(),
-                "-s", str(ADDON), "--set", f"ws_encode_report={self.report}", *self.options,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            await self.spawn(
+                MITMDUMP, "--listen-host", "127.0.0.1", *modes, "--set", "flow_detail=0", *self.guards(),
+                "-s", ADDON, "--set", f"ws_encode_report={self.report}", *self.options,
             )
-            self._reader = asyncio.create_task(self._read())
-            if await self._until(lambda: len(self._listening()) == len(self.upstreams), 30):
+            if await self.until(lambda: len(self._listening()) == len(self.upstreams), 30):
                 self.ports = dict(zip(self.upstreams, self._listening() if wanted == [0] else wanted))
                 return self
             await self.stop()  # most likely a port taken meanwhile: try others
@@ -65,31 +47,7 @@ class Proxy:
 
     def _listening(self) -> list[int]:
         """The ports mitmdump said it listens at, in the order it said so."""
-        return [int(m.group(1)) for line in self.lines if (m := LISTENING.search(line.encode()))]
-
-    async def stop(self) -> None:
-        await terminate(self._proc)
-        if self._reader:
-            await self._reader
-
-    async def _read(self) -> None:
-        assert self._proc and self._proc.stdout
-        async for raw in self._proc.stdout:
-            async with self._changed:
-                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-                self._changed.notify_all()
-        async with self._changed:
-            self.lines.append("<exited>")
-            self._changed.notify_all()
-
-    async def _until(self, predicate, timeout: float) -> bool:
-        """Wait (on log lines, not a clock) until predicate() or mitmdump exits."""
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: predicate() or "<exited>" in self.lines), timeout)
-            except asyncio.TimeoutError:
-                pass
-        return bool(predicate())
+        return [int(m.group(1)) for line in self.lines if (m := LISTENING.search(line))]
 
     def records(self, path: str | None = None) -> list[dict]:
         """Report records, optionally only those for the handshake to `path`."""
@@ -108,7 +66,7 @@ class Proxy:
         def found() -> dict | None:
             return next((r for r in self.records(path) if r["event"] == "handshake"), None)
 
-        await self._until(found, timeout)
+        await self.until(found, timeout)
         return found()
 
     def stall_lines(self, path: str) -> list[str]:

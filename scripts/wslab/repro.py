@@ -18,8 +18,10 @@ import asyncio
 import sys
 from pathlib import Path
 
+from wsencode import bundle
+
 from .encoders import MIN_SIZE
-from .matrix import bundle_module, failures, run
+from .matrix import failures, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
                              "more than /greet's greeting)")
     args = parser.parse_args(argv)
     if args.bundle:
-        bundle = bundle_module()
         try:
             bundle.check_folder(args.bundle, args.force)
         except bundle.BundleError as e:

@@ -14,11 +14,11 @@ import sys
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 from hypercorn.protocol import h2 as hypercorn_h2
+from mitmdump_proc import stop_process
 
 from .app import LabApp, build
 from .encoders import MIN_SIZE, RELEASING_HELD_STATUS
 from .h3 import H3Side
-from .proxy import terminate
 
 _hypercorn_flush = hypercorn_h2.H2Protocol._flush
 
@@ -153,14 +153,13 @@ class LabProcess:
         return f"http3://127.0.0.1:{self.h3_ports[behaviour]}"
 
     async def start(self) -> LabProcess:
-        scripts = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [scripts, os.environ.get("PYTHONPATH")])))
         self._proc = await asyncio.create_subprocess_exec(
+            # `wslab` as this process has it: installed, or on the tests' PYTHONPATH (tests/conftest.py).
             # Without h3, no QUIC side and no Alt-Svc in what a run records.
             sys.executable, "-m", "wslab.lab", "--quiet", *([] if self.h3 else ["--no-h3"]),
             "--port", "0", "--min-size", str(self.min_size),
             *(a for b in self.behaviours for a in ("--behaviour", b)),
-            env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT)
         seen = []
         assert self._proc.stdout
@@ -182,6 +181,7 @@ class LabProcess:
             sys.stderr.write("lab | " + raw.decode(errors="replace"))  # only errors come here (--quiet)
 
     async def stop(self) -> None:
-        await terminate(self._proc)
+        if self._proc:
+            await stop_process(self._proc)
         if self._drain:
             await self._drain

@@ -11,7 +11,8 @@
   (a withheld status, a wrong accept, ...);
 - `messages`: wsproto's `Connection` with whole messages, which both use.
 
-Import them as `wspeers.h2ws`, with `scripts/` on the path (pyproject.toml
-puts it there for the tests); run one with `PYTHONPATH=scripts python -m
-wspeers.h2ws ...` (or `wspeers.h3ws`).
+Import them as `wspeers.h2ws` (installed with ws-encode; pyproject.toml
+puts `scripts/` on the tests' path); run one with `python -m wspeers.h2ws
+...` (or `wspeers.h3ws`) in an environment that has ws-encode installed,
+such as `.venv-mitmproxy12`.
 """

@@ -32,7 +32,7 @@ literals). Library use::
             assert await ws.receive(5) == "hello"
             await ws.close()
 
-Command line (with scripts/ on PYTHONPATH)::
+Command line (in an environment with ws-encode installed, such as .venv-mitmproxy12)::
 
     python -m wspeers.h3ws server --port 8443 --withhold
     python -m wspeers.h3ws client --url https://127.0.0.1:8443/ --accept-encoding gzip
