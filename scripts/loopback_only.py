@@ -10,6 +10,7 @@ the name, so nothing a test or the lab runs reaches another machine.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 
@@ -18,6 +19,12 @@ from mitmproxy.proxy import server_hooks
 logger = logging.getLogger("loopback_only")
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
+# Said once every addon's running hook has run. mitmproxy listens before its
+# tlsconfig addon has run its own (which makes the certificate store): a
+# client that connects in between fails mitmdump's start-up ("Addon error:
+# 'NoneType' object has no attribute 'get_cert'"), so the tools and tests
+# wait for this line, not for "listening at", before they connect.
+STARTED = "loopback_only: every addon has started"
 
 
 def is_loopback(host: str) -> bool:
@@ -30,6 +37,11 @@ def is_loopback(host: str) -> bool:
 
 
 class LoopbackOnly:
+    def running(self) -> None:
+        # Scripts run theirs before tlsconfig's, and every running hook is
+        # synchronous: a callback scheduled now runs after the last of them.
+        asyncio.get_running_loop().call_soon(logger.info, STARTED)
+
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         address = data.server.address
         if address is not None and not is_loopback(str(address[0])):

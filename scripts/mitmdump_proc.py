@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import loopback_only
 import wsencode
 
 # The addon script the tools and tests load: the one beside the `wsencode` imported here.
@@ -25,6 +26,7 @@ ADDON = wsencode.SCRIPT
 LOOPBACK_ONLY = Path(__file__).resolve().parent / "loopback_only.py"
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 LISTENING = re.compile(r"listening at [^\s]*:(\d+)")  # one line for each of its servers
+STARTED = loopback_only.STARTED  # a mitmdump with LOOPBACK_ONLY may be connected to once it says this
 EXITED = "<exited>"  # a Process's last line, once its output has ended
 # Where Linux picks the port of every outgoing connection and of every server
 # given port 0, by default (/proc/sys/net/ipv4/ip_local_port_range says where).

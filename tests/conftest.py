@@ -36,7 +36,7 @@ from wspeers import h2ws  # noqa: E402
 from wspeers.fault_server import FaultServer  # noqa: E402
 # The one mitmdump launcher, the tools' too; ADDON is addon/ws_encode.py, and
 # LOOPBACK_ONLY, loaded into every test proxy, refuses any upstream that is not loopback.
-from mitmdump_proc import ADDON, LISTENING, LOOPBACK_ONLY, MITMDUMP, Process  # noqa: E402
+from mitmdump_proc import ADDON, LISTENING, LOOPBACK_ONLY, MITMDUMP, STARTED, Process  # noqa: E402
 
 # How long a test waits for an event (a log line, a record, a start) before
 # it fails: only a hang should take this long, and on a busy machine (the two
@@ -72,6 +72,7 @@ class Mitmdump(Process):
         await self.spawn(*cmd, *self.args, env=self.env)
         line = await self._wait_until_started(LISTENING)
         self.port = int(LISTENING.search(line).group(1))
+        await self._wait_until_started(STARTED)
         return self
 
     async def _wait_until_started(self, ready: re.Pattern | str, timeout: float = STARTUP_TIMEOUT) -> str:

@@ -7,7 +7,7 @@ import re
 import urllib.parse
 from pathlib import Path
 
-from mitmdump_proc import ADDON, LISTENING, LOOPBACK_ONLY, MITMDUMP, Process, free_ports
+from mitmdump_proc import ADDON, LISTENING, LOOPBACK_ONLY, MITMDUMP, STARTED, Process, free_ports
 
 
 class Proxy(Process):
@@ -39,7 +39,7 @@ class Proxy(Process):
                 MITMDUMP, "--listen-host", "127.0.0.1", *modes, "--set", "flow_detail=0", *self.guards(),
                 "-s", ADDON, "--set", f"ws_encode_report={self.report}", *self.options,
             )
-            if await self.until(lambda: len(self._listening()) == len(self.upstreams), 30):
+            if await self.until(lambda: len(self._listening()) == len(self.upstreams) and STARTED in self.log, 30):
                 self.ports = dict(zip(self.upstreams, self._listening() if wanted == [0] else wanted))
                 return self
             await self.stop()  # most likely a port taken meanwhile: try others
