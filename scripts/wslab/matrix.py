@@ -305,9 +305,11 @@ async def run_cell(cell: Cell, proxy: Proxy, give_up: float, after: float, gate:
     if cell.is_event_stream:
         # Endless, its events from `after` on, a few tenths of the threshold apart.
         path = f"{cell.path}?after={after}&every={after / 8:g}"
+        # Its events come from `after` on, where a WebSocket's greeting comes once: it gets as
+        # long again after its first event as a WebSocket client after its status.
         seen = event_stream_seen(await read_event_stream(cell.transport, port, path,
                                                          accept_encoding=cell.accept_encoding,
-                                                         count=EVENTS_WANTED, give_up=give_up))
+                                                         count=EVENTS_WANTED, give_up=give_up + after / 2))
     else:
         path = cell.path + (f"?after={after}" if cell.speaker == "server" else "")
         try:
@@ -331,7 +333,8 @@ async def run(threshold: float = 2.0, bundle: Path | None = None, out=sys.stdout
     counted = ", ".join(f"{n} {what}{'s' if n != 1 else ''}"
                         for n, what in ((len(grid) - streams, "handshake"), (streams, "event stream")) if n)
     print(f"ws-encode lab: {counted or 'nothing'} through mitmdump with the addon (ws_encode_stall={threshold}; "
-          f"clients give up after {give_up:g} s; /greet and /events speak after {after:g} s)", file=out)
+          f"clients give up after {give_up:g} s, event-stream clients {give_up + after / 2:g} s; "
+          f"/greet and /events speak after {after:g} s)", file=out)
     print("  " + ", ".join(f"{k} {v}" for k, v in state.environment.items()), file=out)
     if not state.with_haproxy:
         print("  HAProxy is not installed (Debian package haproxy): its rows are skipped", file=out)
