@@ -53,6 +53,13 @@ venv="$root/.venv-mitmproxy$line"
 stamp="$venv/.ws-encode-installed"
 want_stamp="$(sha1sum "$root/pyproject.toml" | cut -d' ' -f1) $spec"
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want_stamp" ]; then
+  if [ -L "$venv" ]; then
+    # `venv --clear` on a link empties the folder it points to, then fails: another
+    # checkout's environment, shared by a link (a git worktree), would be lost.
+    echo "$venv is a link to $(readlink "$venv"), set up for another checkout; not changing it:" \
+         "run scripts/venv.sh $line where it lives, or remove the link to get one of this checkout's own" >&2
+    exit 4
+  fi
   echo "setting up $venv with $("$python" --version) and $spec ..." >&2
   "$python" -m venv --clear "$venv" >&2
   # (this machine's pip config names local indexes that may not exist; pip warns once per package)

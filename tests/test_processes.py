@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import threading
 from pathlib import Path
 
-from conftest import CLIENT_CONNECT, Mitmdump, make_mitmproxy_ca, whole_records
+from conftest import CLIENT_CONNECT, ROOT, Mitmdump, make_mitmproxy_ca, whole_records
 from mitmdump_proc import free_ports
 from mitmproxy.certs import CertStore
 
@@ -85,3 +87,21 @@ def test_a_report_being_written_is_read_up_to_its_last_whole_record(tmp_path):
     assert whole_records(report) == []  # not written yet
     report.write_bytes(b'{"event": "stall"}\n{"event": "handshake", "url": "https://\xc3')  # cut inside a character
     assert whole_records(report) == [{"event": "stall"}]
+
+
+def test_venv_sh_never_clears_an_environment_it_reaches_by_a_link(tmp_path):
+    """A git worktree shares another checkout's environments by links; a
+    checkout whose pyproject differs must not rebuild through one (`venv
+    --clear` empties the folder a link points to, then fails)."""
+    shared = tmp_path / "shared-venv"
+    (shared / "bin").mkdir(parents=True)
+    (shared / "bin" / "keep").write_text("another checkout's")
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "venv.sh", checkout / "scripts")
+    (checkout / "pyproject.toml").write_text("[project]\nname = 'other'\n")
+    (checkout / ".venv-mitmproxy11").symlink_to(shared)
+    done = subprocess.run(["bash", str(checkout / "scripts" / "venv.sh"), "11"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 4 and "is a link to" in done.stderr, done.stderr
+    assert (shared / "bin" / "keep").read_text() == "another checkout's"
