@@ -15,6 +15,7 @@ from conftest import ROOT
 
 # The whole process with ÷ without the addon, each load's pairs (goal 1).
 PAIRED = ["g1_h1_websocket_cpu_ratio", "g1_h1_websocket_default_output_cpu_ratio", "g1_h1_wss_cpu_ratio",
+          "g1_h1_event_stream_cpu_ratio",
           "g1_h1_request_cpu_ratio", "g1_h2_request_cpu_ratio"]
 FIGURES = {
     1: [*PAIRED, "g1_h1_websocket_hooks_ratio"],

@@ -21,8 +21,10 @@ row of goal 1):
    Loads: plain ws:// handshake + one echo + close (the cheapest handshake,
    so the hardest ratio), the same with mitmdump's default output (a line per
    flow, the log at INFO: what `mitmdump -s` pays), wss:// handshake + echo +
-   close, ordinary HTTP/1.1 GETs (keep-alive) and ordinary HTTP/2 GETs (one
-   connection).
+   close, an event stream opened and read to its first event (keep-alive
+   HTTP/1.1, as an EventSource; the upstream serves it as the lab's /events,
+   then ends it), ordinary HTTP/1.1 GETs (keep-alive) and ordinary HTTP/2
+   GETs (one connection).
    And, as a diagnostic, the addon's own work alone (benchlib/hooktime.py):
    its hooks for one handshake + echo + close in mitmproxy's test context,
    less the same hooks doing nothing, ÷ mitmdump's CPU per handshake without
@@ -229,14 +231,14 @@ def h1_ws_echo(port: int, n: int, concurrency: int, tls: bool = False, echo: boo
     return lambda: workers(n, concurrency, one)
 
 
-def h1_requests(port: int, n: int, concurrency: int):
+def h1_keepalive(port: int, n: int, concurrency: int, one: Callable[[H1Requests, int], Awaitable[None]]):
+    """`n` of `one`, on `concurrency` keep-alive HTTP/1.1 connections."""
     async def run() -> int:
         conns = [await H1Requests.open(port) for _ in range(concurrency)]
 
         async def worker(conn: H1Requests, share: range) -> None:
             for i in share:
-                if await conn.get(f"/plain/{i}") != 200:
-                    raise ConnectionError("not 200")
+                await one(conn, i)
 
         await asyncio.gather(*(worker(c, range(k, n, concurrency)) for k, c in enumerate(conns)))
         for conn in conns:
@@ -244,6 +246,23 @@ def h1_requests(port: int, n: int, concurrency: int):
         return n
 
     return run
+
+
+def h1_requests(port: int, n: int, concurrency: int):
+    async def one(conn: H1Requests, i: int) -> None:
+        if (await conn.get(f"/plain/{i}"))[0] != 200:
+            raise ConnectionError("not 200")
+
+    return h1_keepalive(port, n, concurrency, one)
+
+
+def h1_event_streams(port: int, n: int, concurrency: int):
+    """Event streams opened and read to their first event, as an EventSource
+    on a keep-alive HTTP/1.1 connection would."""
+    async def one(conn: H1Requests, i: int) -> None:
+        await conn.first_event(f"/events/{i}")
+
+    return h1_keepalive(port, n, concurrency, one)
 
 
 # The clients of the multiplexed transports, one connection for many streams.
@@ -390,6 +409,8 @@ async def goal_one(quiet: Mitmdump, loud: Mitmdump, p: Params, progress: Progres
          loud, lambda m: h1_ws_echo(m.ports["h1"], p.handshakes, c), "handshakes"),
         ("g1_h1_wss_cpu_ratio", "wss:// handshake+echo+close: CPU with ÷ without", 1.03, quiet,
          lambda m: h1_ws_echo(m.ports["h1_tls"], max(1, p.handshakes // 2), c, tls=True), "handshakes"),
+        ("g1_h1_event_stream_cpu_ratio", "event stream to its first event: CPU with ÷ without", 1.05, quiet,
+         lambda m: h1_event_streams(m.ports["h1"], p.requests, c), "event streams"),
         ("g1_h1_request_cpu_ratio", "HTTP/1.1 requests: CPU with ÷ without", 1.01, quiet,
          lambda m: h1_requests(m.ports["h1"], p.requests, c), "requests"),
         ("g1_h2_request_cpu_ratio", "HTTP/2 requests: CPU with ÷ without", 1.01, quiet,
@@ -716,7 +737,7 @@ async def run(p: Params, quick: bool, addon: Path) -> dict[str, Any]:
     started = datetime.datetime.now(datetime.timezone.utc)
     load_start = load_average()
     rss_kinds = RSS_KINDS[:3] if quick else RSS_KINDS
-    steps = 15 * p.pairs + 12 * p.tp_pairs + 8 * p.g3_pairs + 12 + len(rss_kinds)
+    steps = 18 * p.pairs + 12 * p.tp_pairs + 8 * p.g3_pairs + 12 + len(rss_kinds)
     progress = Progress(steps)
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="ws-encode-bench-") as tmp:
@@ -751,6 +772,7 @@ async def run(p: Params, quick: bool, addon: Path) -> dict[str, Any]:
                 await h1_ws_echo(with_.ports["h1"], 5, 1)()
                 await h1_ws_echo(with_.ports["h1_tls"], 2, 1, tls=True)()
                 await h1_requests(with_.ports["h1"], 10, 2)()
+                await h1_event_streams(with_.ports["h1"], 10, 2)()
                 await h2_requests(with_.ports["h2"], 10, 2)()
             for kind in MUX_CLIENTS:
                 await mux_handshakes(kind, with_.ports[kind], 5, 1)()

@@ -6,7 +6,7 @@ addon and without it, by py-spy (200 Hz).
         h1-handshakes --rounds 6 --out /tmp/prof
 
 Loads: h1-handshakes (HTTP/1.1 handshake + echo + close, as goal 1),
-h1-tls-handshakes (the same over TLS, wss://), h1-requests, h2-requests,
+h1-tls-handshakes (the same over TLS, wss://), h1-event-streams, h1-requests, h2-requests,
 h2-echoes (one HTTP/2 WebSocket, one message at a time), h2-handshakes,
 h3-echoes and h3-handshakes (the same over HTTP/3), h1-echoes, h1-64k-up
 (goal 2's 64 KiB messages, client→server), h1-tls-echoes, and the held
@@ -54,8 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchlib.__main__ import (
-    FULL, Progress, abba, batch, h1_echoes, h1_requests, h1_throughput, h1_ws_echo, h2_requests, hold, mux_echoes,
-    mux_handshakes, proxy_targets, settle,
+    FULL, Progress, abba, batch, h1_echoes, h1_event_streams, h1_requests, h1_throughput, h1_ws_echo, h2_requests,
+    hold, mux_echoes, mux_handshakes, proxy_targets, settle,
 )
 from benchlib.procs import Mitmdump, Upstreams, die_with_parent
 from mitmdump_proc import ADDON
@@ -199,6 +199,7 @@ def compare(with_: list, with_batches: list[tuple[int, float]], without: list,
 LOADS = {
     "h1-handshakes": lambda m: h1_ws_echo(m.ports["h1"], 200, 8),
     "h1-requests": lambda m: h1_requests(m.ports["h1"], 500, 8),
+    "h1-event-streams": lambda m: h1_event_streams(m.ports["h1"], 500, 8),  # to the first event, as goal 1
     "h2-requests": lambda m: h2_requests(m.ports["h2"], 500, 8),
     "h2-echoes": lambda m: mux_echoes("h2", m.ports["h2"], 1000),
     "h2-handshakes": lambda m: mux_handshakes("h2", m.ports["h2"], 200, 8),

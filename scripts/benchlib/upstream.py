@@ -4,8 +4,12 @@
 
 and serves until its stdin closes (so it never outlives the benchmark).
 
-- h1 (plain HTTP/1.1, keep-alive): any request that is not an upgrade gets
-  `200 ok`; a WebSocket upgrade is answered by path:
+- h1 (plain HTTP/1.1, keep-alive): a request that accepts text/event-stream
+  gets an event stream as the lab's /events serves one, its head flushed at
+  once, then one small event, then its end (stock mitmproxy holds an event
+  stream until its end, mitmproxy#4469: without the addon, a client would
+  otherwise never see the event); any other request that is not an upgrade
+  gets `200 ok`; a WebSocket upgrade is answered by path:
   `/echo...` echoes every message; `/sink/N...` takes N messages, then says
   `done`; `/source/N/SIZE...` sends N binary messages of SIZE bytes; `/hold...`
   never answers (a stalled handshake), until the client goes away.
@@ -33,6 +37,9 @@ from wspeers.messages import MessageConnection
 
 READ = 1 << 18
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok"
+EVENTS_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
+               b"transfer-encoding: chunked\r\n\r\n")
+EVENT = b"data: e\n\n"
 
 
 async def serve_h1(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -45,6 +52,11 @@ async def serve_h1(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
             for line in filter(None, lines):
                 name, _, value = line.partition(":")
                 headers[name.strip().lower()] = value.strip()
+            if "text/event-stream" in headers.get("accept", ""):
+                writer.write(EVENTS_HEAD)
+                await writer.drain()
+                writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(EVENT), EVENT))
+                continue
             if "websocket" not in headers.get("upgrade", "").lower():
                 if int(headers.get("content-length", "0") or 0):
                     await reader.readexactly(int(headers["content-length"]))
