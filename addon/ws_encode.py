@@ -23,7 +23,8 @@ from collections.abc import Sequence
 for _name in [n for n in sys.modules if n == "wsencode" or n.startswith("wsencode.")]:
     del sys.modules[_name]
 
-from mitmproxy import connection, ctx, exceptions, flow, hooks, http, websocket  # noqa: E402
+from mitmproxy import connection, ctx, exceptions, flow, hooks, http, tls, websocket  # noqa: E402
+from mitmproxy.proxy import server_hooks  # noqa: E402
 
 from wsencode.bridge import Bridge  # noqa: E402
 from wsencode.core.handshakes import FollowedHandshake, Handshakes  # noqa: E402
@@ -58,7 +59,7 @@ class WsEncode:
         self.updated: list[http.HTTPFlow] = []  # stalled flows whose update hook is due
         self._configured = False
         self.commands = Commands(self)
-        self.addons = [self.commands, self.bridge, self.opening, self.at_exit]
+        self.addons = [self.commands, self.bridge, self.at_exit]
 
     # -- options and life ------------------------------------------------------
 
@@ -172,7 +173,10 @@ class WsEncode:
         # mitmproxy calls this right after every hook of a flow, once every
         # addon has had it: an answered status goes out now, unless an addon
         # or the user holds it (interception) or killed it. A busy event loop
-        # runs the stall timer late; the hooks, meanwhile, keep coming.
+        # runs the stall timer late; the hooks, meanwhile, keep coming. With
+        # no handshake followed there is neither (the flows of most hooks).
+        if not self.handshakes:
+            return
         self.handshakes.watch.fire_due()
         for f in flows:
             followed = self.handshakes.get(f.id)
@@ -211,6 +215,23 @@ class WsEncode:
         # through the error hook; this catches any flow it did not.
         for flow_id in self.handshakes.of(client.id):
             self._end(flow_id, EndCause.CLIENT_GONE)
+
+    # Upstream connections being opened: where a handshake waiting for one is.
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self.opening.connecting(data.server, data.client.id)
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self.opening.connected(data.server)
+
+    def tls_established_server(self, data: tls.TlsData) -> None:
+        self.opening.ended(data.conn)
+
+    def tls_failed_server(self, data: tls.TlsData) -> None:
+        self.opening.ended(data.conn)
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self.opening.ended(data.server)
 
     # -- following a handshake ---------------------------------------------------
 

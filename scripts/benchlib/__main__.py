@@ -1,41 +1,54 @@
-"""What the addon costs (issue 10): every goal measured side by side, in one run.
+"""What the addon costs (issues 10, 21 and 16): every goal measured side by side, in one run.
 
-    scripts/bench [11|12] [--quick] [--json FILE] [--readme README.md] [--addon PATH]
+    scripts/bench [11|12] [--quick] [--json FILE] [--readme docs/cost.md] [--addon PATH]
 
 On 127.0.0.1, against upstreams in a process of their own (benchlib.upstream),
 through mitmdump processes started here (each loads scripts/loopback_only.py;
-they show warnings only, so a terminal is not what is measured):
+they show warnings only, so a terminal is not what is measured, but for one
+row of goal 1):
 
-1. CPU seconds of mitmdump with the addon (report on, policy observe) ÷ without,
-   from /proc/<pid>/stat (utime+stime, all threads) around each batch, in
-   batch pairs of one mitmdump process, the addon unloaded and loaded again
-   between batches (mitmproxy's `scripts` option, through benchlib/probe.py)
-   and the order reversed every other pair; each batch's tail is waited for.
-   One process, because two mitmdumps of the same configuration differ by up
-   to 10 % in CPU per byte (measured: a second one without the addon came out
-   at 1.11 against the first), more than what the goals allow.
-   Loads: HTTP/1.1 WebSocket handshake + one echo + close; ordinary HTTP/1.1
-   GETs (keep-alive); ordinary HTTP/2 GETs (one connection).
-   And the addon's own work alone (benchlib/hooktime.py): its hooks for one
-   handshake + echo + close in mitmproxy's test context, less the same hooks
-   doing nothing, ÷ mitmdump's CPU per handshake without the addon.
+1. What the whole mitmdump process pays: its CPU seconds (all its threads,
+   /proc/<pid>/task/*/schedstat) with the addon (report on, policy observe)
+   ÷ without, around each batch, in batch pairs of one mitmdump process, the
+   addon unloaded and loaded again between batches (mitmproxy's `scripts`
+   option, through benchlib/probe.py) and the order reversed every other
+   pair; each batch's tail is waited for. One process, because two mitmdumps
+   of the same configuration differ by up to 10 % in CPU per byte (measured:
+   a second one without the addon came out at 1.11 against the first), more
+   than what the goals allow. Each figure is the median of the pairs' ratios,
+   their spread printed beside it, and beside that what a script with no
+   hooks costs (benchlib/empty_script.py: any script's floor).
+   Loads: plain ws:// handshake + one echo + close (the cheapest handshake,
+   so the hardest ratio), the same with mitmdump's default output (a line per
+   flow, the log at INFO: what `mitmdump -s` pays), wss:// handshake + echo +
+   close, an event stream opened and read to its first event (keep-alive
+   HTTP/1.1, as an EventSource; the upstream serves it as the lab's /events,
+   then ends it), ordinary HTTP/1.1 GETs (keep-alive) and ordinary HTTP/2
+   GETs (one connection).
+   And, as a diagnostic, the addon's own work alone (benchlib/hooktime.py):
+   its hooks for one handshake + echo + close in mitmproxy's test context,
+   less the same hooks doing nothing, ÷ mitmdump's CPU per handshake without
+   the addon.
 2. WebSocket message throughput with ÷ without, 1 KiB and 64 KiB messages,
    client→server (the upstream says `done` after the last) and server→client.
 3. Through the mitmdump with the addon: HTTP/2 (RFC 8441, one TLS connection)
    ÷ HTTP/1.1 over TLS (wss, one TLS handshake per WebSocket; TLS upstream too,
-   as the HTTP/2 one): handshakes/s and echoes/s (one WebSocket, one message at
-   a time) that mitmdump sustains, i.e. 1 / its CPU seconds per operation (the
-   pure-Python HTTP/2 client and server share the CPU, so wall rates, shown
-   too, measure them as well). Plain ws:// both legs for reference.
-4. N handshakes held at once by a stalling upstream, HTTP/1.1 and HTTP/2,
-   opened over a few seconds while healthy handshakes keep arriving: each
-   stall reported exactly once; lateness = waited_s - ws_encode_stall from each
-   stall record (the addon's own forwarding time), and from outside:
-   record ts - the client's send time - ws_encode_stall (an upper bound).
+   as the HTTP/2 one), and HTTP/3 (RFC 9220, one QUIC connection, to an
+   HTTP/3 upstream) ÷ HTTP/2: handshakes/s and echoes/s (one WebSocket, one
+   message at a time) that mitmdump sustains, i.e. 1 / its CPU seconds per
+   operation (the pure-Python HTTP/2 and HTTP/3 clients and servers share the
+   CPU, so wall rates, shown too, measure them as well). Plain ws:// both
+   legs for reference.
+4. N handshakes held at once by a stalling upstream, HTTP/1.1, HTTP/2 and
+   HTTP/3, opened over a few seconds while healthy handshakes keep arriving:
+   each stall reported exactly once; lateness = received_s - ws_encode_stall
+   from each stall record (the stall clock starts at receipt), and from
+   outside: record ts - the client's send time - ws_encode_stall (an upper
+   bound).
 5. tracemalloc bytes the addon keeps per tracked handshake (benchlib.memory);
    the addon's structures after the run's handshakes (benchlib/probe.py asks
-   inside mitmdump); resident memory per open WebSocket, HTTP/2 ÷ HTTP/1.1,
-   each in a fresh mitmdump.
+   inside mitmdump); resident memory per open WebSocket, HTTP/2 and HTTP/3
+   ÷ HTTP/1.1 over TLS, each in a fresh mitmdump.
 
 Ratios are medians of pairs measured in this one run; the machine may be
 noisy, so absolute numbers are only context. `--quick` is a smoke run (small
@@ -62,7 +75,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from wspeers import h2ws
+from wspeers import h2ws, h3ws
 import mitmproxy.version
 
 from benchlib.clients import H1Requests, H1WebSocket
@@ -75,7 +88,7 @@ ENCODINGS = [("accept-encoding", "gzip, deflate, br, zstd")]
 @dataclass
 class Params:
     pairs: int  # goal 1 batch pairs
-    handshakes: int  # goal 1 handshakes + echo per batch
+    handshakes: int  # goal 1 handshakes + echo per batch (ws://; half as many wss://, which cost twice as much)
     requests: int  # goal 1 ordinary requests per batch
     concurrency: int
     tp_pairs: int
@@ -84,7 +97,8 @@ class Params:
     g3_pairs: int
     g3_handshakes: int
     g3_echoes: int
-    held: int
+    held: int  # goal 4, HTTP/1.1 and HTTP/2
+    held_h3: int  # goal 4, HTTP/3
     ramp_s: float
     stall: float
     rss_websockets: int
@@ -92,11 +106,11 @@ class Params:
     mem_cycled: int
 
 
-FULL = Params(pairs=10, handshakes=1000, requests=600, concurrency=8, tp_pairs=8, tp_small=1500,
-              tp_large=150, g3_pairs=4, g3_handshakes=300, g3_echoes=1000, held=1000, ramp_s=3.0,
+FULL = Params(pairs=12, handshakes=300, requests=600, concurrency=8, tp_pairs=8, tp_small=1500,
+              tp_large=150, g3_pairs=4, g3_handshakes=300, g3_echoes=1000, held=1000, held_h3=300, ramp_s=3.0,
               stall=2.0, rss_websockets=1000, mem_tracked=1000, mem_cycled=10000)
 QUICK = Params(pairs=2, handshakes=20, requests=50, concurrency=4, tp_pairs=1, tp_small=50,
-               tp_large=5, g3_pairs=1, g3_handshakes=15, g3_echoes=50, held=30, ramp_s=0.3,
+               tp_large=5, g3_pairs=1, g3_handshakes=15, g3_echoes=50, held=30, held_h3=20, ramp_s=0.3,
                stall=0.5, rss_websockets=30, mem_tracked=100, mem_cycled=300)
 
 
@@ -158,22 +172,32 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
+def spread(values: list[float]) -> str:
+    """How far a median's values lie apart: the middle half, and all."""
+    return (f"middle half {percentile(values, 25):.3f}–{percentile(values, 75):.3f}, "
+            f"all {min(values, default=float('nan')):.3f}–{max(values, default=float('nan')):.3f}")
+
+
 # -- batches ---------------------------------------------------------------
 
 
 async def settle(proc: Mitmdump, quiet: float = 0.06, limit: float = 3.0) -> float:
-    """The process's CPU seconds once it has stopped using CPU (a batch's tail
-    of closing connections belongs to that batch)."""
+    """The process's CPU seconds once it has stopped working (a batch's tail
+    of closing connections belongs to that batch): under IDLE of a core for
+    `quiet` seconds (its own timers keep ticking)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
-    last = proc.cpu()
+    last, at = proc.cpu(), loop.time()
     while loop.time() < deadline:
         await asyncio.sleep(quiet)
-        now = proc.cpu()
-        if now == last:
+        now, now_at = proc.cpu(), loop.time()
+        if now - last < IDLE * (now_at - at):
             return now
-        last = now
+        last, at = now, now_at
     return last
+
+
+IDLE = 0.01
 
 
 async def batch(proc: Mitmdump, work: Callable[[], Awaitable[int]]) -> dict[str, float]:
@@ -207,14 +231,14 @@ def h1_ws_echo(port: int, n: int, concurrency: int, tls: bool = False, echo: boo
     return lambda: workers(n, concurrency, one)
 
 
-def h1_requests(port: int, n: int, concurrency: int):
+def h1_keepalive(port: int, n: int, concurrency: int, one: Callable[[H1Requests, int], Awaitable[None]]):
+    """`n` of `one`, on `concurrency` keep-alive HTTP/1.1 connections."""
     async def run() -> int:
         conns = [await H1Requests.open(port) for _ in range(concurrency)]
 
         async def worker(conn: H1Requests, share: range) -> None:
             for i in share:
-                if await conn.get(f"/plain/{i}") != 200:
-                    raise ConnectionError("not 200")
+                await one(conn, i)
 
         await asyncio.gather(*(worker(c, range(k, n, concurrency)) for k, c in enumerate(conns)))
         for conn in conns:
@@ -224,8 +248,33 @@ def h1_requests(port: int, n: int, concurrency: int):
     return run
 
 
+def h1_requests(port: int, n: int, concurrency: int):
+    async def one(conn: H1Requests, i: int) -> None:
+        if (await conn.get(f"/plain/{i}"))[0] != 200:
+            raise ConnectionError("not 200")
+
+    return h1_keepalive(port, n, concurrency, one)
+
+
+def h1_event_streams(port: int, n: int, concurrency: int):
+    """Event streams opened and read to their first event, as an EventSource
+    on a keep-alive HTTP/1.1 connection would."""
+    async def one(conn: H1Requests, i: int) -> None:
+        await conn.first_event(f"/events/{i}")
+
+    return h1_keepalive(port, n, concurrency, one)
+
+
+# The clients of the multiplexed transports, one connection for many streams.
+MUX_CLIENTS = {"h2": h2ws.H2WebSocketClient, "h3": h3ws.H3WebSocketClient}
+
+
+def mux_client(kind: str, port: int) -> h2ws.H2WebSocketClient | h3ws.H3WebSocketClient:
+    return MUX_CLIENTS[kind]("127.0.0.1", port, server_hostname="localhost")
+
+
 def h2_client(port: int) -> h2ws.H2WebSocketClient:
-    return h2ws.H2WebSocketClient("127.0.0.1", port, server_hostname="localhost")
+    return mux_client("h2", port)
 
 
 def h2_requests(port: int, n: int, concurrency: int):
@@ -241,9 +290,10 @@ def h2_requests(port: int, n: int, concurrency: int):
     return run
 
 
-def h2_handshakes(port: int, n: int, concurrency: int):
+def mux_handshakes(kind: str, port: int, n: int, concurrency: int):
+    """Handshakes and closes, `concurrency` at a time, on one HTTP/2 or HTTP/3 connection."""
     async def run() -> int:
-        async with await h2_client(port).connect(30) as client:
+        async with await mux_client(kind, port).connect(30) as client:
             async def one(i: int) -> None:
                 ws = await client.open_websocket(f"/g3/{i}", "localhost")
                 await ws.wait_status(30)
@@ -265,9 +315,10 @@ def h1_echoes(port: int, n: int, tls: bool):
     return run
 
 
-def h2_echoes(port: int, n: int):
+def mux_echoes(kind: str, port: int, n: int):
+    """Echoes, one message at a time, on one WebSocket over HTTP/2 or HTTP/3."""
     async def run() -> int:
-        async with await h2_client(port).connect(30) as client:
+        async with await mux_client(kind, port).connect(30) as client:
             ws = await client.open_websocket("/echo/g3", "localhost")
             await ws.wait_status(30)
             for i in range(n):
@@ -308,15 +359,20 @@ EMPTY = "empty script"
 LOADED = {"with": lambda proc: proc.addon_path, "without": lambda proc: None, EMPTY: lambda proc: EMPTY_SCRIPT}
 
 
+def abba(keys: list[str], rounds: int):
+    """Each round's number and order: as given, reversed every other round
+    (so that what comes first has no advantage)."""
+    for i in range(rounds):
+        yield i, (keys if i % 2 == 0 else keys[::-1])
+
+
 async def alternate(procs: dict[str, Mitmdump], works: dict[str, Callable], pairs: int,
                     progress: Progress, label: str) -> dict[str, list[dict]]:
     """`pairs` rounds of one batch per entry of `works` (run on procs[key]),
     the order reversed every other round; a "with", "without" or EMPTY batch
     first loads what it names in its mitmdump (and unloads the rest)."""
-    keys = list(works)
-    results: dict[str, list[dict]] = {k: [] for k in keys}
-    for i in range(pairs):
-        order = keys if i % 2 == 0 else keys[::-1]
+    results: dict[str, list[dict]] = {k: [] for k in works}
+    for i, order in abba(list(works), pairs):
         for key in order:
             progress.step(f"{label}: {key}, round {i + 1}/{pairs}")
             if key in LOADED:
@@ -325,7 +381,7 @@ async def alternate(procs: dict[str, Mitmdump], works: dict[str, Callable], pair
     return results
 
 
-def cpu_ratio_figure(goal: int, key: str, title: str, target: float, runs: dict[str, list[dict]], unit_name: str) -> Figure:
+def cpu_ratio_figure(key: str, title: str, target: float, runs: dict[str, list[dict]], unit_name: str) -> Figure:
     with_, without, empty = runs["with"], runs["without"], runs[EMPTY]
     ratios = [ratio(a["cpu_s"], b["cpu_s"]) for a, b in zip(with_, without)]
     floor = [ratio(a["cpu_s"], b["cpu_s"]) for a, b in zip(empty, without)]
@@ -333,13 +389,39 @@ def cpu_ratio_figure(goal: int, key: str, title: str, target: float, runs: dict[
     rate = lambda rs: median([r["count"] / r["wall_s"] for r in rs])  # noqa: E731
     n = with_[0]["count"]
     return Figure(
-        goal, key, title, median(ratios), "x", "<=", target,
-        f"median of {len(ratios)} pairs x {n} {unit_name}; CPU {per(with_):.3f} vs {per(without):.3f} ms each; "
-        f"{rate(with_):.0f} vs {rate(without):.0f}/s; a script with no hooks ÷ without: {median(floor):.3f}x",
+        1, key, title, median(ratios), "x", "<=", target,
+        f"median of {len(ratios)} pairs x {n} {unit_name} ({spread(ratios)}); CPU {per(with_):.3f} vs "
+        f"{per(without):.3f} ms each; {rate(with_):.0f} vs {rate(without):.0f}/s; a script with no hooks ÷ without: "
+        f"{median(floor):.3f}x ({spread(floor)})",
         {"ratios": ratios, "empty_script_ratios": floor, "with": with_, "without": without, "empty_script": empty,
          "cpu_ms_each_with": per(with_), "cpu_ms_each_without": per(without), "cpu_ms_each_empty_script": per(empty),
          "rate_with": rate(with_), "rate_without": rate(without)},
     )
+
+
+async def goal_one(quiet: Mitmdump, loud: Mitmdump, p: Params, progress: Progress) -> list[Figure]:
+    """What the whole process pays, with ÷ without, for each of goal 1's loads."""
+    c = p.concurrency
+    loads = [
+        ("g1_h1_websocket_cpu_ratio", "ws:// handshake+echo+close: CPU with ÷ without", 1.05, quiet,
+         lambda m: h1_ws_echo(m.ports["h1"], p.handshakes, c), "handshakes"),
+        ("g1_h1_websocket_default_output_cpu_ratio", "ws://, mitmdump's default output: CPU with ÷ without", 1.05,
+         loud, lambda m: h1_ws_echo(m.ports["h1"], p.handshakes, c), "handshakes"),
+        ("g1_h1_wss_cpu_ratio", "wss:// handshake+echo+close: CPU with ÷ without", 1.03, quiet,
+         lambda m: h1_ws_echo(m.ports["h1_tls"], max(1, p.handshakes // 2), c, tls=True), "handshakes"),
+        ("g1_h1_event_stream_cpu_ratio", "event stream to its first event: CPU with ÷ without", 1.05, quiet,
+         lambda m: h1_event_streams(m.ports["h1"], p.requests, c), "event streams"),
+        ("g1_h1_request_cpu_ratio", "HTTP/1.1 requests: CPU with ÷ without", 1.01, quiet,
+         lambda m: h1_requests(m.ports["h1"], p.requests, c), "requests"),
+        ("g1_h2_request_cpu_ratio", "HTTP/2 requests: CPU with ÷ without", 1.01, quiet,
+         lambda m: h2_requests(m.ports["h2"], p.requests, c), "requests"),
+    ]
+    figures = []
+    for key, title, target, proc, work, unit in loads:
+        procs = {k: proc for k in LOADED}
+        runs = await alternate(procs, {k: work(proc) for k in procs}, p.pairs, progress, f"goal 1: {title.split(':')[0]}")
+        figures.append(cpu_ratio_figure(key, title, target, runs, unit))
+    return figures
 
 
 # -- goal 4 ----------------------------------------------------------------
@@ -365,18 +447,20 @@ def ts_seconds(record: dict) -> float:
     return datetime.datetime.fromisoformat(record["ts"]).timestamp()
 
 
-async def healthy_traffic(proc: Mitmdump, stop: asyncio.Event, tag: str) -> dict[str, int]:
-    """Healthy handshakes + an echo each, one after another, HTTP/1.1 and HTTP/2 by turns."""
+async def healthy_traffic(proc: Mitmdump, stop: asyncio.Event, held: str) -> dict[str, int]:
+    """Healthy handshakes + an echo each, one after another, HTTP/1.1 and a
+    multiplexed transport by turns (HTTP/3 while HTTP/3 ones are held, else HTTP/2)."""
     done = errors = 0
-    async with await h2_client(proc.ports["h2"]).connect(30) as client:
+    kind = "h3" if held == "h3" else "h2"
+    async with await mux_client(kind, proc.ports[kind]).connect(30) as client:
         while not stop.is_set():
             try:
                 if done % 2 == 0:
-                    ws = await H1WebSocket.open(proc.ports["h1"], f"/echo/healthy/{tag}/{done}")
+                    ws = await H1WebSocket.open(proc.ports["h1"], f"/echo/healthy/{held}/{done}")
                     await ws.echo("hi")
                     await ws.close()
                 else:
-                    ws2 = await client.open_websocket(f"/healthy/{tag}/{done}", "localhost")
+                    ws2 = await client.open_websocket(f"/healthy/{held}/{done}", "localhost")
                     await ws2.wait_status(30)
                     await ws2.send_text("hi", 30)
                     await ws2.receive(30)
@@ -388,23 +472,26 @@ async def healthy_traffic(proc: Mitmdump, stop: asyncio.Event, tag: str) -> dict
     return {"healthy_handshakes": done, "healthy_errors": errors}
 
 
+TRANSPORT_NAMES = {"h1": "HTTP/1.1", "h2": "HTTP/2", "h3": "HTTP/3"}
+
+
 HOLD_RUNS = itertools.count()  # each run's paths are its own, in one report
 
 
 async def hold(proc: Mitmdump, report: Path, transport: str, p: Params, progress: Progress) -> Figure:
-    n, prefix = p.held, f"/hold/{transport}/{next(HOLD_RUNS)}/"
+    n, prefix = (p.held_h3 if transport == "h3" else p.held), f"/hold/{transport}/{next(HOLD_RUNS)}/"
     sent: dict[str, float] = {}
     h1_socks: list[H1WebSocket] = []
-    h2_clients: list[h2ws.H2WebSocketClient] = []
+    mux_clients: list[h2ws.H2WebSocketClient | h3ws.H3WebSocketClient] = []
     stop = asyncio.Event()
     healthy = asyncio.ensure_future(healthy_traffic(proc, stop, transport))
     loop = asyncio.get_running_loop()
     await proc.query("pauses start")
     progress.step(f"goal 4: {n} {transport} handshakes held, opening over {p.ramp_s:g} s")
     per_conn = 50
-    if transport == "h2":
+    if transport != "h1":
         for _ in range(math.ceil(n / per_conn)):
-            h2_clients.append(await h2_client(proc.ports["h2_hold"]).connect(30))
+            mux_clients.append(await mux_client(transport, proc.ports[f"{transport}_hold"]).connect(30))
     steps = max(1, math.ceil(p.ramp_s / 0.1))
     start = loop.time()
     for s in range(steps):
@@ -413,7 +500,7 @@ async def hold(proc: Mitmdump, report: Path, transport: str, p: Params, progress
             if transport == "h1":
                 h1_socks.append(await H1WebSocket.start(proc.ports["h1"], path, headers=b"accept-encoding: gzip\r\n"))
             else:
-                await h2_clients[i // per_conn].open_websocket(path, "localhost", headers=ENCODINGS)
+                await mux_clients[i // per_conn].open_websocket(path, "localhost", headers=ENCODINGS)
             sent[path] = time.time()
         await asyncio.sleep(max(0.0, start + (s + 1) * 0.1 - loop.time()))
     progress.step(f"goal 4: {n} {transport} handshakes held, waiting for their stalls")
@@ -433,7 +520,7 @@ async def hold(proc: Mitmdump, report: Path, transport: str, p: Params, progress
     traffic = await healthy
     for sock in h1_socks:
         sock.abort()
-    for client in h2_clients:
+    for client in mux_clients:
         await client.close(5)
     records = read_records(report)
     stalls = [r for r in records if r.get("event") == "stall" and record_path(r).startswith(prefix)]
@@ -459,7 +546,7 @@ async def hold(proc: Mitmdump, report: Path, transport: str, p: Params, progress
     by_decile = [round(statistics.median(in_order[i:i + tenth])) for i in range(0, len(in_order), tenth)][:10]
     return Figure(
         4, f"g4_{transport}_stall_lateness_p99_ms",
-        f"{'HTTP/1.1' if transport == 'h1' else 'HTTP/2'}: {n} held at once, stall lateness p99",
+        f"{TRANSPORT_NAMES[transport]}: {n} held at once, stall lateness p99",
         p99, "ms", "<=", 50,
         f"{once}/{n} stalls reported exactly once ({len(stalls) - len(per_path)} repeats, "
         f"{n - len(per_path)} missing); lateness ({clock} - stall) p50 {percentile(late_addon, 50):.0f}, max "
@@ -480,7 +567,7 @@ async def hold(proc: Mitmdump, report: Path, transport: str, p: Params, progress
 
 def once_figure(f: Figure) -> Figure:
     d = f.detail
-    transport = "HTTP/1.1" if "h1" in f.key else "HTTP/2"
+    transport = TRANSPORT_NAMES[f.key.split("_")[1]]
     return Figure(4, f.key.replace("lateness_p99_ms", "reported_once"),
                   f"{transport}: {d['held']} held at once, stalls reported exactly once",
                   d["reported_exactly_once"], "", "==", d["held"],
@@ -493,11 +580,11 @@ def once_figure(f: Figure) -> Figure:
 # -- goal 5 ----------------------------------------------------------------
 
 
-RSS_KINDS = ("h2", "h1-tls", "h1-plain")
+RSS_KINDS = ("h2", "h3", "h1-tls", "h1-plain")
 
 
 def rss_mitmdump(kind: str, upstreams: Upstreams, options: dict, addon: Path) -> Mitmdump:
-    target = {"h2": f"https://127.0.0.1:{upstreams.ports['h2']}",
+    target = {"h2": f"https://127.0.0.1:{upstreams.ports['h2']}", "h3": f"http3://127.0.0.1:{upstreams.ports['h3']}",
               "h1-tls": f"https://127.0.0.1:{upstreams.ports['h1_tls']}"}.get(kind, f"http://127.0.0.1:{upstreams.ports['h1']}")
     return Mitmdump(f"rss-{kind}", {"p": target}, True, options, addon)
 
@@ -506,13 +593,14 @@ async def rss_per_websocket(kind: str, proc: Mitmdump, n: int, progress: Progres
     """Resident bytes per open WebSocket (one echo each), in a mitmdump that has done nothing else."""
     port = proc.ports["p"]
     tls = kind == "h1-tls"
-    clients: list[h2ws.H2WebSocketClient] = []
+    multiplexed = kind in MUX_CLIENTS
+    clients: list = []
     socks: list = []
     try:
         progress.step(f"goal 5: {n} open {kind} WebSockets, resident memory")
         # Warm up: code paths, mitmproxy's certificate for the name.
-        if kind == "h2":
-            await h2_handshakes(port, 5, 1)()
+        if multiplexed:
+            await mux_handshakes(kind, port, 5, 1)()
         else:
             await h1_ws_echo(port, 5, 1, tls)()
         await settle(proc)
@@ -520,16 +608,15 @@ async def rss_per_websocket(kind: str, proc: Mitmdump, n: int, progress: Progres
         per_conn = 50
         for s in range(0, n, 25):
             for i in range(s, min(n, s + 25)):
-                if kind == "h2":
+                if multiplexed:
                     if i % per_conn == 0:
-                        clients.append(await h2_client(port).connect(30))
-                    ws = await clients[-1].open_websocket(f"/echo/rss/{i}", "localhost")
-                    socks.append(ws)
+                        clients.append(await mux_client(kind, port).connect(30))
+                    socks.append(await clients[-1].open_websocket(f"/echo/rss/{i}", "localhost"))
                 else:
                     socks.append(await H1WebSocket.start(port, f"/echo/rss/{i}", tls))
             await asyncio.sleep(0.02)
         for ws in socks:
-            if kind == "h2":
+            if multiplexed:
                 await ws.wait_status(30)
                 await ws.send_text("hi", 30)
                 await ws.receive(30)
@@ -538,11 +625,11 @@ async def rss_per_websocket(kind: str, proc: Mitmdump, n: int, progress: Progres
                 await ws.echo("hi")
         await settle(proc)
         after = proc.rss()
-        return {"websockets": n, "connections": len(clients) if kind == "h2" else n,
+        return {"websockets": n, "connections": len(clients) if multiplexed else n,
                 "rss_before": before, "rss_after": after, "bytes_per_websocket": (after - before) / n}
     finally:
         for ws in socks:
-            if kind != "h2":
+            if not multiplexed:
                 ws.abort()
         for client in clients:
             await client.close(5)
@@ -563,11 +650,12 @@ async def in_test_context(addon: Path, module: str, *args: str) -> Any:
     return json.loads(out)
 
 
-def hooks_figure(hooks: dict, runs: dict[str, list[dict]]) -> Figure:
-    """Goal 1 for the addon's own work alone: its hooks' CPU per handshake in
-    the test context, less what the same hooks doing nothing cost there, as
-    a share of mitmdump's CPU per handshake without the addon."""
-    without_each = median([r["cpu_s"] / r["count"] for r in runs["without"]])
+def hooks_figure(hooks: dict, without: list[dict]) -> Figure:
+    """Goal 1 for the addon's own work alone, a diagnostic: its hooks' CPU per
+    handshake in the test context, less what the same hooks doing nothing
+    cost there, as a share of mitmdump's CPU per handshake without the addon
+    (`without`, goal 1's ws:// batches)."""
+    without_each = median([r["cpu_s"] / r["count"] for r in without])
     own = hooks["cpu_s_each"] - hooks["hooks_only_cpu_s_each"]
     return Figure(
         1, "g1_h1_websocket_hooks_ratio", "HTTP/1.1 handshake+echo: 1 + the addon's own hook CPU ÷ without",
@@ -577,6 +665,30 @@ def hooks_figure(hooks: dict, runs: dict[str, list[dict]]) -> Figure:
         f"{1e6 * hooks['hooks_only_cpu_s_each']:.0f} µs; mitmdump without the addon {1000 * without_each:.2f} ms each",
         {**hooks, "own_cpu_s_each": own, "mitmdump_without_cpu_s_each": without_each},
     )
+
+
+def transports_figure(key: str, what: str, faster: str, slower: str, target: float, runs: dict[str, list[dict]]) -> Figure:
+    """Goal 3: how many more `what` per second mitmdump sustains over `faster`
+    than over `slower`, with the addon: 1 / its CPU seconds per operation.
+    The clients and upstreams (pure-Python h2 and aioquic for HTTP/2 and
+    HTTP/3) share the CPU with mitmdump, so wall rates, shown too, measure
+    them as well."""
+    rate = {k: [r["count"] / r["wall_s"] for r in v] for k, v in runs.items()}
+    each = {k: [r["cpu_s"] / r["count"] for r in v] for k, v in runs.items()}
+    cpu = {k: 1000 * median(v) for k, v in each.items()}
+    ratios = [ratio(b, a) for a, b in zip(each[faster], each[slower])]
+    plain = [ratio(b, a) for a, b in zip(each[faster], each["h1_plain"])]
+    wall = [ratio(a, b) for a, b in zip(rate[faster], rate[slower])]
+    names = {**TRANSPORT_NAMES, "h1_tls": "HTTP/1.1 (TLS)"}
+    return Figure(
+        3, key, f"{names[faster]} ÷ {names[slower]} {what}/s mitmdump sustains, with the addon",
+        median(ratios), "x", ">=", target,
+        f"median of {len(ratios)} rounds x {runs[faster][0]['count']} ({spread(ratios)}); mitmdump CPU "
+        f"{cpu[faster]:.3f} vs {cpu[slower]:.3f} ms each (plain ws:// {cpu['h1_plain']:.3f} ms, {median(plain):.2f}x); "
+        f"wall rates {median(rate[faster]):.0f} vs {median(rate[slower]):.0f}/s ({median(wall):.2f}x, plain ws:// "
+        f"{median(rate['h1_plain']):.0f}/s)",
+        {"ratios": ratios, "ratios_vs_plain_h1": plain, "wall_ratios": wall, "rate": rate, "cpu_ms_each": cpu,
+         "runs": {k: runs[k] for k in (faster, slower, "h1_plain")}})
 
 
 def left_over(sizes: dict[str, int], baseline: dict[str, int], skip_stalls: bool) -> dict[str, int]:
@@ -607,6 +719,16 @@ async def structures_figure(proc: Mitmdump, baseline: dict[str, int], key: str, 
 # -- the run ---------------------------------------------------------------
 
 
+def proxy_targets(upstreams: Upstreams) -> dict[str, str]:
+    """What the proxy stands in front of, by the name of its port (HTTP/3 on UDP)."""
+    return {"h1": f"http://127.0.0.1:{upstreams.ports['h1']}",
+            "h1_tls": f"https://127.0.0.1:{upstreams.ports['h1_tls']}",
+            "h2": f"https://127.0.0.1:{upstreams.ports['h2']}",
+            "h2_hold": f"https://127.0.0.1:{upstreams.ports['h2_hold']}",
+            "h3": f"http3://127.0.0.1:{upstreams.ports['h3']}",
+            "h3_hold": f"http3://127.0.0.1:{upstreams.ports['h3_hold']}"}
+
+
 def load_average() -> float:
     return os.getloadavg()[0]
 
@@ -614,58 +736,53 @@ def load_average() -> float:
 async def run(p: Params, quick: bool, addon: Path) -> dict[str, Any]:
     started = datetime.datetime.now(datetime.timezone.utc)
     load_start = load_average()
-    steps = 9 * p.pairs + 12 * p.tp_pairs + 6 * p.g3_pairs + (12 if quick else 13)
+    rss_kinds = RSS_KINDS[:3] if quick else RSS_KINDS
+    steps = 18 * p.pairs + 12 * p.tp_pairs + 8 * p.g3_pairs + 12 + len(rss_kinds)
     progress = Progress(steps)
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="ws-encode-bench-") as tmp:
         report = Path(tmp) / "report.jsonl"
         progress.step("starting the upstreams and the mitmdumps")
         upstreams = await Upstreams(tmp).start()
-        targets = {"h1": f"http://127.0.0.1:{upstreams.ports['h1']}",
-                   "h1_tls": f"https://127.0.0.1:{upstreams.ports['h1_tls']}",
-                   "h2": f"https://127.0.0.1:{upstreams.ports['h2']}",
-                   "h2_hold": f"https://127.0.0.1:{upstreams.ports['h2_hold']}"}
+        targets = proxy_targets(upstreams)
         options = {"ws_encode_report": str(report), "ws_encode_policy": "observe", "ws_encode_stall": f"{p.stall:g}"}
         with_ = Mitmdump("proxy", targets, True, options, addon)
         procs = {"with": with_, "without": with_, EMPTY: with_}
+        # Goal 1's row with mitmdump's default output, in a mitmdump of its own.
+        loud = Mitmdump("default output", {"h1": targets["h1"]}, True,
+                        {**options, "ws_encode_report": str(Path(tmp) / "loud.jsonl")}, addon, quiet=False)
         # Fresh ones for goal 5's resident memory, started now (they idle until then).
         fresh = {kind: rss_mitmdump(kind, upstreams, {**options, "ws_encode_report": str(Path(tmp) / f"{kind}.jsonl")}, addon)
-                 for kind in (RSS_KINDS[:2] if quick else RSS_KINDS)}
+                 for kind in rss_kinds}
         try:
             # tracemalloc runs in a process of its own while the proxies start, and
             # is over before anything is timed.
             memory = asyncio.ensure_future(in_test_context(
                 addon, "memory", "--tracked", str(p.mem_tracked), "--cycled", str(p.mem_cycled)))
-            await asyncio.gather(with_.start(), *(m.start() for m in fresh.values()))
+            await asyncio.gather(with_.start(), loud.start(), *(m.start() for m in fresh.values()))
             progress.step("goal 5: tracemalloc, bytes per tracked handshake")
             mem = await memory
             progress.step("goal 1: the addon's hooks alone, in mitmproxy's test context")
             hooks = await in_test_context(addon, "hooktime", "--handshakes", str(p.handshakes))
             progress.step("warming up, without and with the addon (code paths, TLS certificates)")
             for loaded in (False, True):
+                await loud.use_addon(loaded)
+                await h1_ws_echo(loud.ports["h1"], 5, 1)()
                 await with_.use_addon(loaded)
                 await h1_ws_echo(with_.ports["h1"], 5, 1)()
+                await h1_ws_echo(with_.ports["h1_tls"], 2, 1, tls=True)()
                 await h1_requests(with_.ports["h1"], 10, 2)()
+                await h1_event_streams(with_.ports["h1"], 10, 2)()
                 await h2_requests(with_.ports["h2"], 10, 2)()
-            await h1_ws_echo(with_.ports["h1_tls"], 2, 1, tls=True)()
-            await h2_handshakes(with_.ports["h2"], 5, 1)()
+            for kind in MUX_CLIENTS:
+                await mux_handshakes(kind, with_.ports[kind], 5, 1)()
             baseline = (await with_.query("sizes"))["sizes"]
 
             # Goal 1
-            c = p.concurrency
-            runs = await alternate(procs, {k: h1_ws_echo(procs[k].ports["h1"], p.handshakes, c) for k in procs},
-                                   p.pairs, progress, "goal 1: HTTP/1.1 handshake+echo")
-            figures.append(cpu_ratio_figure(1, "g1_h1_websocket_cpu_ratio", "HTTP/1.1 handshake+echo: CPU with ÷ without",
-                                            1.03, runs, "handshakes"))
-            figures.append(hooks_figure(hooks, runs))
-            runs = await alternate(procs, {k: h1_requests(procs[k].ports["h1"], p.requests, c) for k in procs},
-                                   p.pairs, progress, "goal 1: HTTP/1.1 requests")
-            figures.append(cpu_ratio_figure(1, "g1_h1_request_cpu_ratio", "HTTP/1.1 requests: CPU with ÷ without",
-                                            1.01, runs, "requests"))
-            runs = await alternate(procs, {k: h2_requests(procs[k].ports["h2"], p.requests, c) for k in procs},
-                                   p.pairs, progress, "goal 1: HTTP/2 requests")
-            figures.append(cpu_ratio_figure(1, "g1_h2_request_cpu_ratio", "HTTP/2 requests: CPU with ÷ without",
-                                            1.01, runs, "requests"))
+            ones = await goal_one(with_, loud, p, progress)
+            figures += ones
+            figures.append(hooks_figure(hooks, ones[0].detail["without"]))
+            await loud.stop()
 
             # Goal 2
             for size, n in ((1024, p.tp_small), (65536, p.tp_large)):
@@ -691,51 +808,39 @@ async def run(p: Params, quick: bool, addon: Path) -> dict[str, Any]:
 
             # Goal 3 (all with the addon), and from here on the addon stays loaded.
             await with_.use_addon(True)
-            same = {"h2": with_, "h1_tls": with_, "h1_plain": with_}
-            hs = await alternate(same, {"h2": h2_handshakes(with_.ports["h2"], p.g3_handshakes, c),
+            c = p.concurrency
+            same = {"h2": with_, "h3": with_, "h1_tls": with_, "h1_plain": with_}
+            hs = await alternate(same, {"h2": mux_handshakes("h2", with_.ports["h2"], p.g3_handshakes, c),
+                                        "h3": mux_handshakes("h3", with_.ports["h3"], p.g3_handshakes, c),
                                         "h1_tls": h1_ws_echo(with_.ports["h1_tls"], p.g3_handshakes, c, tls=True, echo=False),
                                         "h1_plain": h1_ws_echo(with_.ports["h1"], p.g3_handshakes, c, echo=False)},
                                  p.g3_pairs, progress, "goal 3: handshakes")
-            ec = await alternate(same, {"h2": h2_echoes(with_.ports["h2"], p.g3_echoes),
+            ec = await alternate(same, {"h2": mux_echoes("h2", with_.ports["h2"], p.g3_echoes),
+                                        "h3": mux_echoes("h3", with_.ports["h3"], p.g3_echoes),
                                         "h1_tls": h1_echoes(with_.ports["h1_tls"], p.g3_echoes, True),
                                         "h1_plain": h1_echoes(with_.ports["h1"], p.g3_echoes, False)},
                                  p.g3_pairs, progress, "goal 3: echoes")
-            through_with = 3 * p.g3_pairs * p.g3_handshakes + 3 * p.g3_pairs
+            through_with = 4 * p.g3_pairs * p.g3_handshakes + 4 * p.g3_pairs
             for key, runs, what, target in (("handshake", hs, "handshakes", 1.5), ("echo", ec, "echoes", 0.8)):
-                # The clients and upstreams (pure-Python h2 for HTTP/2) share the CPU
-                # with mitmdump, so wall rates measure them too; what mitmdump
-                # sustains is 1 / its CPU seconds per operation.
-                rate = {k: [r["count"] / r["wall_s"] for r in v] for k, v in runs.items()}
-                each = {k: [r["cpu_s"] / r["count"] for r in v] for k, v in runs.items()}
-                cpu = {k: 1000 * median(v) for k, v in each.items()}
-                ratios = [ratio(b, a) for a, b in zip(each["h2"], each["h1_tls"])]
-                plain = [ratio(b, a) for a, b in zip(each["h2"], each["h1_plain"])]
-                wall = [ratio(a, b) for a, b in zip(rate["h2"], rate["h1_tls"])]
-                n = runs["h2"][0]["count"]
-                figures.append(Figure(
-                    3, f"g3_h2_vs_h1_{key}_ratio", f"HTTP/2 ÷ HTTP/1.1 (TLS) {what}/s mitmdump sustains, with the addon",
-                    median(ratios), "x", ">=", target,
-                    f"median of {len(ratios)} rounds x {n}; mitmdump CPU {cpu['h2']:.3f} vs {cpu['h1_tls']:.3f} ms each "
-                    f"(plain ws:// {cpu['h1_plain']:.3f} ms, {median(plain):.2f}x); wall rates {median(rate['h2']):.0f} vs "
-                    f"{median(rate['h1_tls']):.0f}/s ({median(wall):.2f}x, plain ws:// {median(rate['h1_plain']):.0f}/s)",
-                    {"ratios": ratios, "ratios_vs_plain_h1": plain, "wall_ratios": wall, "rate": rate,
-                     "cpu_ms_each": cpu, "runs": runs}))
+                figures.append(transports_figure(f"g3_h2_vs_h1_{key}_ratio", what, "h2", "h1_tls", target, runs))
+            for key, runs, what in (("handshake", hs, "handshakes"), ("echo", ec, "echoes")):
+                figures.append(transports_figure(f"g3_h3_vs_h2_{key}_ratio", what, "h3", "h2", 0.8, runs))
 
             # Goal 5 (structures after all those handshakes), before goal 4 makes stalls
             progress.step("goal 5: the addon's structures after the handshakes")
             figures.append(await structures_figure(
                 with_, baseline, "g5_structures_left_after_run", "the run's handshakes", False,
-                f"after {through_with} WebSocket handshakes (HTTP/1.1 and HTTP/2) through the addon "
+                f"after {through_with} WebSocket handshakes (HTTP/1.1, HTTP/2 and HTTP/3) through the addon "
                 f"since it was last loaded"))
 
             # Goal 4
-            for transport in ("h1", "h2"):
+            for transport in TRANSPORT_NAMES:
                 lateness = await hold(with_, report, transport, p, progress)
                 figures += [once_figure(lateness), lateness]
             progress.step("goal 4: waiting for the held handshakes to end")
             figures.append(await structures_figure(
                 with_, baseline, "g5_structures_left_after_stalls", "the held handshakes", True,
-                f"after {2 * p.held} stalled handshakes ended"))
+                f"after {2 * p.held + p.held_h3} stalled handshakes ended"))
             await with_.stop()
 
             # Goal 5: resident memory, each in a process that did nothing else.
@@ -743,20 +848,21 @@ async def run(p: Params, quick: bool, addon: Path) -> dict[str, Any]:
             for kind in fresh:
                 rss[kind] = await rss_per_websocket(kind, fresh[kind], p.rss_websockets, progress)
         finally:
-            await asyncio.gather(with_.stop(), *(m.stop() for m in fresh.values()))
+            await asyncio.gather(with_.stop(), loud.stop(), *(m.stop() for m in fresh.values()))
             await upstreams.stop()
         kib = {k: v["bytes_per_websocket"] / 1024 for k, v in rss.items()}
-        figures.append(Figure(
-            5, "g5_rss_h2_vs_h1", "resident memory per open WebSocket, HTTP/2 ÷ HTTP/1.1 (TLS)",
-            ratio(kib["h2"], kib["h1-tls"]), "x", "<=", 1.0,
-            f"{p.rss_websockets} open in a fresh mitmdump each: HTTP/2 {kib['h2']:.1f} KiB each "
-            f"({rss['h2']['connections']} connections), HTTP/1.1 TLS {kib['h1-tls']:.1f} KiB each"
-            + (f", plain ws:// {kib['h1-plain']:.1f} KiB each" if "h1-plain" in kib else ""),
-            {"rss": rss, "kib_per_websocket": kib}))
+        for kind in MUX_CLIENTS:
+            figures.append(Figure(
+                5, f"g5_rss_{kind}_vs_h1", f"resident memory per open WebSocket, {TRANSPORT_NAMES[kind]} ÷ HTTP/1.1 (TLS)",
+                ratio(kib[kind], kib["h1-tls"]), "x", "<=", 1.0,
+                f"{p.rss_websockets} open in a fresh mitmdump each: {TRANSPORT_NAMES[kind]} {kib[kind]:.1f} KiB each "
+                f"({rss[kind]['connections']} connections), HTTP/1.1 TLS {kib['h1-tls']:.1f} KiB each"
+                + (f", plain ws:// {kib['h1-plain']:.1f} KiB each" if "h1-plain" in kib else ""),
+                {"rss": {k: rss[k] for k in (kind, "h1-tls")}, "kib_per_websocket": kib}))
 
         for m in mem:
-            name = "HTTP/1.1" if m["transport"] == "h1" else "HTTP/2"
-            left = left_over(m["sizes_after_cycled"], {}, False)
+            name = TRANSPORT_NAMES[m["transport"]]
+            left = left_over(m["sizes_after_cycled"], m["sizes_before"], False)
             figures.append(Figure(
                 5, f"g5_{m['transport']}_bytes_per_tracked_handshake", f"{name}: the addon's bytes per tracked handshake",
                 m["bytes_per_tracked_handshake"], "B", "<=", 2048,

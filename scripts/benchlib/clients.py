@@ -1,4 +1,4 @@
-"""Minimal clients for the benchmark: HTTP/1.1 requests and WebSockets (ws:// and wss://).
+"""Minimal clients for the benchmark: HTTP/1.1 requests, event streams and WebSockets (ws:// and wss://).
 
 HTTP/2 WebSockets and requests use `h2ws.H2WebSocketClient`.
 """
@@ -51,17 +51,35 @@ class H1Requests:
     async def open(cls, port: int, tls: bool = False) -> H1Requests:
         return cls(*await connect(port, tls))
 
-    async def get(self, path: str) -> int:
-        self.writer.write(b"GET %s HTTP/1.1\r\nhost: localhost\r\naccept: */*\r\n\r\n" % path.encode())
+    async def get(self, path: str, accept: bytes = b"*/*") -> tuple[int, bytes]:
+        """The status and body of a GET (content-length or chunked)."""
+        self.writer.write(b"GET %s HTTP/1.1\r\nhost: localhost\r\naccept: %s\r\n\r\n" % (path.encode(), accept))
         head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-        length = 0
+        length, chunked = 0, False
         for line in head.split(b"\r\n")[1:]:
             name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
+            name = name.strip().lower()
+            if name == b"content-length":
                 length = int(value)
-        if length:
-            await self.reader.readexactly(length)
-        return int(head.split(b" ", 2)[1])
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+        body = await (self._chunks() if chunked else self.reader.readexactly(length))
+        return int(head.split(b" ", 2)[1]), body
+
+    async def _chunks(self) -> bytes:
+        chunks = []
+        while size := int((await asyncio.wait_for(self.reader.readuntil(b"\r\n"), TIMEOUT)).split(b";")[0], 16):
+            chunks.append((await asyncio.wait_for(self.reader.readexactly(size + 2), TIMEOUT))[:-2])
+        await asyncio.wait_for(self.reader.readuntil(b"\r\n"), TIMEOUT)  # (no trailers)
+        return b"".join(chunks)
+
+    async def first_event(self, path: str) -> bytes:
+        """An event stream's first event (the upstream ends the stream after it)."""
+        status, body = await self.get(path, b"text/event-stream")
+        event, end, _ = body.partition(b"\n\n")
+        if status != 200 or not end:
+            raise ConnectionError(f"event stream answered {status}, {len(body)} bytes without an event")
+        return event
 
     def close(self) -> None:
         self.writer.close()

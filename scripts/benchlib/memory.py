@@ -8,7 +8,8 @@ context (`mitmproxy.test.taddons`), with the report on and policy observe.
 the request hooks; what tracemalloc still counts afterwards is what the addon
 keeps per handshake while it waits for the status. Each then gets its 101;
 afterwards, and after `--cycled` more whole handshakes, the addon's structures
-must be empty again and nothing it allocated still alive.
+must be back to what they held before the first (`sizes_before`) and nothing
+it allocated still alive.
 """
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ async def measure(tracked: int, cycled: int, h2: bool, report: Path) -> dict:
         await run(tctx, addon, ANSWERED, [warm])
         del warm
         await asyncio.sleep(0)
-        structure_sizes(addon, modules())  # its own first-use caches, too
+        # Its own first-use caches, too; and what its structures hold with no
+        # handshake followed (the options' state, such as what it carries).
+        sizes_before = structure_sizes(addon, modules())
         flows = [handshake_flow(i, h2) for i in range(tracked)]
         gc.collect()
         tracemalloc.start(1)
@@ -135,6 +138,7 @@ async def measure(tracked: int, cycled: int, h2: bool, report: Path) -> dict:
     return {
         "transport": "h2" if h2 else "h1",
         "tracked": tracked,
+        "sizes_before": sizes_before,
         "bytes_held": held,
         "bytes_per_tracked_handshake": held / tracked,
         "sizes_while_tracked": sizes_held,

@@ -12,11 +12,12 @@ from collections import deque
 from pathlib import Path
 
 from mitmdump_proc import ADDON, LOOPBACK_ONLY, MITMDUMP, free_ports
+from wspeers import h3ws
 
 PROBE = Path(__file__).resolve().parent / "probe.py"
 # A script with one addon and no hooks: what any script costs mitmproxy.
 EMPTY_SCRIPT = Path(__file__).resolve().parent / "empty_script.py"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+QUIET = ("--set", "flow_detail=0", "--set", "termlog_verbosity=warn")
 PR_SET_PDEATHSIG = 1
 
 
@@ -29,11 +30,18 @@ def die_with_parent() -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of the process (all its threads), from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read()
-    fields = stat[stat.rindex(")") + 2:].split()  # fields from the 3rd (state) on
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """The CPU time the process's threads have had, in nanoseconds' precision
+    (/proc/<pid>/task/*/schedstat): /proc/<pid>/stat counts in clock ticks
+    (10 ms), a percent of a one-second batch. A mitmdump here runs one thread
+    (the event loop; none is started and ended meanwhile)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:
+            pass  # a thread that ended meanwhile
+    return total / 1e9
 
 
 def rss_bytes(pid: int) -> int:
@@ -45,20 +53,25 @@ def rss_bytes(pid: int) -> int:
 
 
 class Mitmdump:
-    """One mitmdump in reverse mode, one listening port per upstream, on 127.0.0.1.
+    """One mitmdump in reverse mode, one listening port per upstream, on 127.0.0.1
+    (UDP for an `http3://` upstream, TCP for the others).
 
-    It shows only warnings and errors (termlog_verbosity=warn, flow_detail=0):
-    what the benchmark measures is the proxy, not a terminal. Always loads
+    Quiet, it shows only warnings and errors (termlog_verbosity=warn,
+    flow_detail=0), as a proxy left running in front of traffic; with
+    `quiet=False` it has mitmdump's default output (a line per flow and the
+    log at INFO), what a person running `mitmdump -s` pays for. Its output
+    goes to a pipe this process reads, never to a terminal. Always loads
     scripts/loopback_only.py, and the probe (benchlib/probe.py).
     """
 
     def __init__(self, name: str, upstreams: dict[str, str], addon: bool, options: dict[str, str] | None = None,
-                 addon_path: Path = ADDON):
+                 addon_path: Path = ADDON, quiet: bool = True):
         self.name = name
         self.addon_path = addon_path
         self.upstreams = upstreams
         self.addon = addon
         self.options = options or {}
+        self.quiet = quiet
         self.ports: dict[str, int] = {}
         self.probe_port = 0
         self.proc: asyncio.subprocess.Process | None = None
@@ -81,8 +94,7 @@ class Mitmdump:
             *ports, self.probe_port = free_ports(len(self.upstreams) + 1)
             self.ports = dict(zip(self.upstreams, ports))
             cmd = [str(MITMDUMP), "--listen-host", "127.0.0.1", "--ssl-insecure",
-                   "--set", "flow_detail=0", "--set", "termlog_verbosity=warn",
-                   "-s", str(LOOPBACK_ONLY), "-s", str(PROBE), "--set", f"bench_probe_port={self.probe_port}"]
+                   *(QUIET if self.quiet else ()), "-s", str(LOOPBACK_ONLY), "-s", str(PROBE), "--set", f"bench_probe_port={self.probe_port}"]
             for key, url in self.upstreams.items():
                 cmd += ["--mode", f"reverse:{url}@127.0.0.1:{self.ports[key]}"]
             if self.addon:
@@ -107,15 +119,14 @@ class Mitmdump:
     async def _ready(self, timeout: float = 60) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        waiting = [*self.ports.values(), self.probe_port]
+        waiting = [(port, self.upstreams[key].startswith("http3://")) for key, port in self.ports.items()]
+        waiting.append((self.probe_port, False))
         while waiting and loop.time() < deadline:
             if self.proc.returncode is not None:
                 return False
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", waiting[0])
-                writer.close()
+            if await answers(*waiting[0]):
                 waiting.pop(0)
-            except OSError:
+            else:
                 await asyncio.sleep(0.05)
         return not waiting
 
@@ -154,6 +165,26 @@ class Mitmdump:
                 await self.proc.wait()
         if self._reader:
             await self._reader
+
+
+async def answers(port: int, quic: bool) -> bool:
+    """Whether something listens on 127.0.0.1:`port`: it takes a TCP
+    connection, or (an HTTP/3 mode listens on UDP) an HTTP/3 client's."""
+    if not quic:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return False
+        writer.close()
+        return True
+    client = h3ws.H3WebSocketClient("127.0.0.1", port, server_hostname="localhost")
+    try:
+        await client.connect(1)
+        return True
+    except (OSError, ConnectionError, asyncio.TimeoutError):
+        return False
+    finally:
+        await client.close(1)
 
 
 class Upstreams:

@@ -149,14 +149,25 @@ def _unthrottle_websockets(client: connection.Client) -> None:
         handler.max_conns = _Throttle(handler.max_conns.default_factory, handler.max_conns)
 
 
-class WsHttpStream(_stock(http_layers.HttpStream)):
+_STOCK_STREAM = _stock(http_layers.HttpStream)
+
+
+class WsHttpStream(_STOCK_STREAM):
     """mitmproxy's HTTP stream, which also carries a WebSocket opened by an
     extended CONNECT: a request like any other until its status (RFC 8441
     section 4), not a tunnel to its authority, whose 2xx hands the stream to
     mitmproxy's WebSocket layer as a 101 does for an HTTP/1.1 upgrade. It
     also notes where a handshake is, retries a WebSocket over HTTP/1.1 when
     an HTTP/2 upstream cannot take it, and lets the HTTP layer drop the
-    stream when its WebSocket is over."""
+    stream when its WebSocket is over.
+
+    Where it has nothing of that to do, it becomes mitmproxy's own stream
+    (`_become_stock`): every later event and call goes to HttpStream's
+    methods, with no check of the bridge's in between. That is every
+    request that opens neither a WebSocket nor an event stream, once its
+    headers are classified, and an
+    HTTP/1.1 client's WebSocket on an HTTP/1.1 upstream connection, once its
+    101 has gone out (what stock mitmproxy carries itself)."""
 
     ws_encode_bridge = True
     # (ws_ names: attributes of a subclass of mitmproxy's, kept off its names)
@@ -226,6 +237,9 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
                 return
             self.flow.websocket = None  # an addon failed it after the response hook began
         if self.flow.websocket and self.flow.response.status_code == 101:
+            if self._on_http1_both_ways():
+                self._become_stock()
+                return (yield from _STOCK_STREAM.flow_done(self))
             self._route_injections_here()
         yield from super().flow_done()
         if self.ws_route is Route.ACCEPTED and not self._opened(self.flow.response.status_code):
@@ -266,6 +280,19 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
         alias.state = server.state
         self.flow.server_conn = self.ws_route_alias = alias
         self._http_layer().connections[alias] = self
+
+    def _on_http1_both_ways(self) -> bool:
+        """Whether the client and the upstream connection both speak
+        HTTP/1.1: a WebSocket there is mitmproxy's own from its 101 on."""
+        client, server = self.context.client, self.context.server
+        return (client.transport_protocol == "tcp" and client.alpn != b"h2"
+                and server.alpn != b"h2" and not http_layers.is_h3_alpn(server.alpn))
+
+    def _become_stock(self) -> None:
+        """mitmproxy's HttpStream from here on: the class is swapped, so the
+        HTTP layer's next event, and every call the stream makes of its own
+        methods, finds mitmproxy's (a call already running goes on)."""
+        self.__class__ = _STOCK_STREAM
 
     def _http_layer(self) -> http_layers.HttpLayer:
         layers = self.context.layers
@@ -394,22 +421,36 @@ class WsHttpStream(_stock(http_layers.HttpStream)):
         facts.ended_by = CLIENT if isinstance(event, http_layers.RequestProtocolError) else UPSTREAM
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        # Three kinds of event are the bridge's to look at; every one goes on
+        # to mitmproxy's generator as it is, with no generator of the
+        # bridge's around it (this is called for every event of the stream).
         if isinstance(event, NeedsHttp1):
-            if self.ws_step(RouteStep.NEEDS_HTTP1):
-                yield from self._retry_over_http1()
-                return
-            # (an upstream proxy or another addon chose the ALPN of the fallback connection)
-            event = response_error(event.stream_id, "the HTTP/1.1 fallback connection negotiated HTTP/2 again")
+            return self._over_http1(event)
         if isinstance(event, http_layers.RequestHeaders):
-            handshake = classify(event.request)
-            if handshake is not None:  # a handshake this stream will note the forwarding of
-                facts_for(event.request).handshake = handshake
-            else:
-                note_not_a_handshake(event.request)
-            self.ws_facts = facts_of(event.request)  # (also the client codec's, for any extended CONNECT)
-        if isinstance(event, http_layers.ResponseHeaders) and self.ws_facts is not None:
+            if not self._classify(event.request):  # nothing for the bridge on this stream
+                self._become_stock()
+        elif isinstance(event, http_layers.ResponseHeaders) and self.ws_facts is not None:
             self._note_answer(event.response.status_code)
-        yield from super()._handle_event(event)
+        return _STOCK_STREAM._handle_event(self, event)
+
+    def _classify(self, request: http.Request) -> bool:
+        """Note what `request` opens; False if neither a WebSocket nor an
+        event stream (whose facts the addon's hooks make, if they follow it,
+        and whose errors `_note_ended_by` notes)."""
+        handshake = classify(request, event_streams=True)  # (one pass over its fields either way)
+        if handshake is not None and handshake.is_websocket:  # a handshake this stream will note the forwarding of
+            facts_for(request).handshake = handshake
+        else:
+            note_not_a_handshake(request)
+        self.ws_facts = facts_of(request)  # (also the client codec's, for any extended CONNECT)
+        return handshake is not None
+
+    def _over_http1(self, event: NeedsHttp1) -> layer.CommandGenerator[None]:
+        if self.ws_step(RouteStep.NEEDS_HTTP1):
+            yield from self._retry_over_http1()
+        else:  # an upstream proxy or another addon chose the ALPN of the fallback connection
+            yield from _STOCK_STREAM._handle_event(
+                self, response_error(event.stream_id, "the HTTP/1.1 fallback connection negotiated HTTP/2 again"))
 
     def _note_answer(self, status: int) -> None:
         """What the upstream's side hands the stream is the answer the

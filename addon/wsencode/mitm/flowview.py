@@ -8,10 +8,10 @@ objects and change nothing.
 
 from __future__ import annotations
 
+import re
 import weakref
 
 from mitmproxy import connection, flow, flowfilter, http, websocket
-from mitmproxy.proxy import server_hooks
 
 from ..core.extconnect import accept_for
 from ..core.handshake import Handshake, Transport, classify, classify_event_stream
@@ -81,8 +81,27 @@ def url_of(request: http.Request) -> str:
     an extended CONNECT with its path, which mitmproxy leaves out of every
     CONNECT's (it takes them all for authority-form)."""
     if request.method != "CONNECT":
-        return request.pretty_url
+        return _plain_url(request) or request.pretty_url
     return f"{request.scheme}://{request.authority or request.host_header or request.host}{request.path}"
+
+
+# A host of letters, digits, dots and hyphens, with no port or one that is
+# not its scheme's default, written without leading zeros: `pretty_url` gives
+# such an authority back as it is written, whether or not it takes the host
+# for a valid one (tests/test_cost.py checks that the two agree), without
+# parsing it and checking the host again, once per handshake.
+_PLAIN_AUTHORITY = re.compile(r"[A-Za-z0-9.-]+(?::(?P<port>[1-9][0-9]{0,4}))?")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _plain_url(request: http.Request) -> str | None:
+    """`request.pretty_url` for a plain authority and path, else None."""
+    authority, scheme, path = request.host_header, request.scheme, request.path
+    default = _DEFAULT_PORTS.get(scheme)
+    plain = _PLAIN_AUTHORITY.fullmatch(authority) if authority and default else None
+    if plain is None or not path.startswith("/") or (plain["port"] and int(plain["port"]) == default):
+        return None
+    return f"{scheme}://{authority}{path}"
 
 
 def accept_matches(f: http.HTTPFlow) -> bool:
@@ -130,27 +149,23 @@ def client_closed(client: connection.Client) -> bool:
 
 class Opening:
     """The upstream connections being opened, with their client's id: where a
-    handshake waiting for its connection is (TCP or TLS). A child addon of
-    ws-encode's: these hooks are its."""
+    handshake waiting for its connection is (TCP or TLS). The addon's
+    connection hooks tell it (no child addon of its own: mitmproxy walks
+    every addon object on every hook of every flow)."""
 
     def __init__(self) -> None:
         self.servers: weakref.WeakKeyDictionary[connection.Server, str] = weakref.WeakKeyDictionary()
 
-    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self.servers[data.server] = data.client.id
+    def connecting(self, server: connection.Server, client_id: str) -> None:
+        self.servers[server] = client_id
 
-    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        if not data.server.tls:
-            self.servers.pop(data.server, None)
+    def connected(self, server: connection.Server) -> None:
+        if not server.tls:  # (else its TLS handshake comes next)
+            self.servers.pop(server, None)
 
-    def tls_established_server(self, data) -> None:
-        self.servers.pop(data.conn, None)
-
-    def tls_failed_server(self, data) -> None:
-        self.servers.pop(data.conn, None)
-
-    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self.servers.pop(data.server, None)
+    def ended(self, server: connection.Server) -> None:
+        """Its TLS handshake is done or failed, or it could not be made."""
+        self.servers.pop(server, None)
 
     def stage(self, f: http.HTTPFlow) -> Stage:
         """Where a handshake waiting for its upstream connection is."""
