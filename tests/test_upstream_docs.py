@@ -27,6 +27,7 @@ import aioquic.h3.connection
 import mitmproxy.version
 import pytest
 from conftest import ADDON, ROOT, Mitmdump
+from mitmdump_proc import STARTED
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers import websocket
 from mitmproxy.proxy.layers.http import _http1, _http2, _http3, _http_h3
@@ -211,9 +212,10 @@ def flow_lines(session: list[str]) -> list[str]:
 
 
 def normalized(lines: list[str]) -> list[str]:
-    """Times and ports aside; the test's own scripts' loading left out."""
+    """Times and ports aside; the test's own scripts' loading, and their word that every
+    addon has started (STARTED), left out."""
     return [re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:N", re.sub(r"^\[\d\d:\d\d:\d\d\.\d{3}\]", "[T]", line))
-            for line in lines if "Loading script" not in line]
+            for line in lines if "Loading script" not in line and STARTED not in line]
 
 
 def passthrough_asserts(session: list[str]) -> list[list[str]]:

@@ -923,7 +923,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run with small counts (what CI runs)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures, with what each measured, as JSON")
     parser.add_argument("--addon", metavar="PATH", default=str(ADDON), help="the addon script to measure (default: %(default)s)")
-    parser.add_argument("--readme", metavar="FILE", help="also put the table into FILE (README.md) between its "
+    parser.add_argument("--readme", metavar="FILE", help="also put the table into FILE (docs/cost.md) between its "
                         "bench markers (a full run only)")
     args = parser.parse_args()
     result = asyncio.run(run(QUICK if args.quick else FULL, args.quick, Path(args.addon).resolve()))
@@ -934,7 +934,7 @@ def main() -> None:
         update_readme(Path(args.readme), table(result))
 
 
-README_BEGIN = "<!-- scripts/bench: the table below is written by `scripts/bench --readme README.md` -->"
+README_BEGIN = "<!-- scripts/bench: the table below is written by `scripts/bench --readme docs/cost.md` -->"
 README_END = "<!-- scripts/bench: end of the table -->"
 
 
