@@ -14,7 +14,8 @@ dies too. The same model as over HTTP/2 (`extconnect`, `common`):
   status is kept (and relayed to an upstream stream that has the CONNECT);
   the stream's 2xx goes out with the stream left open; a reset after it is
   the client going away, and the WebSocket layer's close ends the stream in
-  order (FIN, not a reset).
+  order (FIN, not a reset). A request with HTTP/1.1's connection fields is
+  refused (RFC 9114 section 4.2).
 - a peer that does not read gets that stream reset once MAX_BUFFERED_BYTES
   wait for its QUIC window (`QuicBacklog`): aioquic grants the other side
   window as its data arrives, read or not, and keeps what it cannot send in
@@ -205,6 +206,8 @@ class WsHttp3Server(_http3.Http3Server):
     def _screen(self, event: HeadersReceived) -> Refusal | None:
         """Every request's headers, before mitmproxy's codec reads them:
         the request, or why it is refused on its own stream."""
+        if (problem := connection_specific(event.headers)) is not None:
+            return 400, f"malformed HTTP/3 request: {problem}"
         if _protocol(event.headers) is not None:
             request = extended_connect(event.headers, HTTP3, self.context.options.websocket)
         else:
@@ -309,6 +312,24 @@ class WsHttp3Server(_http3.Http3Server):
         # A WebSocket layer that is sending right now must not be handed an
         # event (it is not re-entrant): then its peer's end comes next turn.
         yield self.backlog.defer(end) if later else http_layers.ReceiveHttp(end)
+
+
+# HTTP/1.1's connection fields, which no HTTP/3 message carries (RFC 9114
+# section 4.2): a request with one is malformed, an error of its stream.
+CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
+
+
+def connection_specific(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The connection-specific field a received header block carries (`te`
+    only as other than "trailers"), as a reason without its value; or None.
+    (aioquic checks `transfer-encoding` against the value that only `te` may
+    have, and lets the rest through.)"""
+    for name, value in headers:
+        if name in CONNECTION_SPECIFIC:
+            return f"connection-specific field {name.decode()} (RFC 9114 section 4.2)"
+        if name == b"te" and value.strip().lower() != b"trailers":
+            return "te other than trailers (RFC 9114 section 4.2)"
+    return None
 
 
 def _request(headers: list[tuple[bytes, bytes]]) -> http.Request:

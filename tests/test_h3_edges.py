@@ -1,0 +1,69 @@
+"""HTTP/3 messages that break HTTP/3's rules, through a real mitmdump running
+the addon: each is an error of its own stream, and the QUIC connections on
+both sides go on serving the others (RFC 9114 section 4.1.2).
+
+- a request with HTTP/1.1's connection-specific fields (section 4.2);
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import assert_clean_log
+from test_h3_proxy import AUTHORITY, h3_client, reverse_h3
+from wspeers import h3ws
+
+pytestmark = pytest.mark.timeout(90)
+
+GET = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", AUTHORITY.encode()), (b":path", b"/bad")]
+CONNECT = [(b":method", b"CONNECT"), (b":protocol", b"websocket"), (b":scheme", b"https"),
+           (b":authority", AUTHORITY.encode()), (b":path", b"/bad"), (b"sec-websocket-version", b"13")]
+
+CONNECTION_SPECIFIC = {
+    "connection": GET + [(b"connection", b"keep-alive")],
+    "keep-alive": GET + [(b"keep-alive", b"timeout=5")],
+    "proxy-connection": GET + [(b"proxy-connection", b"keep-alive")],
+    "transfer-encoding chunked": GET + [(b"transfer-encoding", b"chunked")],
+    "transfer-encoding trailers": GET + [(b"transfer-encoding", b"trailers")],
+    "upgrade": GET + [(b"upgrade", b"websocket")],
+    "te gzip": GET + [(b"te", b"gzip")],
+    "an HTTP/1.1 upgrade": GET + [(b"connection", b"upgrade"), (b"upgrade", b"websocket"),
+                                  (b"sec-websocket-key", b"dGhlIHNhbXBsZSBub25jZQ=="), (b"sec-websocket-version", b"13")],
+    "an extended CONNECT with upgrade": CONNECT + [(b"upgrade", b"websocket")],
+}
+
+
+def test_a_request_with_connection_specific_fields_is_refused_on_its_stream_alone(cert, report):
+    """Each one a 400 on its own stream, never sent upstream; a WebSocket
+    open beside them echoes, and the connection serves the next request."""
+    async def scenario():
+        async with h3ws.H3WebSocketServer(*cert) as upstream:
+            async with reverse_h3(upstream.port, report=report) as md:
+                client = await h3_client(md)
+                ws = await client.open_websocket("/chat", AUTHORITY)
+                await ws.wait_status(5)
+                refused = {}
+                for why, headers in CONNECTION_SPECIFIC.items():
+                    exchange = client.send_request(headers)
+                    await exchange.wait_ended(5)
+                    refused[why] = exchange.status
+                allowed = client.send_request(GET + [(b"te", b"trailers")])
+                await allowed.wait_ended(5)
+                await ws.send_text("still open")
+                echo = await ws.receive(5)
+                page = await client.get("/", AUTHORITY)
+                closed = client.closed
+                await ws.close()
+                await client.close()
+                return refused, allowed.status, echo, page, closed, upstream.requests, md
+
+    refused, allowed, echo, page, closed, requests, md = asyncio.run(scenario())
+    assert refused == {why: 400 for why in CONNECTION_SPECIFIC}
+    assert (allowed, echo, page[0], closed) == (200, "still open", 200, None)
+    assert [r["pseudo"][":path"] for r in requests] == ["/chat", "/bad", "/"]  # (the one with te: trailers)
+    refusals = [line for line in md.lines if "refused HTTP/3 stream" in line]
+    assert len(refusals) == len(CONNECTION_SPECIFIC)
+    assert any("connection-specific field upgrade (RFC 9114 section 4.2)" in line for line in refusals)
+    assert not any(value in line for line in refusals for value in ("timeout=5", "chunked", "gzip", "dGhl"))
+    assert_clean_log(md)
