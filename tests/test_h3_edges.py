@@ -3,6 +3,8 @@ the addon: each is an error of its own stream, and the QUIC connections on
 both sides go on serving the others (RFC 9114 section 4.1.2).
 
 - a request with HTTP/1.1's connection-specific fields (section 4.2);
+- a peer's FIN on a stream that has ended (a repeated final size, RFC 9000
+  section 4.5).
 """
 
 from __future__ import annotations
@@ -66,4 +68,32 @@ def test_a_request_with_connection_specific_fields_is_refused_on_its_stream_alon
     assert len(refusals) == len(CONNECTION_SPECIFIC)
     assert any("connection-specific field upgrade (RFC 9114 section 4.2)" in line for line in refusals)
     assert not any(value in line for line in refusals for value in ("timeout=5", "chunked", "gzip", "dGhl"))
+    assert_clean_log(md)
+
+
+def test_a_fin_that_comes_again_ends_nothing_else(cert, report):
+    """QUIC sends a FIN again when its acknowledgement was lost, and aioquic
+    hands it on. Before, mitmproxy closed the whole QUIC connection for it
+    (PROTOCOL_VIOLATION, "stream already ended"), here on a WebSocket
+    handshake the client ended before its status (which the proxy keeps for
+    after it, and this upstream withholds)."""
+    async def scenario():
+        async with h3ws.H3WebSocketServer(*cert, withhold_status_when_encoding=True) as upstream:
+            async with reverse_h3(upstream.port, report=report) as md:
+                client = await h3_client(md)
+                beside = await client.open_websocket("/beside", AUTHORITY)
+                await beside.wait_status(5)
+                held = await client.open_websocket("/held", AUTHORITY, headers=[("accept-encoding", "gzip")])
+                await upstream.wait_until(lambda: any(r["pseudo"][":path"] == "/held" for r in upstream.requests))
+                held.half_close()
+                held.repeat_fin()
+                await beside.send_text("beside")
+                echo = await beside.receive(5)
+                page = await client.get("/", AUTHORITY)
+                closed = client.closed
+                await client.close()
+                return echo, page, closed, md
+
+    echo, page, closed, md = asyncio.run(scenario())
+    assert (echo, page[0], closed) == ("beside", 200, None)
     assert_clean_log(md)

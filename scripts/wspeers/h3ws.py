@@ -74,6 +74,7 @@ from aioquic.quic.packet import (
     encode_quic_version_negotiation,
     pull_quic_header,
 )
+from aioquic.quic.packet_builder import QuicDeliveryState
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from wsproto.connection import ConnectionType
@@ -303,6 +304,17 @@ class H3Peer(QuicConnectionProtocol):
 
     def end_stream(self, stream_id: int) -> bool:
         return self.send_data(stream_id, b"", end_stream=True)
+
+    def repeat_fin(self, stream_id: int) -> None:
+        """Our FIN on a stream we ended, once more: what a retransmission
+        does when the first one's acknowledgement was lost (RFC 9000 section
+        4.5 lets a final size arrive again; only a different one is an error)."""
+        self.transmit()  # the first FIN goes out now, if it has not yet
+        sender = self.quic._streams[stream_id].sender
+        final_size = sender._buffer_fin
+        assert final_size is not None, "the stream has not ended"
+        sender.on_data_delivery(QuicDeliveryState.LOST, final_size, final_size, fin=True)
+        self.transmit_soon()
 
     def send_raw(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         """Bytes as they are on a new request stream (frames of any kind, valid or not)."""
@@ -797,6 +809,10 @@ class Exchange(ClientStream):
         self._client._streams.pop(self.stream_id, None)
         self._on_send_closed(f"local_reset:{int(code)}")
         self._on_ended(f"local_reset:{int(code)}")
+
+    def repeat_fin(self) -> None:
+        """Our FIN once more, on the stream we ended (H3Peer.repeat_fin)."""
+        self._client._peer.repeat_fin(self.stream_id)
 
     def _ended_error(self, what: str) -> WebSocketClosed:
         for reason in (self.ended_with, self.send_closed_by):

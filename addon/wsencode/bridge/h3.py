@@ -8,7 +8,8 @@ dies too. The same model as over HTTP/2 (`extconnect`, `common`):
 - `WsH3Connection`: advertises RFC 9220 only when the bridge carries it;
   a request whose header block is malformed, or that the codec refuses, is an
   error of its own stream (RFC 9114 section 4.1.2), never of the connection;
-  it remembers each read's events (a status read together with data).
+  a FIN that comes again is nothing (mitmproxy closes the connection for
+  it); it remembers each read's events (a status read together with data).
 - client side (`WsHttp3Server`): an extended CONNECT reaches the stream as
   the client sent it, ended at its headers; what the client sends before the
   status is kept (and relayed to an upstream stream that has the CONNECT);
@@ -42,7 +43,8 @@ from mitmproxy.proxy.layers.http import _http2, _http3
 from mitmproxy.proxy.layers.http import _http_h3
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.quic import (
-    ClientQuicLayer, QuicConnectionClosed, QuicStreamEvent, QuicStreamReset, QuicStreamStopSending, ServerQuicLayer,
+    ClientQuicLayer, QuicConnectionClosed, QuicStreamDataReceived, QuicStreamEvent, QuicStreamReset, QuicStreamStopSending,
+    ServerQuicLayer,
 )
 from mitmproxy.proxy.utils import expect
 
@@ -92,6 +94,15 @@ class WsH3Connection(_http_h3.LayeredH3Connection):
             return []
 
     def handle_stream_event(self, event) -> list[H3Event]:
+        if isinstance(event, QuicStreamDataReceived) and self._has_ended(event.stream_id):
+            # The peer's FIN once more: QUIC repeats a final size whose
+            # acknowledgement was lost (RFC 9000 section 4.5), and aioquic
+            # hands it on again. mitmproxy's codec closes the whole QUIC
+            # connection for it ("stream already ended"); the stream has had
+            # its end, and there is nothing else to it (more bytes past the
+            # FIN never get here: QUIC refuses them, FINAL_SIZE_ERROR).
+            self.last_batch = []
+            return []
         # A peer cancels a stream with RESET_STREAM and STOP_SENDING together
         # (RFC 9114 section 4.1.1); mitmproxy makes a StreamClosed of each
         # (_http_h3.LayeredH3Connection.handle_stream_event). Once the stream
@@ -113,6 +124,10 @@ class WsH3Connection(_http_h3.LayeredH3Connection):
                                                and e.stream_id in self._closed_streams)]
         self.last_batch = batch
         return batch
+
+    def _has_ended(self, stream_id: int) -> bool:
+        stream = self._stream.get(stream_id)
+        return stream is not None and stream.ended
 
     def refuse(self, stream_id: int, refusal: Refusal) -> None:
         """Answer a request on its own stream, and read no more of it."""
