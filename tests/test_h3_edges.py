@@ -3,6 +3,8 @@ the addon: each is an error of its own stream, and the QUIC connections on
 both sides go on serving the others (RFC 9114 section 4.1.2).
 
 - a request with HTTP/1.1's connection-specific fields (section 4.2);
+- an upstream's 101, which HTTP/3 does not have (section 4.5), or another
+  `:status` HTTP/3 cannot carry; an interim 1xx is not the response;
 - a peer's FIN on a stream that has ended (a repeated final size, RFC 9000
   section 4.5).
 """
@@ -68,6 +70,54 @@ def test_a_request_with_connection_specific_fields_is_refused_on_its_stream_alon
     assert len(refusals) == len(CONNECTION_SPECIFIC)
     assert any("connection-specific field upgrade (RFC 9114 section 4.2)" in line for line in refusals)
     assert not any(value in line for line in refusals for value in ("timeout=5", "chunked", "gzip", "dGhl"))
+    assert_clean_log(md)
+
+
+HEADS = {"/switch": ["101"], "/nonsense": ["1x1"], "/hints": ["103", "100"]}
+
+
+@pytest.mark.parametrize("what", ["a GET", "a WebSocket"])
+def test_an_upstreams_101_is_a_502_on_its_stream_and_interim_responses_are_skipped(cert, report, what):
+    """HTTP/3 has no 101: the proxy resets that upstream stream
+    (H3_MESSAGE_ERROR) and the client gets a 502 that says why, never the
+    101. Interim responses (103, 100) are followed by the response, which the
+    client gets. Before, mitmproxy took a 1xx for the response and the next
+    HEADERS for trailers, closing the whole upstream connection; a 101 on an
+    extended CONNECT reached the HTTP/3 client as it was."""
+    async def scenario():
+        async with h3ws.H3WebSocketServer(*cert, heads_before=HEADS) as upstream:
+            async with reverse_h3(upstream.port, report=report) as md:
+                client = await h3_client(md)
+                beside = await client.open_websocket("/beside", AUTHORITY)
+                await beside.wait_status(5)
+                answers = {}
+                for path in HEADS:
+                    if what == "a GET":
+                        exchange = client.send_request([*GET[:3], (b":path", path.encode())])
+                    else:
+                        exchange = await client.open_websocket(path, AUTHORITY)
+                    if await exchange.wait_status(5) != 200 or what == "a GET":
+                        await exchange.wait_ended(5)
+                    answers[path] = exchange.status, bytes(exchange.response_body)
+                await beside.send_text("beside")
+                echo = await beside.receive(5)
+                records = [await md.wait_for_record(event="handshake", url=f"https://127.0.0.1:{upstream.port}{path}")
+                           for path in ("/beside", "/switch")] if what == "a WebSocket" else []
+                closed = client.closed, list(upstream.closed_connections)
+                await client.close()
+                return answers, echo, closed, records, md
+
+    answers, echo, closed, records, md = asyncio.run(scenario())
+    switch, nonsense, hints = answers["/switch"], answers["/nonsense"], answers["/hints"]
+    assert switch[0] == 502 and b"101 Switching Protocols, which HTTP/3 does not have" in switch[1]
+    assert nonsense[0] == 502 and b"not three digits" in nonsense[1]
+    assert hints[0] == 200
+    assert (echo, closed) == ("beside", (None, []))
+    assert sum("reset upstream HTTP/3 stream" in line for line in md.lines) == 2
+    if records:
+        assert records[0]["outcome"] == "upgraded"
+        assert records[1]["outcome"] == "no-status" and records[1]["status"] is None
+        assert "101 Switching Protocols, which HTTP/3 does not have" in records[1]["diagnosis"]
     assert_clean_log(md)
 
 

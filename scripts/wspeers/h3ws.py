@@ -48,13 +48,13 @@ import ipaddress
 import ssl
 import sys
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.buffer import Buffer
-from aioquic.h3.connection import ErrorCode, FrameType, H3Connection, Setting, encode_frame
+from aioquic.h3.connection import ErrorCode, FrameType, H3Connection, HeadersState, Setting, encode_frame
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -290,6 +290,16 @@ class H3Peer(QuicConnectionProtocol):
             return False
         self.h3.send_headers(stream_id, headers, end_stream=end_stream)
         self._sent(stream_id, end_stream)
+        return True
+
+    def send_interim(self, stream_id: int, status: str) -> bool:
+        """A HEADERS frame with only `:status`, before the response's own: an
+        interim response (RFC 9114 section 4.1), or a status HTTP/3 does not
+        have (101, "abc"). aioquic would take the response's HEADERS for
+        trailers."""
+        if not self.send_headers(stream_id, [(b":status", status.encode())]):
+            return False
+        self.h3._stream[stream_id].headers_send_state = HeadersState.INITIAL
         return True
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> bool:
@@ -612,12 +622,15 @@ class _ServerConnection:
         kind = classify_request(pseudo, server.enable_connect_protocol)
         if kind.startswith("malformed"):
             self.peer.abort(stream_id, ErrorCode.H3_MESSAGE_ERROR)
-        elif kind == "extended-connect":
+            return
+        path = urllib.parse.urlsplit(pseudo.get(":path", "")).path
+        for status in server.heads_before.get(path, ()):
+            self.peer.send_interim(stream_id, status)
+        if kind == "extended-connect":
             self._on_extended_connect(stream_id, pseudo, regular)
         elif kind == "connect":
             self._respond(stream_id, 405, b"plain CONNECT is not supported\n")
         else:
-            path = urllib.parse.urlsplit(pseudo.get(":path", "")).path
             content_type, body = server.pages.get(path, ("text/plain", GET_BODY))
             self._respond(stream_id, 200, body, content_type=content_type)
 
@@ -688,7 +701,8 @@ class H3WebSocketServer:
     Answers an extended CONNECT with `status` and then echoes every
     WebSocket message; one whose path has `?deaf` is never read (its QUIC
     window stays shut; `unread_bytes[(connection, stream_id)]` counts what
-    arrived anyway). Any other request gets 200 with `pages[path]` as
+    arrived anyway). `heads_before[path]` are `:status` values sent first,
+    each in a HEADERS frame of its own (103 interim responses, a 101). Any other request gets 200 with `pages[path]` as
     (content type, body), or "ok". Every request is recorded in `requests`
     as {"connection", "stream_id", "alpn", "pseudo": {name: value},
     "headers": [(name, value), ...]} with lowercased names;
@@ -715,6 +729,7 @@ class H3WebSocketServer:
         status: int = 200,
         response_headers: Optional[Headers] = None,
         pages: Optional[dict[str, tuple[str, bytes]]] = None,
+        heads_before: Optional[dict[str, Sequence[str]]] = None,
     ) -> None:
         self.configuration = server_configuration(certfile, keyfile)
         self.enable_connect_protocol = enable_connect_protocol
@@ -725,6 +740,10 @@ class H3WebSocketServer:
         self.status = status
         self.response_headers: Headers = [(n.lower(), v) for n, v in (response_headers or [])]
         self.pages = dict(pages or {})
+        # {path: :status values}, each sent as a HEADERS frame of its own
+        # before the answer to a request for the path: interim responses
+        # (103), or what HTTP/3 does not have (101, "abc").
+        self.heads_before = dict(heads_before or {})
         self.requests: list[dict] = []
         self.closed_connections: list[ConnectionClosed] = []
         self.unread_bytes: collections.Counter = collections.Counter()

@@ -8,8 +8,10 @@ dies too. The same model as over HTTP/2 (`extconnect`, `common`):
 - `WsH3Connection`: advertises RFC 9220 only when the bridge carries it;
   a request whose header block is malformed, or that the codec refuses, is an
   error of its own stream (RFC 9114 section 4.1.2), never of the connection;
-  a FIN that comes again is nothing (mitmproxy closes the connection for
-  it); it remembers each read's events (a status read together with data).
+  so is a malformed response (a 101, which HTTP/3 does not have); an interim
+  1xx is skipped, not taken for the response; a FIN that comes again is
+  nothing (mitmproxy closes the connection for it); it remembers each read's
+  events (a status read together with data).
 - client side (`WsHttp3Server`): an extended CONNECT reaches the stream as
   the client sent it, ended at its headers; what the client sends before the
   status is kept (and relayed to an upstream stream that has the CONNECT);
@@ -71,6 +73,7 @@ class WsH3Connection(_http_h3.LayeredH3Connection):
         self.ws_screen = screen
         self.last_batch: list[H3Event] = []
         self.refusals: list[tuple[int, str]] = []  # (stream id, why), for the codec to log
+        self.malformed_responses: dict[int, str] = {}  # stream id: why, for the codec to say
         super().__init__(conn, is_client)
 
     def _get_local_settings(self) -> dict[int, int]:
@@ -83,15 +86,38 @@ class WsH3Connection(_http_h3.LayeredH3Connection):
 
     def _handle_request_or_push_frame(self, frame_type, frame_data, stream, stream_ended) -> list[H3Event]:
         try:
-            return super()._handle_request_or_push_frame(frame_type, frame_data, stream, stream_ended)
+            batch = super()._handle_request_or_push_frame(frame_type, frame_data, stream, stream_ended)
         except MessageError as e:
-            if self._is_client:
-                raise
-            # A malformed request is an error of its stream alone (RFC 9114
+            # A malformed message is an error of its stream alone (RFC 9114
             # section 4.1.2); what else arrives on it goes nowhere.
             stream.headers_recv_state = HeadersState.AFTER_HEADERS
+            if self._is_client:
+                return self._malformed_response(stream.stream_id, without_values(e.reason_phrase))
             self.refuse(stream.stream_id, (400, f"malformed HTTP/3 request: {without_values(e.reason_phrase)}"))
             return []
+        if not self._is_client:
+            return batch
+        head = next((e for e in batch if isinstance(e, HeadersReceived)), None)  # (trailers are TrailersReceived)
+        problem = response_head_problem(head.headers, head.stream_ended) if head is not None else None
+        if problem is INTERIM:
+            # An interim response (RFC 9114 section 4.1), which mitmproxy
+            # would take for the final one and the final one's HEADERS for
+            # trailers: dropped, as mitmproxy's HTTP/2 drops them.
+            stream.headers_recv_state = HeadersState.INITIAL
+            return []
+        if problem is not None:
+            return self._malformed_response(stream.stream_id, problem)
+        return batch
+
+    def _malformed_response(self, stream_id: int, why: str) -> list[H3Event]:
+        """A response that breaks HTTP/3's rules: the stream gets an
+        H3_MESSAGE_ERROR at the end of this read, and mitmproxy's codec a
+        StreamClosed of it (`malformed_responses` says why). Only the first
+        problem counts: the rest of the read is the same response's."""
+        if stream_id in self.malformed_responses:
+            return []
+        self.malformed_responses[stream_id] = why
+        return [_http_h3.StreamClosed(stream_id, H3ErrorCode.H3_MESSAGE_ERROR.value)]
 
     def handle_stream_event(self, event) -> list[H3Event]:
         if isinstance(event, QuicStreamDataReceived) and self._has_ended(event.stream_id):
@@ -114,14 +140,17 @@ class WsH3Connection(_http_h3.LayeredH3Connection):
         batch = super().handle_stream_event(event)
         if closed_already:
             batch = []
-        if self.ws_screen is not None:
-            for e in batch:
-                if isinstance(e, HeadersReceived) and e.stream_id not in self._closed_streams:
-                    refused = self.ws_screen(e)
-                    if refused is not None:
-                        self.refuse(e.stream_id, refused)
-            batch = [e for e in batch if not (isinstance(e, (HeadersReceived, DataReceived))
-                                               and e.stream_id in self._closed_streams)]
+        for e in batch:
+            if e.stream_id in self._closed_streams:
+                continue
+            if isinstance(e, _http_h3.StreamClosed) and e.stream_id in self.malformed_responses:
+                self.give_up(e.stream_id, H3ErrorCode.H3_MESSAGE_ERROR.value)
+            elif isinstance(e, HeadersReceived) and self.ws_screen is not None:
+                refused = self.ws_screen(e)
+                if refused is not None:
+                    self.refuse(e.stream_id, refused)
+        batch = [e for e in batch if not (isinstance(e, (HeadersReceived, DataReceived, _http_h3.TrailersReceived))
+                                           and e.stream_id in self._closed_streams)]
         self.last_batch = batch
         return batch
 
@@ -141,9 +170,16 @@ class WsH3Connection(_http_h3.LayeredH3Connection):
     def give_up(self, stream_id: int, code: int) -> None:
         """Reset a stream both ways (RESET_STREAM and STOP_SENDING, mitmproxy's
         close_stream) and read no more of it: its receiving side is done too,
-        so the connection's close reports no error for it later."""
-        self.close_stream(stream_id, code)
+        so the connection's close reports no error for it later. A sending
+        side we ended (FIN) is not reset: aioquic forgets a stream once both
+        its sides are done, and a reset then makes a new one, whose final
+        size (0) the peer takes for an error of the whole connection."""
         stream = self._get_or_create_stream(stream_id)
+        if stream.headers_send_state == HeadersState.AFTER_TRAILERS:
+            self._closed_streams.add(stream_id)
+            self._mock.stop_send(stream_id, code)
+        else:
+            self.close_stream(stream_id, code)
         stream.ended = True
         stream.headers_recv_state = HeadersState.AFTER_TRAILERS
 
@@ -329,6 +365,27 @@ class WsHttp3Server(_http3.Http3Server):
         yield self.backlog.defer(end) if later else http_layers.ReceiveHttp(end)
 
 
+# What `response_head_problem` says of an interim (1xx) response, which is no problem.
+INTERIM = "interim"
+
+
+def response_head_problem(headers: list[tuple[bytes, bytes]], ended: bool) -> str | None:
+    """What is wrong with a received response head (INTERIM for a 1xx that
+    is not the response yet), or None. aioquic checks only that a `:status`
+    is there; mitmproxy's codec closes the whole QUIC connection for one that
+    is not a number."""
+    status = next((value for name, value in headers if name == b":status"), b"")
+    if not (len(status) == 3 and status.isdigit()):
+        return "a :status that is not three digits"
+    if status == b"101":
+        # The Upgrade mechanism is HTTP/1.1's (RFC 9114 section 4.5).
+        return "101 Switching Protocols, which HTTP/3 does not have (RFC 9114 section 4.5)"
+    if status.startswith(b"1"):
+        # An interim response is followed by the response on the same stream.
+        return f"an interim {status.decode()} response that ends the stream" if ended else INTERIM
+    return None
+
+
 # HTTP/1.1's connection fields, which no HTTP/3 message carries (RFC 9114
 # section 4.2): a request with one is malformed, an error of its stream.
 CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
@@ -474,6 +531,14 @@ class WsHttp3Client(_http3.Http3Client):
             return  # (what else the upstream says of a stream that went to HTTP/1.1: its STOP_SENDING)
         ours = self.our_stream_id.get(event.stream_id)
         ws = self.websockets.get(ours) if ours is not None else None
+        malformed = self.h3_conn.malformed_responses.pop(ours, None)
+        if malformed is not None:
+            # (the stream's H3_MESSAGE_ERROR, as mitmproxy's codec reports it: "closed by client")
+            why = f"malformed HTTP/3 response: {malformed}"
+            yield commands.Log(f"ws_encode: reset upstream HTTP/3 stream {ours}: {why}", logging.WARNING)
+            event = response_error(event.stream_id, f"ws_encode: {why}")
+            if ws is not None:
+                ws.facts.ended_by_proxy = why
         if ws is None:
             yield http_layers.ReceiveHttp(event)
         elif isinstance(event, http_layers.ResponseHeaders) and ws.phase is UpstreamPhase.WAITING:
