@@ -147,3 +147,44 @@ def test_a_fin_that_comes_again_ends_nothing_else(cert, report):
     echo, page, closed, md = asyncio.run(scenario())
     assert (echo, page[0], closed) == ("beside", 200, None)
     assert_clean_log(md)
+
+
+def test_a_1xx_an_addon_makes_the_response_reaches_the_h3_client_as_a_502(cert, report, tmp_path):
+    """Whatever path a 101 or another 1xx takes to an HTTP/3 client's
+    response (here another addon's response hook), the client gets a 502 on
+    that stream and the rest of the connection goes on. Before, the client
+    got the 101 as it was, and mitmproxy crashed when the connection closed
+    (the stream it had turned into a TCP relay took an error after its end)."""
+    forcing = tmp_path / "force_1xx.py"
+    forcing.write_text(
+        "def response(flow):\n"
+        "    if flow.request.path.startswith('/force-'):\n"
+        "        flow.response.status_code = int(flow.request.path.removeprefix('/force-'))\n"
+    )
+
+    async def scenario():
+        async with h3ws.H3WebSocketServer(*cert) as upstream:
+            async with reverse_h3(upstream.port, "-s", str(forcing), report=report) as md:
+                client = await h3_client(md)
+                beside = await client.open_websocket("/beside", AUTHORITY)
+                await beside.wait_status(5)
+                statuses = {}
+                for forced in ("101", "103"):
+                    exchange = client.send_request([*GET[:3], (b":path", f"/force-{forced}".encode())])
+                    await exchange.wait_ended(5)
+                    statuses[forced] = exchange.status
+                ws = await client.open_websocket("/force-101", AUTHORITY)
+                statuses["WebSocket"] = await ws.wait_status(5)
+                await beside.send_text("beside")
+                echo = await beside.receive(5)
+                page = await client.get("/", AUTHORITY)
+                closed = client.closed
+                await client.close()
+            return statuses, echo, page, closed, md
+
+    statuses, echo, page, closed, md = asyncio.run(scenario())
+    assert statuses == {"101": 502, "103": 502, "WebSocket": 502}
+    assert (echo, page[0], closed) == ("beside", 200, None)
+    assert sum("which HTTP/3 does not have" in line for line in md.lines) == 2
+    assert any("the response is an interim 103" in line for line in md.lines)
+    assert_clean_log(md)

@@ -18,7 +18,8 @@ dies too. The same model as over HTTP/2 (`extconnect`, `common`):
   the stream's 2xx goes out with the stream left open; a reset after it is
   the client going away, and the WebSocket layer's close ends the stream in
   order (FIN, not a reset). A request with HTTP/1.1's connection fields is
-  refused (RFC 9114 section 4.2).
+  refused (RFC 9114 section 4.2), and a 1xx as the response a client is to
+  get is a 502.
 - a peer that does not read gets that stream reset once MAX_BUFFERED_BYTES
   wait for its QUIC window (`QuicBacklog`): aioquic grants the other side
   window as its data arrives, read or not, and keeps what it cannot send in
@@ -154,6 +155,15 @@ class WsH3Connection(_http_h3.LayeredH3Connection):
         self.last_batch = batch
         return batch
 
+    def get_open_stream_ids(self):
+        # The streams mitmproxy's codec reports an error on when the
+        # connection closes. mitmproxy's own test of a stream's receiving
+        # side misses a FIN on DATA (headers_recv_state stays AFTER_HEADERS),
+        # so a stream that ended both ways would get an error after its end:
+        # one still in passthrough (an addon's 101) cannot take it.
+        return (sid for sid in super().get_open_stream_ids()
+                if not (self._has_ended(sid) and self._stream[sid].headers_send_state == HeadersState.AFTER_TRAILERS))
+
     def _has_ended(self, stream_id: int) -> bool:
         stream = self._stream.get(stream_id)
         return stream is not None and stream.ended
@@ -205,6 +215,8 @@ class QuicBacklog(Backlog):
         return stream is not None and len(stream.sender._buffer) > MAX_BUFFERED_BYTES
 
 
+# The status an HTTP/3 client gets for a response the proxy cannot send it.
+BAD_RESPONSE = 502
 NOT_CARRIED = (501, "the proxy does not carry extended CONNECT over HTTP/3 here (ws_encode_h3)")
 
 
@@ -244,6 +256,7 @@ class WsHttp3Server(_http3.Http3Server):
         self.h3_conn = WsH3Connection(self.conn, is_client=False, connect_protocol=True, screen=self._screen)
         self.websockets: dict[int, ClientSideStream] = {}
         self.parsed: dict[int, http.Request] = {}  # requests the screen read, for parse_headers
+        self.cut_off: set[int] = set()  # streams whose response the proxy refused to send: the rest goes nowhere
         self.backlog = QuicBacklog(self)
 
     _logged_refusals = QuietHttp3Server._logged_refusals
@@ -284,6 +297,11 @@ class WsHttp3Server(_http3.Http3Server):
         if (due := self.backlog.due(event)) is not None:
             yield http_layers.ReceiveHttp(due)
             return
+        if isinstance(event, http_layers.HttpEvent) and event.stream_id in self.cut_off:
+            return
+        if isinstance(event, http_layers.ResponseHeaders) and event.response.status_code < 200:
+            yield from self._cut_off(event.stream_id, event.response.status_code)
+            return
         ws = self.websockets.get(event.stream_id) if isinstance(event, http_layers.HttpEvent) else None
         if ws is not None:
             yield from self._from_stream(event, ws)
@@ -298,6 +316,20 @@ class WsHttp3Server(_http3.Http3Server):
         yield from self._logged_refusals()
         if isinstance(event, _http3.QuicConnectionClosed):
             self.websockets.clear()
+
+    def _cut_off(self, sid: int, status: int) -> layer.CommandGenerator[None]:
+        """A 1xx as the response an HTTP/3 client is to get (set by an addon,
+        or a way around the upstream codecs' checks): HTTP/3 has no 101
+        (RFC 9114 section 4.5), and a client waits on after any other 1xx.
+        The client gets a 502 instead, and nothing more of the stream;
+        mitmproxy's stream goes on as after the status it sent."""
+        why = (f"the response is a {status}, which HTTP/3 does not have (RFC 9114 section 4.5)" if status == 101
+               else f"the response is an interim {status}")
+        self.websockets.pop(sid, None)
+        self.cut_off.add(sid)
+        self.h3_conn.refuse(sid, (BAD_RESPONSE, why))
+        yield from self.h3_conn.transmit()
+        yield from self._logged_refusals()
 
     def _from_client(self, event: http_layers.HttpEvent, ws: ClientSideStream) -> layer.CommandGenerator[None]:
         sid = event.stream_id
