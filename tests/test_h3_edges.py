@@ -121,6 +121,36 @@ def test_an_upstreams_101_is_a_502_on_its_stream_and_interim_responses_are_skipp
     assert_clean_log(md)
 
 
+
+def test_an_upstream_stream_that_ends_without_a_response_is_a_502(cert, report):
+    """An upstream stream's end before its response (a bare FIN, or after a
+    103 only) is a malformed response too. Before, the bare FIN left the
+    client's request waiting for as long as the connection lived, and
+    mitmproxy crashed when it closed."""
+    async def scenario():
+        async with h3ws.H3WebSocketServer(*cert, heads_before={"/hint-only": ["103"]},
+                                          unanswered=["/fin-only", "/hint-only"]) as upstream:
+            async with reverse_h3(upstream.port, report=report) as md:
+                client = await h3_client(md)
+                answers = {}
+                for path in ("/fin-only", "/hint-only"):
+                    exchange = client.send_request([*GET[:3], (b":path", path.encode())])
+                    await exchange.wait_ended(5)
+                    answers[path] = exchange.status, bytes(exchange.response_body)
+                ws = await client.open_websocket("/fin-only", AUTHORITY)
+                answers["WebSocket"] = await ws.wait_status(5), b""
+                page = await client.get("/", AUTHORITY)
+                closed = client.closed
+                await client.close()
+            return answers, page, closed, md
+
+    answers, page, closed, md = asyncio.run(scenario())
+    assert answers["/fin-only"][0] == answers["/hint-only"][0] == answers["WebSocket"][0] == 502
+    assert b"the stream ended before a response" in answers["/fin-only"][1]
+    assert b"an interim 103 response that ends the stream" in answers["/hint-only"][1]
+    assert (page[0], closed) == (200, None)
+    assert_clean_log(md)
+
 def test_a_fin_that_comes_again_ends_nothing_else(cert, report):
     """QUIC sends a FIN again when its acknowledgement was lost, and aioquic
     hands it on. Before, mitmproxy closed the whole QUIC connection for it

@@ -626,7 +626,9 @@ class _ServerConnection:
         path = urllib.parse.urlsplit(pseudo.get(":path", "")).path
         for status in server.heads_before.get(path, ()):
             self.peer.send_interim(stream_id, status)
-        if kind == "extended-connect":
+        if path in server.unanswered:
+            self.peer.send_raw(stream_id, b"", end_stream=True)  # (a FIN, before any HEADERS too)
+        elif kind == "extended-connect":
             self._on_extended_connect(stream_id, pseudo, regular)
         elif kind == "connect":
             self._respond(stream_id, 405, b"plain CONNECT is not supported\n")
@@ -702,7 +704,8 @@ class H3WebSocketServer:
     WebSocket message; one whose path has `?deaf` is never read (its QUIC
     window stays shut; `unread_bytes[(connection, stream_id)]` counts what
     arrived anyway). `heads_before[path]` are `:status` values sent first,
-    each in a HEADERS frame of its own (103 interim responses, a 101). Any other request gets 200 with `pages[path]` as
+    each in a HEADERS frame of its own (103 interim responses, a 101); a
+    request for a path in `unanswered` gets only those, and the stream's end. Any other request gets 200 with `pages[path]` as
     (content type, body), or "ok". Every request is recorded in `requests`
     as {"connection", "stream_id", "alpn", "pseudo": {name: value},
     "headers": [(name, value), ...]} with lowercased names;
@@ -730,6 +733,7 @@ class H3WebSocketServer:
         response_headers: Optional[Headers] = None,
         pages: Optional[dict[str, tuple[str, bytes]]] = None,
         heads_before: Optional[dict[str, Sequence[str]]] = None,
+        unanswered: Sequence[str] = (),
     ) -> None:
         self.configuration = server_configuration(certfile, keyfile)
         self.enable_connect_protocol = enable_connect_protocol
@@ -744,6 +748,8 @@ class H3WebSocketServer:
         # before the answer to a request for the path: interim responses
         # (103), or what HTTP/3 does not have (101, "abc").
         self.heads_before = dict(heads_before or {})
+        # Paths whose streams end after those HEADERS, with no response.
+        self.unanswered = frozenset(unanswered)
         self.requests: list[dict] = []
         self.closed_connections: list[ConnectionClosed] = []
         self.unread_bytes: collections.Counter = collections.Counter()

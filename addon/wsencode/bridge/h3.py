@@ -8,10 +8,11 @@ dies too. The same model as over HTTP/2 (`extconnect`, `common`):
 - `WsH3Connection`: advertises RFC 9220 only when the bridge carries it;
   a request whose header block is malformed, or that the codec refuses, is an
   error of its own stream (RFC 9114 section 4.1.2), never of the connection;
-  so is a malformed response (a 101, which HTTP/3 does not have); an interim
-  1xx is skipped, not taken for the response; a FIN that comes again is
-  nothing (mitmproxy closes the connection for it); it remembers each read's
-  events (a status read together with data).
+  so is a malformed response (a 101, which HTTP/3 does not have; none at
+  all before the stream's end); an interim 1xx is skipped, not taken for the
+  response; a FIN that comes again is nothing (mitmproxy closes the
+  connection for it); it remembers each read's events (a status read
+  together with data).
 - client side (`WsHttp3Server`): an extended CONNECT reaches the stream as
   the client sent it, ended at its headers; what the client sends before the
   status is kept (and relayed to an upstream stream that has the CONNECT);
@@ -110,6 +111,12 @@ class WsH3Connection(_http_h3.LayeredH3Connection):
             return self._malformed_response(stream.stream_id, problem)
         return batch
 
+    def _ends_before_response(self, event: H3Event) -> bool:
+        """A response stream's end before any response (aioquic hands on a
+        lone FIN as empty data): mitmproxy's stream would wait on forever."""
+        return (self._is_client and isinstance(event, DataReceived) and event.stream_ended
+                and self._stream[event.stream_id].headers_recv_state == HeadersState.INITIAL)
+
     def _malformed_response(self, stream_id: int, why: str) -> list[H3Event]:
         """A response that breaks HTTP/3's rules: the stream gets an
         H3_MESSAGE_ERROR at the end of this read, and mitmproxy's codec a
@@ -141,6 +148,8 @@ class WsH3Connection(_http_h3.LayeredH3Connection):
         batch = super().handle_stream_event(event)
         if closed_already:
             batch = []
+        batch = [out for e in batch for out in
+                 (self._malformed_response(e.stream_id, NO_RESPONSE) if self._ends_before_response(e) else [e])]
         for e in batch:
             if e.stream_id in self._closed_streams:
                 continue
@@ -399,6 +408,7 @@ class WsHttp3Server(_http3.Http3Server):
 
 # What `response_head_problem` says of an interim (1xx) response, which is no problem.
 INTERIM = "interim"
+NO_RESPONSE = "the stream ended before a response"
 
 
 def response_head_problem(headers: list[tuple[bytes, bytes]], ended: bool) -> str | None:
