@@ -48,13 +48,13 @@ import ipaddress
 import ssl
 import sys
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.buffer import Buffer
-from aioquic.h3.connection import ErrorCode, FrameType, H3Connection, Setting, encode_frame
+from aioquic.h3.connection import ErrorCode, FrameType, H3Connection, HeadersState, Setting, encode_frame
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -74,6 +74,7 @@ from aioquic.quic.packet import (
     encode_quic_version_negotiation,
     pull_quic_header,
 )
+from aioquic.quic.packet_builder import QuicDeliveryState
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from wsproto.connection import ConnectionType
@@ -291,6 +292,16 @@ class H3Peer(QuicConnectionProtocol):
         self._sent(stream_id, end_stream)
         return True
 
+    def send_interim(self, stream_id: int, status: str) -> bool:
+        """A HEADERS frame with only `:status`, before the response's own: an
+        interim response (RFC 9114 section 4.1), or a status HTTP/3 does not
+        have (101, "abc"). aioquic would take the response's HEADERS for
+        trailers."""
+        if not self.send_headers(stream_id, [(b":status", status.encode())]):
+            return False
+        self.h3._stream[stream_id].headers_send_state = HeadersState.INITIAL
+        return True
+
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> bool:
         if self.h3 is None or not self.can_send(stream_id):
             return False
@@ -303,6 +314,17 @@ class H3Peer(QuicConnectionProtocol):
 
     def end_stream(self, stream_id: int) -> bool:
         return self.send_data(stream_id, b"", end_stream=True)
+
+    def repeat_fin(self, stream_id: int) -> None:
+        """Our FIN on a stream we ended, once more: what a retransmission
+        does when the first one's acknowledgement was lost (RFC 9000 section
+        4.5 lets a final size arrive again; only a different one is an error)."""
+        self.transmit()  # the first FIN goes out now, if it has not yet
+        sender = self.quic._streams[stream_id].sender
+        final_size = sender._buffer_fin
+        assert final_size is not None, "the stream has not ended"
+        sender.on_data_delivery(QuicDeliveryState.LOST, final_size, final_size, fin=True)
+        self.transmit_soon()
 
     def send_raw(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         """Bytes as they are on a new request stream (frames of any kind, valid or not)."""
@@ -600,12 +622,17 @@ class _ServerConnection:
         kind = classify_request(pseudo, server.enable_connect_protocol)
         if kind.startswith("malformed"):
             self.peer.abort(stream_id, ErrorCode.H3_MESSAGE_ERROR)
+            return
+        path = urllib.parse.urlsplit(pseudo.get(":path", "")).path
+        for status in server.heads_before.get(path, ()):
+            self.peer.send_interim(stream_id, status)
+        if path in server.unanswered:
+            self.peer.send_raw(stream_id, b"", end_stream=True)  # (a FIN, before any HEADERS too)
         elif kind == "extended-connect":
             self._on_extended_connect(stream_id, pseudo, regular)
         elif kind == "connect":
             self._respond(stream_id, 405, b"plain CONNECT is not supported\n")
         else:
-            path = urllib.parse.urlsplit(pseudo.get(":path", "")).path
             content_type, body = server.pages.get(path, ("text/plain", GET_BODY))
             self._respond(stream_id, 200, body, content_type=content_type)
 
@@ -676,7 +703,9 @@ class H3WebSocketServer:
     Answers an extended CONNECT with `status` and then echoes every
     WebSocket message; one whose path has `?deaf` is never read (its QUIC
     window stays shut; `unread_bytes[(connection, stream_id)]` counts what
-    arrived anyway). Any other request gets 200 with `pages[path]` as
+    arrived anyway). `heads_before[path]` are `:status` values sent first,
+    each in a HEADERS frame of its own (103 interim responses, a 101); a
+    request for a path in `unanswered` gets only those, and the stream's end. Any other request gets 200 with `pages[path]` as
     (content type, body), or "ok". Every request is recorded in `requests`
     as {"connection", "stream_id", "alpn", "pseudo": {name: value},
     "headers": [(name, value), ...]} with lowercased names;
@@ -703,6 +732,8 @@ class H3WebSocketServer:
         status: int = 200,
         response_headers: Optional[Headers] = None,
         pages: Optional[dict[str, tuple[str, bytes]]] = None,
+        heads_before: Optional[dict[str, Sequence[str]]] = None,
+        unanswered: Sequence[str] = (),
     ) -> None:
         self.configuration = server_configuration(certfile, keyfile)
         self.enable_connect_protocol = enable_connect_protocol
@@ -713,6 +744,12 @@ class H3WebSocketServer:
         self.status = status
         self.response_headers: Headers = [(n.lower(), v) for n, v in (response_headers or [])]
         self.pages = dict(pages or {})
+        # {path: :status values}, each sent as a HEADERS frame of its own
+        # before the answer to a request for the path: interim responses
+        # (103), or what HTTP/3 does not have (101, "abc").
+        self.heads_before = dict(heads_before or {})
+        # Paths whose streams end after those HEADERS, with no response.
+        self.unanswered = frozenset(unanswered)
         self.requests: list[dict] = []
         self.closed_connections: list[ConnectionClosed] = []
         self.unread_bytes: collections.Counter = collections.Counter()
@@ -797,6 +834,10 @@ class Exchange(ClientStream):
         self._client._streams.pop(self.stream_id, None)
         self._on_send_closed(f"local_reset:{int(code)}")
         self._on_ended(f"local_reset:{int(code)}")
+
+    def repeat_fin(self) -> None:
+        """Our FIN once more, on the stream we ended (H3Peer.repeat_fin)."""
+        self._client._peer.repeat_fin(self.stream_id)
 
     def _ended_error(self, what: str) -> WebSocketClosed:
         for reason in (self.ended_with, self.send_closed_by):

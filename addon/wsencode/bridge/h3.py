@@ -8,13 +8,19 @@ dies too. The same model as over HTTP/2 (`extconnect`, `common`):
 - `WsH3Connection`: advertises RFC 9220 only when the bridge carries it;
   a request whose header block is malformed, or that the codec refuses, is an
   error of its own stream (RFC 9114 section 4.1.2), never of the connection;
-  it remembers each read's events (a status read together with data).
+  so is a malformed response (a 101, which HTTP/3 does not have; none at
+  all before the stream's end); an interim 1xx is skipped, not taken for the
+  response; a FIN that comes again is nothing (mitmproxy closes the
+  connection for it); it remembers each read's events (a status read
+  together with data).
 - client side (`WsHttp3Server`): an extended CONNECT reaches the stream as
   the client sent it, ended at its headers; what the client sends before the
   status is kept (and relayed to an upstream stream that has the CONNECT);
   the stream's 2xx goes out with the stream left open; a reset after it is
   the client going away, and the WebSocket layer's close ends the stream in
-  order (FIN, not a reset).
+  order (FIN, not a reset). A request with HTTP/1.1's connection fields is
+  refused (RFC 9114 section 4.2), and a 1xx as the response a client is to
+  get is a 502.
 - a peer that does not read gets that stream reset once MAX_BUFFERED_BYTES
   wait for its QUIC window (`QuicBacklog`): aioquic grants the other side
   window as its data arrives, read or not, and keeps what it cannot send in
@@ -42,7 +48,8 @@ from mitmproxy.proxy.layers.http import _http2, _http3
 from mitmproxy.proxy.layers.http import _http_h3
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.quic import (
-    ClientQuicLayer, QuicConnectionClosed, QuicStreamEvent, QuicStreamReset, QuicStreamStopSending, ServerQuicLayer,
+    ClientQuicLayer, QuicConnectionClosed, QuicStreamDataReceived, QuicStreamEvent, QuicStreamReset, QuicStreamStopSending,
+    ServerQuicLayer,
 )
 from mitmproxy.proxy.utils import expect
 
@@ -102,6 +109,7 @@ class WsH3Connection(_http_h3.LayeredH3Connection):
         self.ws_screen = screen
         self.last_batch: list[H3Event] = []
         self.refusals: list[tuple[int, str]] = []  # (stream id, why), for the codec to log
+        self.malformed_responses: dict[int, str] = {}  # stream id: why, for the codec to say
         super().__init__(conn, is_client)
 
     def _get_local_settings(self) -> dict[int, int]:
@@ -114,17 +122,55 @@ class WsH3Connection(_http_h3.LayeredH3Connection):
 
     def _handle_request_or_push_frame(self, frame_type, frame_data, stream, stream_ended) -> list[H3Event]:
         try:
-            return super()._handle_request_or_push_frame(frame_type, frame_data, stream, stream_ended)
+            batch = super()._handle_request_or_push_frame(frame_type, frame_data, stream, stream_ended)
         except MessageError as e:
-            if self._is_client:
-                raise
-            # A malformed request is an error of its stream alone (RFC 9114
+            # A malformed message is an error of its stream alone (RFC 9114
             # section 4.1.2); what else arrives on it goes nowhere.
             stream.headers_recv_state = HeadersState.AFTER_HEADERS
+            if self._is_client:
+                return self._malformed_response(stream.stream_id, without_values(e.reason_phrase))
             self.refuse(stream.stream_id, (400, f"malformed HTTP/3 request: {without_values(e.reason_phrase)}"))
             return []
+        if not self._is_client:
+            return batch
+        head = next((e for e in batch if isinstance(e, HeadersReceived)), None)  # (trailers are TrailersReceived)
+        problem = response_head_problem(head.headers, head.stream_ended) if head is not None else None
+        if problem is INTERIM:
+            # An interim response (RFC 9114 section 4.1), which mitmproxy
+            # would take for the final one and the final one's HEADERS for
+            # trailers: dropped, as mitmproxy's HTTP/2 drops them.
+            stream.headers_recv_state = HeadersState.INITIAL
+            return []
+        if problem is not None:
+            return self._malformed_response(stream.stream_id, problem)
+        return batch
+
+    def _ends_before_response(self, event: H3Event) -> bool:
+        """A response stream's end before any response (aioquic hands on a
+        lone FIN as empty data): mitmproxy's stream would wait on forever."""
+        return (self._is_client and isinstance(event, DataReceived) and event.stream_ended
+                and self._stream[event.stream_id].headers_recv_state == HeadersState.INITIAL)
+
+    def _malformed_response(self, stream_id: int, why: str) -> list[H3Event]:
+        """A response that breaks HTTP/3's rules: the stream gets an
+        H3_MESSAGE_ERROR at the end of this read, and mitmproxy's codec a
+        StreamClosed of it (`malformed_responses` says why). Only the first
+        problem counts: the rest of the read is the same response's."""
+        if stream_id in self.malformed_responses:
+            return []
+        self.malformed_responses[stream_id] = why
+        return [_http_h3.StreamClosed(stream_id, H3ErrorCode.H3_MESSAGE_ERROR.value)]
 
     def handle_stream_event(self, event) -> list[H3Event]:
+        if isinstance(event, QuicStreamDataReceived) and self._has_ended(event.stream_id):
+            # The peer's FIN once more: QUIC repeats a final size whose
+            # acknowledgement was lost (RFC 9000 section 4.5), and aioquic
+            # hands it on again. mitmproxy's codec closes the whole QUIC
+            # connection for it ("stream already ended"); the stream has had
+            # its end, and there is nothing else to it (more bytes past the
+            # FIN never get here: QUIC refuses them, FINAL_SIZE_ERROR).
+            self.last_batch = []
+            return []
         # A peer cancels a stream with RESET_STREAM and STOP_SENDING together
         # (RFC 9114 section 4.1.1); mitmproxy makes a StreamClosed of each
         # (_http_h3.LayeredH3Connection.handle_stream_event). Once the stream
@@ -136,14 +182,19 @@ class WsH3Connection(_http_h3.LayeredH3Connection):
         batch = super().handle_stream_event(event)
         if closed_already:
             batch = []
-        if self.ws_screen is not None:
-            for e in batch:
-                if isinstance(e, HeadersReceived) and e.stream_id not in self._closed_streams:
-                    refused = self.ws_screen(e)
-                    if refused is not None:
-                        self.refuse(e.stream_id, refused)
-            batch = [e for e in batch if not (isinstance(e, (HeadersReceived, DataReceived))
-                                               and e.stream_id in self._closed_streams)]
+        batch = [out for e in batch for out in
+                 (self._malformed_response(e.stream_id, NO_RESPONSE) if self._ends_before_response(e) else [e])]
+        for e in batch:
+            if e.stream_id in self._closed_streams:
+                continue
+            if isinstance(e, _http_h3.StreamClosed) and e.stream_id in self.malformed_responses:
+                self.give_up(e.stream_id, H3ErrorCode.H3_MESSAGE_ERROR.value)
+            elif isinstance(e, HeadersReceived) and self.ws_screen is not None:
+                refused = self.ws_screen(e)
+                if refused is not None:
+                    self.refuse(e.stream_id, refused)
+        batch = [e for e in batch if not (isinstance(e, (HeadersReceived, DataReceived, _http_h3.TrailersReceived))
+                                           and e.stream_id in self._closed_streams)]
         self.last_batch = batch
         return batch
 
@@ -163,6 +214,19 @@ class WsH3Connection(_http_h3.LayeredH3Connection):
         if stop_send:  # (mitmproxy's QUIC layer sends it only to a stream it still has)
             self._mock.stop_send(stream_id=stream_id, error_code=error_code)
 
+    def get_open_stream_ids(self):
+        # The streams mitmproxy's codec reports an error on when the
+        # connection closes. mitmproxy's own test of a stream's receiving
+        # side misses a FIN on DATA (headers_recv_state stays AFTER_HEADERS),
+        # so a stream that ended both ways would get an error after its end:
+        # one still in passthrough (an addon's 101) cannot take it.
+        return (sid for sid in super().get_open_stream_ids()
+                if not (self._has_ended(sid) and self._stream[sid].headers_send_state == HeadersState.AFTER_TRAILERS))
+
+    def _has_ended(self, stream_id: int) -> bool:
+        stream = self._stream.get(stream_id)
+        return stream is not None and stream.ended
+
     def refuse(self, stream_id: int, refusal: Refusal) -> None:
         """Answer a request on its own stream, and read no more of it."""
         status, why = refusal
@@ -175,9 +239,16 @@ class WsH3Connection(_http_h3.LayeredH3Connection):
     def give_up(self, stream_id: int, code: int) -> None:
         """Reset a stream both ways (RESET_STREAM and STOP_SENDING, mitmproxy's
         close_stream) and read no more of it: its receiving side is done too,
-        so the connection's close reports no error for it later."""
-        self.close_stream(stream_id, code)
+        so the connection's close reports no error for it later. A sending
+        side we ended (FIN) is not reset: aioquic forgets a stream once both
+        its sides are done, and a reset then makes a new one, whose final
+        size (0) the peer takes for an error of the whole connection."""
         stream = self._get_or_create_stream(stream_id)
+        if stream.headers_send_state == HeadersState.AFTER_TRAILERS:
+            self._closed_streams.add(stream_id)
+            self._mock.stop_send(stream_id, code)
+        else:
+            self.close_stream(stream_id, code)
         stream.ended = True
         stream.headers_recv_state = HeadersState.AFTER_TRAILERS
 
@@ -203,6 +274,8 @@ class QuicBacklog(Backlog):
         return stream is not None and len(stream.sender._buffer) > MAX_BUFFERED_BYTES
 
 
+# The status an HTTP/3 client gets for a response the proxy cannot send it.
+BAD_RESPONSE = 502
 NOT_CARRIED = (501, "the proxy does not carry extended CONNECT over HTTP/3 here (ws_encode_h3)")
 
 
@@ -242,7 +315,9 @@ class WsHttp3Server(_http3.Http3Server):
         self.h3_conn = WsH3Connection(self.conn, is_client=False, connect_protocol=True, screen=self._screen)
         self.websockets: dict[int, ClientSideStream] = {}
         self.parsed: dict[int, http.Request] = {}  # requests the screen read, for parse_headers
-        self.unsent: set[int] = set()  # streams whose response was too large to encode: the rest goes nowhere
+        # streams whose response the proxy refused to send (a 1xx, a section too large to
+        # encode): the rest of the response goes nowhere, until its end
+        self.cut_off: set[int] = set()
         self.backlog = QuicBacklog(self)
 
     _logged_refusals = QuietHttp3Server._logged_refusals
@@ -256,6 +331,8 @@ class WsHttp3Server(_http3.Http3Server):
     def _screen(self, event: HeadersReceived) -> Refusal | None:
         """Every request's headers, before mitmproxy's codec reads them:
         the request, or why it is refused on its own stream."""
+        if (problem := connection_specific(event.headers)) is not None:
+            return 400, f"malformed HTTP/3 request: {problem}"
         if _protocol(event.headers) is not None:
             request = extended_connect(event.headers, HTTP3, self.context.options.websocket)
         else:
@@ -281,19 +358,22 @@ class WsHttp3Server(_http3.Http3Server):
         if (due := self.backlog.due(event)) is not None:
             yield http_layers.ReceiveHttp(due)
             return
+        if isinstance(event, http_layers.HttpEvent) and event.stream_id in self.cut_off:
+            if isinstance(event, (http_layers.ResponseEndOfMessage, http_layers.ResponseProtocolError)):
+                self.cut_off.discard(event.stream_id)  # (the stream's last event: nothing more to drop)
+            return
+        if isinstance(event, http_layers.ResponseHeaders) and event.response.status_code < 200:
+            yield from self._cut_off(event.stream_id, event.response.status_code)
+            return
         ws = self.websockets.get(event.stream_id) if isinstance(event, http_layers.HttpEvent) else None
         if ws is not None:
             yield from self._from_stream(event, ws)
-            return
-        if isinstance(event, http_layers.HttpEvent) and event.stream_id in self.unsent:
-            if isinstance(event, (http_layers.ResponseEndOfMessage, http_layers.ResponseProtocolError)):
-                self.unsent.discard(event.stream_id)
             return
         if isinstance(event, http_layers.ResponseHeaders) and not qpack_encodes(response_fields(event.response)):
             yield commands.Log(f"ws_encode: HTTP/3 stream {event.stream_id} gets 502: the upstream's response "
                                f"{TOO_LARGE}", logging.WARNING)
             if not event.end_stream:
-                self.unsent.add(event.stream_id)
+                self.cut_off.add(event.stream_id)
             event = response_error(event.stream_id, f"the upstream's response {TOO_LARGE}")
         if isinstance(event, QuicConnectionClosed):
             yield from self.backlog.due_now()
@@ -305,6 +385,20 @@ class WsHttp3Server(_http3.Http3Server):
         yield from self._logged_refusals()
         if isinstance(event, _http3.QuicConnectionClosed):
             self.websockets.clear()
+
+    def _cut_off(self, sid: int, status: int) -> layer.CommandGenerator[None]:
+        """A 1xx as the response an HTTP/3 client is to get (set by an addon,
+        or a way around the upstream codecs' checks): HTTP/3 has no 101
+        (RFC 9114 section 4.5), and a client waits on after any other 1xx.
+        The client gets a 502 instead, and nothing more of the stream;
+        mitmproxy's stream goes on as after the status it sent."""
+        why = (f"the response is a {status}, which HTTP/3 does not have (RFC 9114 section 4.5)" if status == 101
+               else f"the response is an interim {status}")
+        self.websockets.pop(sid, None)
+        self.cut_off.add(sid)
+        self.h3_conn.refuse(sid, (BAD_RESPONSE, why))
+        yield from self.h3_conn.transmit()
+        yield from self._logged_refusals()
 
     def _from_client(self, event: http_layers.HttpEvent, ws: ClientSideStream) -> layer.CommandGenerator[None]:
         sid = event.stream_id
@@ -370,6 +464,46 @@ class WsHttp3Server(_http3.Http3Server):
         # A WebSocket layer that is sending right now must not be handed an
         # event (it is not re-entrant): then its peer's end comes next turn.
         yield self.backlog.defer(end) if later else http_layers.ReceiveHttp(end)
+
+
+# What `response_head_problem` says of an interim (1xx) response, which is no problem.
+INTERIM = "interim"
+NO_RESPONSE = "the stream ended before a response"
+
+
+def response_head_problem(headers: list[tuple[bytes, bytes]], ended: bool) -> str | None:
+    """What is wrong with a received response head (INTERIM for a 1xx that
+    is not the response yet), or None. aioquic checks only that a `:status`
+    is there; mitmproxy's codec closes the whole QUIC connection for one that
+    is not a number."""
+    status = next((value for name, value in headers if name == b":status"), b"")
+    if not (len(status) == 3 and status.isdigit()):
+        return "a :status that is not three digits"
+    if status == b"101":
+        # The Upgrade mechanism is HTTP/1.1's (RFC 9114 section 4.5).
+        return "101 Switching Protocols, which HTTP/3 does not have (RFC 9114 section 4.5)"
+    if status.startswith(b"1"):
+        # An interim response is followed by the response on the same stream.
+        return f"an interim {status.decode()} response that ends the stream" if ended else INTERIM
+    return None
+
+
+# HTTP/1.1's connection fields, which no HTTP/3 message carries (RFC 9114
+# section 4.2): a request with one is malformed, an error of its stream.
+CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
+
+
+def connection_specific(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The connection-specific field a received header block carries (`te`
+    only as other than "trailers"), as a reason without its value; or None.
+    (aioquic checks `transfer-encoding` against the value that only `te` may
+    have, and lets the rest through.)"""
+    for name, value in headers:
+        if name in CONNECTION_SPECIFIC:
+            return f"connection-specific field {name.decode()} (RFC 9114 section 4.2)"
+        if name == b"te" and value.strip().lower() != b"trailers":
+            return "te other than trailers (RFC 9114 section 4.2)"
+    return None
 
 
 def _request(headers: list[tuple[bytes, bytes]]) -> http.Request:
@@ -509,6 +643,14 @@ class WsHttp3Client(_http3.Http3Client):
             return  # (what else the upstream says of a stream that went to HTTP/1.1: its STOP_SENDING)
         ours = self.our_stream_id.get(event.stream_id)
         ws = self.websockets.get(ours) if ours is not None else None
+        malformed = self.h3_conn.malformed_responses.pop(ours, None)
+        if malformed is not None:
+            # (the stream's H3_MESSAGE_ERROR, as mitmproxy's codec reports it: "closed by client")
+            why = f"malformed HTTP/3 response: {malformed}"
+            yield commands.Log(f"ws_encode: reset upstream HTTP/3 stream {ours}: {why}", logging.WARNING)
+            event = response_error(event.stream_id, f"ws_encode: {why}")
+            if ws is not None:
+                ws.facts.ended_by_proxy = why
         if ws is None:
             yield http_layers.ReceiveHttp(event)
         elif isinstance(event, http_layers.ResponseHeaders) and ws.phase is UpstreamPhase.WAITING:

@@ -27,17 +27,19 @@ handed):
   HTTP/1.1 connection dropped), and the proxyserver's connection handlers'
   `max_conns` (a WebSocket's connection past the per-server throttle) (5).
 
-And for HTTP/3 (16 more):
+And for HTTP/3 (18 more):
 
 - replaced: `Http3Server`, `Http3Client` (2);
 - `Http3Server` and `Http3Client` (`h3`): `parse_headers` and `_handle_event`
   overridden, `h3_conn` replaced, `our_stream_id` and `their_stream_id` used (5);
 - `_http_h3.LayeredH3Connection`, subclassed (`h3.WsH3Connection`):
-  `handle_stream_event` overridden, and aioquic's `_get_local_settings` (not
-  to advertise RFC 9220) and `_handle_request_or_push_frame` (a malformed
-  request an error of its stream, not of the connection); `_closed_streams`
-  and `_mock` (to stop reading a refused stream), `received_settings`,
-  `has_sent_headers`, `close_stream`, `transmit` used (9).
+  `handle_stream_event` and `get_open_stream_ids` (a stream ended both ways
+  is not open) overridden, and aioquic's `_get_local_settings` (not to
+  advertise RFC 9220) and `_handle_request_or_push_frame` (a malformed
+  request or response an error of its stream, not of the connection; an
+  interim response skipped); `_closed_streams` and `_mock` (to stop reading a
+  refused stream), aioquic's `_stream` (whether a stream has ended),
+  `received_settings`, `has_sent_headers`, `close_stream`, `transmit` used (11).
 
 The HTTP events, commands and hooks the layers exchange (`ReceiveHttp`,
 `SendHttp`, `RequestHeaders`…, `GetHttpConnection`, `DropStream`, the hook
