@@ -10,9 +10,7 @@ terminal.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import sys
 import textwrap
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -46,17 +44,8 @@ DOING = {
 
 
 def answer_width() -> int:
-    return min(max(int(terminal_columns() * VIEWER_SHARE) - VIEWER_FRAME, NARROWEST), WIDEST)
-
-
-def terminal_columns() -> int:
-    """The console's terminal as it is now: asked of the terminal itself first
-    (COLUMNS, which shutil prefers, is whatever the shell that started
-    mitmproxy had), else COLUMNS or a fallback (mitmdump's output piped, mitmweb)."""
-    try:
-        return os.get_terminal_size(sys.__stdout__.fileno()).columns
-    except (AttributeError, ValueError, OSError):  # no stdout, or not a terminal
-        return shutil.get_terminal_size((100, 24)).columns
+    columns = int(shutil.get_terminal_size((100, 24)).columns * VIEWER_SHARE) - VIEWER_FRAME
+    return min(max(columns, NARROWEST), WIDEST)
 
 
 def wrap(text: str) -> list[str]:
