@@ -10,7 +10,6 @@ terminal.
 from __future__ import annotations
 
 import logging
-import shutil
 import textwrap
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -24,12 +23,7 @@ from ..core.lifecycle import Stage
 
 logger = logging.getLogger("ws_encode")
 
-# An answer's rows fill the console's data viewer, 80 % of the terminal's
-# width less its frame (mitmweb and scripts: no terminal, the fallback's
-# width); never narrower than a sentence reads well in, nor wider than one
-# reads at all.
-VIEWER_SHARE, VIEWER_FRAME = 0.8, 4
-NARROWEST, WIDEST = 56, 120
+ANSWER_WIDTH = 60
 # The flows that stalled, for the console's and mitmweb's flow list.
 STALLED_FILTER = '~comment "Stall: no (status|response head)"'
 # What `wsencode.waiting` says a handshake is doing, by where it is.
@@ -43,16 +37,10 @@ DOING = {
 }
 
 
-def answer_width() -> int:
-    columns = int(shutil.get_terminal_size((100, 24)).columns * VIEWER_SHARE) - VIEWER_FRAME
-    return min(max(columns, NARROWEST), WIDEST)
-
-
 def wrap(text: str) -> list[str]:
-    """`text` as indented answer rows as wide as the console's viewer, broken
-    at spaces only (never inside `accept-encoding`)."""
-    return textwrap.wrap(text, answer_width(), initial_indent="    ", subsequent_indent="    ",
-                         break_on_hyphens=False)
+    """`text` as indented answer rows, broken at spaces only (never inside
+    `accept-encoding`)."""
+    return textwrap.wrap(text, ANSWER_WIDTH, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False)
 
 
 def plural(n: int, word: str) -> str:
