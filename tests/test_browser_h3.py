@@ -119,7 +119,7 @@ def visit(behaviour: str, cert, home: Path, folder: Path, report: Path, *options
                 browser = await open_page(lab, md, cert, home)
                 try:
                     result = await reported(lab)
-                    record = await md.wait_for_record(event="handshake")
+                    record = await md.wait_for_record(event="handshake", kind="websocket")
                 finally:
                     await chromium.stop(browser)
             return Visit(result, record, md.records(), websockets_seen(lab), md)
@@ -152,10 +152,10 @@ def test_the_encoder_bug_hangs_the_page_and_the_stall_is_reported_while_it_waits
             async with reverse_h3(lab, cert, tmp_path, "--set", f"ws_encode_stall={STALL}", report=report) as md:
                 browser = await open_page(lab, md, cert, home)
                 try:
-                    stall = await md.wait_for_record(event="stall", timeout=30)
+                    stall = await md.wait_for_record(event="stall", kind="websocket", timeout=30)
                     waiting = lab.app.results.empty()  # the page has not given up yet
                     result = await reported(lab)
-                    end = await md.wait_for_record(event="handshake")
+                    end = await md.wait_for_record(event="handshake", kind="websocket")
                 finally:
                     await chromium.stop(browser)
             return stall, waiting, result, end, websockets_seen(lab), md

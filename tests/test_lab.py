@@ -210,7 +210,8 @@ def test_chromium_opens_greet_directly_and_through_the_proxy(cert, home, tmp_pat
             direct = await browse(server, f"{server.url}/", home)
             async with Mitmdump("--mode", f"reverse:{server.url}", "--ssl-insecure", report=report) as md:
                 proxied = await browse(server, f"https://127.0.0.1:{md.port}/", tmp_path_factory.mktemp("c"))
-                record = await md.wait_for_record(event="handshake")
+                # (the page's event stream has its record too)
+                record = await md.wait_for_record(event="handshake", kind="websocket")
             return direct, proxied, record, server.app.requests, md
 
     direct, proxied, record, requests, md = asyncio.run(scenario())
@@ -235,7 +236,7 @@ def test_haproxy_compresses_the_page_and_passes_the_handshake_through_the_proxy_
                     page = await h2_get(md.port, "/", "gzip")
                     plain = await h2_get(md.port, "/", None)
                     seen = await h2_client(md.port, "/echo/haproxy", "client", BROWSER, 2, asyncio.Semaphore(1))
-                    record = await md.wait_for_record(event="handshake")
+                    record = await md.wait_for_record(event="handshake", kind="websocket")
             finally:
                 await front.stop()
             return page, plain, seen, record, server.app.requests
