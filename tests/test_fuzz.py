@@ -260,20 +260,33 @@ class LoopThread:
         self.loop.close()
 
 
-class H2Session:
+class HeaderBlockSession:
+    """Header blocks on one connection of a client, through one mitmdump in
+    front of `upstream`, beside a sibling WebSocket (HTTP/2 and HTTP/3 alike)."""
+
     def __init__(self, cert, report, flows_file) -> None:
         self.cert, self.report, self.flows_file = cert, report, flows_file
         self.outcomes = Outcomes()
         self.next_case = 0
 
-    async def start(self) -> None:
-        self.upstream = await h2ws.H2WebSocketServer(*self.cert).start()
+    async def start_proxy(self, upstream, mode: str) -> None:
+        self.upstream = upstream
         self.md = Mitmdump(
-            "--mode", f"reverse:https://127.0.0.1:{self.upstream.port}", "--ssl-insecure",
+            "--mode", f"reverse:{mode}://127.0.0.1:{upstream.port}", "--ssl-insecure",
             "--set", "flow_detail=0", "-w", str(self.flows_file), report=self.report,
         )
         await self.md.__aenter__()
         self.md.checked_lines = 0
+
+    async def stop(self) -> None:
+        await self.client.close()
+        await self.md.stop()
+        await self.upstream.stop()
+
+
+class H2Session(HeaderBlockSession):
+    async def start(self) -> None:
+        await self.start_proxy(await h2ws.H2WebSocketServer(*self.cert).start(), "https")
         self.client = await RawH2(self.md.port).connect()
         self.sibling = await self.client.open_websocket(b"/sibling")
 
@@ -320,11 +333,6 @@ class H2Session:
             ) from None
         assert echoed == f"after case {self.next_case - 1}"
         assert_no_crash(self.md)
-
-    async def stop(self) -> None:
-        await self.client.close()
-        await self.md.stop()
-        await self.upstream.stop()
 
 
 def assert_no_crash(md: Mitmdump, known: list[str] | None = None) -> None:
@@ -457,7 +465,7 @@ def test_fuzz_h2_header_blocks_through_the_rfc8441_bridge(cert, report, tmp_path
 # -- HTTP/3 ----------------------------------------------------------------------
 
 
-class H3Session:
+class H3Session(HeaderBlockSession):
     """The HTTP/2 fuzz's header blocks over HTTP/3 (RFC 9220): each a request
     stream on one QUIC connection, its field section QPACK literals exactly
     as generated (h3ws's send_request checks nothing), beside a well-formed
@@ -465,19 +473,8 @@ class H3Session:
     reached over QUIC. A bad block must be refused on its own stream (a 4xx
     status or a stream error) and the connection live on."""
 
-    def __init__(self, cert, report, flows_file) -> None:
-        self.cert, self.report, self.flows_file = cert, report, flows_file
-        self.outcomes = Outcomes()
-        self.next_case = 0
-
     async def start(self) -> None:
-        self.upstream = await h3ws.H3WebSocketServer(*self.cert).start()
-        self.md = Mitmdump(
-            "--mode", f"reverse:http3://127.0.0.1:{self.upstream.port}", "--ssl-insecure",
-            "--set", "flow_detail=0", "-w", str(self.flows_file), report=self.report,
-        )
-        await self.md.__aenter__()
-        self.md.checked_lines = 0
+        await self.start_proxy(await h3ws.H3WebSocketServer(*self.cert).start(), "http3")
         self.client = await h3ws.H3WebSocketClient("127.0.0.1", self.md.port, server_hostname="localhost").connect()
         self.sibling = await self.client.open_websocket("/sibling", "localhost")
         assert await self.sibling.wait_status() == 200
@@ -517,11 +514,6 @@ class H3Session:
             raise AssertionError(f"the sibling WebSocket stopped echoing during {cases}\n{self.md.log[-3000:]}") from None
         assert echoed == f"after case {self.next_case - 1}"
         assert_no_crash(self.md)
-
-    async def stop(self) -> None:
-        await self.client.close()
-        await self.md.stop()
-        await self.upstream.stop()
 
 
 async def answered(exchange) -> bool:
