@@ -56,8 +56,8 @@ from mitmproxy.proxy.utils import expect
 from ..core.extconnect import ClientSideStream, ClientStep, UpstreamPhase, UpstreamStream, stream_fields, upgrade_key
 from ..core.streamfacts import SETTINGS, facts_for, facts_of
 from .common import (
-    MAX_BUFFERED_BYTES, Backlog, NeedsHttp1, _protocol, extended_connect, extended_connect_headers, handed_over,
-    is_extended_connect, is_passthrough_close, not_reading, opens_websocket, request_error, response_error,
+    Backlog, NeedsHttp1, _protocol, extended_connect, extended_connect_headers, handed_over,
+    is_extended_connect, is_passthrough_close, not_reading, opens_websocket, over_bound, request_error, response_error,
     upstream_success, without_values,
 )
 
@@ -271,7 +271,7 @@ class QuicBacklog(Backlog):
                               if isinstance(layer, (ClientQuicLayer, ServerQuicLayer)) and layer.conn is self.codec.conn),
                              None)
         stream = self.quic._streams.get(sid) if self.quic is not None else None
-        return stream is not None and len(stream.sender._buffer) > MAX_BUFFERED_BYTES
+        return stream is not None and over_bound(len(stream.sender._buffer))
 
 
 # The status an HTTP/3 client gets for a response the proxy cannot send it.
