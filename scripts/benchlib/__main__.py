@@ -109,7 +109,7 @@ class Params:
 FULL = Params(pairs=12, handshakes=300, requests=600, concurrency=8, tp_pairs=8, tp_small=1500,
               tp_large=150, g3_pairs=4, g3_handshakes=300, g3_echoes=1000, held=1000, held_h3=300, ramp_s=3.0,
               stall=2.0, rss_websockets=1000, mem_tracked=1000, mem_cycled=10000)
-QUICK = Params(pairs=2, handshakes=20, requests=50, concurrency=4, tp_pairs=1, tp_small=50,
+QUICK = Params(pairs=1, handshakes=20, requests=50, concurrency=4, tp_pairs=1, tp_small=50,
                tp_large=5, g3_pairs=1, g3_handshakes=15, g3_echoes=50, held=30, held_h3=20, ramp_s=0.3,
                stall=0.5, rss_websockets=30, mem_tracked=100, mem_cycled=300)
 
