@@ -46,6 +46,10 @@ done
 for line in "${lines[@]}"; do
   venv=${venvs[$line]:-}
   [ -n "$venv" ] || continue
+  # Every mitmdump and tool a test starts imports the addon and the tools: compiled
+  # once here, not in each of several hundred processes (with PYTHONDONTWRITEBYTECODE
+  # set, as here, Python would never keep what it compiled).
+  "$venv/bin/python" -m compileall -q "$root/addon" "$root/scripts" >/dev/null
   (
     echo "== mitmproxy $("$venv/bin/python" -c 'import mitmproxy.version as v; print(v.VERSION)') on $("$venv/bin/python" --version)"
     cd "$root" && exec "$venv/bin/python" -m pytest -p no:cacheprovider "${pytest_args[@]}"
