@@ -421,7 +421,8 @@ def upgrade_request(path: str = "/chat", **headers: str) -> bytes:
 QUICK_FILES = {"test_core.py", "test_addon.py", "test_stallwatch.py", "test_h2codecs.py", "test_h1codec.py",
                "test_extconnect.py", "test_stream.py", "test_bundle.py", "test_replay.py"}
 QUICK_TESTS = {"test_h1_proxy.py::test_observe_reports_stall_while_client_waits",
-               "test_h2_proxy.py::test_h2_stall_is_reported_live_and_strip_opens_it"}
+               "test_h2_proxy.py::test_h2_stall_is_reported_live_and_strip_opens_it",
+               "test_h3_proxy.py::test_an_h3_stall_is_reported_live_and_strip_opens_it"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
