@@ -169,13 +169,16 @@ class Tmux:
 
     async def viewer(self, *needles: str) -> tuple[str, list[str]]:
         """The screen and the rows of the console's data viewer, once they
-        show every needle and the viewer is drawn past its content (a blank
-        row follows it): a look may fall between two chunks of one redraw."""
+        show every needle and the whole box is drawn, every row's right edge
+        as well as its left: a look may fall between two chunks of one
+        redraw (a CI run under load saw the headline, then a row of which
+        only the left edge was drawn yet)."""
 
         def drawn(screen: str) -> bool:
-            rows = data_viewer_rows(screen) if "Data viewer" in screen else []
-            text = flat("\n".join(rows))
-            return bool(rows) and not rows[-1] and all(flat(n) in text for n in needles)
+            if "Data viewer" not in screen or not data_viewer_whole(screen):
+                return False
+            text = flat("\n".join(data_viewer_rows(screen)))
+            return all(flat(n) in text for n in needles)
 
         screen = await self.wait_until(drawn, f"the data viewer with {needles}")
         return screen, data_viewer_rows(screen)
@@ -219,6 +222,25 @@ async def start_console(tmux: Tmux, upstream: FaultServer, report: Path) -> int:
                      "--set", f"ws_encode_stall={STALL}", "--set", f"ws_encode_report={report}")
     # The status bar shows the address the proxy is bound to once it is.
     return int(re.search(r"\[127\.0\.0\.1:(\d+)\]", flat(await tmux.wait_for("[127.0.0.1:"))).group(1))
+
+
+def data_viewer_whole(screen: str) -> bool:
+    """Whether the "Data viewer" box is drawn whole: each of its rows has
+    its right edge as well as its left, down to its bottom edge or to the
+    status bar, which covers the bottom of a box as tall as the screen."""
+    lines = screen.splitlines()
+    top = next(i for i, line in enumerate(lines) if "Data viewer" in line)
+    left, right = lines[top].index("┌"), lines[top].rindex("┐")
+    rows = 0
+    for line in lines[top + 1:]:
+        if line[left:left + 1] == "└":
+            return line[right:right + 1] == "┘"
+        if line[left:left + 1] != "│":
+            break
+        if line[right:right + 1] != "│":
+            return False
+        rows += 1
+    return rows > 0
 
 
 def data_viewer_rows(screen: str) -> list[str]:
@@ -268,7 +290,9 @@ def test_the_console_shows_the_mark_the_commands_and_the_outcome(tmux, tmp_path)
             headline, sentence = headline_and_sentence(rows, upstream_url)
             assert re.fullmatch(r"\[flow [0-9a-f]{8}\] " + re.escape(upstream_url), headline), screen
             assert stall["flow_id"].startswith(headline[6:14])
-            assert sentence and all(len(row) <= 60 for row in sentence), screen
+            # (as wide as the viewer, 80 % of the terminal less its frame: not the 60 columns of old)
+            assert sentence and all(len(row) <= tmux.width * 0.8 - 4 for row in sentence), screen
+            assert max(len(row) for row in sentence) > 80, screen
             joined = " ".join(sentence)
             assert joined == stall["diagnosis"], screen  # every word whole, none lost
             assert "frontend-secret" not in screen

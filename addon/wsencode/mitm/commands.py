@@ -10,6 +10,9 @@ terminal.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import sys
 import textwrap
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -23,7 +26,12 @@ from ..core.lifecycle import Stage
 
 logger = logging.getLogger("ws_encode")
 
-ANSWER_WIDTH = 60
+# An answer's rows fill the console's data viewer, 80 % of the terminal's
+# width less its frame (mitmweb and scripts: no terminal, the fallback's
+# width); never narrower than a sentence reads well in, nor wider than one
+# reads at all.
+VIEWER_SHARE, VIEWER_FRAME = 0.8, 4
+NARROWEST, WIDEST = 56, 120
 # The flows that stalled, for the console's and mitmweb's flow list.
 STALLED_FILTER = '~comment "Stall: no (status|response head)"'
 # What `wsencode.waiting` says a handshake is doing, by where it is.
@@ -37,10 +45,25 @@ DOING = {
 }
 
 
+def answer_width() -> int:
+    return min(max(int(terminal_columns() * VIEWER_SHARE) - VIEWER_FRAME, NARROWEST), WIDEST)
+
+
+def terminal_columns() -> int:
+    """The console's terminal as it is now: asked of the terminal itself first
+    (COLUMNS, which shutil prefers, is whatever the shell that started
+    mitmproxy had), else COLUMNS or a fallback (mitmdump's output piped, mitmweb)."""
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns
+    except (AttributeError, ValueError, OSError):  # no stdout, or not a terminal
+        return shutil.get_terminal_size((100, 24)).columns
+
+
 def wrap(text: str) -> list[str]:
-    """`text` as indented answer rows, broken at spaces only (never inside
-    `accept-encoding`)."""
-    return textwrap.wrap(text, ANSWER_WIDTH, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False)
+    """`text` as indented answer rows as wide as the console's viewer, broken
+    at spaces only (never inside `accept-encoding`)."""
+    return textwrap.wrap(text, answer_width(), initial_indent="    ", subsequent_indent="    ",
+                         break_on_hyphens=False)
 
 
 def plural(n: int, word: str) -> str:
