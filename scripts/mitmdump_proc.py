@@ -103,11 +103,12 @@ class Process:
         self._reader: asyncio.Task | None = None
 
     async def spawn(self, *argv: str | os.PathLike, cwd: str | os.PathLike | None = None,
-                    env: dict[str, str] | None = None) -> None:
-        """Start `argv`, its output (stdout and stderr) read into `lines`."""
+                    env: dict[str, str] | None = None, preexec_fn: Callable[[], None] | None = None) -> None:
+        """Start `argv`, its output (stdout and stderr) read into `lines`
+        (`preexec_fn` runs in the child before it starts)."""
         self.lines = []
         self._proc = await asyncio.create_subprocess_exec(
-            *argv, cwd=cwd, env=env,
+            *argv, cwd=cwd, env=env, preexec_fn=preexec_fn,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )
         self._reader = asyncio.create_task(self._read())

@@ -8,10 +8,9 @@ import json
 import os
 import signal
 import sys
-from collections import deque
 from pathlib import Path
 
-from mitmdump_proc import ADDON, LOOPBACK_ONLY, MITMDUMP, free_ports
+from mitmdump_proc import ADDON, LOOPBACK_ONLY, MITMDUMP, Process, free_ports
 from wspeers import h3ws
 
 PROBE = Path(__file__).resolve().parent / "probe.py"
@@ -52,7 +51,7 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-class Mitmdump:
+class Mitmdump(Process):
     """One mitmdump in reverse mode, one listening port per upstream, on 127.0.0.1
     (UDP for an `http3://` upstream, TCP for the others).
 
@@ -66,6 +65,7 @@ class Mitmdump:
 
     def __init__(self, name: str, upstreams: dict[str, str], addon: bool, options: dict[str, str] | None = None,
                  addon_path: Path = ADDON, quiet: bool = True):
+        super().__init__()
         self.name = name
         self.addon_path = addon_path
         self.upstreams = upstreams
@@ -74,14 +74,11 @@ class Mitmdump:
         self.quiet = quiet
         self.ports: dict[str, int] = {}
         self.probe_port = 0
-        self.proc: asyncio.subprocess.Process | None = None
-        self.output: deque[str] = deque(maxlen=50)
-        self._reader: asyncio.Task | None = None
 
     @property
     def pid(self) -> int:
-        assert self.proc
-        return self.proc.pid
+        assert self._proc
+        return self._proc.pid
 
     def cpu(self) -> float:
         return cpu_seconds(self.pid)
@@ -101,20 +98,11 @@ class Mitmdump:
                 cmd += ["-s", str(self.addon_path)]
                 for name, value in self.options.items():
                     cmd += ["--set", f"{name}={value}"]
-            self.proc = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, preexec_fn=die_with_parent,
-            )
-            self._reader = asyncio.ensure_future(self._read())
+            await self.spawn(*cmd, preexec_fn=die_with_parent)
             if await self._ready():
                 return self
             await self.stop()
-        raise SystemExit(f"mitmdump ({self.name}) did not start:\n" + "\n".join(self.output))
-
-    async def _read(self) -> None:
-        assert self.proc and self.proc.stdout
-        async for line in self.proc.stdout:  # a full pipe would stall the proxy
-            self.output.append(line.decode(errors="replace").rstrip())
+        raise SystemExit(f"mitmdump ({self.name}) did not start:\n" + "\n".join(self.lines[-50:]))
 
     async def _ready(self, timeout: float = 60) -> bool:
         loop = asyncio.get_running_loop()
@@ -122,7 +110,7 @@ class Mitmdump:
         waiting = [(port, self.upstreams[key].startswith("http3://")) for key, port in self.ports.items()]
         waiting.append((self.probe_port, False))
         while waiting and loop.time() < deadline:
-            if self.proc.returncode is not None:
+            if self.exited:
                 return False
             if await answers(*waiting[0]):
                 waiting.pop(0)
@@ -155,16 +143,6 @@ class Mitmdump:
         if answer.get("loaded") is not load:
             raise SystemExit(f"mitmdump ({self.name}) did not {'load' if load else 'unload'} {path}: {answer}")
 
-    async def stop(self) -> None:
-        if self.proc and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), 10)
-            except asyncio.TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        if self._reader:
-            await self._reader
 
 
 async def answers(port: int, quic: bool) -> bool:
