@@ -322,7 +322,10 @@ def test_chromiums_event_source_through_the_proxy_is_reported_held_and_strip_ope
     (waiting, held, held_record, held_streams, md), (_, stripped, stripped_record, stripped_streams, md2) = \
         asyncio.run(scenario())
     assert waiting is True  # the stall was reported while the page still waited for its event stream
-    assert held["open"] >= held["first"] - 0.1, held  # `open` came with the first event (the page ticks in tenths)
+    # `open` came with the first event: the page counts in tenths of a second, and
+    # a loaded machine may run the two in ticks apart (4.6 and 4.7 once; not `>=
+    # first - 0.1`, which 4.7 - 0.1 in floating point fails).
+    assert round(held["first"] - held["open"], 1) <= 0.2 and held["open"] > after / 2, held
     assert (held_record["outcome"], held_record["stalled"], held_record["transport"]) == ("opened", True, "h2")
     assert "the head only came with the first event" in held_record["diagnosis"]
     assert stripped["open"] < stripped["first"] - after / 2, stripped  # the head at once, the event in its time
