@@ -252,9 +252,9 @@ def test_an_http3_client_that_cancels_a_held_event_stream_is_the_one_that_gave_u
                                 "--set", f"ws_encode_stall={STALL}", report=report) as md:
                 configuration = QuicConfiguration(is_client=True, alpn_protocols=h3ws.ALPN, server_name="localhost",
                                                   verify_mode=ssl.CERT_NONE)
-                transport, peer = await asyncio.get_running_loop().create_datagram_endpoint(
+                transport, peer = await h3ws.client_endpoint(
                     lambda: h3ws.H3Peer(h3ws.HeldWindowQuic(configuration=configuration), on_event),
-                    local_addr=("127.0.0.1", 0))
+                    ("127.0.0.1", md.port))
                 try:
                     peer.connect(("127.0.0.1", md.port))
                     await peer.wait_connected()

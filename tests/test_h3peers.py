@@ -270,3 +270,27 @@ def test_chromium_opens_a_websocket_over_http3(cert, home):
     # The WebSocket took the page's QUIC connection (the server speaks nothing but QUIC).
     page = next(r for r in requests if r["pseudo"][":path"] == "/")
     assert connect["connection"] == page["connection"]
+
+
+def test_a_client_never_comes_back_to_a_destination_from_a_port_it_used_before():
+    # mitmproxy leaves a reused address pair unanswered (docs/upstream.md, tests/test_upstream_docs.py):
+    # here half the system's ephemeral ports count as used towards one destination, so a choice
+    # left to the system would land on one about every other time.
+    low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    remote = ("127.0.0.1", 9)  # (nothing is sent: the sockets are only bound)
+    taken = set(range(low, high + 1, 2))
+
+    async def scenario():
+        h3ws._PORTS_USED[remote] |= taken
+        ports = []
+        try:
+            for _ in range(40):
+                transport, _peer = await h3ws.client_endpoint(asyncio.DatagramProtocol, remote)
+                ports.append(transport.get_extra_info("sockname")[1])
+                transport.close()
+        finally:
+            del h3ws._PORTS_USED[remote]
+        return ports
+
+    ports = asyncio.run(scenario())
+    assert not taken & set(ports) and len(set(ports)) == len(ports), ports

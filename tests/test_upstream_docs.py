@@ -14,16 +14,19 @@ docs/upstream.md says so, what it does not).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
 import re
 import shlex
 import socket
+import ssl
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import aioquic.h3.connection
+from aioquic.quic.configuration import QuicConfiguration
 import mitmproxy.version
 import pytest
 from conftest import ADDON, ROOT, Mitmdump
@@ -31,6 +34,7 @@ from mitmdump_proc import STARTED
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers import websocket
 from mitmproxy.proxy.layers.http import _http1, _http2, _http3, _http_h3
+from wspeers import h3ws
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -265,6 +269,62 @@ def test_with_the_addon_each_extended_connect_is_answered_on_its_stream(tmp_path
     assert lines[2] == "  stream 0, extended CONNECT /chat: 502", run.printed
     assert lines[6:8] == ["  stream 0, POST /upload: 502", "  stream 4, extended CONNECT /chat: 502"], run.printed
     assert not any("Traceback" in line or CRASH in line for line in run.log), "\n".join(run.log)
+
+
+# -- a QUIC client back from the same port --
+
+def test_stock_mitmdump_leaves_a_quic_client_back_from_the_same_port_unanswered(cert, stock):
+    """docs/upstream.md, "A QUIC client back from the same port": the reason every client of
+    the peers' (h3ws.client_endpoint) comes from a port it has not used towards that proxy."""
+    configuration = QuicConfiguration(is_client=True, alpn_protocols=h3ws.ALPN, server_name="localhost",
+                                      verify_mode=ssl.CERT_NONE)
+
+    async def settings_from(md: Mitmdump, sock: socket.socket) -> bool:
+        """Whether a QUIC connection on `sock` gets the proxy's SETTINGS; then closed, with `sock`."""
+        answered = asyncio.Event()
+
+        def on_event(event) -> None:
+            if isinstance(event, h3ws.SettingsReceived):
+                answered.set()
+
+        transport, peer = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: h3ws.H3Peer(h3ws.HeldWindowQuic(configuration=configuration), on_event), sock=sock)
+        try:
+            peer.connect(("127.0.0.1", md.port))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(answered.wait(), UNANSWERED)
+            peer.close_connection()
+            await asyncio.wait_for(peer.wait_closed(), 5)
+        finally:
+            transport.close()
+        return answered.is_set()
+
+    async def scenario():
+        async with h3ws.H3WebSocketServer(*cert) as origin:
+            async with Mitmdump("--mode", f"reverse:http3://127.0.0.1:{origin.port}", "--ssl-insecure",
+                                addon=stock) as md:
+                sock, other = udp_socket(), udp_socket()
+                same_port = sock.dup()  # (kept bound while the first connection's socket closes)
+                first = await settings_from(md, sock)
+                await md.wait_for(CLIENT_DISCONNECT)  # mitmproxy is done with that connection
+                again = await settings_from(md, same_port)
+                elsewhere = await settings_from(md, other)
+                return first, again, elsewhere, md.log
+
+    first, again, elsewhere, log = asyncio.run(scenario())
+    assert first and elsewhere, log
+    assert not again, log
+    assert "A QUIC client back from the same port" in (DOCS / "upstream.md").read_text()
+
+
+def udp_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    return sock
+
+
+UNANSWERED = 3.0  # seconds a connection waits for SETTINGS a healthy proxy sends in milliseconds
 
 
 # -- stream 0 in the HTTP/1.1 upstream codec --

@@ -308,8 +308,9 @@ async def look_at_h3(target: Target, port: int, offered: bool, insecure: bool, t
             answer.set_result(event)
 
     try:
-        transport, peer = await loop.create_datagram_endpoint(
-            lambda: h3ws.H3Peer(h3ws.HeldWindowQuic(configuration=configuration), on_event), remote_addr=address)
+        transport, peer = await h3ws.client_endpoint(
+            lambda: h3ws.H3Peer(h3ws.HeldWindowQuic(configuration=configuration), on_event), address,
+            remote_addr=True)
     except OSError as e:
         return Http3(port, offered, failure=f"cannot reach UDP port {port}: {e.strerror or e}")
     try:

@@ -428,9 +428,8 @@ async def _h3_events(host: str, port: int, authority: str, path: str, fields, no
         if getattr(event, "stream_ended", False) and event.stream_id == stream_id:
             note("end")
 
-    transport, peer = await asyncio.get_running_loop().create_datagram_endpoint(
-        lambda: h3ws.H3Peer(h3ws.HeldWindowQuic(configuration=configuration), on_event),
-        local_addr=(h2ws.LISTEN_HOST, 0))
+    transport, peer = await h3ws.client_endpoint(
+        lambda: h3ws.H3Peer(h3ws.HeldWindowQuic(configuration=configuration), on_event), (host, port))
     try:
         peer.connect((host, port))
         await peer.wait_connected()

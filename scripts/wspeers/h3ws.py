@@ -497,6 +497,37 @@ async def listen(configuration: QuicConfiguration, make_peer, port: int = 0) -> 
     return listener
 
 
+# Local UDP ports each destination has seen from this process (see client_endpoint).
+_PORTS_USED: collections.defaultdict[tuple, set[int]] = collections.defaultdict(set)
+
+
+async def client_endpoint(make_peer: Callable[[], asyncio.DatagramProtocol], remote: tuple,
+                          remote_addr: bool = False) -> tuple[asyncio.DatagramTransport, asyncio.DatagramProtocol]:
+    """A client's UDP socket towards `remote`, from a local port this process has
+    not used towards it before (`remote_addr`: the socket connected to it).
+
+    mitmproxy (11 and 12) keys a UDP connection by its address pair, and keeps
+    the pair after the QUIC connection on it has ended: a new connection from the
+    same port gets no answer, for more than a minute. The system picks a random
+    free port for each socket, so among a few hundred connections to one proxy
+    two now and then share one."""
+    loop = asyncio.get_running_loop()
+    used = _PORTS_USED[remote]
+    refused: list[asyncio.DatagramTransport] = []  # held open while choosing, so the system picks another
+    try:
+        while True:
+            kwargs = {"remote_addr": remote} if remote_addr else {"local_addr": (LISTEN_HOST, 0)}
+            transport, peer = await loop.create_datagram_endpoint(make_peer, **kwargs)
+            port = transport.get_extra_info("sockname")[1]
+            if port not in used:
+                used.add(port)
+                return transport, peer
+            refused.append(transport)
+    finally:
+        for transport in refused:
+            transport.close()
+
+
 # --------------------------------------------------------------------------
 # Requests, as a server sees them
 # --------------------------------------------------------------------------
@@ -929,8 +960,8 @@ class H3WebSocketClient:
         configuration = QuicConfiguration(is_client=True, alpn_protocols=ALPN,
                                           server_name=self.server_hostname, verify_mode=ssl.CERT_NONE)
         quic = HeldWindowQuic(configuration=configuration)
-        self._transport, self._peer = await asyncio.get_running_loop().create_datagram_endpoint(
-            lambda: H3Peer(quic, self._dispatch), local_addr=(LISTEN_HOST, 0))
+        self._transport, self._peer = await client_endpoint(lambda: H3Peer(quic, self._dispatch),
+                                                            (self.host, self.port))
         self._peer.connect((self.host, self.port))
         await wait_first(self._settings_received, self.connection_lost, timeout=timeout)
         if not self._settings_received.is_set():
