@@ -508,7 +508,7 @@ async def client_endpoint(make_peer: Callable[[], asyncio.DatagramProtocol], rem
 
     mitmproxy (11 and 12) keys a UDP connection by its address pair, and keeps
     the pair after the QUIC connection on it has ended: a new connection from the
-    same port gets no answer, for more than a minute. The system picks a random
+    same port gets no answer, for minutes. The system picks a random
     free port for each socket, so among a few hundred connections to one proxy
     two now and then share one."""
     loop = asyncio.get_running_loop()
