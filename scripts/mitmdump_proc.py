@@ -106,11 +106,17 @@ class Process:
                     env: dict[str, str] | None = None, preexec_fn: Callable[[], None] | None = None) -> None:
         """Start `argv`, its output (stdout and stderr) read into `lines`
         (`preexec_fn` runs in the child before it starts)."""
-        self.lines = []
-        self._proc = await asyncio.create_subprocess_exec(
+        self.adopt(await asyncio.create_subprocess_exec(
             *argv, cwd=cwd, env=env, preexec_fn=preexec_fn,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )
+        ))
+
+    def adopt(self, proc: asyncio.subprocess.Process) -> None:
+        """Keep `proc`, started another way (the tests' fork server: as much of
+        asyncio's Process as is used here), as if spawned: its `stdout` (stderr
+        with it) read into `lines`, stopped by its pid."""
+        self.lines = []
+        self._proc = proc
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:

@@ -37,6 +37,14 @@ from wspeers.fault_server import FaultServer  # noqa: E402
 # The one mitmdump launcher, the tools' too; ADDON is addon/ws_encode.py, and
 # LOOPBACK_ONLY, loaded into every test proxy, refuses any upstream that is not loopback.
 from mitmdump_proc import ADDON, LISTENING, LOOPBACK_ONLY, MITMDUMP, STARTED, Process  # noqa: E402
+from forkserver import ForkServer  # noqa: E402
+
+# This line's mitmdumps are forked from a process that has imported mitmproxy
+# once (tests/forkserver.py: a second of CPU saved on each of a few hundred);
+# WSENCODE_TEST_FORK=0 starts each the ordinary way. Others (mitmweb, another
+# line's) always start the ordinary way.
+FORK_SERVER = None if os.environ.get("WSENCODE_TEST_FORK") == "0" else ForkServer(
+    Path(tempfile.mkdtemp(prefix="wsencode-fork-")))
 
 # How long a test waits for an event (a log line, a record, a start) before
 # it fails: only a hang should take this long, and on a busy machine (the two
@@ -69,7 +77,11 @@ class Mitmdump(Process):
         cmd = [self.mitmdump, "--listen-host", "127.0.0.1", "-p", "0", "-s", self.addon, "-s", LOOPBACK_ONLY]
         if self.report:
             cmd += ["--set", f"ws_encode_report={self.report}"]
-        await self.spawn(*cmd, *self.args, env=self.env)
+        if FORK_SERVER is not None and self.mitmdump == MITMDUMP:
+            argv = [str(part) for part in (*cmd, *self.args)]
+            self.adopt(await FORK_SERVER.start(argv, os.getcwd(), self.env))
+        else:
+            await self.spawn(*cmd, *self.args, env=self.env)
         line = await self._wait_until_started(LISTENING)
         self.port = int(LISTENING.search(line).group(1))
         await self._wait_until_started(STARTED)
@@ -452,6 +464,12 @@ settings.load_profile("ws-encode")
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     make_mitmproxy_ca(Path(CONF_DIR).expanduser())
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if FORK_SERVER is not None:
+        FORK_SERVER.stop()
+        shutil.rmtree(FORK_SERVER.folder, ignore_errors=True)
 
 
 def make_mitmproxy_ca(confdir: Path) -> None:

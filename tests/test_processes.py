@@ -15,7 +15,8 @@ import threading
 from pathlib import Path
 
 from conftest import CLIENT_CONNECT, ROOT, Mitmdump, make_mitmproxy_ca, whole_records
-from mitmdump_proc import free_ports
+from forkserver import ForkServer
+from mitmdump_proc import MITMDUMP, free_ports
 from mitmproxy.certs import CertStore
 
 
@@ -105,3 +106,36 @@ def test_venv_sh_never_clears_an_environment_it_reaches_by_a_link(tmp_path):
                           timeout=60)
     assert done.returncode == 4 and "is a link to" in done.stderr, done.stderr
     assert (shared / "bin" / "keep").read_text() == "another checkout's"
+
+
+def test_a_forked_mitmdump_has_its_own_arguments_directory_and_environment_and_ends_with_the_server(tmp_path):
+    """tests/forkserver.py: each mitmdump is started with what the test gave it,
+    and none outlives the server it was forked from (nor the server the test run)."""
+    (tmp_path / "says.py").write_text(
+        "import logging, os\n"
+        "def running():\n"
+        "    logging.warning('says: ' + os.environ['WSENCODE_SAYS'] + ' in ' + os.getcwd())\n")
+    server = ForkServer(tmp_path)
+
+    async def scenario():
+        md = Mitmdump()
+        md.adopt(await server.start([str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", "0", "-s", "says.py"],
+                                    str(tmp_path), {**os.environ, "WSENCODE_SAYS": "hello"}))
+        said = await md.wait_for("says: ")
+        pid = md._proc.pid
+        server.stop()
+        code = await md._proc.wait()
+        await md.stop()
+        return said, pid, code, md
+
+    try:
+        said, pid, code, md = asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert said.endswith(f"says: hello in {tmp_path}"), md.log
+    assert code == -signal.SIGKILL and md.exited  # (its output ended: it has exited)
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z"), state  # (an orphan's reaper may be slow, or none: a container's pid 1)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
+from lifeline import die_with_parent
 from mitmdump_proc import ADDON, LOOPBACK_ONLY, MITMDUMP, Process, free_ports
 from wspeers import h3ws
 
@@ -17,15 +16,6 @@ PROBE = Path(__file__).resolve().parent / "probe.py"
 # A script with one addon and no hooks: what any script costs mitmproxy.
 EMPTY_SCRIPT = Path(__file__).resolve().parent / "empty_script.py"
 QUIET = ("--set", "flow_detail=0", "--set", "termlog_verbosity=warn")
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """In the child: SIGTERM when the benchmark ends, however it ends."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 def cpu_seconds(pid: int) -> float:
