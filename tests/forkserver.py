@@ -93,14 +93,14 @@ def monitor(conn: socket.socket, request: dict, out: int, mitmdump) -> None:
         conn.close()
         run(request, out, mitmdump)  # never returns
     os.close(out)
-    conn.sendall(f"{pid}\n".encode())
-    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-    code = -info.si_status if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED) else info.si_status
     try:
+        conn.sendall(f"{pid}\n".encode())
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        code = -info.si_status if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED) else info.si_status
         conn.sendall(f"{code}\n".encode())
         conn.recv(1)  # until the client closes
     except OSError:
-        pass  # the client has gone: nobody will signal the pid
+        pass  # the client has gone: nobody will signal the pid (it ends with the server, if not before)
     os.waitpid(pid, 0)
     os._exit(0)
 
