@@ -8,13 +8,15 @@
 #   scripts/test.sh --quick    # the quick subset (pytest -m quick, under 90 s): the tests that
 #                              # start no proxy, and one through a real mitmdump per transport
 #   scripts/test.sh 12 -k h2   # extra arguments go to pytest
+#   scripts/test.sh 12 -n 0    # one pytest process, no workers (for pdb, -s, or a clearer order)
 #   scripts/test.sh --help     # this text (pytest's own: .venv-mitmproxy12/bin/python -m pytest --help)
 #
-# Both lines are set up, one after the other, before either runs: pip is not
-# to be run twice at once, and some tests (a flow file written on one line
-# must load on the other) use the other line's interpreter. The lines then
-# run side by side (each is mostly one busy process, and a machine has at
-# least two cores); each one's output is shown whole when it ends.
+# Both lines are set up, at once, before either runs: some tests (a flow file
+# written on one line must load on the other) use the other line's
+# interpreter. The lines then run side by side, each in two pytest workers
+# (pytest-xdist, a test file's tests in one worker: its module fixtures are
+# made once); their waits for stalls and timeouts leave a core idle a quarter
+# of the time otherwise. Each line's output is shown whole when it ends.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 lines=(12 11)
@@ -31,17 +33,25 @@ done
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 failed=0
-declare -A venvs pids
-for line in 12 11; do  # always both: see above
-  venv=$("$root/scripts/venv.sh" "$line")
-  status=$?
-  if [ "$status" = 3 ]; then echo "== mitmproxy $line: SKIPPED, no suitable Python on this machine"; continue; fi
-  [ "$status" = 0 ] || { echo "== mitmproxy $line: setup failed"; failed=1; continue; }
-  venvs[$line]=$venv
+declare -A venvs pids setups
+# Both lines always (see above), and mitmproxy 11.1 (alone, no test dependencies:
+# tests/test_versions.py runs the addon in it, and skips, saying so, without a
+# Python for it); the three at once, each into its own folder.
+for line in 12 11 11.1; do
+  "$root/scripts/venv.sh" "$line" > "$logs/venv-$line" 2> "$logs/venv-$line.err" &
+  setups[$line]=$!
 done
-# mitmproxy 11.1 too (alone, no test dependencies): tests/test_versions.py runs
-# the addon in it. Without a Python for it, that test skips, saying so.
-"$root/scripts/venv.sh" 11.1 >/dev/null || [ "$?" = 3 ] || { echo "== mitmproxy 11.1: setup failed"; failed=1; }
+for line in 12 11 11.1; do
+  wait "${setups[$line]}"
+  status=$?
+  cat "$logs/venv-$line.err" >&2
+  if [ "$status" = 3 ]; then
+    [ "$line" = 11.1 ] || echo "== mitmproxy $line: SKIPPED, no suitable Python on this machine"
+    continue
+  fi
+  [ "$status" = 0 ] || { echo "== mitmproxy $line: setup failed"; failed=1; continue; }
+  venvs[$line]=$(cat "$logs/venv-$line")
+done
 
 for line in "${lines[@]}"; do
   venv=${venvs[$line]:-}
@@ -52,7 +62,7 @@ for line in "${lines[@]}"; do
   "$venv/bin/python" -m compileall -q "$root/addon" "$root/scripts" >/dev/null
   (
     echo "== mitmproxy $("$venv/bin/python" -c 'import mitmproxy.version as v; print(v.VERSION)') on $("$venv/bin/python" --version)"
-    cd "$root" && exec "$venv/bin/python" -m pytest -p no:cacheprovider "${pytest_args[@]}"
+    cd "$root" && exec "$venv/bin/python" -m pytest -p no:cacheprovider -n 2 --dist loadfile "${pytest_args[@]}"
   ) > "$logs/$line.log" 2>&1 &
   pids[$line]=$!
 done
