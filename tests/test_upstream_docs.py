@@ -361,7 +361,9 @@ def test_stock_mitmdump_fails_stream_zero_over_tcp_as_the_text_says(tmp_path, st
     assert any("DATA frame is not allowed in this state" in line for line in upgrade4)
     crashed = websocket_layer_crashes(upgrade4)
     assert crashed and all("got RequestProtocolError(stream_id=4," in c[-1] for c in crashed), "\n".join(upgrade4)
-    assert websocket_layer_crashes(upgrade0)  # (part 2 has it too, after its own crash)
+    # (Part 2's session mostly shows the WebSocket layer's crash too, at the client's close, but
+    # once under load, on mitmproxy 11, it did not: after the first crash, what mitmproxy still
+    # does with the stream depends on timing. The text claims it for stream 4 alone.)
 
 
 def assert_same_frames(crash: list[str], quoted: list[str]) -> None:
