@@ -227,20 +227,28 @@ async def start_console(tmux: Tmux, upstream: FaultServer, report: Path) -> int:
 def data_viewer_whole(screen: str) -> bool:
     """Whether the "Data viewer" box is drawn whole: each of its rows has
     its right edge as well as its left, down to its bottom edge or to the
-    status bar, which covers the bottom of a box as tall as the screen."""
+    status bar, which covers the bottom of a box as tall as the screen (its
+    last rows, never blank). A box that stops at a blank row is half drawn:
+    a loaded run saw its title and two rows, then nothing."""
     lines = screen.splitlines()
     top = next(i for i, line in enumerate(lines) if "Data viewer" in line)
     left, right = lines[top].index("┌"), lines[top].rindex("┐")
     rows = 0
-    for line in lines[top + 1:]:
+    for at in range(top + 1, len(lines)):
+        line = lines[at]
         if line[left:left + 1] == "└":
             return line[right:right + 1] == "┘"
         if line[left:left + 1] != "│":
-            break
+            last = max(i for i, row in enumerate(lines) if row.strip())
+            return rows > 0 and line.strip() != "" and at > last - STATUS_ROWS
         if line[right:right + 1] != "│":
             return False
         rows += 1
-    return rows > 0
+    return False
+
+
+# The console's last rows drawn: its status bar (two, where it wraps) and the command line.
+STATUS_ROWS = 3
 
 
 def data_viewer_rows(screen: str) -> list[str]:
@@ -662,3 +670,22 @@ def test_mitmweb_shows_the_mark_the_comment_and_answers_the_summary(tmp_path_fac
         return web
 
     assert_clean_log(asyncio.run(scenario()))
+
+
+# Screens as tmux showed them (80 columns; the status bar wraps), shortened to what the check reads.
+BOX_TOP = "  >> GET h┌───────────────────────── Data viewer ────────────────────────┐      ⌛"
+BOX_ROW = "          │    Stall: no status 1.0 s after a WebSocket handshake that   │"
+BOX_END = "          └──────────────────────────────────────────────────────────────┘"
+STATUS = ["⇩  [1/1]   [reverse:http://127.0.0.1:367                       [127.0.0.1:51741]",
+          "95][scripts:2]", ": wsencode.stalls", ""]
+
+
+@pytest.mark.parametrize("screen,whole", [
+    (["Flows", BOX_TOP, BOX_ROW, BOX_ROW, BOX_END, "", "", *STATUS], True),
+    (["Flows", BOX_TOP, *[BOX_ROW] * 5, *STATUS], True),  # as tall as the screen: the status bar covers its end
+    (["Flows", BOX_TOP, BOX_ROW, BOX_ROW, "", "", "", *STATUS], False),  # (a shake run, mitmproxy 11)
+    (["Flows", BOX_TOP, BOX_ROW, BOX_ROW[:11], BOX_END, *STATUS], False),  # (a CI run: a row's left edge only)
+    (["Flows", BOX_TOP, *STATUS], False),
+], ids=["ended", "to the status bar", "stops at a blank row", "a row half drawn", "no row"])
+def test_a_data_viewer_is_whole_only_when_every_row_and_its_end_are_drawn(screen, whole):
+    assert data_viewer_whole("\n".join(screen)) is whole
