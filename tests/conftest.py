@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -13,6 +15,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
@@ -251,6 +255,27 @@ async def proxied(faults, report, *options: str):
     )
     await md.__aenter__()
     return server, md
+
+
+@contextlib.asynccontextmanager
+async def on_one_port_number(udp_server: Callable[[], AbstractAsyncContextManager],
+                             tcp_server: Callable[[int], AbstractAsyncContextManager]):
+    """A UDP server (HTTP/3) and a TCP server on the port of the same number, as an
+    origin that serves both has them (mitmproxy's HTTP/1.1 fallback goes to the same
+    address over TCP); yields the two. The UDP port is the one the system gives; where
+    its number is taken on TCP (every outgoing connection takes one from the same
+    range), it is another try."""
+    for attempt in range(20):
+        async with contextlib.AsyncExitStack() as servers:
+            udp = await servers.enter_async_context(udp_server())
+            try:
+                tcp = await servers.enter_async_context(tcp_server(udp.port))
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE or attempt == 19:
+                    raise
+                continue
+            yield udp, tcp
+            return
 
 
 async def close_proxied(server, md: Mitmdump) -> None:

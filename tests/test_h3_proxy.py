@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 
 import pytest
 from aioquic.h3.connection import ErrorCode
-from conftest import STALL, Mitmdump, assert_clean_log
+from conftest import STALL, Mitmdump, assert_clean_log, on_one_port_number
 from mitmproxy import io as mitmio
 from wspeers import h2ws, h3ws
 from wspeers.fault_server import Faults, FaultServer
@@ -52,21 +51,10 @@ async def tcp_server(cert, port: int = 0, enable_connect_protocol: bool = False)
         await h1.stop()
 
 
-@contextlib.asynccontextmanager
-async def h3_and_tcp(cert, **h3_options):
-    """An HTTP/3 server on UDP and `tcp_server` on the TCP port of the same
-    number, as an origin that serves both has them (the proxy's HTTP/1.1
-    fallback goes to the same address over TCP). Ports are taken as the
-    system gives them; a TCP port already taken means another try."""
-    for attempt in range(20):
-        async with h3ws.H3WebSocketServer(*cert, **h3_options) as h3:
-            try:
-                async with tcp_server(cert, port=h3.port) as tcp:
-                    yield h3, tcp
-                    return
-            except OSError as e:
-                if e.errno != errno.EADDRINUSE or attempt == 19:
-                    raise
+def h3_and_tcp(cert, **h3_options):
+    """An HTTP/3 server on UDP and `tcp_server` on the TCP port of the same number."""
+    return on_one_port_number(lambda: h3ws.H3WebSocketServer(*cert, **h3_options),
+                              lambda port: tcp_server(cert, port=port))
 
 
 def test_an_h3_websocket_goes_upstream_as_an_extended_connect_beside_other_requests(cert, tmp_path, report):

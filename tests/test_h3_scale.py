@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from aioquic.quic.stream import QuicStreamSender
-from conftest import ROOT, Mitmdump, assert_clean_log
+from conftest import ROOT, Mitmdump, assert_clean_log, on_one_port_number
 from test_h2_scale import resident_bytes
 from wspeers import h2ws, h3ws
 from wspeers.fault_server import Faults, FaultServer
@@ -223,22 +223,30 @@ class RecordingServer(h3ws.H3WebSocketServer):
 async def upstream(kind: str, cert, **options):
     """An upstream of `kind` for an HTTP/3 client; yields (URL port of the
     QUIC side, proxy options, the HTTP/3 server)."""
-    server = RecordingServer(*cert, enable_connect_protocol=kind != "h3 without RFC 9220", **options)
-    async with server:
-        if kind == "h3":
+    def quic() -> RecordingServer:
+        return RecordingServer(*cert, enable_connect_protocol=kind != "h3 without RFC 9220", **options)
+
+    if kind == "h3":
+        async with quic() as server:
             yield server, ()
-            return
-        # The HTTP/1.1 origin on the TCP port of the same number: reached
-        # after the QUIC upstream's SETTINGS leave RFC 9220 out, or, with
-        # ws_encode_h3_upstream=tcp, directly.
-        h1 = FaultServer(Faults())
-        await h1.start()
-        try:
-            async with h2ws.DualAlpnServer(cert, h1, enable_connect_protocol=False, port=server.port):
-                yield server, (() if kind == "h3 without RFC 9220" else
-                               ("--set", "ws_encode_h3_upstream=tcp", "--set", "connection_strategy=lazy"))
-        finally:
-            await h1.stop()
+        return
+    # The HTTP/1.1 origin on the TCP port of the same number: reached
+    # after the QUIC upstream's SETTINGS leave RFC 9220 out, or, with
+    # ws_encode_h3_upstream=tcp, directly.
+    async with on_one_port_number(quic, lambda port: http1_over_tls(cert, port)) as (server, _):
+        yield server, (() if kind == "h3 without RFC 9220" else
+                       ("--set", "ws_encode_h3_upstream=tcp", "--set", "connection_strategy=lazy"))
+
+
+@contextlib.asynccontextmanager
+async def http1_over_tls(cert, port: int):
+    h1 = FaultServer(Faults())
+    await h1.start()
+    try:
+        async with h2ws.DualAlpnServer(cert, h1, enable_connect_protocol=False, port=port) as server:
+            yield server
+    finally:
+        await h1.stop()
 
 
 # -- many at once -----------------------------------------------------------------

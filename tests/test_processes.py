@@ -13,9 +13,11 @@ import signal
 import socket
 import subprocess
 import threading
+import types
 from pathlib import Path
 
-from conftest import CLIENT_CONNECT, EVENT_TIMEOUT, ROOT, Mitmdump, make_mitmproxy_ca, whole_records
+from conftest import (CLIENT_CONNECT, EVENT_TIMEOUT, ROOT, Mitmdump, make_mitmproxy_ca, on_one_port_number,
+                      whole_records)
 from forkserver import ForkServer
 from mitmdump_proc import MITMDUMP, free_ports
 from mitmproxy.certs import CertStore
@@ -144,3 +146,30 @@ def test_a_forked_mitmdump_has_its_own_arguments_directory_and_environment_and_e
         assert select.select([pidfd], [], [], EVENT_TIMEOUT)[0], f"mitmdump {pid} outlived its fork server"
     finally:
         os.close(pidfd)
+
+
+def test_a_udp_and_tcp_pair_on_one_port_number_tries_again_where_the_number_is_taken_on_tcp():
+    """conftest.on_one_port_number: the first UDP port's number is taken on TCP here
+    (as any outgoing connection may take it), so the pair comes on another try."""
+    taken = socket.create_server(("127.0.0.1", 0))
+    numbers = [taken.getsockname()[1], 0]  # the first try's UDP port, then any
+
+    @contextlib.asynccontextmanager
+    async def udp_server():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", numbers.pop(0)))
+            yield types.SimpleNamespace(port=sock.getsockname()[1])
+
+    @contextlib.asynccontextmanager
+    async def tcp_server(port: int):
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
+        async with server:
+            yield server
+
+    async def scenario():
+        async with on_one_port_number(udp_server, tcp_server) as (udp, tcp):
+            return udp.port, tcp.sockets[0].getsockname()[1]
+
+    with taken:
+        udp_port, tcp_port = asyncio.run(scenario())
+        assert udp_port == tcp_port != taken.getsockname()[1] and numbers == []
