@@ -30,7 +30,7 @@ from aioquic.quic.configuration import QuicConfiguration
 import mitmproxy.version
 import pytest
 from conftest import ADDON, ROOT, Mitmdump
-from mitmdump_proc import STARTED
+from mitmdump_proc import STARTED, free_ports
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers import websocket
 from mitmproxy.proxy.layers.http import _http1, _http2, _http3, _http_h3
@@ -82,17 +82,17 @@ STREAM_ZERO = read("mitmproxy-issue-h3-stream-zero.md")
 # -- running a reproduction --
 
 def free_port() -> int:
-    """A port free on 127.0.0.1 for UDP and TCP alike (the stream-zero origin takes both)."""
+    """A port free on 127.0.0.1 for UDP and TCP alike (the stream-zero origin takes both),
+    from outside the range the system hands every outgoing connection: the text's origin
+    binds it a moment after this has let it go (free_ports)."""
     while True:
+        [port] = free_ports(1)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = udp.getsockname()[1]
-            with socket.socket() as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def mitmdump_args(command: list[str], files: dict[str, Path], origin: int) -> list[str]:
