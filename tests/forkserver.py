@@ -166,6 +166,7 @@ class ForkServer:
         self._proc = None
 
     def _start(self) -> None:
+        Path(self.path).unlink(missing_ok=True)
         self._proc = subprocess.Popen([sys.executable, __file__, self.path], stdin=subprocess.DEVNULL,
                                       stdout=subprocess.PIPE, text=True)
         line = self._proc.stdout.readline().strip()
@@ -182,6 +183,7 @@ class ForkServer:
 
     async def start(self, argv: list[str], cwd: str, env: dict[str, str]) -> Forked:
         if self._proc is None or self._proc.poll() is not None:
+            self.stop()  # (one that died: its socket's file is left behind)
             self._start()
         loop = asyncio.get_running_loop()
         read_end, write_end = os.pipe()

@@ -120,22 +120,29 @@ def test_a_forked_mitmdump_has_its_own_arguments_directory_and_environment_and_e
         "    logging.warning('says: ' + os.environ['WSENCODE_SAYS'] + ' in ' + os.getcwd())\n")
     server = ForkServer(tmp_path)
 
-    async def scenario():
+    async def says() -> Mitmdump:
         md = Mitmdump()
         md.adopt(await server.start([str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", "0", "-s", "says.py"],
                                     str(tmp_path), {**os.environ, "WSENCODE_SAYS": "hello"}))
-        said = await md.wait_for("says: ")
+        await md.wait_for("says: ")
+        return md
+
+    async def scenario():
+        md = await says()
         pid = md._proc.pid
         server.stop()
         code = await md._proc.wait()
         await md.stop()
-        return said, pid, code, md
+        again = await says()  # from a server started anew on the same socket's path
+        await again.stop()
+        return pid, code, md, again
 
     try:
-        said, pid, code, md = asyncio.run(scenario())
+        pid, code, md, again = asyncio.run(scenario())
     finally:
         server.stop()
-    assert said.endswith(f"says: hello in {tmp_path}"), md.log
+    for each in (md, again):
+        assert any(line.endswith(f"says: hello in {tmp_path}") for line in each.lines), each.log
     assert code == -signal.SIGKILL and md.exited
     # Its output ends as it exits, a moment before it has: its pidfd says when it has.
     try:
