@@ -134,7 +134,6 @@ class Mitmdump(Process):
             raise SystemExit(f"mitmdump ({self.name}) did not {'load' if load else 'unload'} {path}: {answer}")
 
 
-
 async def answers(port: int, quic: bool) -> bool:
     """Whether something listens on 127.0.0.1:`port`: it takes a TCP
     connection, or (an HTTP/3 mode listens on UDP) an HTTP/3 client's."""
